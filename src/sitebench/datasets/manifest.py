@@ -91,7 +91,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
             table = pd.read_parquet(path)
             for column in TEXT_COLUMNS:
                 if column in table:
-                    table[column] = table[column].map(lambda v: None if pd.isna(v) else str(v))
+                    table[column] = pd.Series([None if pd.isna(v) else str(v) for v in table[column]],
+                                              dtype=object, index=table.index)
             return table
         if suffix in (".csv", ".tsv"):
             dtypes = {c: "string" for c in TEXT_COLUMNS}
@@ -172,3 +173,22 @@ def manifest_from_table(table: pd.DataFrame, root: str | Path, check_files: bool
     root = Path(root).resolve()
     validate_manifest(table, root, root, check_files=check_files)
     return Manifest(table=table.reset_index(drop=True), root=root)
+
+
+SOFTWARE_UPGRADED = "software_upgraded"
+
+
+def add_software_upgraded(table: pd.DataFrame) -> pd.DataFrame:
+    """Add ``software_upgraded``: 1 once a scanner runs other software than at its first scan.
+
+    Software versions are nested in vendors, so a plain ``C(software_version)`` term is
+    collinear with vendor; the within-scanner change is what an upgrade analysis needs.
+    The scanner is ``scanner_id`` where present, else the site.
+    """
+    table = table.copy()
+    scanner = table[SCANNER_ID] if SCANNER_ID in table else table[SITE]
+    order = table.assign(_scanner=scanner).sort_values([ACQUISITION_DATE, SCAN_ID], kind="stable")
+    baseline = order.groupby("_scanner")[SOFTWARE_VERSION].first()
+    table[SOFTWARE_UPGRADED] = (table[SOFTWARE_VERSION].to_numpy() !=
+                                scanner.map(baseline).to_numpy()).astype(int)
+    return table

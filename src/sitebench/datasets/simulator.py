@@ -93,7 +93,8 @@ class TrialConfig(_Strict):
     start_date: date = date(2026, 1, 5)
     site_gm_sd: float = Field(0.01, ge=0, description="SD of site deviation of the GM/WM ratio")
     scanner_gm_sd: float = Field(0.01, ge=0, description="SD of scanner-within-site deviation")
-    bias_field_strength: float = Field(0.12, ge=0)
+    bias_field_strength: float = Field(0.2, ge=0, description="log-amplitude of the smooth bias field")
+    psf_sigma_voxels: float = Field(0.6, ge=0, description="Gaussian point-spread function: partial volume")
     deformation_mm: float = Field(3.0, ge=0)
     vendors: list[VendorProfile] = Field(default_factory=lambda: list(DEFAULT_VENDORS))
     upgrade: UpgradeConfig | None = Field(default_factory=UpgradeConfig)
@@ -103,13 +104,13 @@ class TrialConfig(_Strict):
 
 
 DEFAULT_VENDORS = (
-    VendorProfile(name="SIEMENS", gm=0.60, csf=0.22, snr=32.0, upgrade_software="syngo MR XA30",
+    VendorProfile(name="SIEMENS", gm=0.58, csf=0.20, snr=32.0, upgrade_software="syngo MR XA30",
                   models=[ScannerModel(name="Prisma", software="syngo MR E11"),
                           ScannerModel(name="Skyra", software="syngo MR E11")]),
-    VendorProfile(name="GE", gm=0.68, csf=0.30, snr=28.0, upgrade_software="RX29.1",
+    VendorProfile(name="GE", gm=0.72, csf=0.36, snr=28.0, upgrade_software="RX29.1",
                   models=[ScannerModel(name="DISCOVERY MR750", software="DV26.0_R03"),
                           ScannerModel(name="SIGNA Premier", software="RX28.0")]),
-    VendorProfile(name="Philips", gm=0.54, csf=0.18, snr=36.0, upgrade_software="5.7.2",
+    VendorProfile(name="Philips", gm=0.48, csf=0.13, snr=36.0, upgrade_software="5.7.2",
                   models=[ScannerModel(name="Achieva dStream", software="5.3.1"),
                           ScannerModel(name="Ingenia", software="5.6.1", field_strength=1.5)]),
 )
@@ -296,6 +297,8 @@ def acquire(config: TrialConfig, subject: Subject, scanner: Scanner, day: int,
     noise_sigma = (1.0 / scanner.snr) * (up.noise_factor if upgraded and up else 1.0)
     lut = np.array([0.0, scanner.vendor.csf, gm_ratio, 1.0], dtype=np.float32)
     image = lut[subject.labels]
+    if config.psf_sigma_voxels > 0:
+        image = ndimage.gaussian_filter(image, config.psf_sigma_voxels)
     labels = subject.labels
     shape = image.shape
     bias = np.exp(config.bias_field_strength * _smooth_field(rng, shape, 4)).astype(np.float32)

@@ -1,0 +1,226 @@
+"""The ``sitebench`` command: parses arguments, calls one library function, prints the result.
+
+Heavy libraries (torch, monai, mlflow) are imported inside the commands so that
+``--help`` answers at once. A ``SitebenchError`` becomes one line on stderr and
+exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sitebench import __version__
+from sitebench.errors import SitebenchError
+
+EXIT_USER_ERROR = 2
+EXIT_VERIFY_FAILED = 1
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import logging
+
+    for name in ("mlflow", "alembic", "distributed", "monai", "nvImageCodec"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _say(message: str) -> None:
+    print(f"sitebench: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sitebench.pipeline import run_demo
+
+    result = run_demo(args.out, sites=args.sites, scans_per_site=args.scans_per_site, seed=args.seed,
+                      workers=args.workers, scheduler=args.scheduler, bootstrap=args.bootstrap,
+                      progress=not args.no_progress, tracking_uri=args.tracking_uri, log=_say)
+    print(result.summary())
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from sitebench.datasets.simulator import load_trial_config, simulate_trial
+    from sitebench.pipeline import _progress_bar
+
+    config = load_trial_config(args.config, n_sites=args.sites, scans_per_site=args.scans_per_site,
+                               seed=args.seed, workers=args.workers)
+    trial = simulate_trial(config, args.out, progress=_progress_bar(not args.no_progress,
+                                                                     config.n_sites * config.scans_per_site,
+                                                                     "simulating scans"))
+    print(trial.summary())
+    print(f"truth: {trial.truth_path}")
+    return 0
+
+
+def cmd_benchmark_run(args: argparse.Namespace) -> int:
+    from sitebench.pipeline import run_pipeline
+
+    result = run_pipeline(args.spec, workers=args.workers, scheduler=args.scheduler,
+                          tracking_uri=args.tracking_uri, report=not args.no_report,
+                          progress=not args.no_progress, log=_say)
+    print(result.summary())
+    return 0
+
+
+def cmd_report_verify(args: argparse.Namespace) -> int:
+    from sitebench.reports import verify_report
+
+    result = verify_report(args.path)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0 if result.ok else EXIT_VERIFY_FAILED
+
+
+def cmd_manifest_validate(args: argparse.Namespace) -> int:
+    from sitebench.datasets.manifest import read_manifest
+
+    manifest = read_manifest(args.path, check_hashes=not args.no_hashes)
+    table = manifest.table
+    print(f"{args.path}: OK, {len(table)} scans, {table['site'].nunique()} sites, "
+          f"{table['vendor'].nunique()} vendors, {table['software_version'].nunique()} software versions")
+    return 0
+
+
+def cmd_manifest_import(args: argparse.Namespace) -> int:
+    from sitebench.datasets import importers
+    from sitebench.datasets.manifest import write_manifest
+
+    out = Path(args.out)
+    if args.kind == "nifti":
+        table = importers.import_nifti_folder(args.source, args.table, root=out.parent,
+                                              reference_columns=args.reference or ())
+    else:
+        table = importers.import_bids(args.source, root=out.parent)
+    write_manifest(table, out)
+    print(f"{out}: {len(table)} scans")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from sitebench.models.registry import BUILTIN_DIR, builtin_bundles, load_model
+
+    print("classical            gm-tissue-gmm (three-class GMM tissue classification)")
+    for name in builtin_bundles():
+        model = load_model(f"builtin:{name}")
+        training = model.card.extra.get("training", {})
+        print(f"builtin:{name:<12} {model.card.key:<16} sha256 {model.card.weights_sha256[:16]}…  "
+              f"trained on {training.get('vendor', '?')}, augmentation={training.get('augmentation')}")
+    print(f"(bundles in {BUILTIN_DIR})")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_execution(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=2, help="local worker processes (default 2; 1 = inline)")
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler address, e.g. tcp://host:8786")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under the output folder)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sitebench",
+        description="Check an imaging biomarker across the sites, scanner vendors and software versions "
+                    "of a multi-site trial: simulate, benchmark model versions, fit scanner effects, "
+                    "and write locked validation reports.",
+        epilog="Start with: sitebench demo --out sitebench-demo")
+    parser.add_argument("--version", action="version", version=f"sitebench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser("demo", help="run the whole path on a built-in simulated trial",
+                          description="Simulate a multi-site trial, run three model versions through MONAI, "
+                                      "record per-stratum results in MLflow, fit the scanner-effect model "
+                                      "and write a locked, versioned report.")
+    demo.add_argument("--out", default="sitebench-demo", help="output folder (default: ./sitebench-demo)")
+    demo.add_argument("--sites", type=int, default=20, help="number of sites (default 20)")
+    demo.add_argument("--scans-per-site", type=int, default=10, help="scans per site (default 10)")
+    demo.add_argument("--seed", type=int, default=0, help="simulation and bootstrap seed (default 0)")
+    demo.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default 1000)")
+    _add_execution(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    sim = sub.add_parser("simulate", help="simulate a multi-site trial with known truth",
+                         description="Write images, label maps, manifest.csv and truth.json for a seeded "
+                                     "simulated trial.")
+    sim.add_argument("--out", required=True, help="new output folder")
+    sim.add_argument("--config", help="trial settings YAML (see configs/trial_demo.yaml)")
+    sim.add_argument("--sites", type=int, help="override: number of sites")
+    sim.add_argument("--scans-per-site", type=int, help="override: scans per site")
+    sim.add_argument("--seed", type=int, help="override: seed")
+    sim.add_argument("--workers", type=int, help="override: worker processes")
+    sim.add_argument("--no-progress", action="store_true")
+    sim.set_defaults(func=cmd_simulate)
+
+    bench = sub.add_parser("benchmark", help="run model versions over a manifest").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    run = bench.add_parser("run", help="run a benchmark spec (YAML)",
+                           description="Score every scan with every model version of SPEC, resume what is "
+                                       "already scored, compute per-stratum metrics and mixed models, log to "
+                                       "MLflow and write a locked report.")
+    run.add_argument("spec", help="benchmark spec YAML")
+    run.add_argument("--no-report", action="store_true", help="skip the report")
+    _add_execution(run)
+    run.set_defaults(func=cmd_benchmark_run)
+
+    report = sub.add_parser("report", help="validation reports").add_subparsers(dest="action", metavar="ACTION",
+                                                                                 required=True)
+    verify = report.add_parser("verify", help="check every hash of a report",
+                               description="Exit 0 if the report and everything it rests on are unchanged, "
+                                           "1 otherwise.")
+    verify.add_argument("path", help="report folder (or its report.html / lock.json)")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=cmd_report_verify)
+
+    manifest = sub.add_parser("manifest", help="scan manifests").add_subparsers(dest="action", metavar="ACTION",
+                                                                                required=True)
+    validate = manifest.add_parser("validate", help="validate a manifest (columns, ids, paths, hashes)")
+    validate.add_argument("path")
+    validate.add_argument("--no-hashes", action="store_true", help="skip SHA-256 checks")
+    validate.set_defaults(func=cmd_manifest_validate)
+    imp = manifest.add_parser("import", help="build a manifest from NIfTI+CSV or a BIDS dataset")
+    imp.add_argument("kind", choices=("nifti", "bids"))
+    imp.add_argument("source", help="NIfTI folder or BIDS root")
+    imp.add_argument("--table", help="CSV describing the NIfTI files (nifti only)")
+    imp.add_argument("--reference", nargs="*", help="reference value columns (nifti only)")
+    imp.add_argument("--out", required=True, help="manifest to write (.csv or .parquet)")
+    imp.set_defaults(func=cmd_manifest_import)
+
+    models = sub.add_parser("models", help="model versions").add_subparsers(dest="action", metavar="ACTION",
+                                                                            required=True)
+    models.add_parser("list", help="list built-in model versions").set_defaults(func=cmd_models_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except SitebenchError as exc:
+        print(f"sitebench: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("sitebench: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
+        return 130
+
+
+def _entry() -> Any:  # pragma: no cover
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

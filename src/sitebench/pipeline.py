@@ -1,0 +1,270 @@
+"""The whole path, wired once: benchmark -> per-stratum metrics -> mixed models -> MLflow -> report.
+
+This is the only module (besides the command line) that touches every room; each
+room stays usable on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import yaml
+
+from sitebench.benchmarks.runner import BenchmarkRun, run_benchmark
+from sitebench.benchmarks.spec import BenchmarkSpec, load_spec
+from sitebench.benchmarks.tracking import TrackingStore, local_store, log_benchmark, register_benchmark_models
+from sitebench.datasets import manifest as mf
+from sitebench.datasets.simulator import REFERENCE_COLUMN, SimulatedTrial, TrialConfig, simulate_trial
+from sitebench.errors import SitebenchError
+from sitebench.reports import Report, ReportContent, build_report
+from sitebench.stratification import fit_scanner_effects, stratum_metrics, upgrade_effect
+
+
+@dataclass
+class Evaluation:
+    """Every number the report shows, per model version."""
+
+    table: pd.DataFrame
+    metrics: pd.DataFrame
+    mixed: list[dict[str, Any]]
+    upgrade: pd.DataFrame
+    findings: list[str] = field(default_factory=list)
+
+
+def _fixed_terms(table: pd.DataFrame) -> list[str]:
+    terms = ["C(vendor)"] if table[mf.VENDOR].nunique() > 1 else []
+    terms.append(mf.SOFTWARE_UPGRADED)
+    if mf.AGE in table and table[mf.AGE].notna().all():
+        terms.append(mf.AGE)
+    for column in (mf.SEX, mf.GROUP):
+        if column in table and table[column].notna().all() and table[column].nunique() > 1:
+            terms.append(f"C({column})")
+    return terms
+
+
+def evaluate(run: BenchmarkRun) -> Evaluation:
+    """Per-stratum metrics, scanner-effect mixed models and upgrade effects for every model version."""
+    table = run.evaluation_table()
+    spec = run.spec
+    metric_frames, mixed, upgrades = [], [], []
+    terms = _fixed_terms(table)
+    for card in run.models:
+        part = table[table["model_key"] == card.key]
+        metrics = stratum_metrics(part, prediction="prediction", reference="reference", strata=spec.strata,
+                                  dice="dice", n_boot=spec.bootstrap, seed=spec.seed).to_frame()
+        metrics.insert(0, "model_key", card.key)
+        metric_frames.append(metrics)
+        for response in ("error", "prediction"):
+            fit = fit_scanner_effects(part, response, fixed=terms)
+            mixed.append({"model_key": card.key, **fit.to_dict()})
+        up = upgrade_effect(part, "error").to_frame()
+        up.insert(0, "model_key", card.key)
+        upgrades.append(up)
+    evaluation = Evaluation(table=table, metrics=pd.concat(metric_frames, ignore_index=True), mixed=mixed,
+                            upgrade=pd.concat(upgrades, ignore_index=True))
+    evaluation.findings = findings(run, evaluation)
+    return evaluation
+
+
+def _metric(metrics: pd.DataFrame, model: str, stratum: str, level: str, metric: str) -> pd.Series | None:
+    rows = metrics[(metrics["model_key"] == model) & (metrics["stratum"] == stratum) &
+                   (metrics["level"].astype(str) == str(level)) & (metrics["metric"] == metric)]
+    if rows.empty or not bool(rows["estimable"].iloc[0]):
+        return None
+    return rows.iloc[0]
+
+
+def _fmt(row: pd.Series | None) -> str:
+    if row is None:
+        return "not estimable"
+    if pd.isna(row["ci_low"]):
+        return f"{row['estimate']:.3g}"
+    return f"{row['estimate']:.3g} [{row['ci_low']:.3g}, {row['ci_high']:.3g}]"
+
+
+def findings(run: BenchmarkRun, evaluation: Evaluation) -> list[str]:
+    """Plain sentences read off this run's own numbers (nothing here is written in advance)."""
+    metrics = evaluation.metrics
+    vendors = sorted(evaluation.table[mf.VENDOR].unique())
+    notes = []
+    for card in run.models:
+        per_vendor = ", ".join(f"{v} {_fmt(_metric(metrics, card.key, 'vendor', v, 'mae'))}" for v in vendors)
+        trained = card.extra.get("training", {}).get("vendor")
+        lead = f"{card.key}" + (f" (trained on {trained} only"
+                                f"{', with cross-vendor augmentation' if card.extra['training'].get('augmentation') else ''})"
+                                if trained else "")
+        notes.append(f"{lead}: MAE by vendor (ml, 95% CI): {per_vendor}.")
+    trained_models = [c for c in run.models if c.extra.get("training", {}).get("vendor")]
+    if len(trained_models) >= 2:
+        base = next((c for c in trained_models if not c.extra["training"].get("augmentation")), None)
+        aug = next((c for c in trained_models if c.extra["training"].get("augmentation")), None)
+        if base and aug:
+            home = base.extra["training"]["vendor"]
+            for v in vendors:
+                if v == home:
+                    continue
+                a, b = _metric(metrics, base.key, "vendor", v, "mae"), _metric(metrics, aug.key, "vendor", v, "mae")
+                if a is None or b is None:
+                    continue
+                verdict = "lower" if b["estimate"] < a["estimate"] else "higher"
+                separated = b["ci_high"] < a["ci_low"] or b["ci_low"] > a["ci_high"]
+                notes.append(f"At {v} (unseen in training), the augmented {aug.key} has {verdict} MAE than "
+                             f"{base.key}: {b['estimate']:.3g} vs {a['estimate']:.3g} ml"
+                             f"{' (CIs do not overlap)' if separated else ' (CIs overlap)'}.")
+    for row in evaluation.upgrade.itertuples(index=False):
+        row_d = row._asdict()
+        if row_d.get("difference") is None or pd.isna(row_d.get("difference")):
+            continue
+        notes.append(f"{row_d['model_key']} at site {row_d['site']}: error changed by {row_d['difference']:.3g} ml "
+                     f"after the software change (95% CI {row_d['ci_low']:.3g} to {row_d['ci_high']:.3g}).")
+    worst = metrics[(metrics["stratum"] == "site") & (metrics["metric"] == "bias") & metrics["estimable"]]
+    if not worst.empty:
+        row = worst.loc[worst["estimate"].astype(float).abs().idxmax()]
+        notes.append(f"Largest site bias: {row['model_key']} at site {row['level']}, {_fmt(row)} ml.")
+    return notes
+
+
+@dataclass
+class PipelineResult:
+    run: BenchmarkRun
+    evaluation: Evaluation
+    store: TrackingStore
+    mlflow_run_id: str
+    registered: dict[str, str]
+    report: Report | None
+
+    def summary(self) -> str:
+        lines = [self.run.summary(), "", "findings:"] + [f"  - {f}" for f in self.evaluation.findings]
+        lines += ["", f"MLflow store:  {self.store.tracking_uri}  (parent run {self.mlflow_run_id})",
+                  f"  browse with: mlflow ui --backend-store-uri {self.store.tracking_uri}"]
+        if self.report:
+            lines.append(f"report:        {self.report.path}  (version {self.report.version})")
+            lines.append(f"  check with:  sitebench report verify {self.report.report_dir}")
+        return "\n".join(lines)
+
+
+def run_pipeline(spec: BenchmarkSpec | str | Path, *, workers: int = 2, scheduler: str | None = None,
+                 tracking_uri: str | None = None, report: bool = True, progress: bool = True,
+                 extra_materials: dict[str, Path] | None = None, truth: dict[str, Any] | None = None,
+                 log: Callable[[str], None] = lambda message: None) -> PipelineResult:
+    spec_path = None
+    if not isinstance(spec, BenchmarkSpec):
+        spec_path = Path(spec)
+        spec = load_spec(spec_path)
+    results_dir = spec.results_path
+    store = local_store(results_dir, tracking_uri or spec.mlflow.tracking_uri)
+    log(f"scoring {len(spec.models)} model versions")
+    run = run_benchmark(spec, workers=workers, scheduler=scheduler, progress=progress,
+                        tracking_uri=store.tracking_uri)
+    log("fitting per-stratum metrics and mixed models")
+    evaluation = evaluate(run)
+    registered = register_benchmark_models(run, store) if spec.mlflow.register else {}
+    built = None
+    if report:
+        log("writing the locked report")
+        materials: dict[str, Path] = {"data manifest": run.manifest.source}  # type: ignore[dict-item]
+        if spec_path:
+            materials["benchmark spec"] = spec_path
+        for resolved, card in zip(run.resolved, run.models):
+            if resolved.location and (Path(resolved.location) / "models" / "model.pt").exists():
+                materials[f"weights {card.key}"] = Path(resolved.location) / "models" / "model.pt"
+        materials.update(extra_materials or {})
+        cards = [{"key": c.key, "name": c.name, "version": c.version, "kind": c.kind,
+                  "weights_sha256": c.weights_sha256, "source": c.source, "training": c.extra.get("training", {}),
+                  "registered": registered.get(c.key, "-")} for c in run.models]
+        content = ReportContent(
+            name=spec.name, title=f"Validation report: {spec.name}", evaluation=evaluation.table,
+            metrics=evaluation.metrics, mixed=evaluation.mixed, upgrade=evaluation.upgrade, models=cards,
+            materials=materials, seeds={"benchmark_seed": spec.seed, "bootstrap": spec.bootstrap,
+                                        "reference": spec.reference, "spec_sha256": spec.fingerprint()},
+            findings=evaluation.findings, truth=_truth_summary(truth))
+        built = build_report(content, results_dir.parent / "reports")
+    log("recording runs in MLflow")
+    artifacts = {}
+    if built:
+        artifacts["report"] = built.report_dir
+    run_id = log_benchmark(run, evaluation.metrics, store, spec_path=spec_path, registered=registered,
+                           extra_artifacts=artifacts)
+    return PipelineResult(run=run, evaluation=evaluation, store=store, mlflow_run_id=run_id,
+                          registered=registered, report=built)
+
+
+def _truth_summary(truth: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not truth:
+        return None
+    keep = ("reference_vendor", "vendor_gm_wm_ratio", "vendor_effect_on_gm_wm_ratio", "upgrade", "coverage",
+            "subject_effects", "site_gm_wm_ratio_sd", "scanner_gm_wm_ratio_sd")
+    return {k: truth[k] for k in keep if k in truth}
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+DEMO_MODELS = [
+    {"source": "classical", "register_as": "gm-tissue-gmm", "alias": "candidate"},
+    {"source": "builtin:gm_unet_v1", "register_as": "gm-unet", "alias": "baseline"},
+    {"source": "builtin:gm_unet_v2", "register_as": "gm-unet", "alias": "candidate"},
+]
+
+
+def demo_spec(bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    return {"name": "demo", "manifest": "trial/manifest.csv", "reference": REFERENCE_COLUMN,
+            "reference_segmentation": mf.LABEL_PATH, "models": DEMO_MODELS, "seed": seed,
+            "bootstrap": bootstrap, "results_dir": "results", "mlflow": {"experiment": "sitebench-demo"}}
+
+
+def prepare_trial(config: TrialConfig, trial_dir: Path,
+                  progress: Callable[[int, int], None] | None = None) -> SimulatedTrial | None:
+    """Simulate into ``trial_dir`` unless the same trial is already there; a different one is an error."""
+    truth_path = trial_dir / "truth.json"
+    if (trial_dir / "manifest.csv").exists() and truth_path.exists():
+        previous = json.loads(truth_path.read_text()).get("config", {})
+        if previous != json.loads(config.model_dump_json()):
+            raise SitebenchError("holds a different simulated trial; use another --out or the same settings",
+                                 trial_dir)
+        return None
+    return simulate_trial(config, trial_dir, progress=progress)
+
+
+def run_demo(out: str | Path, *, sites: int = 20, scans_per_site: int = 10, seed: int = 0, workers: int = 2,
+             scheduler: str | None = None, bootstrap: int = 1000, progress: bool = True,
+             tracking_uri: str | None = None, log: Callable[[str], None] = lambda m: None) -> PipelineResult:
+    """Simulate a trial, benchmark three model versions, fit scanner effects, log, and lock a report."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides: dict[str, Any] = {"n_sites": sites, "scans_per_site": scans_per_site, "seed": seed,
+                                 "workers": max(1, workers)}
+    defaults = TrialConfig()
+    if defaults.coverage and sites < int(defaults.coverage.site[1:]):
+        overrides["coverage"] = {**defaults.coverage.model_dump(), "site": f"S{sites:02d}"}
+    config = TrialConfig(**overrides)
+    log(f"simulating {sites} sites x {scans_per_site} scans into {out / 'trial'}")
+    bar = _progress_bar(progress, sites * scans_per_site, "simulating scans")
+    prepare_trial(config, out / "trial", progress=bar)
+    spec_path = out / "benchmark.yaml"
+    text = yaml.safe_dump(demo_spec(bootstrap, seed), sort_keys=False)
+    if not spec_path.exists() or spec_path.read_text() != text:
+        spec_path.write_text(text)
+    truth = json.loads((out / "trial" / "truth.json").read_text())
+    return run_pipeline(spec_path, workers=workers, scheduler=scheduler, tracking_uri=tracking_uri,
+                        progress=progress, truth=truth, log=log,
+                        extra_materials={"simulation truth": out / "trial" / "truth.json"})
+
+
+def _progress_bar(enabled: bool, total: int, description: str) -> Callable[[int, int], None] | None:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=description, unit="scan")
+
+    def update(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+        if done >= _total:
+            bar.close()
+
+    return update

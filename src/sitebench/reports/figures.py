@@ -1,0 +1,160 @@
+"""Report figures, each a function of tidy tables that returns PNG bytes.
+
+They take the same tables the report prints, so a reader can always find the
+numbers behind a picture.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
+                         "svg.hashsalt": "sitebench", "figure.dpi": 100})
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight", metadata={"Software": None})
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+COLOURS = ["#1b6ca8", "#d1495b", "#2e933c", "#edae49", "#6c4f70"]
+
+
+def forest_plot(rows: pd.DataFrame, metric: str = "bias", stratum: str = "site",
+                unit: str = "ml") -> bytes:
+    """Per-level estimate with CI, one marker per model; not-estimable levels are marked, not drawn."""
+    plt = _pyplot()
+    data = rows[(rows["metric"] == metric) & (rows["stratum"] == stratum)]
+    levels = sorted(data["level"].unique())
+    models = list(dict.fromkeys(data["model_key"]))
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(levels) + 1.4))
+    offsets = np.linspace(-0.25, 0.25, len(models)) if len(models) > 1 else [0.0]
+    for k, model in enumerate(models):
+        part = data[data["model_key"] == model].set_index("level")
+        for i, level in enumerate(levels):
+            if level not in part.index:
+                continue
+            row = part.loc[level]
+            y = i + offsets[k]
+            if not row["estimable"] or pd.isna(row["estimate"]):
+                ax.text(0, y, "n.e.", fontsize=6, color=COLOURS[k % 5], va="center")
+                continue
+            low = row["ci_low"] if not pd.isna(row["ci_low"]) else row["estimate"]
+            high = row["ci_high"] if not pd.isna(row["ci_high"]) else row["estimate"]
+            ax.errorbar(row["estimate"], y, xerr=[[row["estimate"] - low], [high - row["estimate"]]],
+                        fmt="o", ms=3.5, color=COLOURS[k % 5], capsize=2,
+                        label=model if i == 0 else None)
+    ax.axvline(0, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(range(len(levels)), levels)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} ({unit}), 95% CI")
+    ax.set_title(f"{metric.replace('_', ' ').capitalize()} by {stratum}")
+    ax.legend(loc="best", fontsize=7, frameon=False)
+    return _png(fig)
+
+
+def bland_altman(table: pd.DataFrame, unit: str = "ml") -> bytes:
+    """Difference vs mean per model, with bias and 95% limits of agreement."""
+    plt = _pyplot()
+    models = list(dict.fromkeys(table["model_key"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.2), sharey=True, squeeze=False)
+    vendors = sorted(table["vendor"].unique())
+    for ax, model in zip(axes[0], models):
+        part = table[table["model_key"] == model]
+        mean = (part["prediction"] + part["reference"]) / 2
+        diff = part["prediction"] - part["reference"]
+        for v, vendor in enumerate(vendors):
+            sel = part["vendor"] == vendor
+            ax.scatter(mean[sel], diff[sel], s=8, alpha=0.7, color=COLOURS[v % 5], label=vendor)
+        bias, sd = float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
+        for value, style in ((bias, "-"), (bias - 1.96 * sd, "--"), (bias + 1.96 * sd, "--")):
+            ax.axhline(value, color="black", lw=0.8, ls=style)
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel(f"mean of model and reference ({unit})")
+    axes[0][0].set_ylabel(f"model - reference ({unit})")
+    axes[0][0].legend(fontsize=7, frameon=False)
+    return _png(fig)
+
+
+def upgrade_plot(table: pd.DataFrame, upgraded_column: str = "software_upgraded", unit: str = "ml") -> bytes:
+    """Error before and after a software change, at each site that had one, per model."""
+    plt = _pyplot()
+    sites = sorted(table.loc[table[upgraded_column] == 1, "site"].unique())
+    models = list(dict.fromkeys(table["model_key"]))
+    fig, axes = plt.subplots(1, max(1, len(sites)), figsize=(4.5 * max(1, len(sites)), 3.2), squeeze=False)
+    for ax, site in zip(axes[0], sites or [None]):
+        if site is None:
+            ax.text(0.5, 0.5, "no software change in this trial", ha="center", transform=ax.transAxes)
+            continue
+        part = table[table["site"] == site]
+        for k, model in enumerate(models):
+            for phase in (0, 1):
+                values = part[(part["model_key"] == model) & (part[upgraded_column] == phase)]["error"]
+                x = k * 2.5 + phase
+                ax.scatter(np.full(len(values), x) + np.linspace(-0.15, 0.15, len(values)), values, s=10,
+                           color=COLOURS[k % 5], alpha=0.8)
+                if len(values):
+                    ax.hlines(values.mean(), x - 0.3, x + 0.3, color="black", lw=1.2)
+        versions = part.sort_values("acquisition_date")["software_version"].unique()
+        ax.set_xticks([k * 2.5 + p for k in range(len(models)) for p in (0, 1)],
+                      [f"{m}\n{'before' if p == 0 else 'after'}" for m in models for p in (0, 1)],
+                      fontsize=6)
+        ax.axhline(0, color="grey", lw=0.8, ls="--")
+        ax.set_ylabel(f"error ({unit})")
+        ax.set_title(f"site {site}: {' -> '.join(versions)}", fontsize=9)
+    return _png(fig)
+
+
+def variance_components_plot(shares: pd.DataFrame) -> bytes:
+    """Stacked share of variance (site, scanner, residual) per model and response."""
+    plt = _pyplot()
+    labels = [f"{r.model_key}\n{r.response}" for r in shares.itertuples()]
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(labels)), 3.2))
+    bottom = np.zeros(len(shares))
+    for k, component in enumerate(("site", "scanner", "residual")):
+        values = shares[component].fillna(0).to_numpy(dtype=float)
+        ax.bar(range(len(shares)), values, bottom=bottom, color=COLOURS[k], label=component)
+        bottom += values
+    ax.set_xticks(range(len(shares)), labels, fontsize=6)
+    ax.set_ylabel("share of variance")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, frameon=False, loc="upper right")
+    ax.set_title("Variance components (REML)")
+    return _png(fig)
+
+
+def vendor_transfer_plot(rows: pd.DataFrame, metric: str = "mae", unit: str = "ml") -> bytes:
+    """Error per vendor per model: does a model trained on one vendor hold at the others?"""
+    plt = _pyplot()
+    data = rows[(rows["metric"] == metric) & (rows["stratum"] == "vendor")]
+    vendors = sorted(data["level"].unique())
+    models = list(dict.fromkeys(data["model_key"]))
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    width = 0.8 / max(1, len(models))
+    for k, model in enumerate(models):
+        part = data[data["model_key"] == model].set_index("level").reindex(vendors)
+        x = np.arange(len(vendors)) + (k - (len(models) - 1) / 2) * width
+        est = part["estimate"].astype(float).to_numpy()
+        low = est - part["ci_low"].astype(float).to_numpy()
+        high = part["ci_high"].astype(float).to_numpy() - est
+        ax.bar(x, est, width, yerr=[np.nan_to_num(low), np.nan_to_num(high)], capsize=2,
+               color=COLOURS[k % 5], label=model)
+    ax.set_xticks(range(len(vendors)), vendors)
+    ax.set_ylabel(f"{metric.upper()} ({unit}), 95% CI")
+    ax.set_title(f"{metric.upper()} by vendor")
+    ax.legend(fontsize=7, frameon=False)
+    return _png(fig)

@@ -1,0 +1,21 @@
+"""Site, vendor and software-version stratified checks of a biomarker (tables in, results out).
+
+Imports only ``sitebench.datasets``, ``sitebench.errors`` and ``sitebench.provenance``.
+"""
+
+from sitebench.stratification.metrics import StratumMetrics, stratum_metrics
+from sitebench.stratification.mixed import (
+    ScannerEffects,
+    UpgradeEffect,
+    fit_scanner_effects,
+    upgrade_effect,
+)
+
+__all__ = [
+    "ScannerEffects",
+    "StratumMetrics",
+    "UpgradeEffect",
+    "fit_scanner_effects",
+    "stratum_metrics",
+    "upgrade_effect",
+]
