@@ -162,7 +162,7 @@ def run_pipeline(spec: BenchmarkSpec | str | Path, *, workers: int = 2, schedule
                         tracking_uri=store.tracking_uri)
     log("fitting per-stratum metrics and mixed models")
     evaluation = evaluate(run)
-    registered = register_benchmark_models(run, store) if spec.mlflow.register else {}
+    registered = register_benchmark_models(run, store) if spec.mlflow.register_models else {}
     built = None
     if report:
         log("writing the locked report")

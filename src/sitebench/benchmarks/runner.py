@@ -282,21 +282,26 @@ def _drain(executor: Executor, pending: list[tuple[ResolvedModel, list[dict[str,
                                               spec.segmentation_label))
                 return
 
+        def keep(rows: list[dict[str, Any]]) -> None:
+            nonlocal computed
+            writer.writerows(rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+            computed += len(rows)
+            bar.update(len(rows))
+
         try:
             for _ in range(window):
                 submit_next()
             while in_flight:
                 finished = next(as_completed(in_flight))
                 in_flight.discard(finished)
-                rows = finished.result()
-                writer.writerows(rows)
-                handle.flush()
-                os.fsync(handle.fileno())
-                computed += len(rows)
-                bar.update(len(rows))
+                keep(finished.result())
                 submit_next()
         except BaseException:
+            # keep every chunk that did finish, then stop the rest
             for future in in_flight:
-                future.cancel()
+                if not future.cancel() and future.done() and future.exception() is None:
+                    keep(future.result())
             raise
     return computed

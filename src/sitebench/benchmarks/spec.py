@@ -35,7 +35,7 @@ class ModelSpec(_Strict):
 class MlflowSpec(_Strict):
     tracking_uri: str | None = Field(None, description="default: SQLite store under the output folder")
     experiment: str = "sitebench"
-    register: bool = True
+    register_models: bool = True
 
 
 class BenchmarkSpec(_Strict):

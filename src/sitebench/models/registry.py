@@ -68,7 +68,8 @@ def resolve_model(reference: str, expected_sha256: str | None = None, name: str 
 
 
 @lru_cache(maxsize=16)
-def _load_cached(kind: str, location: str | None, expected_sha256: str | None, name: str | None) -> BiomarkerModel:
+def _load_cached(kind: str, location: str | None, expected_sha256: str | None, name: str | None,
+                 files_sha256: str | None) -> BiomarkerModel:
     if kind == "classical":
         parameters: dict[str, Any] = {}
         version = "1.0"
@@ -87,7 +88,9 @@ def load_model(resolved: ResolvedModel | str, **kwargs: Any) -> BiomarkerModel:
     """Load (once per process) the model a reference points to, checking its weight hash."""
     if isinstance(resolved, str):
         resolved = resolve_model(resolved, **kwargs)
-    return _load_cached(resolved.kind, resolved.location, resolved.expected_sha256, resolved.name)
+    # the files' current hash is part of the cache key: a file changed on disk is never served stale
+    current = model_files_sha256(resolved.location) if resolved.location else None
+    return _load_cached(resolved.kind, resolved.location, resolved.expected_sha256, resolved.name, current)
 
 
 # --------------------------------------------------------------------------- MLflow registry
@@ -129,8 +132,10 @@ def _resolve_registered(reference: str, expected_sha256: str | None,
 def model_files_sha256(location: str | Path) -> str:
     """The hash registration records: the weight file of a bundle, the parameter file otherwise."""
     location = Path(location)
-    weights = location / "models" / "model.pt"
-    return sha256_file(weights if weights.exists() else location / CLASSICAL_FILE)
+    for candidate in (location / "models" / "model.pt", location / CLASSICAL_FILE):
+        if candidate.exists():
+            return sha256_file(candidate)
+    return "missing"
 
 
 def write_classical_spec(directory: str | Path, model: TissueClassGMVolume) -> Path:

@@ -1,0 +1,158 @@
+"""The command line as a user runs it: one-line errors, exit codes, and the demo end to end."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from sitebench.datasets import manifest as mf
+
+SITEBENCH = [sys.executable, "-m", "sitebench.cli"]
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(SITEBENCH + [str(a) for a in args], capture_output=True, text=True, cwd=cwd,
+                          timeout=900)
+
+
+def assert_clean_error(result, *needles):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("sitebench: error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_help_lists_the_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("demo", "simulate", "benchmark", "report", "manifest"):
+        assert command in result.stdout
+    assert "--scheduler" in run_cli("benchmark", "run", "--help").stdout
+
+
+@pytest.fixture
+def trial_copy(small_trial, tmp_path):
+    shutil.copytree(small_trial.out_dir, tmp_path / "trial")
+    spec = {"name": "t", "manifest": "manifest.csv", "reference": "gm_volume_ml",
+            "models": [{"source": "classical"}], "bootstrap": 50}
+    (tmp_path / "trial" / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return tmp_path / "trial"
+
+
+def _edit_manifest(trial, edit):
+    table = mf.read_table(trial / "manifest.csv")
+    table = edit(table)
+    table.to_csv(trial / "manifest.csv", index=False)
+
+
+def test_missing_column(trial_copy):
+    _edit_manifest(trial_copy, lambda t: t.drop(columns=["vendor"]))
+    for args in (("manifest", "validate", trial_copy / "manifest.csv"),
+                 ("benchmark", "run", trial_copy / "spec.yaml", "--workers", "1")):
+        assert_clean_error(run_cli(*args), "manifest.csv", "missing column(s): vendor")
+
+
+def test_duplicate_scan_id(trial_copy):
+    _edit_manifest(trial_copy, lambda t: t.assign(scan_id=[t.scan_id[1]] + list(t.scan_id[1:])))
+    assert_clean_error(run_cli("benchmark", "run", trial_copy / "spec.yaml"), "manifest.csv", "duplicate scan_id")
+
+
+def test_path_that_does_not_exist(trial_copy):
+    _edit_manifest(trial_copy, lambda t: t.assign(image_path=["images/nowhere.nii.gz"] + list(t.image_path[1:])))
+    assert_clean_error(run_cli("benchmark", "run", trial_copy / "spec.yaml"), "manifest.csv",
+                       "images/nowhere.nii.gz", "does not exist")
+
+
+def test_corrupt_nifti_keeps_what_was_written(trial_copy):
+    from sitebench.provenance import sha256_file
+
+    spec = yaml.safe_load((trial_copy / "spec.yaml").read_text())
+    victim_row = -1
+    table = mf.read_table(trial_copy / "manifest.csv")
+    victim = trial_copy / table.image_path.iloc[victim_row]
+    victim.write_bytes(b"this is not a NIfTI file")
+    table.loc[table.index[victim_row], "image_sha256"] = sha256_file(victim)
+    table.to_csv(trial_copy / "manifest.csv", index=False)
+    (trial_copy / "spec.yaml").write_text(yaml.safe_dump(spec))
+    result = run_cli("benchmark", "run", trial_copy / "spec.yaml", "--workers", "1", "--no-progress")
+    assert_clean_error(result, victim.name, "not a readable NIfTI")
+    kept = pd.read_csv(trial_copy / "results" / "predictions.csv")
+    assert len(kept) >= 16
+
+
+def test_model_file_whose_hash_does_not_match(trial_copy):
+    spec = yaml.safe_load((trial_copy / "spec.yaml").read_text())
+    spec["models"] = [{"source": "builtin:gm_unet_v1", "sha256": "0" * 64}]
+    (trial_copy / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert_clean_error(run_cli("benchmark", "run", trial_copy / "spec.yaml"), "model.pt", "SHA-256")
+
+
+def test_unknown_spec_key(trial_copy):
+    spec = yaml.safe_load((trial_copy / "spec.yaml").read_text())
+    spec["refrence"] = "gm_volume_ml"
+    (trial_copy / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert_clean_error(run_cli("benchmark", "run", trial_copy / "spec.yaml"), "spec.yaml", "unknown key 'refrence'")
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    first = run_cli("demo", "--out", out, "--sites", 6, "--scans-per-site", 5, "--bootstrap", 200, "--no-progress")
+    assert first.returncode == 0, first.stderr[-3000:]
+    report_dir = out / "reports" / "demo" / "v001"
+    assert str(report_dir / "report.html") in first.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
+
+    verify = run_cli("report", "verify", report_dir)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+    # the report says, from the run itself, how the single-vendor model transfers
+    html = (report_dir / "report.html").read_text()
+    assert "gm-unet@1.0.0 (trained on SIEMENS only)" in html
+    assert "(unseen in training), the augmented gm-unet@2.0.0 has" in html
+    assert html.count("<img") >= 6
+
+    # MLflow: parent run -> one run per model version -> one run per stratum level, tagged
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'results' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["sitebench-demo"])
+    parents = runs[runs["tags.sitebench.level"] == "benchmark"]
+    models = runs[runs["tags.sitebench.level"] == "model"]
+    strata = runs[runs["tags.sitebench.level"] == "stratum"]
+    assert len(parents) == 1 and len(models) == 3
+    assert set(models["tags.mlflow.parentRunId"]) == set(parents.run_id)
+    assert set(strata["tags.mlflow.parentRunId"]) == set(models.run_id)
+    assert set(strata["tags.sitebench.stratum"]) == {"site", "vendor", "software_version"}
+    assert len(strata[strata["tags.sitebench.stratum"] == "site"]) == 3 * 6
+    client = mlflow.MlflowClient()
+    assert client.get_model_version_by_alias("gm-unet", "candidate").tags["model_version"] == "2.0.0"
+    assert client.get_model_version_by_alias("gm-unet", "baseline").tags["model_version"] == "1.0.0"
+    parent = client.get_run(parents.run_id.iloc[0])
+    assert parent.inputs.dataset_inputs, "the manifest is logged as a dataset input"
+
+    # a rerun resumes every scan and writes a new version; the old one is untouched and still verifies
+    second = run_cli("demo", "--out", out, "--sites", 6, "--scans-per-site", 5, "--bootstrap", 200, "--no-progress")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "0 scored, 90 reused" in second.stdout
+    assert (out / "reports" / "demo" / "v002" / "report.html").exists()
+    assert run_cli("report", "verify", report_dir).returncode == 0
+
+    # any changed byte fails verification, and the message names what changed
+    table = report_dir / "tables" / "metrics_by_stratum.csv"
+    data = bytearray(table.read_bytes())
+    data[200] = ord("9") if data[200] != ord("9") else ord("8")
+    table.write_bytes(bytes(data))
+    tampered = run_cli("report", "verify", report_dir)
+    assert tampered.returncode == 1 and "metrics_by_stratum" in tampered.stdout
+    html_file = out / "reports" / "demo" / "v002" / "report.html"
+    html_file.write_bytes(html_file.read_bytes() + b" ")
+    tampered = run_cli("report", "verify", html_file.parent)
+    assert tampered.returncode == 1 and "report.html" in tampered.stdout
