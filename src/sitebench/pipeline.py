@@ -119,8 +119,10 @@ def findings(run: BenchmarkRun, evaluation: Evaluation) -> list[str]:
         row_d = row._asdict()
         if row_d.get("difference") is None or pd.isna(row_d.get("difference")):
             continue
+        ci = (f"95% CI {row_d['ci_low']:.3g} to {row_d['ci_high']:.3g}" if not pd.isna(row_d.get("ci_low"))
+              else "CI not estimable with so few scans")
         notes.append(f"{row_d['model_key']} at site {row_d['site']}: error changed by {row_d['difference']:.3g} ml "
-                     f"after the software change (95% CI {row_d['ci_low']:.3g} to {row_d['ci_high']:.3g}).")
+                     f"after the software change ({row_d['n_before']} scans before, {row_d['n_after']} after; {ci}).")
     worst = metrics[(metrics["stratum"] == "site") & (metrics["metric"] == "bias") & metrics["estimable"]]
     if not worst.empty:
         row = worst.loc[worst["estimate"].astype(float).abs().idxmax()]

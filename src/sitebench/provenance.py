@@ -80,3 +80,33 @@ def _own_version() -> str:
     from sitebench import __version__
 
     return __version__
+
+
+def jsonable(value: Any) -> Any:
+    """numpy scalars to Python, NaN/NA to None, containers walked, so ``json.dumps`` always works."""
+    import math
+
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, str):
+        return value
+    try:
+        import pandas as pd
+
+        if value is pd.NA or value is pd.NaT:
+            return None
+    except ImportError:  # pragma: no cover
+        pass
+    return str(value)

@@ -41,6 +41,16 @@ def local_store(out_dir: str | Path, tracking_uri: str | None = None) -> Trackin
     return TrackingStore(f"sqlite:///{out / 'mlflow.db'}", (out / "mlartifacts").as_uri())
 
 
+def _quiet_mlflow() -> None:
+    """MLflow sets its own log level at import; keep its INFO chatter out of our output."""
+    import logging
+
+    import mlflow  # noqa: F401  (import first: it configures its loggers)
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def _experiment_id(name: str, store: TrackingStore) -> str:
     import mlflow
 
@@ -69,6 +79,7 @@ def register_benchmark_models(run: BenchmarkRun, store: TrackingStore) -> dict[s
 
     from sitebench.models.registry import load_model
 
+    _quiet_mlflow()
     mlflow.set_tracking_uri(store.tracking_uri)
     mlflow.set_registry_uri(store.tracking_uri)
     registered: dict[str, str] = {}
@@ -90,6 +101,7 @@ def log_benchmark(run: BenchmarkRun, metrics: pd.DataFrame, store: TrackingStore
     import mlflow
     import mlflow.data
 
+    _quiet_mlflow()
     mlflow.set_tracking_uri(store.tracking_uri)
     mlflow.set_registry_uri(store.tracking_uri)
     spec = run.spec

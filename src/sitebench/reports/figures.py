@@ -106,13 +106,13 @@ def upgrade_plot(table: pd.DataFrame, upgraded_column: str = "software_upgraded"
                 values = part[(part["model_key"] == model) & (part[upgraded_column] == phase)]["error"]
                 x = k * 2.5 + phase
                 ax.scatter(np.full(len(values), x) + np.linspace(-0.15, 0.15, len(values)), values, s=10,
-                           color=COLOURS[k % 5], alpha=0.8)
+                           color=COLOURS[k % 5], alpha=0.8, label=model if phase == 0 else None)
                 if len(values):
                     ax.hlines(values.mean(), x - 0.3, x + 0.3, color="black", lw=1.2)
         versions = part.sort_values("acquisition_date")["software_version"].unique()
         ax.set_xticks([k * 2.5 + p for k in range(len(models)) for p in (0, 1)],
-                      [f"{m}\n{'before' if p == 0 else 'after'}" for m in models for p in (0, 1)],
-                      fontsize=6)
+                      ["before", "after"] * len(models), fontsize=7)
+        ax.legend(fontsize=6, frameon=False, loc="best")
         ax.axhline(0, color="grey", lw=0.8, ls="--")
         ax.set_ylabel(f"error ({unit})")
         ax.set_title(f"site {site}: {' -> '.join(versions)}", fontsize=9)

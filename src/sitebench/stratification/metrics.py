@@ -9,7 +9,6 @@ are not counted as independent evidence.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -18,6 +17,7 @@ import pandas as pd
 
 from sitebench.datasets.manifest import DEFAULT_STRATA, SITE, SUBJECT_ID
 from sitebench.errors import SitebenchError
+from sitebench.provenance import jsonable
 
 #: Metric names in the order they are reported.
 METRICS: tuple[str, ...] = ("mae", "bias", "rmse", "pearson_r", "dice")
@@ -90,7 +90,7 @@ class StratumMetrics:
             "resampling": self.resampling,
             "n_scans": int(self.n_scans),
             "n_dropped": int(self.n_dropped),
-            "rows": [{key: _plain(row[key]) for key in FRAME_COLUMNS} for row in self.rows],
+            "rows": [{key: jsonable(row[key]) for key in FRAME_COLUMNS} for row in self.rows],
             "notes": list(self.notes),
         }
 
@@ -371,16 +371,3 @@ def _replicate_metrics(sums: np.ndarray, *, x_scale: float, y_scale: float) -> d
         }
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars to Python, NaN to None, so ``json.dumps`` always works."""
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if value is pd.NA:
-        return None
-    return value if isinstance(value, str) else str(value)

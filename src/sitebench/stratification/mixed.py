@@ -29,6 +29,7 @@ from sitebench.datasets.manifest import (
     add_software_upgraded,
 )
 from sitebench.errors import SitebenchError
+from sitebench.provenance import jsonable
 
 DEFAULT_FIXED: tuple[str, ...] = ("C(vendor)", SOFTWARE_UPGRADED, "age", "C(sex)", "C(group)")
 DEFAULT_OPTIMIZERS: tuple[str, ...] = ("lbfgs", "bfgs", "powell", "nm")
@@ -75,25 +76,25 @@ class ScannerEffects:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable record (plain types, NaN as None)."""
         fixed = {
-            str(row["term"]): {key: _plain(row[key]) for key in FIXED_COLUMNS[1:]}
+            str(row["term"]): {key: jsonable(row[key]) for key in FIXED_COLUMNS[1:]}
             for _, row in self.fixed_effects.iterrows()
         }
         return {
             "response": self.response,
             "formula": self.formula,
             "fixed_effects": fixed,
-            "variance_components": {k: _plain(v) for k, v in self.variance_components.items()},
-            "variance_share": {k: _plain(v) for k, v in self.variance_share.items()},
-            "loglik": _plain(self.loglik),
+            "variance_components": {k: jsonable(v) for k, v in self.variance_components.items()},
+            "variance_share": {k: jsonable(v) for k, v in self.variance_share.items()},
+            "loglik": jsonable(self.loglik),
             "reml": bool(self.reml),
             "converged": bool(self.converged),
             "optimizer": self.optimizer,
-            "attempts": [{k: _plain(v) for k, v in a.items()} for a in self.attempts],
+            "attempts": [{k: jsonable(v) for k, v in a.items()} for a in self.attempts],
             "boundary": bool(self.boundary),
-            "boundary_check": _plain_tree(self.boundary_check),
+            "boundary_check": jsonable(self.boundary_check),
             "n_obs": int(self.n_obs),
             "n_sites": int(self.n_sites),
-            "n_scanners": _plain(self.n_scanners),
+            "n_scanners": jsonable(self.n_scanners),
             "n_dropped": int(self.n_dropped),
             "dropped_terms": list(self.dropped_terms),
             "notes": list(self.notes),
@@ -150,7 +151,7 @@ class UpgradeEffect:
             "response": self.response,
             "site_column": self.site_column,
             "confidence": float(self.confidence),
-            "sites": [{k: _plain(row[k]) for k in UPGRADE_COLUMNS} for row in self.rows],
+            "sites": [{k: jsonable(row[k]) for k in UPGRADE_COLUMNS} for row in self.rows],
             "notes": list(self.notes),
         }
 
@@ -546,22 +547,5 @@ def _loglike_at(model: Any, fe: np.ndarray, site_var: float, scanner_var: float 
         return float("nan")
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars to Python, NaN to None, so ``json.dumps`` always works."""
-    if value is None or value is pd.NA:
-        return None
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return None if not math.isfinite(float(value)) else float(value)
-    return value if isinstance(value, str) else str(value)
 
 
-def _plain_tree(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain_tree(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain_tree(v) for v in value]
-    return _plain(value)
