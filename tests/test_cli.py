@@ -156,3 +156,17 @@ def test_demo_end_to_end(tmp_path):
     html_file.write_bytes(html_file.read_bytes() + b" ")
     tampered = run_cli("report", "verify", html_file.parent)
     assert tampered.returncode == 1 and "report.html" in tampered.stdout
+
+
+def test_simulate_then_validate(tmp_path):
+    result = run_cli("simulate", "--out", tmp_path / "t", "--sites", 3, "--scans-per-site", 2, "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "6 scans" in result.stdout and "3 sites" in result.stdout
+    validate = run_cli("manifest", "validate", tmp_path / "t" / "manifest.csv")
+    assert validate.returncode == 0 and "OK, 6 scans" in validate.stdout
+    again = run_cli("simulate", "--out", tmp_path / "t", "--sites", 3, "--no-progress")
+    assert_clean_error(again, "already here")
+
+
+def test_report_verify_on_something_that_is_not_a_report(tmp_path):
+    assert_clean_error(run_cli("report", "verify", tmp_path), "not a sitebench report")

@@ -29,7 +29,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     import logging
 
-    for name in ("mlflow", "alembic", "distributed", "monai", "nvImageCodec"):
+    for name in ("mlflow", "alembic", "distributed", "monai", "monai.data.nvimgcodec_pydicom_plugin"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

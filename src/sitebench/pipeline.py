@@ -18,10 +18,14 @@ from sitebench.benchmarks.runner import BenchmarkRun, run_benchmark
 from sitebench.benchmarks.spec import BenchmarkSpec, load_spec
 from sitebench.benchmarks.tracking import TrackingStore, local_store, log_benchmark, register_benchmark_models
 from sitebench.datasets import manifest as mf
-from sitebench.datasets.simulator import REFERENCE_COLUMN, SimulatedTrial, TrialConfig, simulate_trial
+from sitebench.datasets.simulator import (REFERENCE_COLUMN, SimulatedTrial, TrialConfig, load_trial_config,
+                                          simulate_trial)
 from sitebench.errors import SitebenchError
 from sitebench.reports import Report, ReportContent, build_report
 from sitebench.stratification import fit_scanner_effects, stratum_metrics, upgrade_effect
+
+
+REFERENCE_KEY = "reference"
 
 
 @dataclass
@@ -64,6 +68,9 @@ def evaluate(run: BenchmarkRun) -> Evaluation:
         up = upgrade_effect(part, "error").to_frame()
         up.insert(0, "model_key", card.key)
         upgrades.append(up)
+    # the same model on the reference itself: the covariate effects a faithful biomarker should reproduce
+    first = table[table["model_key"] == run.models[0].key]
+    mixed.append({"model_key": REFERENCE_KEY, **fit_scanner_effects(first, "reference", fixed=terms).to_dict()})
     evaluation = Evaluation(table=table, metrics=pd.concat(metric_frames, ignore_index=True), mixed=mixed,
                             upgrade=pd.concat(upgrades, ignore_index=True))
     evaluation.findings = findings(run, evaluation)
@@ -123,10 +130,31 @@ def findings(run: BenchmarkRun, evaluation: Evaluation) -> list[str]:
               else "CI not estimable with so few scans")
         notes.append(f"{row_d['model_key']} at site {row_d['site']}: error changed by {row_d['difference']:.3g} ml "
                      f"after the software change ({row_d['n_before']} scans before, {row_d['n_after']} after; {ci}).")
+    notes += _covariate_findings(evaluation.mixed)
     worst = metrics[(metrics["stratum"] == "site") & (metrics["metric"] == "bias") & metrics["estimable"]]
     if not worst.empty:
         row = worst.loc[worst["estimate"].astype(float).abs().idxmax()]
         notes.append(f"Largest site bias: {row['model_key']} at site {row['level']}, {_fmt(row)} ml.")
+    return notes
+
+
+def _covariate_findings(mixed: list[dict[str, Any]]) -> list[str]:
+    """Does each model reproduce the reference's covariate effects (age, group)? Read off the mixed fits."""
+    reference = next((m for m in mixed if m["model_key"] == REFERENCE_KEY), None)
+    if reference is None:
+        return []
+    notes = []
+    for term, effect in reference["fixed_effects"].items():
+        if not (term == mf.AGE or term.startswith(f"C({mf.GROUP})")):
+            continue
+        parts = [f"reference {effect['estimate']:.3g} [{effect['ci_low']:.3g}, {effect['ci_high']:.3g}]"]
+        for fit in mixed:
+            if fit["response"] == "prediction" and term in fit["fixed_effects"]:
+                e = fit["fixed_effects"][term]
+                inside = e["ci_low"] <= effect["estimate"] <= e["ci_high"]
+                parts.append(f"{fit['model_key']} {e['estimate']:.3g} [{e['ci_low']:.3g}, {e['ci_high']:.3g}]"
+                             f"{'' if inside else ' (misses the reference value)'}")
+        notes.append(f"Effect of {term} on the biomarker (ml, mixed model, 95% CI): " + "; ".join(parts) + ".")
     return notes
 
 
@@ -238,12 +266,7 @@ def run_demo(out: str | Path, *, sites: int = 20, scans_per_site: int = 10, seed
     """Simulate a trial, benchmark three model versions, fit scanner effects, log, and lock a report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    overrides: dict[str, Any] = {"n_sites": sites, "scans_per_site": scans_per_site, "seed": seed,
-                                 "workers": max(1, workers)}
-    defaults = TrialConfig()
-    if defaults.coverage and sites < int(defaults.coverage.site[1:]):
-        overrides["coverage"] = {**defaults.coverage.model_dump(), "site": f"S{sites:02d}"}
-    config = TrialConfig(**overrides)
+    config = load_trial_config(n_sites=sites, scans_per_site=scans_per_site, seed=seed, workers=max(1, workers))
     log(f"simulating {sites} sites x {scans_per_site} scans into {out / 'trial'}")
     bar = _progress_bar(progress, sites * scans_per_site, "simulating scans")
     prepare_trial(config, out / "trial", progress=bar)

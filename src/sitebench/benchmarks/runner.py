@@ -51,9 +51,19 @@ class InlineExecutor(Executor):
         return future
 
 
+def _quiet_worker() -> None:
+    """Workers (spawned or Dask) do not inherit the CLI's log settings; MONAI's reader chatter stays out."""
+    import logging
+    import warnings
+
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+
+
 def _init_worker() -> None:
     import torch
 
+    _quiet_worker()
     torch.set_num_threads(1)
 
 
@@ -110,6 +120,7 @@ def score_chunk(resolved: ResolvedModel, records: list[dict[str, Any]],
     from monai.data import DataLoader, Dataset
     from monai.data.utils import no_collation
 
+    _quiet_worker()
     if os.environ.get("SITEBENCH_WORKER_THREADS"):
         torch.set_num_threads(int(os.environ["SITEBENCH_WORKER_THREADS"]))
     model = load_model(resolved)

@@ -93,8 +93,8 @@ class TrialConfig(_Strict):
     start_date: date = date(2026, 1, 5)
     site_gm_sd: float = Field(0.01, ge=0, description="SD of site deviation of the GM/WM ratio")
     scanner_gm_sd: float = Field(0.01, ge=0, description="SD of scanner-within-site deviation")
-    bias_field_strength: float = Field(0.2, ge=0, description="log-amplitude of the smooth bias field")
-    psf_sigma_voxels: float = Field(0.6, ge=0, description="Gaussian point-spread function: partial volume")
+    bias_field_strength: float = Field(0.3, ge=0, description="log-amplitude of the smooth bias field")
+    psf_sigma_voxels: float = Field(0.5, ge=0, description="Gaussian point-spread function: partial volume")
     deformation_mm: float = Field(3.0, ge=0)
     vendors: list[VendorProfile] = Field(default_factory=lambda: list(DEFAULT_VENDORS))
     upgrade: UpgradeConfig | None = Field(default_factory=UpgradeConfig)
@@ -219,7 +219,9 @@ def make_subject(config: TrialConfig, template: Template, subject_id: str, site:
     wm = brain & (p_wm > p_gm) & (p_wm > 0.35)
     candidates = brain & ~wm & (p_gm > 0.02)
     target = int(round(fraction * template.reference_gm_voxels * scale ** 3))
-    scores = np.where(candidates, p_gm, -1.0).ravel()
+    # GM is grown or thinned at its CSF side (the pial surface): candidates nearest WM are kept first,
+    # so atrophy replaces outer cortex by CSF, as cortical thinning does, and stays visible in the image
+    scores = np.where(candidates, p_gm + p_wm, -1.0).ravel()
     target = min(target, int(candidates.sum()))
     labels = np.zeros(shape, dtype=np.uint8)
     labels[brain] = CSF
@@ -481,11 +483,27 @@ def _truth_document(config: TrialConfig, sites: dict[str, list[Scanner]],
     }
 
 
+def fit_to_sites(config: TrialConfig) -> TrialConfig:
+    """Move the default upgrade/coverage sites inside a smaller trial (``--sites 3`` still has both)."""
+    changes: dict[str, Any] = {}
+    last = f"S{config.n_sites:02d}"
+    for name in ("upgrade", "coverage"):
+        part = getattr(config, name)
+        if part is not None and int(part.site[1:]) > config.n_sites:
+            changes[name] = part.model_copy(update={"site": last if name == "coverage" else "S01"})
+    return config.model_copy(update=changes) if changes else config
+
+
 def load_trial_config(path: str | Path | None = None, **overrides: Any) -> TrialConfig:
-    """The trial config from YAML (or defaults), with command-line overrides on top."""
+    """The trial config from YAML (or defaults), with command-line overrides on top.
+
+    Without a YAML file the default upgrade and coverage sites follow ``n_sites``;
+    a YAML file's own choices are kept, and an impossible one is an error.
+    """
     from sitebench.config import load_yaml, parse_config
 
     data: dict[str, Any] = load_yaml(path) if path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return parse_config(data, TrialConfig, path or "trial settings")
+    config = parse_config(data, TrialConfig, path or "trial settings")
+    return config if path else fit_to_sites(config)
 

@@ -132,7 +132,7 @@ def variance_components_plot(shares: pd.DataFrame) -> bytes:
     ax.set_xticks(range(len(shares)), labels, fontsize=6)
     ax.set_ylabel("share of variance")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, frameon=False, loc="upper right")
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Variance components (REML)")
     return _png(fig)
 
