@@ -154,7 +154,8 @@ def vendor_transfer_plot(rows: pd.DataFrame, metric: str = "mae", unit: str = "m
         ax.bar(x, est, width, yerr=[np.nan_to_num(low), np.nan_to_num(high)], capsize=2,
                color=COLOURS[k % 5], label=model)
     ax.set_xticks(range(len(vendors)), vendors)
-    ax.set_ylabel(f"{metric.upper()} ({unit}), 95% CI")
-    ax.set_title(f"{metric.upper()} by vendor")
+    label = {"mae": "MAE", "rmse": "RMSE", "dice": "Dice"}.get(metric, metric)
+    ax.set_ylabel(f"{label} ({unit}), 95% CI" if unit != label else f"{label}, 95% CI")
+    ax.set_title(f"{label} by vendor")
     ax.legend(fontsize=7, frameon=False)
     return _png(fig)
