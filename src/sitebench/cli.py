@@ -120,6 +120,71 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_series(path: str, series_uid: str | None):
+    from sitebench.qc.dicom_params import read_series
+
+    series = read_series(path)
+    if series_uid:
+        series = [s for s in series if s.series_uid == series_uid]
+    if len(series) != 1:
+        raise SitebenchError(f"holds {len(series)} matching series; name one with --series-uid", path)
+    return series[0]
+
+
+def cmd_qc_inspect(args: argparse.Namespace) -> int:
+    from sitebench.qc.dicom_params import read_series
+
+    for series in read_series(args.path):
+        record = series.to_dict()
+        if args.json:
+            print(json.dumps(record, sort_keys=False))
+        else:
+            print(f"{record['SeriesInstanceUID']} ({record['n_files']} files)")
+            for key, value in record.items():
+                if key not in ("SeriesInstanceUID", "n_files"):
+                    print(f"  {key:<34} {value}")
+    return 0
+
+
+def cmd_qc_protocol_init(args: argparse.Namespace) -> int:
+    from sitebench.qc.protocol import draft_protocol
+
+    series = _one_series(args.series, args.series_uid)
+    protocol = draft_protocol(series.parameters, args.name, args.description or "")
+    out = Path(args.out)
+    if out.exists():
+        raise SitebenchError("exists already; a protocol is never overwritten", out)
+    protocol.save(out)
+    print(f"{out}: draft protocol '{protocol.name}' v{protocol.version} with {len(protocol.parameters)} rules; "
+          "review it, then lock it with: sitebench qc protocol lock")
+    return 0
+
+
+def cmd_qc_protocol_lock(args: argparse.Namespace) -> int:
+    from sitebench.qc.protocol import lock_protocol
+
+    locked = lock_protocol(args.protocol, who=args.who, why=args.why, lock_dir=args.lock_dir)
+    state = "locked" if locked.created else "already locked (identical content)"
+    print(f"{locked.path}: {state}, content sha256 {locked.content_sha256}")
+    if args.json:
+        print(json.dumps(locked.audit_record))
+    return 0
+
+
+def cmd_qc_check(args: argparse.Namespace) -> int:
+    from sitebench.qc.dicom_params import read_series
+    from sitebench.qc.protocol import check_series, load_protocol
+
+    protocol = load_protocol(args.protocol)
+    verdicts = [check_series(series.parameters, protocol) for series in read_series(args.path)]
+    if args.json:
+        print(json.dumps([v.to_dict() for v in verdicts], indent=2))
+    else:
+        for verdict in verdicts:
+            print(verdict.summary())
+    return EXIT_VERIFY_FAILED if any(v.status == "fail" for v in verdicts) else 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -198,6 +263,39 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="manifest to write (.csv or .parquet)")
     imp.set_defaults(func=cmd_manifest_import)
 
+    qc = sub.add_parser("qc", help="upload-time QC of DICOM series").add_subparsers(dest="action", metavar="ACTION",
+                                                                                  required=True)
+    inspect = qc.add_parser("inspect", help="acquisition parameters per series (BIDS keys and units)",
+                            description="Read DICOM headers (classic and enhanced MR) and print one record per "
+                                        "series with BIDS sidecar key names and units. Patient identifiers are "
+                                        "reported by attribute name only, never by value.")
+    inspect.add_argument("path", help="DICOM file or folder (recursive)")
+    inspect.add_argument("--json", action="store_true", help="one JSON object per series, one per line")
+    inspect.set_defaults(func=cmd_qc_inspect)
+    check = qc.add_parser("check", help="check series offline against a protocol",
+                          description="Verdict per series: pass, warn, fail or undetermined, with every "
+                                      "deviation. Exit 1 if any series fails.")
+    check.add_argument("path", help="DICOM file or folder")
+    check.add_argument("--protocol", required=True, help="protocol YAML (locked or draft)")
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(func=cmd_qc_check)
+    proto = qc.add_parser("protocol", help="draft and lock acquisition protocols").add_subparsers(
+        dest="protocol_action", metavar="ACTION", required=True)
+    init = proto.add_parser("init", help="draft a protocol from a reference series")
+    init.add_argument("series", help="DICOM folder of the reference series")
+    init.add_argument("--out", required=True, help="protocol YAML to write (never overwritten)")
+    init.add_argument("--name", default="t1w-3d", help="protocol name (default t1w-3d)")
+    init.add_argument("--description")
+    init.add_argument("--series-uid", help="which series, when the folder holds several")
+    init.set_defaults(func=cmd_qc_protocol_init)
+    lock = proto.add_parser("lock", help="lock a protocol version (immutable; a change is a new version)")
+    lock.add_argument("protocol", help="protocol YAML")
+    lock.add_argument("--who", required=True, help="who locks it")
+    lock.add_argument("--why", required=True, help="why")
+    lock.add_argument("--lock-dir", required=True, help="folder of locked protocols")
+    lock.add_argument("--json", action="store_true", help="also print the audit record")
+    lock.set_defaults(func=cmd_qc_protocol_lock)
+
     models = sub.add_parser("models", help="model versions").add_subparsers(dest="action", metavar="ACTION",
                                                                             required=True)
     models.add_parser("list", help="list built-in model versions").set_defaults(func=cmd_models_list)
@@ -213,6 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SitebenchError as exc:
         print(f"sitebench: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # e.g. piped into `head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("sitebench: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
         return 130

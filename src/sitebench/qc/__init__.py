@@ -1,0 +1,1 @@
+"""Upload-time quality-control gate: header checks for incoming scans."""

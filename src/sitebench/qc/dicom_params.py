@@ -1,0 +1,513 @@
+"""Acquisition parameters from DICOM headers, one record per series.
+
+Keys and units follow the BIDS sidecars that dcm2niix writes (times in
+seconds, angles in degrees, lengths in mm); keys dcm2niix does not report use
+the DICOM keyword (``PixelSpacing``, ``AcquisitionMatrix``, ``Rows``,
+``Columns``) or a plain name (``NumberOfSlices``, ``SliceCoverageMM``).
+
+Sources, in order of preference:
+
+* enhanced multi-frame MR: the shared, then the first per-frame functional
+  group (MRTimingAndRelatedParameters, MREcho, PixelMeasures, MRFOVGeometry,
+  MRModifier, MRReceiveCoil, MRAverages, MRImageFrameType, ...), then the top
+  level. Top-level TR/TE in these files are absent or -1.
+* classic MR: the top level.
+* Siemens V-series: the CSA image header (0029,1010) for
+  ``PhaseEncodingDirectionPositive`` and the ASCCONV text of the series
+  header (0029,1020) for acceleration and coil. Siemens XA keeps the same
+  ASCCONV text in (0021,1019) and the polarity in per-frame (0021,111C).
+* GE: private tags for the pulse-sequence name (0019,109C), ASSET factor
+  (0043,1083) and the gzip "protocol data block" (0025,101B) VIEWORDER for
+  the phase-encoding polarity.
+
+Not extracted (left out to keep the parser small): slice timing, echo
+spacing / total readout time, diffusion, Philips private scale factors,
+Canon/UIH private tags, GE multiband, Siemens B0 shim / TxRefAmp.
+
+Patient identifiers are never read into the output: only the *names* of the
+PS3.15 Basic Profile attributes that are present (non-empty) are reported.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from sitebench.errors import SitebenchError
+
+__all__ = ["SeriesParameters", "read_series", "PARAMETER_KEYS", "PHI_KEYWORDS"]
+
+#: Every key read_series looks for (``missing`` lists those not found).
+PARAMETER_KEYS: tuple[str, ...] = (
+    "Manufacturer", "ManufacturersModelName", "SoftwareVersions",
+    "MagneticFieldStrength", "ReceiveCoilName", "MRAcquisitionType",
+    "ScanningSequence", "SequenceVariant", "SequenceName", "PulseSequenceName",
+    "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle",
+    "SliceThickness", "SpacingBetweenSlices", "PixelSpacing", "Rows", "Columns",
+    "AcquisitionMatrix", "AcquisitionMatrixPE", "ReconMatrixPE",
+    "ImageOrientationPatientDICOM", "NumberOfSlices", "SliceCoverageMM",
+    "PercentPhaseFOV", "PercentSampling", "NumberOfAverages", "EchoTrainLength",
+    "PixelBandwidth", "PhaseEncodingDirection",
+    "InPlanePhaseEncodingDirectionDICOM", "ParallelReductionFactorInPlane",
+    "MultibandAccelerationFactor", "ImageType",
+)
+
+#: PS3.15 Annex E Basic Profile identifiers we check for (names only).
+PHI_KEYWORDS: tuple[str, ...] = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime",
+    "OtherPatientIDs", "OtherPatientNames", "OtherPatientIDsSequence",
+    "PatientBirthName", "PatientMotherBirthName", "PatientAddress",
+    "PatientTelephoneNumbers", "MedicalRecordLocator", "EthnicGroup",
+    "PatientComments", "AccessionNumber", "ReferringPhysicianName",
+    "PerformingPhysicianName", "OperatorsName", "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy", "RequestingPhysician", "InstitutionName",
+    "InstitutionAddress", "InstitutionalDepartmentName", "StationName",
+    "DeviceSerialNumber", "StudyID", "AdmissionID", "MilitaryRank",
+    "BranchOfService", "Occupation", "PatientInsurancePlanCodeSequence",
+    "RegionOfResidence", "CountryOfResidence", "AdditionalPatientHistory",
+)
+
+_MANUFACTURERS = (("SIEMENS", "Siemens"), ("GE", "GE"), ("PHILIPS", "Philips"),
+                  ("TOSHIBA", "Canon"), ("CANON", "Canon"), ("UIH", "UIH"),
+                  ("UNITED IMAGING", "UIH"), ("HITACHI", "Hitachi"))
+
+
+@dataclass
+class SeriesParameters:
+    """Acquisition parameters of one series (SeriesInstanceUID)."""
+
+    series_uid: str
+    files: list[Path]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    phi_present: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"SeriesInstanceUID": self.series_uid, "n_files": len(self.files),
+                **self.parameters, "_missing": list(self.missing),
+                "_phi_attributes_present": list(self.phi_present)}
+
+
+# --------------------------------------------------------------------------- small helpers
+def _num(v: Any) -> float | int | None:
+    """DICOM DS/IS/float -> int when integral, else float; None if unusable."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(f):
+        return None
+    return int(f) if f.is_integer() else f
+
+
+def _nums(v: Any) -> list | None:
+    if v is None:
+        return None
+    vals = list(v) if isinstance(v, (list, tuple)) or hasattr(v, "__iter__") and not isinstance(v, (str, bytes)) else [v]
+    out = [_num(x) for x in vals]
+    return None if not out or any(x is None for x in out) else out
+
+
+def _text(v: Any) -> str | None:
+    """Multi-valued strings joined with a backslash, as dcm2niix writes them."""
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)) or (hasattr(v, "__iter__") and not isinstance(v, (str, bytes))):
+        s = "\\".join(str(x).strip() for x in v)
+    else:
+        s = str(v).strip()
+    return s or None
+
+
+def _private(ds, group: int, creator: str, elem: int) -> Any:
+    """Value of private element (group, creator, 0xXX) or None."""
+    try:
+        return ds.private_block(group, creator)[elem].value
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+# --------------------------------------------------------------------------- Siemens CSA / ASCCONV
+def _csa_tags(raw: bytes | None) -> dict[str, list[str]]:
+    """Minimal Siemens CSA1/CSA2 header parser -> {name: [item strings]}."""
+    if not raw or len(raw) < 16:
+        return {}
+    out: dict[str, list[str]] = {}
+    try:
+        csa2 = raw[:4] == b"SV10"
+        pos = 8 if csa2 else 0
+        n_tags = struct.unpack_from("<I", raw, pos)[0]
+        pos += 8
+        if not 0 < n_tags <= 1000:
+            return {}
+        for _ in range(n_tags):
+            name = raw[pos:pos + 64].split(b"\0", 1)[0].decode("latin1")
+            n_items = struct.unpack_from("<i", raw, pos + 76)[0]
+            pos += 84
+            items = []
+            for _ in range(n_items):
+                x = struct.unpack_from("<4i", raw, pos)
+                length = x[1] if csa2 else x[0] - 0  # CSA1 length in x[0]; good enough for text
+                length = max(0, min(length, len(raw) - pos - 16))
+                val = raw[pos + 16:pos + 16 + length].split(b"\0", 1)[0].decode("latin1").strip()
+                if val:
+                    items.append(val)
+                pos += 16 + ((length + 3) // 4) * 4
+            out[name] = items
+    except struct.error:
+        pass
+    return out
+
+
+_ASC_LINE = re.compile(r"^\s*([A-Za-z_][\w.\[\]]*)\s*=\s*(.*?)\s*$")
+
+
+def _ascconv(raw: bytes | str | None) -> dict[str, str]:
+    """The ``### ASCCONV BEGIN ... END`` block of a Siemens protocol -> {key: value}."""
+    if raw is None:
+        return {}
+    text = raw.decode("latin1", "replace") if isinstance(raw, bytes) else str(raw)
+    start = text.find("### ASCCONV BEGIN")
+    if start < 0:
+        return {}
+    end = text.find("### ASCCONV END", start)
+    out = {}
+    for line in text[start:end if end > 0 else None].splitlines()[1:]:
+        m = _ASC_LINE.match(line.split("#", 1)[0])
+        if m:
+            out[m.group(1)] = m.group(2).strip().strip('"')
+    return out
+
+
+def _asc_num(asc: dict[str, str], key: str) -> float | int | None:
+    v = asc.get(key)
+    if v is None:
+        return None
+    try:
+        return _num(int(v, 16) if v.lower().startswith("0x") else float(v))
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- GE protocol data block
+def _ge_protocol_block(ds) -> dict[str, str]:
+    raw = _private(ds, 0x0025, "GEMS_SERS_01", 0x1B)
+    if not isinstance(raw, bytes) or len(raw) < 8:
+        return {}
+    try:
+        text = zlib.decompress(raw[4:], 16 + zlib.MAX_WBITS).decode("latin1")
+    except zlib.error:
+        return {}
+    return {m.group(1): m.group(2) for m in re.finditer(r'^(\w+)\s+"([^"]*)"', text, re.M)}
+
+
+# --------------------------------------------------------------------------- enhanced MR lookup
+def _items(ds, seq_kw: str) -> list:
+    seq = getattr(ds, seq_kw, None) if seq_kw in ds else None
+    return list(seq) if seq else []
+
+
+def _fg_find(ds, keyword: str, frame: int = 0) -> Any:
+    """First value of ``keyword`` in the shared group, then per-frame item ``frame``.
+
+    Searches the standard macro sequences first, then (for Philips, which
+    repeats many values in private nested items) any nested item.
+    """
+    groups = _items(ds, "SharedFunctionalGroupsSequence")[:1]
+    pf = _items(ds, "PerFrameFunctionalGroupsSequence")
+    if pf:
+        groups.append(pf[min(frame, len(pf) - 1)])
+    for private in (False, True):
+        for g in groups:
+            v = _deep_find(g, keyword, private, depth=0)
+            if v is not None:
+                return v
+    return None
+
+
+def _deep_find(item, keyword: str, private: bool, depth: int) -> Any:
+    if depth > 3:
+        return None
+    if depth > 0 and keyword in item:
+        v = item[keyword].value
+        if v is not None and v != "":
+            return v
+    for el in item:
+        if el.VR == "SQ" and el.value and (private or not el.tag.is_private):
+            for sub in el.value[:1]:
+                v = _deep_find(sub, keyword, private, depth + 1)
+                if v is not None:
+                    return v
+    return None
+
+
+# --------------------------------------------------------------------------- per-series extraction
+def _is_enhanced(ds) -> bool:
+    return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+
+
+def _get(ds, keyword: str, enhanced: bool) -> Any:
+    """Functional groups first for enhanced files (their top level may hold -1)."""
+    if enhanced:
+        v = _fg_find(ds, keyword)
+        if v is not None:
+            return v
+    v = ds.get(keyword)
+    if v is None or v == "":
+        return None
+    if enhanced and _num(v) is not None and _num(v) < 0:
+        return None
+    return v
+
+
+def _frame_values(ds, enhanced: bool) -> Iterable[tuple[Any, Any, Any]]:
+    """(echo time ms, image position, orientation) for each frame of one file."""
+    if not enhanced:
+        yield ds.get("EchoTime"), ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+        return
+    shared = _items(ds, "SharedFunctionalGroupsSequence")[:1]
+    for fr in _items(ds, "PerFrameFunctionalGroupsSequence") or [None]:
+        def find(seq_kw, kw):
+            for g in ([fr] if fr is not None else []) + shared:
+                for it in _items(g, seq_kw)[:1]:
+                    if kw in it:
+                        return it[kw].value
+            return None
+        yield (find("MREchoSequence", "EffectiveEchoTime"),
+               find("PlanePositionSequence", "ImagePositionPatient"),
+               find("PlaneOrientationSequence", "ImageOrientationPatient"))
+
+
+def _phi_present(datasets: list) -> list[str]:
+    found = set()
+    for ds in datasets:
+        for kw in PHI_KEYWORDS:
+            if kw in ds:
+                v = ds[kw].value
+                if v is not None and str(v).strip() not in ("", "[]"):
+                    found.add(kw)
+    return [k for k in PHI_KEYWORDS if k in found]
+
+
+def _series_parameters(datasets: list) -> dict[str, Any]:
+    ds = datasets[0]
+    enh = _is_enhanced(ds)
+    p: dict[str, Any] = {}
+
+    def put(key, value):
+        if value is not None and value != [] and value != "":
+            p[key] = value
+
+    manu = _text(ds.get("Manufacturer")) or ""
+    vendor = next((name for k, name in _MANUFACTURERS if manu.upper().startswith(k)), manu or None)
+    put("Manufacturer", vendor)
+    put("ManufacturersModelName", _text(ds.get("ManufacturerModelName")))
+    put("SoftwareVersions", _text(ds.get("SoftwareVersions")))
+    put("MagneticFieldStrength", _num(ds.get("MagneticFieldStrength")))
+
+    # Siemens: CSA image header + ASCCONV protocol (V-series 0029,1020; XA 0021,1019)
+    csa: dict[str, list[str]] = {}
+    asc: dict[str, str] = {}
+    if vendor == "Siemens":
+        csa = _csa_tags(_private(ds, 0x0029, "SIEMENS CSA HEADER", 0x10))
+        asc = _ascconv(_private(ds, 0x0029, "SIEMENS CSA HEADER", 0x20))
+        if not asc:
+            for g in _items(ds, "SharedFunctionalGroupsSequence")[:1]:
+                for el in g:
+                    if el.VR == "SQ" and el.tag.group == 0x0021 and el.value:
+                        asc = _ascconv(_private(el.value[0], 0x0021, "SIEMENS MR SDS 01", 0x19))
+            if not asc:
+                asc = _ascconv(_private(ds, 0x0021, "SIEMENS MR SDS 01", 0x19))
+
+    coil = _get(ds, "ReceiveCoilName", enh)
+    if coil is None and asc:
+        coil = next((v for k, v in asc.items() if re.fullmatch(
+            r"(?:sCoilSelectMeas\.aRxCoilSelectData\[0\]|asCoilSelectMeas\[0\])"
+            r"\.asList\[0\]\.sCoilElementID\.tCoilID", k)), None)
+    put("ReceiveCoilName", _text(coil))
+    acq_type = _text(_get(ds, "MRAcquisitionType", enh))
+    put("MRAcquisitionType", acq_type)
+    # top level first: Philips repeats per-frame variants in private items
+    scan_seq = ds.get("ScanningSequence") or _get(ds, "ScanningSequence", enh)
+    variant = ds.get("SequenceVariant") or _get(ds, "SequenceVariant", enh)
+    if vendor == "Siemens" and enh and scan_seq is None:  # XA: private (0021,105A/105B)
+        for g in _items(ds, "SharedFunctionalGroupsSequence")[:1]:
+            for el in g:
+                if el.VR == "SQ" and el.tag.group == 0x0021 and el.value:
+                    scan_seq = _private(el.value[0], 0x0021, "SIEMENS MR SDS 01", 0x5A)
+                    variant = variant or _private(el.value[0], 0x0021, "SIEMENS MR SDS 01", 0x5B)
+    put("ScanningSequence", _text(scan_seq))
+    put("SequenceVariant", _text(variant))
+    put("SequenceName", _text(ds.get("SequenceName")))
+    psn = _text(ds.get("PulseSequenceName")) or (_text(_fg_find(ds, "PulseSequenceName")) if enh else None)
+    if vendor == "GE":
+        psn = _text(_private(ds, 0x0019, "GEMS_ACQU_01", 0x9C)) or psn
+    put("PulseSequenceName", psn)
+
+    tr = _num(_get(ds, "RepetitionTime", enh))
+    put("RepetitionTime", None if tr is None else _num(round(tr / 1000.0, 9)))
+    ti = _num(_get(ds, "InversionTime", enh))
+    if ti is None:
+        tis = _get(ds, "InversionTimes", enh)  # XA (0018,9079)
+        ti = _num(tis[0] if isinstance(tis, (list, tuple)) or hasattr(tis, "__getitem__") and not isinstance(tis, str) else tis) if tis is not None else None
+    put("InversionTime", None if ti is None else _num(round(ti / 1000.0, 9)))
+    put("FlipAngle", _num(_get(ds, "FlipAngle", enh)))
+
+    # echo times and slice geometry over every file and frame
+    echoes, positions, iop = set(), [], None
+    for d in datasets:
+        for te, ipp, ori in _frame_values(d, _is_enhanced(d)):
+            if _num(te) is not None and _num(te) >= 0:
+                echoes.add(round(float(te) / 1000.0, 9))
+            if ipp is not None:
+                positions.append([float(x) for x in ipp])
+            if iop is None and ori is not None:
+                iop = [float(x) for x in ori]
+    if not echoes and enh:
+        te = _num(ds.get("EchoTime"))
+        if te is not None and te >= 0:
+            echoes.add(round(te / 1000.0, 9))
+    if echoes:
+        ets = sorted(echoes)
+        put("EchoTime", _num(ets[0]) if len(ets) == 1 else [_num(e) for e in ets])
+
+    thick = _num(_get(ds, "SliceThickness", enh))
+    put("SliceThickness", thick)
+    spacing = _num(_get(ds, "SpacingBetweenSlices", enh))
+    put("SpacingBetweenSlices", spacing)
+    put("PixelSpacing", _nums(_get(ds, "PixelSpacing", enh)))
+    if iop is None:
+        iop = _nums(_get(ds, "ImageOrientationPatient", enh))
+    put("ImageOrientationPatientDICOM", [_num(x) for x in iop] if iop else None)
+
+    # in-plane geometry and phase encoding
+    ped = _text(_get(ds, "InPlanePhaseEncodingDirection", enh))
+    ped = {"COLUMN": "COL", "COL": "COL", "ROW": "ROW"}.get((ped or "").upper())
+    put("InPlanePhaseEncodingDirectionDICOM", ped)
+    rows, cols = _num(ds.get("Rows")), _num(ds.get("Columns"))
+    raw_type = ds.get("ImageType") or []
+    raw_type = [raw_type] if isinstance(raw_type, str) else list(raw_type)
+    # dcm2niix also splits values at underscores ("ECHO_00" -> "ECHO", "00")
+    image_type = [part for x in raw_type for part in str(x).split("_") if part]
+    n_mosaic = None
+    if "MOSAIC" in image_type and rows and cols:
+        n_mosaic = _num(_private(ds, 0x0019, "SIEMENS MR HEADER", 0x0A))
+        if n_mosaic is None and csa.get("NumberOfImagesInMosaic"):
+            n_mosaic = _num(csa["NumberOfImagesInMosaic"][0])
+        if n_mosaic:
+            tiles = math.ceil(math.sqrt(n_mosaic))
+            rows, cols = rows // tiles, cols // tiles
+    put("Rows", rows)
+    put("Columns", cols)
+    acq = _nums(_get(ds, "AcquisitionMatrix", enh))
+    put("AcquisitionMatrix", acq)
+    pe_steps = _num(_get(ds, "MRAcquisitionPhaseEncodingStepsInPlane", enh)) if enh else None
+    if pe_steps is None and acq and len(acq) == 4:
+        pe_steps = (acq[2] or acq[3]) if ped == "COL" else (acq[3] or acq[2]) if ped == "ROW" else None
+    put("AcquisitionMatrixPE", pe_steps or None)
+    if ped:
+        put("ReconMatrixPE", rows if ped == "COL" else cols)
+    put("PercentPhaseFOV", _num(_get(ds, "PercentPhaseFieldOfView", enh)))
+    put("PercentSampling", _num(_get(ds, "PercentSampling", enh)))
+    put("NumberOfAverages", _num(_get(ds, "NumberOfAverages", enh)))
+    put("EchoTrainLength", _num(_get(ds, "EchoTrainLength", enh)))
+    put("PixelBandwidth", _num(_get(ds, "PixelBandwidth", enh)))
+
+    # phase-encoding polarity -> BIDS PhaseEncodingDirection (dcm2niix axes:
+    # NIfTI i = DICOM column index, j = row index flipped, so COL flips sign)
+    positive = None
+    if vendor == "Siemens":
+        if csa.get("PhaseEncodingDirectionPositive"):
+            positive = _num(csa["PhaseEncodingDirectionPositive"][0])
+        elif enh:
+            for fr in _items(ds, "PerFrameFunctionalGroupsSequence")[:1]:
+                for el in fr:
+                    if el.VR == "SQ" and el.tag.group == 0x0021 and el.value:
+                        positive = _num(_private(el.value[0], 0x0021, "SIEMENS MR SDI 02", 0x1C))
+    elif vendor == "GE":
+        view = _ge_protocol_block(ds).get("VIEWORDER")
+        if view in ("0", "1"):
+            positive = 1 if view == "0" else 0  # 0 = "Unflipped" (bottom-up)
+    if ped and positive in (0, 1) and acq_type != "3D":
+        axis = "j" if ped == "COL" else "i"
+        negative = (positive == 1) if ped == "COL" else (positive == 0)
+        put("PhaseEncodingDirection", axis + ("-" if negative else ""))
+
+    # acceleration
+    prf = _num(_get(ds, "ParallelReductionFactorInPlane", enh))
+    if prf is None and asc:
+        prf = _asc_num(asc, "sPat.lAccelFactPE")
+    if prf is None and vendor == "GE":
+        asset = _private(ds, 0x0043, "GEMS_PARM_01", 0x83)
+        asset = _nums(asset if not isinstance(asset, (str, bytes)) else str(asset).split("\\"))
+        if asset and asset[0] and asset[0] > 0:
+            prf = _num(round(1.0 / asset[0], 5))
+    put("ParallelReductionFactorInPlane", prf)
+    mb = None
+    if asc:
+        if "cmrr" in asc.get("tSequenceFileName", "").lower():  # CMRR C2P keeps MB in a WIP field
+            mb = _asc_num(asc, "sWipMemBlock.alFree[13]")
+        mb = mb or _asc_num(asc, "sSliceAcceleration.lMultiBandFactor")
+    put("MultibandAccelerationFactor", mb)
+    put("ImageType", image_type or None)
+
+    # slices and coverage along the slice normal
+    n_slices, coverage = None, None
+    if n_mosaic:
+        n_slices = n_mosaic
+        step = spacing if spacing else thick
+        if step is not None and thick is not None:
+            coverage = (n_slices - 1) * step + thick
+    elif positions and iop and len(iop) == 6:
+        r, c = iop[:3], iop[3:]
+        normal = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+        proj = sorted({round(sum(a * b for a, b in zip(pos, normal)), 2) for pos in positions})
+        n_slices = len(proj)
+        coverage = proj[-1] - proj[0] + (thick or 0.0)
+    put("NumberOfSlices", n_slices)
+    put("SliceCoverageMM", None if coverage is None else _num(round(coverage, 4)))
+    return p
+
+
+# --------------------------------------------------------------------------- public entry point
+def read_series(path: str | Path) -> list[SeriesParameters]:
+    """Read every DICOM file under ``path`` (file or folder, recursive).
+
+    Files that are not DICOM are skipped quietly. Returns one
+    :class:`SeriesParameters` per SeriesInstanceUID, ordered by first file.
+    Raises :class:`SitebenchError` if ``path`` is missing or holds no DICOM.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    root = Path(path)
+    if not root.exists():
+        raise SitebenchError("no such file or folder", root)
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    groups: dict[str, list] = defaultdict(list)
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=False)
+        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, struct.error):
+            continue
+        uid = str(ds.get("SeriesInstanceUID") or "")
+        if not uid:
+            continue
+        groups[uid].append((f, ds))
+    if not groups:
+        raise SitebenchError("no DICOM files with a SeriesInstanceUID found", root)
+    out = []
+    for uid, members in groups.items():
+        datasets = [ds for _, ds in members]
+        params = _series_parameters(datasets)
+        out.append(SeriesParameters(
+            series_uid=uid, files=[f for f, _ in members], parameters=params,
+            missing=[k for k in PARAMETER_KEYS if k not in params],
+            phi_present=_phi_present(datasets)))
+    return out

@@ -1,0 +1,747 @@
+r"""Locked acquisition protocols and the upload-time verdict on a DICOM series.
+
+A *protocol* is one YAML file per series type (for example "3D T1w for
+volumetry"). Series parameters are a flat dict with BIDS sidecar key names and
+units, as dcm2niix writes them (seconds for TR/TE/TI, degrees, millimetres),
+plus the geometry keys ``PixelSpacing`` ([row, column] mm) and
+``SliceCoverageMM`` that the DICOM reader adds.
+
+Protocol YAML::
+
+    name: t1w_volumetry            # letters, digits, '.', '_', '-' (used in file names)
+    version: 1
+    description: 3D T1w for volumetry
+    match:                         # all keys given must hold; regexes are full matches
+      SeriesDescription: "anat-T1w_acq-tfl"
+      ProtocolName: ".*T1w.*"
+      ImageType: [ORIGINAL]        # items that must all be present
+      MRAcquisitionType: 3D        # exact
+      ScanningSequence: 'GR\\IR'    # single quotes keep YAML from eating backslashes
+      SequenceName: '\*tfl3d.*'    # SequenceName, or PulseSequenceName when that is absent
+    parameters:
+      Manufacturer:     {kind: exact, value: Siemens}
+      RepetitionTime:   {kind: rel, value: 2.3, tol: 0.02}
+      EchoTime:         {kind: abs, value: 0.00232, tol: 0.001}
+      FlipAngle:        {kind: abs, value: 8, tol: 1}
+      PixelSpacing:     {kind: abs, value: [0.9, 0.9], tol: 0.05}
+      MagneticFieldStrength: {kind: range, min: 2.5, max: 3.5}
+      ParallelAcquisitionTechnique: {kind: one_of, values: [GRAPPA, SENSE]}
+      PulseSequenceName: {kind: regex, pattern: ".*tfl3d.*", severity: warn}
+      SoftwareVersions: {kind: record}
+    coverage: {min_mm: 164.2, severity: fail}        # from SliceCoverageMM
+    slice_gap: {max_gap_mm: 0.05, severity: fail}    # SpacingBetweenSlices - SliceThickness
+    overrides:                     # applied in order; a later one wins for the same key
+      - when: {Manufacturer: Siemens, SoftwareVersions: "syngo MR E11.*"}
+        parameters:
+          EchoTime: {kind: abs, value: 0.00298, tol: 0.001}
+
+Rule kinds (each has ``severity: fail | warn``, default ``fail``; ``record`` has none):
+
+* ``exact`` – strings compare case-sensitively, numbers numerically and exactly
+  (3 == 3.0), lists element by element (same length).
+* ``abs`` – ``|observed - value| <= tol``; a list value is checked element by element.
+* ``rel`` – ``|observed - value| <= tol * |value|``; element by element for lists.
+* ``range`` – ``min <= observed <= max``, either bound optional; every element of a list.
+* ``one_of`` – observed equals one of ``values`` (compared as ``exact`` does).
+* ``regex`` – ``re.fullmatch(pattern, text)``; text is ``str(value)`` and, for a
+  list, its items joined with a backslash, the way DICOM writes multi-valued
+  fields and dcm2niix writes ``ScanningSequence`` ("GR\IR"): pattern
+  ``ORIGINAL\\PRIMARY\\.*`` matches ImageType ["ORIGINAL", "PRIMARY", "M", "ND"].
+* ``record`` – never fails; the observed value goes into ``Verdict.recorded``.
+
+A parameter the series lacks (absent or null) makes its rule *undetermined*,
+never a silent pass. A present value of the wrong type (text where a number is
+expected, a list of the wrong length) fails.
+
+Overrides: ``when`` maps Manufacturer / ManufacturersModelName / SoftwareVersions
+to full-match regexes. An override applies when every ``when`` field is present
+and matches; its rules replace the base rules for those keys (or add new keys).
+If a ``when`` field is missing from the series while the others match, the
+series cannot be placed, so every parameter that override names is undetermined.
+
+Locking: :func:`lock_protocol` writes ``<name>.v<version>.locked.yaml`` (read-only)
+with a ``lock`` block {content_sha256, locked_by, locked_utc, reason}.
+``content_sha256`` is :func:`sitebench.provenance.sha256_json` of the validated
+protocol content (every value, defaults filled in, without the ``lock`` block),
+so it covers what the protocol *means*, not its formatting or comments.
+:func:`load_protocol` verifies it on every locked file.
+
+Draft defaults (:func:`draft_protocol`), see ``DRAFT_RULES``: exact for
+Manufacturer, MRAcquisitionType and the sequence identifiers; TR and TI within
+2 % and TE within 1 ms, all failing (a 2 % TR/TI change already shifts T1
+contrast enough to matter for volumetry, and vendor rounding stays well inside
+it); flip angle within 1 degree; pixel spacing and slice thickness within
+0.05 mm; field strength within 0.2 T; acceleration, multiband factor, pixel
+bandwidth (5 %) and phase-encoding direction as warnings; software version,
+model, coil recorded only; coverage at least 95 % of the reference;
+slice gap at most the reference gap + 0.05 mm.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+
+from sitebench.config import load_yaml
+from sitebench.errors import SitebenchError
+from sitebench.provenance import sha256_json, utc_now
+
+__all__ = [
+    "Protocol", "MatchRules", "Override", "Coverage", "SliceGap", "LockInfo",
+    "ExactRule", "AbsRule", "RelRule", "RangeRule", "OneOfRule", "RegexRule", "RecordRule",
+    "Deviation", "Verdict", "LockedProtocol",
+    "draft_protocol", "load_protocol", "lock_protocol", "locked_file_name",
+    "check_series", "match_protocol", "DRAFT_RULES",
+]
+
+Severity = Literal["fail", "warn"]
+Number = Union[StrictInt, StrictFloat]
+Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
+
+_EPS = 1e-9  # float slack on tolerance boundaries (0.9 + 0.05 must pass 0.95)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
+
+
+def _same(expected: Any, observed: Any) -> bool:
+    """Exact comparison: strings case-sensitive, numbers numerically, lists elementwise."""
+    if isinstance(expected, (list, tuple)):
+        return (isinstance(observed, (list, tuple)) and len(expected) == len(observed)
+                and all(_same(e, o) for e, o in zip(expected, observed)))
+    if isinstance(expected, bool) or isinstance(observed, bool):
+        return isinstance(expected, bool) and isinstance(observed, bool) and expected == observed
+    if _is_number(expected):
+        return _is_number(observed) and float(expected) == float(observed)
+    if isinstance(expected, str):
+        return isinstance(observed, str) and expected == observed
+    return expected == observed
+
+
+def _pairs(expected: Any, observed: Any) -> list[tuple[float, float]] | None:
+    """Numeric (expected, observed) pairs, or None when shapes or types do not fit."""
+    if isinstance(expected, list):
+        if not isinstance(observed, (list, tuple)) or len(observed) != len(expected):
+            return None
+        if not all(_is_number(o) for o in observed):
+            return None
+        return [(float(e), float(o)) for e, o in zip(expected, observed)]
+    if not _is_number(observed):
+        return None
+    return [(float(expected), float(observed))]
+
+
+def _numbers(observed: Any) -> list[float] | None:
+    items = list(observed) if isinstance(observed, (list, tuple)) else [observed]
+    if not items or not all(_is_number(o) for o in items):
+        return None
+    return [float(o) for o in items]
+
+
+def _regex_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _compile(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression ({exc})") from None
+    return pattern
+
+
+# --------------------------------------------------------------------------- rules
+
+
+class _Rule(_Strict):
+    severity: Severity = "fail"
+
+    def describe(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def holds(self, observed: Any) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class ExactRule(_Rule):
+    kind: Literal["exact"]
+    value: Union[Scalar, list[Scalar]]
+
+    def describe(self) -> str:
+        return f"exactly {_fmt(self.value)}"
+
+    def holds(self, observed: Any) -> bool:
+        return _same(self.value, observed)
+
+
+class AbsRule(_Rule):
+    kind: Literal["abs"]
+    value: Union[Number, list[Number]]
+    tol: Annotated[float, Field(ge=0)]
+
+    def describe(self) -> str:
+        return f"{_fmt(self.value)} ± {_fmt(self.tol)}"
+
+    def holds(self, observed: Any) -> bool:
+        pairs = _pairs(self.value, observed)
+        return pairs is not None and all(abs(o - e) <= self.tol + _EPS * max(1.0, abs(e)) for e, o in pairs)
+
+
+class RelRule(_Rule):
+    kind: Literal["rel"]
+    value: Union[Number, list[Number]]
+    tol: Annotated[float, Field(ge=0)]
+
+    def describe(self) -> str:
+        return f"{_fmt(self.value)} ± {self.tol * 100:g}%"
+
+    def holds(self, observed: Any) -> bool:
+        pairs = _pairs(self.value, observed)
+        return pairs is not None and all(
+            abs(o - e) <= self.tol * abs(e) + _EPS * max(1.0, abs(e)) for e, o in pairs)
+
+
+class RangeRule(_Rule):
+    kind: Literal["range"]
+    min: Number | None = None
+    max: Number | None = None
+
+    def describe(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"between {_fmt(self.min)} and {_fmt(self.max)}"
+        if self.min is not None:
+            return f">= {_fmt(self.min)}"
+        if self.max is not None:
+            return f"<= {_fmt(self.max)}"
+        return "any number"
+
+    def holds(self, observed: Any) -> bool:
+        values = _numbers(observed)
+        if values is None:
+            return False
+        return all((self.min is None or v >= self.min - _EPS * max(1.0, abs(self.min)))
+                   and (self.max is None or v <= self.max + _EPS * max(1.0, abs(self.max)))
+                   for v in values)
+
+
+class OneOfRule(_Rule):
+    kind: Literal["one_of"]
+    values: Annotated[list[Union[Scalar, list[Scalar]]], Field(min_length=1)]
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(_fmt(v) for v in self.values)
+
+    def holds(self, observed: Any) -> bool:
+        return any(_same(v, observed) for v in self.values)
+
+
+class RegexRule(_Rule):
+    kind: Literal["regex"]
+    pattern: str
+
+    @field_validator("pattern")
+    @classmethod
+    def _valid_regex(cls, value: str) -> str:
+        return _compile(value)
+
+    def describe(self) -> str:
+        return f"matches /{self.pattern}/"
+
+    def holds(self, observed: Any) -> bool:
+        return re.fullmatch(self.pattern, _regex_text(observed)) is not None
+
+
+class RecordRule(_Strict):
+    kind: Literal["record"]
+
+    def describe(self) -> str:
+        return "recorded only"
+
+
+Rule = Annotated[Union[ExactRule, AbsRule, RelRule, RangeRule, OneOfRule, RegexRule, RecordRule],
+                 Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------- protocol model
+
+
+class MatchRules(_Strict):
+    """Which incoming series are this protocol's type; every rule given must hold."""
+
+    SeriesDescription: str | None = None
+    ProtocolName: str | None = None
+    ImageType: list[str] | None = None
+    MRAcquisitionType: str | None = None
+    ScanningSequence: str | None = None
+    SequenceName: str | None = None
+
+    @field_validator("SeriesDescription", "ProtocolName", "ScanningSequence", "SequenceName")
+    @classmethod
+    def _valid_regex(cls, value: str | None) -> str | None:
+        return None if value is None else _compile(value)
+
+    def is_empty(self) -> bool:
+        return all(v is None for v in self.model_dump().values())
+
+    def matches(self, parameters: dict[str, Any]) -> bool:
+        for key in ("SeriesDescription", "ProtocolName", "ScanningSequence"):
+            pattern = getattr(self, key)
+            if pattern is not None:
+                value = parameters.get(key)
+                if value is None or re.fullmatch(pattern, _regex_text(value)) is None:
+                    return False
+        if self.SequenceName is not None:
+            value = parameters.get("SequenceName")
+            if value is None:
+                value = parameters.get("PulseSequenceName")
+            if value is None or re.fullmatch(self.SequenceName, _regex_text(value)) is None:
+                return False
+        if self.MRAcquisitionType is not None and parameters.get("MRAcquisitionType") != self.MRAcquisitionType:
+            return False
+        if self.ImageType is not None:
+            observed = parameters.get("ImageType")
+            if isinstance(observed, str):
+                observed = observed.split("\\")
+            if not isinstance(observed, (list, tuple)) or not set(self.ImageType) <= {str(v) for v in observed}:
+                return False
+        return True
+
+
+class Coverage(_Strict):
+    min_mm: Annotated[float, Field(gt=0)]
+    severity: Severity = "fail"
+
+
+class SliceGap(_Strict):
+    max_gap_mm: float
+    severity: Severity = "fail"
+
+
+class OverrideWhen(_Strict):
+    Manufacturer: str | None = None
+    ManufacturersModelName: str | None = None
+    SoftwareVersions: str | None = None
+
+    @field_validator("Manufacturer", "ManufacturersModelName", "SoftwareVersions")
+    @classmethod
+    def _valid_regex(cls, value: str | None) -> str | None:
+        return None if value is None else _compile(value)
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}=/{v}/" for k, v in self.model_dump(exclude_none=True).items())
+
+    def decide(self, parameters: dict[str, Any]) -> bool | None:
+        """True: applies; False: does not; None: a field it needs is missing."""
+        missing = False
+        for key, pattern in self.model_dump(exclude_none=True).items():
+            value = parameters.get(key)
+            if value is None:
+                missing = True
+            elif re.fullmatch(pattern, _regex_text(value)) is None:
+                return False
+        return None if missing else True
+
+
+class Override(_Strict):
+    when: OverrideWhen
+    parameters: dict[str, Rule]
+
+    @field_validator("when")
+    @classmethod
+    def _not_empty(cls, value: OverrideWhen) -> OverrideWhen:
+        if not value.model_dump(exclude_none=True):
+            raise ValueError("needs at least one of Manufacturer, ManufacturersModelName, SoftwareVersions")
+        return value
+
+
+class LockInfo(_Strict):
+    content_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    locked_by: str
+    locked_utc: str
+    reason: str
+
+
+class Protocol(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    version: Annotated[int, Field(ge=1)]
+    description: str = ""
+    match: MatchRules = Field(default_factory=MatchRules)
+    parameters: dict[str, Rule] = Field(default_factory=dict)
+    coverage: Coverage | None = None
+    slice_gap: SliceGap | None = None
+    overrides: list[Override] = Field(default_factory=list)
+    lock: LockInfo | None = None
+
+    def content(self) -> dict[str, Any]:
+        """The protocol as JSON-able data, without the lock block: what the hash covers."""
+        return self.model_dump(mode="json", exclude={"lock"})
+
+    def content_sha256(self) -> str:
+        return sha256_json(self.content())
+
+    @property
+    def locked(self) -> bool:
+        return self.lock is not None
+
+    def rules_for(self, parameters: dict[str, Any]) -> tuple[dict[str, Any], list[int], dict[str, str]]:
+        """Rules after overrides: (rules, indexes of applied overrides, key -> why undecidable)."""
+        rules: dict[str, Any] = dict(self.parameters)
+        applied: list[int] = []
+        undecided: dict[str, str] = {}
+        for index, override in enumerate(self.overrides):
+            decision = override.when.decide(parameters)
+            if decision is True:
+                rules.update(override.parameters)
+                applied.append(index)
+                for key in override.parameters:
+                    undecided.pop(key, None)
+            elif decision is None:
+                needed = [k for k in override.when.model_dump(exclude_none=True) if parameters.get(k) is None]
+                for key in override.parameters:
+                    undecided[key] = (f"rule depends on {', '.join(needed)} (override {index}: "
+                                      f"{override.when.describe()}), which the series lacks")
+                    rules.setdefault(key, override.parameters[key])
+        return rules, applied, undecided
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_none=True)
+        kind_first = lambda rules: {k: {"kind": r["kind"], **r} for k, r in rules.items()}  # noqa: E731
+        data["parameters"] = kind_first(data["parameters"])
+        for override in data["overrides"]:
+            override["parameters"] = kind_first(override["parameters"])
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=None, width=100)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+
+# --------------------------------------------------------------------------- drafting
+
+#: key -> rule (without ``value``) that :func:`draft_protocol` uses when the reference has the key.
+DRAFT_RULES: dict[str, dict[str, Any]] = {
+    "Manufacturer": {"kind": "exact"},
+    "MagneticFieldStrength": {"kind": "abs", "tol": 0.2},
+    "MRAcquisitionType": {"kind": "exact"},
+    "ScanningSequence": {"kind": "exact"},
+    "SequenceVariant": {"kind": "exact"},
+    "SequenceName": {"kind": "exact"},
+    "PulseSequenceName": {"kind": "exact"},
+    "RepetitionTime": {"kind": "rel", "tol": 0.02},
+    "EchoTime": {"kind": "abs", "tol": 0.001},
+    "InversionTime": {"kind": "rel", "tol": 0.02},
+    "FlipAngle": {"kind": "abs", "tol": 1},
+    "PixelSpacing": {"kind": "abs", "tol": 0.05},
+    "SliceThickness": {"kind": "abs", "tol": 0.05},
+    "ParallelReductionFactorInPlane": {"kind": "exact", "severity": "warn"},
+    "MultibandAccelerationFactor": {"kind": "exact", "severity": "warn"},
+    "PixelBandwidth": {"kind": "rel", "tol": 0.05, "severity": "warn"},
+    "PhaseEncodingDirection": {"kind": "exact", "severity": "warn"},
+    "SoftwareVersions": {"kind": "record"},
+    "ManufacturersModelName": {"kind": "record"},
+    "ReceiveCoilName": {"kind": "record"},
+    "CoilString": {"kind": "record"},
+}
+
+DRAFT_COVERAGE_FRACTION = 0.95
+DRAFT_GAP_SLACK_MM = 0.05
+
+
+def draft_protocol(parameters: dict[str, Any], name: str, description: str = "") -> Protocol:
+    """A version-1 protocol drafted from one reference series, for a physicist to review and lock."""
+    rules: dict[str, Any] = {}
+    for key, template in DRAFT_RULES.items():
+        value = parameters.get(key)
+        if value is None:
+            continue
+        rule = dict(template)
+        if rule["kind"] != "record":
+            if rule["kind"] in ("abs", "rel") and _numbers(value) is None:
+                rule = {"kind": "exact", **({"severity": rule["severity"]} if "severity" in rule else {})}
+            rule["value"] = list(value) if isinstance(value, tuple) else value
+        rules[key] = rule
+    match: dict[str, Any] = {}
+    if parameters.get("SeriesDescription") is not None:
+        match["SeriesDescription"] = re.escape(str(parameters["SeriesDescription"])).replace("\\-", "-")
+    if parameters.get("MRAcquisitionType") is not None:
+        match["MRAcquisitionType"] = str(parameters["MRAcquisitionType"])
+    data: dict[str, Any] = {"name": name, "version": 1, "description": description,
+                            "match": match, "parameters": rules}
+    coverage = parameters.get("SliceCoverageMM")
+    if _is_number(coverage) and coverage > 0:
+        data["coverage"] = {"min_mm": round(DRAFT_COVERAGE_FRACTION * float(coverage), 3), "severity": "fail"}
+    spacing, thickness = parameters.get("SpacingBetweenSlices"), parameters.get("SliceThickness")
+    if _is_number(spacing) and _is_number(thickness):
+        gap = max(float(spacing) - float(thickness), 0.0)
+        data["slice_gap"] = {"max_gap_mm": round(gap + DRAFT_GAP_SLACK_MM, 3), "severity": "fail"}
+    return _parse_protocol(data, f"draft protocol '{name}'")
+
+
+# --------------------------------------------------------------------------- load / lock
+
+
+def locked_file_name(name: str, version: int) -> str:
+    return f"{name}.v{version}.locked.yaml"
+
+
+_RULE_KINDS = {"exact", "abs", "rel", "range", "one_of", "regex", "record"}
+
+
+def _parse_protocol(data: dict[str, Any], source: str | Path) -> Protocol:
+    """Validate protocol data; an unknown key is reported before any other problem.
+
+    Errors read like :func:`sitebench.config.parse_config`'s, without pydantic's
+    union tag in the key path ("parameters.EchoTime.tolerance", not "...EchoTime.abs.tolerance").
+    """
+    try:
+        return Protocol.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        loc = list(error["loc"])
+        for i in range(2, len(loc)):
+            if loc[i - 2] == "parameters" and loc[i] in _RULE_KINDS:
+                del loc[i]
+                break
+        where = ".".join(str(part) for part in loc) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            raise SitebenchError(f"unknown key '{where}'", source) from None
+        if error["type"] == "missing":
+            raise SitebenchError(f"missing key '{where}'", source) from None
+        raise SitebenchError(f"key '{where}': {error['msg']}", source) from None
+
+
+def load_protocol(path: str | Path) -> Protocol:
+    """Read a protocol YAML; a locked one must still carry the content it was locked with."""
+    path = Path(path)
+    protocol = _parse_protocol(load_yaml(path), path)
+    if protocol.lock is not None:
+        actual = protocol.content_sha256()
+        if actual != protocol.lock.content_sha256:
+            raise SitebenchError(
+                f"locked protocol '{protocol.name}' v{protocol.version} was edited after it was locked "
+                f"(content sha256 {actual[:12]}… != locked {protocol.lock.content_sha256[:12]}…); "
+                "restore the file, or change the draft and lock it as a new version", path)
+    return protocol
+
+
+@dataclass(frozen=True)
+class LockedProtocol:
+    protocol: Protocol
+    path: Path
+    content_sha256: str
+    locked_by: str
+    locked_utc: str
+    reason: str
+    created: bool  # False when identical content was already locked (idempotent re-lock)
+    audit_record: dict[str, Any]  # describes the lock in force; append it to the audit trail when ``created``
+
+
+def _locked_result(protocol: Protocol, path: Path, created: bool) -> LockedProtocol:
+    lock = protocol.lock
+    assert lock is not None
+    audit = {"who": lock.locked_by, "what": "protocol locked", "when": lock.locked_utc, "why": lock.reason,
+             "protocol": protocol.name, "version": protocol.version, "content_sha256": lock.content_sha256}
+    return LockedProtocol(protocol=protocol, path=path, content_sha256=lock.content_sha256,
+                          locked_by=lock.locked_by, locked_utc=lock.locked_utc, reason=lock.reason,
+                          created=created, audit_record=audit)
+
+
+def lock_protocol(protocol_path: str | Path, who: str, why: str, lock_dir: str | Path) -> LockedProtocol:
+    """Write the immutable ``<name>.v<version>.locked.yaml`` copy of a protocol into ``lock_dir``.
+
+    Locking identical content again returns the existing lock (``created=False``); different
+    content under a locked name and version is refused: a change is a new version.
+    """
+    if not str(who).strip():
+        raise SitebenchError("locking needs who is locking it", protocol_path)
+    if not str(why).strip():
+        raise SitebenchError("locking needs a reason", protocol_path)
+    draft = load_protocol(protocol_path)
+    sha = draft.content_sha256()
+    lock_dir = Path(lock_dir)
+    target = lock_dir / locked_file_name(draft.name, draft.version)
+    if target.exists():
+        existing = load_protocol(target)
+        if (existing.name, existing.version) != (draft.name, draft.version) or existing.content_sha256() != sha:
+            raise SitebenchError(
+                f"protocol '{draft.name}' version {draft.version} is already locked in {target} with different "
+                f"content; a change is a new version: raise 'version' in {protocol_path} and lock again", target)
+        return _locked_result(existing, target, created=False)
+    locked = draft.model_copy(update={"lock": LockInfo(content_sha256=sha, locked_by=str(who).strip(),
+                                                       locked_utc=utc_now(), reason=" ".join(str(why).split()))})
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    header = (f"# LOCKED protocol {draft.name} v{draft.version}: do not edit. "
+              "A change is a new version; lock it with its own version number.\n")
+    try:
+        with open(target, "x", encoding="utf-8") as handle:
+            handle.write(header + locked.to_yaml())
+    except FileExistsError:  # someone locked it between our check and our write
+        return lock_protocol(protocol_path, who, why, lock_dir)
+    os.chmod(target, 0o444)
+    return _locked_result(load_protocol(target), target, created=True)
+
+
+# --------------------------------------------------------------------------- verdict
+
+
+@dataclass(frozen=True)
+class Deviation:
+    parameter: str
+    expected: str
+    observed: Any
+    rule: str  # rule kind: exact, abs, rel, range, one_of, regex, coverage, slice_gap
+    severity: str
+    status: str  # fail | warn | undetermined (pass only in Verdict.checks)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        from sitebench.provenance import jsonable
+
+        data = {"parameter": self.parameter, "expected": self.expected, "observed": jsonable(self.observed),
+                "rule": self.rule, "severity": self.severity, "status": self.status}
+        if self.note:
+            data["note"] = self.note
+        return data
+
+    def line(self) -> str:
+        observed = "missing" if self.observed is None else _fmt(self.observed)
+        text = f"{self.status.upper()} {self.parameter}: expected {self.expected}, observed {observed}"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+@dataclass
+class Verdict:
+    status: str  # pass | warn | fail | undetermined
+    protocol: str
+    version: int
+    content_sha256: str
+    deviations: list[Deviation] = field(default_factory=list)
+    checks: list[Deviation] = field(default_factory=list)  # every check, passes included
+    recorded: dict[str, Any] = field(default_factory=dict)
+    overrides_applied: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        from sitebench.provenance import jsonable
+
+        return {"status": self.status, "protocol": self.protocol, "version": self.version,
+                "content_sha256": self.content_sha256,
+                "deviations": [d.to_dict() for d in self.deviations],
+                "checks": [c.to_dict() for c in self.checks],
+                "recorded": jsonable(self.recorded), "overrides_applied": list(self.overrides_applied)}
+
+    def summary(self) -> str:
+        head = f"{self.status.upper()}: protocol {self.protocol} v{self.version}"
+        if not self.deviations:
+            return f"{head}, {len(self.checks)} checks passed"
+        return head + "; " + "; ".join(d.line() for d in self.deviations)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def check_series(parameters: dict[str, Any], protocol: Protocol) -> Verdict:
+    """Check one series' parameters against a protocol (matching is :func:`match_protocol`'s job)."""
+    rules, applied, undecided = protocol.rules_for(parameters)
+    checks: list[Deviation] = []
+    recorded: dict[str, Any] = {}
+    for key, rule in rules.items():
+        observed = parameters.get(key)
+        if isinstance(rule, RecordRule):
+            recorded[key] = None if _missing(observed) else observed
+            continue
+        expected = rule.describe()
+        if key in undecided:
+            status, note = "undetermined", undecided[key]
+        elif _missing(observed):
+            status, note = "undetermined", "parameter missing from the series"
+        elif rule.holds(observed):
+            status, note = "pass", ""
+        else:
+            status, note = rule.severity, ""
+        checks.append(Deviation(key, expected, None if _missing(observed) else observed,
+                                rule.kind, rule.severity, status, note))
+    if protocol.coverage is not None:
+        cov = protocol.coverage
+        observed = parameters.get("SliceCoverageMM")
+        expected = f">= {_fmt(cov.min_mm)} mm"
+        if not _is_number(observed):
+            checks.append(Deviation("SliceCoverageMM", expected, None if _missing(observed) else observed,
+                                    "coverage", cov.severity, "undetermined",
+                                    "slice coverage missing from the series"))
+        else:
+            ok = observed >= cov.min_mm - _EPS * max(1.0, cov.min_mm)
+            checks.append(Deviation("SliceCoverageMM", expected, observed, "coverage", cov.severity,
+                                    "pass" if ok else cov.severity))
+    if protocol.slice_gap is not None:
+        gap_rule = protocol.slice_gap
+        spacing, thickness = parameters.get("SpacingBetweenSlices"), parameters.get("SliceThickness")
+        expected = f"gap (SpacingBetweenSlices - SliceThickness) <= {_fmt(gap_rule.max_gap_mm)} mm"
+        if not (_is_number(spacing) and _is_number(thickness)):
+            lacking = [k for k, v in (("SpacingBetweenSlices", spacing), ("SliceThickness", thickness))
+                       if not _is_number(v)]
+            checks.append(Deviation("SliceGapMM", expected, None, "slice_gap", gap_rule.severity,
+                                    "undetermined", f"{', '.join(lacking)} missing from the series"))
+        else:
+            gap = float(spacing) - float(thickness)
+            ok = gap <= gap_rule.max_gap_mm + _EPS * max(1.0, abs(gap_rule.max_gap_mm))
+            checks.append(Deviation("SliceGapMM", expected, round(gap, 6), "slice_gap", gap_rule.severity,
+                                    "pass" if ok else gap_rule.severity))
+    deviations = [c for c in checks if c.status != "pass"]
+    if any(d.status == "fail" for d in deviations):
+        status = "fail"
+    elif any(d.status == "undetermined" and d.severity == "fail" for d in deviations):
+        status = "undetermined"
+    elif deviations:
+        status = "warn"
+    else:
+        status = "pass"
+    return Verdict(status=status, protocol=protocol.name, version=protocol.version,
+                   content_sha256=protocol.content_sha256(), deviations=deviations, checks=checks,
+                   recorded=recorded, overrides_applied=applied)
+
+
+def match_protocol(parameters: dict[str, Any], protocols: list[Protocol]) -> Protocol | None:
+    """The one protocol whose match rules the series meets; None when none does ("unmatched").
+
+    More than one match raises SitebenchError: there is no safe precedence between locked
+    protocols, so overlapping match rules are a protocol-set error to fix, not to guess around.
+    A protocol with empty match rules never matches (it would otherwise match every series).
+    """
+    hits = [p for p in protocols if not p.match.is_empty() and p.match.matches(parameters)]
+    if len(hits) > 1:
+        names = ", ".join(f"{p.name} v{p.version}" for p in hits)
+        what = parameters.get("SeriesDescription", "(no SeriesDescription)")
+        raise SitebenchError(f"series '{what}' matches more than one protocol ({names}); "
+                             "make their match rules exclusive")
+    return hits[0] if hits else None

@@ -1,0 +1,69 @@
+"""`sitebench qc` as a site physicist runs it, on a real GE 3D T1 series (dcm_qa_deident)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
+T1 = DICOM / "dcm_qa_deident" / "In"
+SITEBENCH = [sys.executable, "-m", "sitebench.cli"]
+
+pytestmark = pytest.mark.skipif(not T1.exists(), reason="needs ../shared/data/dicom")
+
+
+def run_cli(*args):
+    return subprocess.run(SITEBENCH + [str(a) for a in args], capture_output=True, text=True, timeout=300)
+
+
+def test_inspect_draft_lock_check(tmp_path):
+    inspect = run_cli("qc", "inspect", T1, "--json")
+    assert inspect.returncode == 0, inspect.stderr
+    (record,) = [json.loads(line) for line in inspect.stdout.splitlines()]
+    assert record["n_files"] == 196 and record["Manufacturer"] == "GE" and record["MRAcquisitionType"] == "3D"
+    first = pydicom.dcmread(next(T1.iterdir()), stop_before_pixels=True)
+    for keyword in ("PatientName", "PatientID"):
+        value = str(first.get(keyword, "")).strip()
+        if value:
+            assert keyword in record["_phi_attributes_present"]
+            assert value not in inspect.stdout  # reported by name only
+
+    draft = tmp_path / "t1.yaml"
+    assert run_cli("qc", "protocol", "init", T1, "--out", draft, "--name", "ge-t1w").returncode == 0
+    again = run_cli("qc", "protocol", "init", T1, "--out", draft)
+    assert again.returncode == 2 and "never overwritten" in again.stderr
+
+    lock = run_cli("qc", "protocol", "lock", draft, "--who", "A. Physicist", "--why", "qualification",
+                   "--lock-dir", tmp_path / "locked", "--json")
+    assert lock.returncode == 0, lock.stderr
+    audit = json.loads(lock.stdout.splitlines()[-1])
+    assert audit["who"] == "A. Physicist" and audit["what"] == "protocol locked"
+    locked = tmp_path / "locked" / "ge-t1w.v1.locked.yaml"
+
+    passed = run_cli("qc", "check", T1, "--protocol", locked, "--json")
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert json.loads(passed.stdout)[0]["status"] == "pass"
+
+    # an EPI series is not this protocol's series: it fails, and the exit code says so
+    epi = next(p for p in (DICOM / "dcm_qa_nih" / "In").iterdir() if p.is_dir())
+    failed = run_cli("qc", "check", epi, "--protocol", locked, "--json")
+    assert failed.returncode == 1
+    assert all(v["status"] == "fail" for v in json.loads(failed.stdout))
+
+    # a locked protocol edited in place is refused
+    locked.chmod(0o644)
+    locked.write_text(locked.read_text().replace("min_mm:", "min_mm: 1 #", 1))
+    edited = run_cli("qc", "check", T1, "--protocol", locked)
+    assert edited.returncode == 2 and "Traceback" not in edited.stderr and locked.name in edited.stderr
+
+
+def test_inspect_on_a_folder_without_dicom(tmp_path):
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    result = run_cli("qc", "inspect", tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and str(tmp_path) in result.stderr
