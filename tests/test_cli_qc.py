@@ -39,12 +39,18 @@ def test_inspect_draft_lock_check(tmp_path):
     again = run_cli("qc", "protocol", "init", T1, "--out", draft)
     assert again.returncode == 2 and "never overwritten" in again.stderr
 
+    trail = tmp_path / "audit.jsonl"
     lock = run_cli("qc", "protocol", "lock", draft, "--who", "A. Physicist", "--why", "qualification",
-                   "--lock-dir", tmp_path / "locked", "--json")
+                   "--lock-dir", tmp_path / "locked", "--json", "--audit", trail)
     assert lock.returncode == 0, lock.stderr
     audit = json.loads(lock.stdout.splitlines()[-1])
     assert audit["who"] == "A. Physicist" and audit["what"] == "protocol locked"
     locked = tmp_path / "locked" / "ge-t1w.v1.locked.yaml"
+    assert run_cli("audit", "verify", trail).returncode == 0
+    line = trail.read_text()
+    trail.write_text(line.replace("qualification", "qualificatiom"))  # an edited record
+    tampered = run_cli("audit", "verify", trail)
+    assert tampered.returncode == 1 and "seq 0" in tampered.stdout
 
     passed = run_cli("qc", "check", T1, "--protocol", locked, "--json")
     assert passed.returncode == 0, passed.stdout + passed.stderr

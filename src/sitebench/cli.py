@@ -165,6 +165,13 @@ def cmd_qc_protocol_lock(args: argparse.Namespace) -> int:
 
     locked = lock_protocol(args.protocol, who=args.who, why=args.why, lock_dir=args.lock_dir)
     state = "locked" if locked.created else "already locked (identical content)"
+    if args.audit and locked.created:
+        from sitebench.audit import AuditTrail
+
+        record = dict(locked.audit_record)
+        AuditTrail(args.audit).append(who=record.pop("who"), what=record.pop("what"), why=record.pop("why", ""),
+                                      subject=f"protocol {record.get('protocol')} v{record.get('version')}",
+                                      details=record)
     print(f"{locked.path}: {state}, content sha256 {locked.content_sha256}")
     if args.json:
         print(json.dumps(locked.audit_record))
@@ -183,6 +190,16 @@ def cmd_qc_check(args: argparse.Namespace) -> int:
         for verdict in verdicts:
             print(verdict.summary())
     return EXIT_VERIFY_FAILED if any(v.status == "fail" for v in verdicts) else 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from sitebench.audit import verify_trail
+
+    if not Path(args.trail).exists():
+        raise SitebenchError("no audit trail here", args.trail)
+    result = verify_trail(args.trail)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0 if result.ok else EXIT_VERIFY_FAILED
 
 
 # --------------------------------------------------------------------------- parser
@@ -294,7 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     lock.add_argument("--why", required=True, help="why")
     lock.add_argument("--lock-dir", required=True, help="folder of locked protocols")
     lock.add_argument("--json", action="store_true", help="also print the audit record")
+    lock.add_argument("--audit", help="append the lock to this audit trail (JSON lines)")
     lock.set_defaults(func=cmd_qc_protocol_lock)
+
+    audit = sub.add_parser("audit", help="the append-only, hash-chained audit trail").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    averify = audit.add_parser("verify", help="detect any edited, removed or reordered record",
+                               description="Exit 0 if the chain is intact, 1 otherwise.")
+    averify.add_argument("trail", help="audit trail file (JSON lines)")
+    averify.add_argument("--json", action="store_true")
+    averify.set_defaults(func=cmd_audit_verify)
 
     models = sub.add_parser("models", help="model versions").add_subparsers(dest="action", metavar="ACTION",
                                                                             required=True)
