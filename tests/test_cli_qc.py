@@ -73,3 +73,12 @@ def test_inspect_on_a_folder_without_dicom(tmp_path):
     (tmp_path / "notes.txt").write_text("not DICOM")
     result = run_cli("qc", "inspect", tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr and str(tmp_path) in result.stderr
+
+
+def test_iqm_on_a_simulated_scan(small_trial):
+    row = small_trial.manifest.iloc[0]
+    result = run_cli("qc", "iqm", small_trial.out_dir / row.image_path, "--labels",
+                     small_trial.out_dir / row.label_path, "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["snr_wm"] > 1 and 0 < metrics["efc"] < 1 and metrics["cjv"] > 0

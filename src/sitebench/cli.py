@@ -192,6 +192,14 @@ def cmd_qc_check(args: argparse.Namespace) -> int:
     return EXIT_VERIFY_FAILED if any(v.status == "fail" for v in verdicts) else 0
 
 
+def cmd_qc_iqm(args: argparse.Namespace) -> int:
+    from sitebench.qc.image_quality import image_quality_nifti
+
+    quality = image_quality_nifti(args.image, labels_path=args.labels)
+    print(json.dumps(quality.to_dict(), indent=2) if args.json else quality.summary())
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from sitebench.audit import verify_trail
 
@@ -296,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--protocol", required=True, help="protocol YAML (locked or draft)")
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=cmd_qc_check)
+    iqm = qc.add_parser("iqm", help="image-quality metrics of a volume (MRIQC definitions)",
+                        description="SNR, CNR, CJV, EFC, FBER, FWHM, a QI1-style artefact fraction and WM2MAX "
+                                    "on a NIfTI volume; tissues from --labels or a 3-class mixture.")
+    iqm.add_argument("image", help="NIfTI volume")
+    iqm.add_argument("--labels", help="label map (1 CSF, 2 GM, 3 WM)")
+    iqm.add_argument("--json", action="store_true")
+    iqm.set_defaults(func=cmd_qc_iqm)
     proto = qc.add_parser("protocol", help="draft and lock acquisition protocols").add_subparsers(
         dest="protocol_action", metavar="ACTION", required=True)
     init = proto.add_parser("init", help="draft a protocol from a reference series")
