@@ -122,7 +122,8 @@ def test_demo_end_to_end(tmp_path):
     assert html.count("<img") >= 6
 
     # MLflow: parent run -> one run per model version -> one run per stratum level, tagged
-    mlflow.set_tracking_uri(f"sqlite:///{out / 'results' / 'mlflow.db'}")
+    store = f"sqlite:///{out / 'results' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
     runs = mlflow.search_runs(experiment_names=["sitebench-demo"])
     parents = runs[runs["tags.sitebench.level"] == "benchmark"]
     models = runs[runs["tags.sitebench.level"] == "model"]
@@ -132,7 +133,7 @@ def test_demo_end_to_end(tmp_path):
     assert set(strata["tags.mlflow.parentRunId"]) == set(models.run_id)
     assert set(strata["tags.sitebench.stratum"]) == {"site", "vendor", "software_version"}
     assert len(strata[strata["tags.sitebench.stratum"] == "site"]) == 3 * 6
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)  # not whatever an earlier test set
     assert client.get_model_version_by_alias("gm-unet", "candidate").tags["model_version"] == "2.0.0"
     assert client.get_model_version_by_alias("gm-unet", "baseline").tags["model_version"] == "1.0.0"
     parent = client.get_run(parents.run_id.iloc[0])

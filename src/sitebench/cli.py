@@ -52,11 +52,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from sitebench.datasets.simulator import load_trial_config, simulate_trial
-    from sitebench.pipeline import _progress_bar
+    from sitebench.pipeline import progress_bar
 
     config = load_trial_config(args.config, n_sites=args.sites, scans_per_site=args.scans_per_site,
                                seed=args.seed, workers=args.workers)
-    trial = simulate_trial(config, args.out, progress=_progress_bar(not args.no_progress,
+    trial = simulate_trial(config, args.out, progress=progress_bar(not args.no_progress,
                                                                      config.n_sites * config.scans_per_site,
                                                                      "simulating scans"))
     print(trial.summary())

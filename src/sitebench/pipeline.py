@@ -39,23 +39,11 @@ class Evaluation:
     findings: list[str] = field(default_factory=list)
 
 
-def _fixed_terms(table: pd.DataFrame) -> list[str]:
-    terms = ["C(vendor)"] if table[mf.VENDOR].nunique() > 1 else []
-    terms.append(mf.SOFTWARE_UPGRADED)
-    if mf.AGE in table and table[mf.AGE].notna().all():
-        terms.append(mf.AGE)
-    for column in (mf.SEX, mf.GROUP):
-        if column in table and table[column].notna().all() and table[column].nunique() > 1:
-            terms.append(f"C({column})")
-    return terms
-
-
 def evaluate(run: BenchmarkRun) -> Evaluation:
     """Per-stratum metrics, scanner-effect mixed models and upgrade effects for every model version."""
     table = run.evaluation_table()
     spec = run.spec
     metric_frames, mixed, upgrades = [], [], []
-    terms = _fixed_terms(table)
     for card in run.models:
         part = table[table["model_key"] == card.key]
         metrics = stratum_metrics(part, prediction="prediction", reference="reference", strata=spec.strata,
@@ -63,14 +51,14 @@ def evaluate(run: BenchmarkRun) -> Evaluation:
         metrics.insert(0, "model_key", card.key)
         metric_frames.append(metrics)
         for response in ("error", "prediction"):
-            fit = fit_scanner_effects(part, response, fixed=terms)
+            fit = fit_scanner_effects(part, response)
             mixed.append({"model_key": card.key, **fit.to_dict()})
         up = upgrade_effect(part, "error").to_frame()
         up.insert(0, "model_key", card.key)
         upgrades.append(up)
     # the same model on the reference itself: the covariate effects a faithful biomarker should reproduce
     first = table[table["model_key"] == run.models[0].key]
-    mixed.append({"model_key": REFERENCE_KEY, **fit_scanner_effects(first, "reference", fixed=terms).to_dict()})
+    mixed.append({"model_key": REFERENCE_KEY, **fit_scanner_effects(first, "reference").to_dict()})
     evaluation = Evaluation(table=table, metrics=pd.concat(metric_frames, ignore_index=True), mixed=mixed,
                             upgrade=pd.concat(upgrades, ignore_index=True))
     evaluation.findings = findings(run, evaluation)
@@ -268,7 +256,7 @@ def run_demo(out: str | Path, *, sites: int = 20, scans_per_site: int = 10, seed
     out.mkdir(parents=True, exist_ok=True)
     config = load_trial_config(n_sites=sites, scans_per_site=scans_per_site, seed=seed, workers=max(1, workers))
     log(f"simulating {sites} sites x {scans_per_site} scans into {out / 'trial'}")
-    bar = _progress_bar(progress, sites * scans_per_site, "simulating scans")
+    bar = progress_bar(progress, sites * scans_per_site, "simulating scans")
     prepare_trial(config, out / "trial", progress=bar)
     spec_path = out / "benchmark.yaml"
     text = yaml.safe_dump(demo_spec(bootstrap, seed), sort_keys=False)
@@ -280,7 +268,7 @@ def run_demo(out: str | Path, *, sites: int = 20, scans_per_site: int = 10, seed
                         extra_materials={"simulation truth": out / "trial" / "truth.json"})
 
 
-def _progress_bar(enabled: bool, total: int, description: str) -> Callable[[int, int], None] | None:
+def progress_bar(enabled: bool, total: int, description: str) -> Callable[[int, int], None] | None:
     if not enabled:
         return None
     from tqdm.auto import tqdm

@@ -10,6 +10,7 @@ import json
 import platform
 import subprocess
 from datetime import datetime, timezone
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,12 @@ def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str
 
 def code_version(start: str | Path | None = None) -> dict[str, Any]:
     """Git commit and dirty flag of the checkout that holds sitebench, if any."""
+    return dict(_code_version(str(start) if start else None))
+
+
+@lru_cache(maxsize=4)
+def _code_version(start: str | None) -> dict[str, Any]:
+    """One pair of git calls per process: truth file, lock, report and MLflow all ask."""
     here = Path(start) if start else Path(__file__).resolve().parent
     info: dict[str, Any] = {"package_version": _own_version(), "git_commit": None, "git_dirty": None}
     try:

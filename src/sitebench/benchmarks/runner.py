@@ -51,20 +51,22 @@ class InlineExecutor(Executor):
         return future
 
 
-def _quiet_worker() -> None:
-    """Workers (spawned or Dask) do not inherit the CLI's log settings; MONAI's reader chatter stays out."""
+def _prepare_worker() -> None:
+    """Settings a worker (spawned or Dask) does not inherit from the command line.
+
+    MONAI's reader chatter stays out of the output, and in a worker process torch
+    uses one thread so that workers do not oversubscribe the cores.
+    """
     import logging
+    import multiprocessing
     import warnings
+
+    import torch
 
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-
-
-def _init_worker() -> None:
-    import torch
-
-    _quiet_worker()
-    torch.set_num_threads(1)
+    if multiprocessing.parent_process() is not None:
+        torch.set_num_threads(1)
 
 
 def make_executor(workers: int = 2, scheduler: str | None = None) -> tuple[Executor, Callable[[], None]]:
@@ -83,8 +85,7 @@ def make_executor(workers: int = 2, scheduler: str | None = None) -> tuple[Execu
         return InlineExecutor(), lambda: None
     import multiprocessing
 
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     return pool, lambda: pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -116,13 +117,10 @@ def score_chunk(resolved: ResolvedModel, records: list[dict[str, Any]],
                 transform_items: tuple[tuple[str, str], ...], output: str,
                 segmentation_label: int) -> list[dict[str, Any]]:
     """Score a list of scans with one model; runs in a worker (process, Dask or inline)."""
-    import torch
     from monai.data import DataLoader, Dataset
     from monai.data.utils import no_collation
 
-    _quiet_worker()
-    if os.environ.get("SITEBENCH_WORKER_THREADS"):
-        torch.set_num_threads(int(os.environ["SITEBENCH_WORKER_THREADS"]))
+    _prepare_worker()
     model = load_model(resolved)
     card = model.card
     loader = DataLoader(Dataset(records, transform=_transforms(transform_items)), batch_size=1,
@@ -256,7 +254,8 @@ def run_benchmark(spec: BenchmarkSpec, *, workers: int = 2, scheduler: str | Non
         if own_executor:
             executor, closer = make_executor(workers, scheduler)
         try:
-            computed = _drain(executor, pending, transform_items, spec, predictions_path, total, progress)
+            computed = _drain(executor, pending, transform_items, spec, predictions_path, total, progress,
+                              window=max(2, 2 * max(1, workers)))
         finally:
             closer()
     merged = _read_existing(predictions_path)
@@ -273,7 +272,7 @@ def run_benchmark(spec: BenchmarkSpec, *, workers: int = 2, scheduler: str | Non
 
 def _drain(executor: Executor, pending: list[tuple[ResolvedModel, list[dict[str, Any]]]],
            transform_items: tuple[tuple[str, str], ...], spec: BenchmarkSpec, predictions_path: Path,
-           total: int, progress: bool) -> int:
+           total: int, progress: bool, window: int) -> int:
     from tqdm.auto import tqdm
 
     new_file = not predictions_path.exists()
@@ -284,7 +283,6 @@ def _drain(executor: Executor, pending: list[tuple[ResolvedModel, list[dict[str,
         if new_file:
             writer.writeheader()
         queue = iter(pending)
-        window = max(2, 2 * getattr(executor, "_max_workers", 2))
         in_flight: set[Future] = set()
 
         def submit_next() -> None:

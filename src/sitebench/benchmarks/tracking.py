@@ -12,7 +12,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -27,9 +26,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 class TrackingStore:
     tracking_uri: str
     artifact_root: str | None
-
-    def describe(self) -> str:
-        return self.tracking_uri
 
 
 def local_store(out_dir: str | Path, tracking_uri: str | None = None) -> TrackingStore:
@@ -142,16 +138,3 @@ def log_benchmark(run: BenchmarkRun, metrics: pd.DataFrame, store: TrackingStore
                                          "sitebench.n_scans": str(int(rows["n_scans"].iloc[0]))})
                         mlflow.log_metrics(_metric_dict(rows))
         return parent.info.run_id
-
-
-def describe_runs(store: TrackingStore, experiment: str) -> pd.DataFrame:
-    """Runs of an experiment with their nesting, for checks and for the CLI."""
-    import mlflow
-
-    mlflow.set_tracking_uri(store.tracking_uri)
-    runs = mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
-    columns: dict[str, Any] = {"run_id": "run_id", "tags.mlflow.runName": "name",
-                               "tags.mlflow.parentRunId": "parent", "tags.sitebench.level": "level",
-                               "tags.sitebench.stratum": "stratum", "tags.sitebench.stratum_value": "value"}
-    present = [c for c in columns if c in runs]
-    return runs[present].rename(columns=columns)

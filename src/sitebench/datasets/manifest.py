@@ -169,12 +169,6 @@ def read_manifest(path: str | Path, check_files: bool = True, check_hashes: bool
     return Manifest(table=table.reset_index(drop=True), root=path.parent.resolve(), source=path.resolve())
 
 
-def manifest_from_table(table: pd.DataFrame, root: str | Path, check_files: bool = True) -> Manifest:
-    root = Path(root).resolve()
-    validate_manifest(table, root, root, check_files=check_files)
-    return Manifest(table=table.reset_index(drop=True), root=root)
-
-
 SOFTWARE_UPGRADED = "software_upgraded"
 
 
