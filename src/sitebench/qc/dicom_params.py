@@ -41,7 +41,7 @@ from typing import Any, Iterable
 
 from sitebench.errors import SitebenchError
 
-__all__ = ["SeriesParameters", "read_series", "PARAMETER_KEYS", "PHI_KEYWORDS"]
+__all__ = ["SeriesParameters", "read_series", "dicom_files", "PARAMETER_KEYS", "PHI_KEYWORDS"]
 
 #: Every key read_series looks for (``missing`` lists those not found).
 PARAMETER_KEYS: tuple[str, ...] = (
@@ -87,6 +87,8 @@ class SeriesParameters:
     parameters: dict[str, Any] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     phi_present: list[str] = field(default_factory=list)
+    study_uid: str = ""  # kept for grouping re-scans; never written out (PHI profile)
+    scanner_id: str | None = None  # pseudonym of DeviceSerialNumber / StationName
 
     def to_dict(self) -> dict:
         return {"SeriesInstanceUID": self.series_uid, "n_files": len(self.files),
@@ -285,13 +287,21 @@ def _frame_values(ds, enhanced: bool) -> Iterable[tuple[Any, Any, Any]]:
 
 
 def _phi_present(datasets: list) -> list[str]:
+    """Names of the PHI attributes with a non-empty value in any file (values never leave here)."""
+    from pydicom.tag import Tag
+
+    tags = [(kw, Tag(kw)) for kw in PHI_KEYWORDS]
     found = set()
     for ds in datasets:
-        for kw in PHI_KEYWORDS:
-            if kw in ds:
-                v = ds[kw].value
-                if v is not None and str(v).strip() not in ("", "[]"):
-                    found.add(kw)
+        for kw, tag in tags:
+            if kw in found or tag not in ds:
+                continue
+            raw = ds.get_item(tag)  # undecoded where possible: cheap, and nothing is converted
+            value = getattr(raw, "value", None)
+            if isinstance(value, (bytes, bytearray)):
+                value = bytes(value).strip(b" \x00\\")
+            if value is not None and str(value).strip() not in ("", "[]", "b''"):
+                found.add(kw)
     return [k for k in PHI_KEYWORDS if k in found]
 
 
@@ -476,38 +486,80 @@ def _series_parameters(datasets: list) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- public entry point
-def read_series(path: str | Path) -> list[SeriesParameters]:
-    """Read every DICOM file under ``path`` (file or folder, recursive).
+
+#: Tags read from every file; the first file of each series is read whole (up to the pixels).
+PER_FILE_TAGS: tuple[str, ...] = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "EchoTime",
+    "ImagePositionPatient", "ImageOrientationPatient", "PerFrameFunctionalGroupsSequence",
+    "SharedFunctionalGroupsSequence", *PHI_KEYWORDS,
+)
+_READ_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+                struct.error)
+
+
+def _scanner_id(ds) -> str | None:
+    """A stable pseudonym of the physical scanner: serial numbers and station names are PHI-profile."""
+    import hashlib
+
+    ident = _text(ds.get("DeviceSerialNumber")) or _text(ds.get("StationName"))
+    return None if not ident else "scanner-" + hashlib.sha256(ident.encode()).hexdigest()[:12]
+
+
+def dicom_files(path: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Every file under a folder (recursive), a single file, or an explicit list of files."""
+    if isinstance(path, (str, Path)):
+        root = Path(path)
+        if not root.exists():
+            raise SitebenchError("no such file or folder", root)
+        return [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    return [Path(f) for f in path]
+
+
+def read_series(path: str | Path | Iterable[str | Path]) -> list[SeriesParameters]:
+    """Read every DICOM file under ``path`` (a file, a folder read recursively, or a list of files).
 
     Files that are not DICOM are skipped quietly. Returns one
     :class:`SeriesParameters` per SeriesInstanceUID, ordered by first file.
     Raises :class:`SitebenchError` if ``path`` is missing or holds no DICOM.
+
+    Only the tags the parameters need are parsed from every file (echo time, slice position,
+    PHI-attribute presence); the first file of a series is read whole, and every file of an
+    enhanced multi-frame series is, since its geometry lives in the functional groups.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    root = Path(path)
-    if not root.exists():
-        raise SitebenchError("no such file or folder", root)
-    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    from pydicom.tag import Tag
+
+    files = dicom_files(path)
+    per_file_tags = [Tag(k) for k in PER_FILE_TAGS]
     groups: dict[str, list] = defaultdict(list)
     for f in files:
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, force=False)
-        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, struct.error):
+            ds = pydicom.dcmread(f, specific_tags=per_file_tags, force=False)
+        except (InvalidDicomError, *_READ_ERRORS):
             continue
         uid = str(ds.get("SeriesInstanceUID") or "")
         if not uid:
             continue
         groups[uid].append((f, ds))
     if not groups:
-        raise SitebenchError("no DICOM files with a SeriesInstanceUID found", root)
+        where = path if isinstance(path, (str, Path)) else (files[0].parent if files else Path("."))
+        raise SitebenchError("no DICOM files with a SeriesInstanceUID found", where)
     out = []
     for uid, members in groups.items():
-        datasets = [ds for _, ds in members]
-        params = _series_parameters(datasets)
+        whole = []
+        for index, (f, ds) in enumerate(members):
+            if index == 0 or _is_enhanced(whole[0]):
+                try:
+                    ds = pydicom.dcmread(f, stop_before_pixels=True, force=False)
+                except (InvalidDicomError, *_READ_ERRORS):
+                    pass  # keep the partial read: the integrity check names the file
+            whole.append(ds)
+        params = _series_parameters(whole)
         out.append(SeriesParameters(
             series_uid=uid, files=[f for f, _ in members], parameters=params,
             missing=[k for k in PARAMETER_KEYS if k not in params],
-            phi_present=_phi_present(datasets)))
+            phi_present=_phi_present(whole), study_uid=str(whole[0].get("StudyInstanceUID") or ""),
+            scanner_id=_scanner_id(whole[0])))
     return out

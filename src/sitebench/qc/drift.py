@@ -178,8 +178,12 @@ class DriftMonitor:
         return None if entry is None else entry["series_uid"]
 
     def observe(self, site: str, parameters: dict, verdict_status: str, series_uid: str,
-                when: str | None = None) -> list[DriftEvent]:
-        """Record one series; return the drift events it raises for the first time."""
+                when: str | None = None, series_type: str | None = None) -> list[DriftEvent]:
+        """Record one series; return the drift events it raises for the first time.
+
+        ``series_type`` (the matched protocol's name) keeps one baseline per kind of series
+        on a scanner, so a T2 is never compared with the T1 that qualified first.
+        """
         if not isinstance(site, str) or not site.strip():
             raise SitebenchError("drift: site must be a non-empty string")
         if verdict_status not in VERDICT_STATUSES:
@@ -188,7 +192,7 @@ class DriftMonitor:
         if not isinstance(parameters, Mapping):
             raise SitebenchError("drift: parameters must be a dict")
         params = {k: v for k, v in jsonable(dict(parameters)).items() if not _ignored(k)}
-        scanner = scanner_key(parameters)
+        scanner = scanner_key(parameters) + (f"|{series_type}" if series_type else "")
         per_site = self._state["baselines"].setdefault(site, {})
         entry = per_site.get(scanner)
         if entry is None:

@@ -67,7 +67,7 @@ RAYLEIGH_TO_SIGMA = math.sqrt(2.0 / (4.0 - math.pi))  # std(Rayleigh) * this = G
 BACKGROUND_DILATION = 3  # voxels between head mask and air mask
 MIN_AIR_VOXELS = 100
 QI1_TAIL_P = 1e-4
-GMM_MAX_SAMPLES = 200_000
+GMM_MAX_SAMPLES = 50_000  # a 1-D, 3-class mixture is well determined by far fewer
 WHOLE_HEAD_RADIUS_MM = 85.0  # equivalent-sphere radius above which the mask is a whole head, not a brain
 SCALP_RIM_MM = 20.0  # outer rim of a whole head left out of the tissue mixture
 
@@ -113,6 +113,23 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
+COARSE_ABOVE_VOXELS = 4_000_000  # masks of larger volumes are shaped on a 2x coarser grid
+
+
+def coarse_factor(shape: tuple[int, ...]) -> int:
+    """Grid step for mask morphology: 2 for large volumes, where it is most of the cost."""
+    return 2 if int(np.prod(shape)) > COARSE_ABOVE_VOXELS else 1
+
+
+def _upsample(mask: np.ndarray, factor: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour upsampling of a coarse mask back onto the full grid."""
+    if factor == 1:
+        return mask
+    for axis in range(3):
+        mask = np.repeat(mask, factor, axis=axis)
+    return np.ascontiguousarray(mask[: shape[0], : shape[1], : shape[2]])
+
+
 def head_mask(image: np.ndarray) -> np.ndarray:
     """Otsu threshold (of log intensities), largest connected component, closing, hole filling.
 
@@ -130,7 +147,12 @@ def head_mask(image: np.ndarray) -> np.ndarray:
         mask = lab == int(np.argmax(sizes))
     struct = ndimage.generate_binary_structure(3, 1)
     mask = ndimage.binary_closing(mask, struct, iterations=2, border_value=0)
-    return ndimage.binary_fill_holes(mask)
+    # fill holes: background components that do not touch the volume's faces (much faster than
+    # ndimage.binary_fill_holes, which dilates from the border one voxel per iteration)
+    outside, _ = ndimage.label(~mask)
+    faces = np.unique(np.concatenate([outside[[0, -1]].ravel(), outside[:, [0, -1]].ravel(),
+                                      outside[:, :, [0, -1]].ravel()]))
+    return ~np.isin(outside, faces[faces > 0])
 
 
 def air_mask(head: np.ndarray, dilation: int = BACKGROUND_DILATION) -> np.ndarray:
@@ -150,7 +172,14 @@ def gmm_tissues(image: np.ndarray, head: np.ndarray, seed: int = 0) -> dict[str,
     gmm = GaussianMixture(n_components=3, init_params="k-means++", n_init=3, random_state=seed, max_iter=200)
     gmm.fit(sample.reshape(-1, 1))
     order = np.argsort(gmm.means_.ravel())
-    pred = gmm.predict(values.reshape(-1, 1))
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if values.size > 65_536 and hi - lo < 65_536 and np.array_equal(values, np.rint(values)):
+        # integer intensities (DICOM): classify each distinct level once, then look it up
+        levels = np.arange(lo, hi + 1.0)
+        offsets = (values - lo).astype(np.int64)
+        pred = gmm.predict(levels.reshape(-1, 1))[offsets]
+    else:
+        pred = gmm.predict(values.reshape(-1, 1))
     out = {}
     for name, comp in zip(TISSUES, order):
         m = np.zeros(image.shape, dtype=bool)
@@ -163,14 +192,14 @@ def gmm_tissues(image: np.ndarray, head: np.ndarray, seed: int = 0) -> dict[str,
 
 def efc(image: np.ndarray) -> float | None:
     """Entropy focus criterion normalised by its maximum (MRIQC)."""
-    x = np.clip(np.asarray(image, dtype=np.float64).ravel(), 0, None)
+    x = np.asarray(image).ravel()
     n = x.size
-    b_max = math.sqrt(float(np.sum(x * x)))
+    positive = x[x > 0].astype(np.float64)  # negatives count as 0, and 0 * log 0 = 0
+    b_max = math.sqrt(float(np.dot(positive, positive)))
     if n < 2 or b_max <= 0:
         return None
-    b = x / b_max
-    nz = b > 0
-    entropy = -float(np.sum(b[nz] * np.log(b[nz])))
+    b = positive / b_max
+    entropy = -float(np.dot(b, np.log(b)))
     e_max = -math.sqrt(n) * math.log(1.0 / math.sqrt(n))
     return entropy / e_max
 
@@ -178,13 +207,13 @@ def efc(image: np.ndarray) -> float | None:
 def fwhm_afni(image: np.ndarray, mask: np.ndarray, voxel_mm: tuple[float, float, float]
               ) -> tuple[list[float | None], float | None]:
     """AFNI 3dFWHMx (classic) smoothness per axis in mm, and the geometric mean."""
-    x = np.asarray(image, dtype=np.float64)
+    x = np.asarray(image, dtype=np.float32)
     mask = np.asarray(mask, dtype=bool)
     vals = x[mask]
     out: list[float | None] = []
     if vals.size < 10:
         return [None, None, None], None
-    var = float(np.var(vals, ddof=1))
+    var = float(np.var(vals, ddof=1, dtype=np.float64))
     for axis in range(3):
         if x.shape[axis] < 2 or var <= 0:
             out.append(None)
@@ -194,11 +223,11 @@ def fwhm_afni(image: np.ndarray, mask: np.ndarray, voxel_mm: tuple[float, float,
         lo[axis] = slice(0, -1)
         hi[axis] = slice(1, None)
         both = mask[tuple(lo)] & mask[tuple(hi)]
-        d = (x[tuple(hi)] - x[tuple(lo)])[both]
+        d = x[tuple(hi)][both] - x[tuple(lo)][both]
         if d.size < 10:
             out.append(None)
             continue
-        rho = 1.0 - float(np.var(d, ddof=1)) / (2.0 * var)
+        rho = 1.0 - float(np.var(d, ddof=1, dtype=np.float64)) / (2.0 * var)
         if not 0.0 < rho < 1.0:
             out.append(None)
             continue
@@ -218,8 +247,26 @@ def qi1(image: np.ndarray, air_nonzero: np.ndarray) -> tuple[float | None, float
         return None, None
     thr = sigma * math.sqrt(-2.0 * math.log(QI1_TAIL_P))
     hot = (np.abs(image) > thr) & air_nonzero
-    hot = ndimage.binary_opening(hot, np.ones((3, 3, 3), dtype=bool))
-    return float(hot.sum()) / float(vals.size), thr
+    if not hot.any():
+        return 0.0, thr
+    # the opening only changes voxels near hot ones: run it on their bounding box (plus margin)
+    box = tuple(slice(max(int(i.min()) - 2, 0), int(i.max()) + 3) for i in np.nonzero(hot))
+    opened = _open_cube3(hot[box])
+    return float(opened.sum()) / float(vals.size), thr
+
+
+def _open_cube3(mask: np.ndarray) -> np.ndarray:
+    """Binary opening by a 3x3x3 cube (outside counts as 0), done as separable 1-D min/max filters.
+
+    Same result as ``ndimage.binary_opening(mask, np.ones((3, 3, 3)))``, several times faster:
+    erosion and dilation by a box factor into one pass per axis.
+    """
+    out = mask.astype(np.uint8)
+    for axis in range(3):
+        out = ndimage.minimum_filter1d(out, 3, axis=axis, mode="constant", cval=0)
+    for axis in range(3):
+        out = ndimage.maximum_filter1d(out, 3, axis=axis, mode="constant", cval=0)
+    return out.astype(bool)
 
 
 def _stats(image: np.ndarray, mask: np.ndarray) -> tuple[float, float, int]:
@@ -253,7 +300,7 @@ def image_quality(image: np.ndarray, voxel_mm: tuple[float, float, float],
         raise SitebenchError(f"voxel size must be three positive numbers, got {voxel_mm}")
     voxel = tuple(float(v) for v in list(voxel_mm)[:3])
     notes: list[str] = []
-    img = img.astype(np.float64)
+    img = img.astype(np.float32)
     bad = ~np.isfinite(img)
     if bad.any():
         notes.append(f"{int(bad.sum())} non-finite voxels set to 0")
@@ -264,8 +311,14 @@ def image_quality(image: np.ndarray, voxel_mm: tuple[float, float, float],
         notes.append(f"{int((img < 0).sum())} negative voxels (clipped to 0 for EFC only)")
 
     metrics: dict[str, float | None] = {k: None for k in METRIC_KEYS}
-    head = head_mask(img)
-    air = air_mask(head)
+    # masks are shaped on a coarser grid for large volumes (morphology dominates the cost);
+    # every statistic is still taken over full-resolution voxels
+    step = coarse_factor(img.shape)
+    coarse_head = head_mask(img[::step, ::step, ::step])
+    head = _upsample(coarse_head, step, img.shape)
+    air = _upsample(air_mask(coarse_head, math.ceil(BACKGROUND_DILATION / step)), step, img.shape)
+    if step > 1:
+        notes.append(f"head and air masks shaped on a {step}x coarser grid")
 
     # tissues
     if labels is not None:
@@ -288,8 +341,11 @@ def image_quality(image: np.ndarray, voxel_mm: tuple[float, float, float],
         source = "3-class Gaussian mixture on head voxels"
         radius = (3.0 * float(head.sum()) * float(np.prod(voxel)) / (4.0 * math.pi)) ** (1.0 / 3.0)
         if radius > WHOLE_HEAD_RADIUS_MM:
-            depth = ndimage.distance_transform_edt(head, sampling=voxel)
-            core = depth > SCALP_RIM_MM
+            # the 20 mm rim is a crude stand-in for skull stripping: a 2x coarser grid again is enough
+            rim_step = 2 * step
+            depth = ndimage.distance_transform_edt(coarse_head[::2, ::2, ::2],
+                                                   sampling=tuple(v * rim_step for v in voxel))
+            core = _upsample(depth > SCALP_RIM_MM, rim_step, img.shape) & head
             if core.sum() >= 1000:
                 region = core
                 source = (f"3-class Gaussian mixture on head voxels deeper than {SCALP_RIM_MM:g} mm "
@@ -336,8 +392,8 @@ def image_quality(image: np.ndarray, voxel_mm: tuple[float, float, float],
         sigma_noise = sigma_air * RAYLEIGH_TO_SIGMA
         if len(stats) == 3:
             metrics["snrd_total"] = _finite(np.mean([stats[t][0] / sigma_noise for t in TISSUES]))
-        fg_energy = float(np.mean(img[head] ** 2)) if head.any() else float("nan")
-        bg_energy = float(np.mean(img[air_nz] ** 2))
+        fg_energy = float(np.mean(np.square(img[head], dtype=np.float64))) if head.any() else float("nan")
+        bg_energy = float(np.mean(np.square(img[air_nz], dtype=np.float64)))
         metrics["fber"] = _finite(fg_energy / bg_energy) if bg_energy > 0 else None
         metrics["qi_1"], _ = qi1(img, air_nz)
 

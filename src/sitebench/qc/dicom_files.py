@@ -1,0 +1,189 @@
+"""File-level integrity of received DICOM, and a series' pixels as one 3-D volume.
+
+The gate must say *why* a file cannot be used (not DICOM, truncated, no pixels,
+tags missing, an enhanced file without its functional groups) rather than drop
+it: a dropped file is a lost file. :func:`check_file` never raises on bad
+input; it returns the problems, one short line each, never a tag value.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from sitebench.errors import SitebenchError
+
+__all__ = ["FileCheck", "check_file", "check_bytes", "series_volume", "REQUIRED_TAGS",
+           "ENHANCED_MR_SOP_CLASSES"]
+
+#: Tags without which a file cannot be placed in a series or turned into an image.
+REQUIRED_TAGS: tuple[str, ...] = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                                  "SeriesInstanceUID", "Modality", "Rows", "Columns", "BitsAllocated")
+
+#: Enhanced MR Image, Enhanced MR Color Image, Legacy Converted Enhanced MR Image.
+ENHANCED_MR_SOP_CLASSES: frozenset[str] = frozenset({
+    "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.3", "1.2.840.10008.5.1.4.1.1.4.4"})
+
+_UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
+
+
+@dataclass
+class FileCheck:
+    """What one received file is, and what is wrong with it (empty ``problems`` = usable)."""
+
+    series_uid: str | None = None
+    study_uid: str | None = None
+    sop_uid: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def groupable(self) -> bool:
+        """Whether the file can join a series at all (it has a SeriesInstanceUID)."""
+        return bool(self.series_uid)
+
+
+def check_bytes(data: bytes) -> FileCheck:
+    """Integrity of one file's bytes (see :func:`check_file`)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    except InvalidDicomError:
+        return FileCheck(problems=["not a DICOM file (no DICM preamble or file meta)"])
+    except (OSError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+            NotImplementedError, struct.error) as exc:
+        return FileCheck(problems=[f"DICOM header cannot be read ({type(exc).__name__}): truncated or corrupt"])
+    check = FileCheck(series_uid=str(ds.get("SeriesInstanceUID") or "") or None,
+                      study_uid=str(ds.get("StudyInstanceUID") or "") or None,
+                      sop_uid=str(ds.get("SOPInstanceUID") or "") or None)
+    missing = [kw for kw in REQUIRED_TAGS if kw not in ds or ds[kw].value in (None, "")]
+    if missing:
+        check.problems.append(f"required tags missing: {', '.join(missing)}")
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        check.problems.append("no pixel data")
+    else:
+        short = _pixel_shortfall(ds)
+        if short:
+            check.problems.append(short)
+    if str(ds.get("SOPClassUID", "")) in ENHANCED_MR_SOP_CLASSES:
+        for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+            if not ds.get(group):
+                check.problems.append(f"enhanced MR image without {group}")
+        frames = _int(ds.get("NumberOfFrames")) or 1
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        if per_frame and len(per_frame) != frames:
+            check.problems.append(f"PerFrameFunctionalGroupsSequence has {len(per_frame)} items "
+                                  f"for {frames} frames")
+    return check
+
+
+def check_file(path: str | Path) -> FileCheck:
+    """Integrity of one file on disk; unreadable files are a problem, not an exception."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return FileCheck(problems=[f"cannot be read: {exc.strerror or exc}"])
+    return check_bytes(data)
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _pixel_shortfall(ds) -> str | None:
+    """A truncation message when native pixel data is shorter than its geometry needs."""
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    if syntax not in _UNCOMPRESSED or "PixelData" not in ds:
+        return None
+    dims = [_int(ds.get(k)) for k in ("Rows", "Columns", "BitsAllocated")]
+    if any(d is None or d <= 0 for d in dims):
+        return None
+    rows, cols, bits = dims  # type: ignore[misc]
+    frames = _int(ds.get("NumberOfFrames")) or 1
+    samples = _int(ds.get("SamplesPerPixel")) or 1
+    need = math.ceil(rows * cols * frames * samples * bits / 8)
+    have = len(ds.PixelData or b"")
+    if have < need:
+        return f"pixel data truncated: {have} of {need} bytes"
+    return None
+
+
+def series_volume(files: Sequence[str | Path]) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Stack a series' slices (classic) or frames (enhanced) along the slice normal.
+
+    Returns the volume (rows, columns, slices) in stored units after rescale, and the voxel
+    size in mm (row spacing, column spacing, slice spacing from positions). Raises
+    SitebenchError naming the first file whose pixels cannot be decoded.
+    """
+    import pydicom
+
+    slices: list[tuple[float, np.ndarray]] = []
+    spacing: tuple[float, float] | None = None
+    normal: np.ndarray | None = None
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f)
+            pixels = np.asarray(ds.pixel_array, dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad pixels
+            raise SitebenchError(f"pixels cannot be decoded ({type(exc).__name__})", f) from None
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        frames = pixels if pixels.ndim == 3 and _int(ds.get("NumberOfFrames")) else pixels[None]
+        geometry = _frame_geometry(ds, len(frames))
+        for (position, orientation, pixel_spacing), frame in zip(geometry, frames):
+            if normal is None and orientation is not None:
+                row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:6], float)
+                normal = np.cross(row, col)
+            if spacing is None and pixel_spacing is not None:
+                spacing = (float(pixel_spacing[0]), float(pixel_spacing[1]))
+            where = float(np.dot(normal, position)) if normal is not None and position is not None \
+                else float(len(slices))
+            slices.append((where, frame * slope + intercept))
+    if not slices:
+        raise SitebenchError("series holds no image frames")
+    shapes = {s.shape for _, s in slices}
+    if len(shapes) != 1:
+        raise SitebenchError(f"series mixes image sizes {sorted(shapes)}")
+    slices.sort(key=lambda item: item[0])
+    positions = np.array([w for w, _ in slices])
+    steps = np.diff(positions)
+    slice_mm = float(np.median(steps)) if len(steps) and np.median(steps) > 0 else 1.0
+    volume = np.stack([s for _, s in slices], axis=-1)
+    row_mm, col_mm = spacing or (1.0, 1.0)
+    return volume, (row_mm, col_mm, slice_mm)
+
+
+def _frame_geometry(ds, n_frames: int) -> list[tuple]:
+    """(position, orientation, pixel spacing) per frame; enhanced files keep them in functional groups."""
+    top = (ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing"))
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    if not per_frame and shared is None:
+        return [top] * n_frames
+
+    def find(groups, seq, keyword):
+        for group in groups:
+            if group is not None and group.get(seq):
+                value = group.get(seq)[0].get(keyword)
+                if value is not None:
+                    return value
+        return None
+
+    out = []
+    for index in range(n_frames):
+        frame = per_frame[index] if index < len(per_frame) else None
+        groups = (frame, shared)
+        out.append((find(groups, "PlanePositionSequence", "ImagePositionPatient") or top[0],
+                    find(groups, "PlaneOrientationSequence", "ImageOrientationPatient") or top[1],
+                    find(groups, "PixelMeasuresSequence", "PixelSpacing") or top[2]))
+    return out
