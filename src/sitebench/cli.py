@@ -179,17 +179,54 @@ def cmd_qc_protocol_lock(args: argparse.Namespace) -> int:
 
 
 def cmd_qc_check(args: argparse.Namespace) -> int:
-    from sitebench.qc.dicom_params import read_series
-    from sitebench.qc.protocol import check_series, load_protocol
+    from sitebench.qc.dicom_params import dicom_files
+    from sitebench.qc.gate import Gate
+    from sitebench.qc.protocol import load_protocol
 
-    protocol = load_protocol(args.protocol)
-    verdicts = [check_series(series.parameters, protocol) for series in read_series(args.path)]
+    gate = Gate([load_protocol(args.protocol)], image_quality=args.iqm, require_locked=False, match=False)
+    outcomes = gate.check_files(dicom_files(args.path), site=args.site)
     if args.json:
-        print(json.dumps([v.to_dict() for v in verdicts], indent=2))
+        print(json.dumps([o.to_dict() for o in outcomes], indent=2))
     else:
-        for verdict in verdicts:
-            print(verdict.summary())
-    return EXIT_VERIFY_FAILED if any(v.status == "fail" for v in verdicts) else 0
+        for outcome in outcomes:
+            print(outcome.summary())
+    return EXIT_VERIFY_FAILED if any(o.status == "fail" for o in outcomes) else 0
+
+
+def cmd_qc_serve(args: argparse.Namespace) -> int:
+    from sitebench.qc.intake import load_intake_config, serve
+
+    config = load_intake_config(args.config)
+    updates = {}
+    if args.dicom_port is not None and config.dicom is not None:
+        updates["dicom"] = config.dicom.model_copy(update={"port": args.dicom_port})
+    if args.http_port is not None and config.http is not None:
+        updates["http"] = config.http.model_copy(update={"port": args.http_port})
+    serve(config.model_copy(update=updates))
+    return 0
+
+
+def cmd_qc_status(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from sitebench.qc.records import QCRecords, database_url
+
+    if args.database is None and not (Path(args.store) / "qc.db").exists():
+        raise SitebenchError("no QC database here (qc.db); give the intake store or --database URL", args.store)
+    rows = QCRecords(database_url(args.store, args.database)).site_status()
+    if args.json:
+        print(json.dumps([{**asdict(r), "rescan_rate": r.rescan_rate} for r in rows], indent=2))
+        return 0
+    head = f"{'site':<10}{'series':>7}{'pass':>6}{'warn':>6}{'fail':>6}{'undet':>6}{'unmatch':>8}" \
+           f"{'open dev':>9}{'drift':>6}{'rescan':>8}{'rejected':>9}"
+    print(head)
+    for r in rows:
+        print(f"{r.site:<10}{r.series:>7}{r.passed:>6}{r.warned:>6}{r.failed:>6}{r.undetermined:>6}"
+              f"{r.unmatched:>8}{r.open_deviations:>9}{r.drift_events:>6}{100 * r.rescan_rate:>7.1f}%"
+              f"{r.rejected_files:>9}")
+    if not rows:
+        print("(no series checked yet)")
+    return 0
 
 
 def cmd_qc_iqm(args: argparse.Namespace) -> int:
@@ -302,8 +339,26 @@ def build_parser() -> argparse.ArgumentParser:
                                       "deviation. Exit 1 if any series fails.")
     check.add_argument("path", help="DICOM file or folder")
     check.add_argument("--protocol", required=True, help="protocol YAML (locked or draft)")
+    check.add_argument("--site", default="offline", help="site name for drift and image-quality history")
+    check.add_argument("--iqm", action="store_true", help="also compute image-quality metrics and thresholds")
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=cmd_qc_check)
+    serve_cmd = qc.add_parser("serve", help="run the upload-time gate: DICOM C-STORE, STOW-RS, watched folder",
+                              description="Receive series (DICOM Storage SCP with an AE title per site, "
+                                          "DICOMweb STOW-RS upload, a watched folder), store every file "
+                                          "content-addressed before acknowledging it, and give each series its "
+                                          "verdict once it has been quiet. Runs until interrupted.")
+    serve_cmd.add_argument("--config", required=True, help="intake YAML (see configs/qc_intake.yaml)")
+    serve_cmd.add_argument("--dicom-port", type=int, help="override the DICOM port")
+    serve_cmd.add_argument("--http-port", type=int, help="override the HTTP port")
+    serve_cmd.set_defaults(func=cmd_qc_serve)
+    status = qc.add_parser("status", help="per-site table: verdicts, open deviations, drift, re-scan rate",
+                           description="Counts of pass/warn/fail/undetermined/unmatched series (latest verdict "
+                                       "each), open deviations, drift events, the re-scan rate and rejected files.")
+    status.add_argument("--store", default="qc-store", help="intake store folder (holds qc.db)")
+    status.add_argument("--database", help="SQLAlchemy URL instead of the store's SQLite file")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_qc_status)
     iqm = qc.add_parser("iqm", help="image-quality metrics of a volume (MRIQC definitions)",
                         description="SNR, CNR, CJV, EFC, FBER, FWHM, a QI1-style artefact fraction and WM2MAX "
                                     "on a NIfTI volume; tissues from --labels or a 3-class mixture.")

@@ -55,7 +55,7 @@ PARAMETER_KEYS: tuple[str, ...] = (
     "PercentPhaseFOV", "PercentSampling", "NumberOfAverages", "EchoTrainLength",
     "PixelBandwidth", "PhaseEncodingDirection",
     "InPlanePhaseEncodingDirectionDICOM", "ParallelReductionFactorInPlane",
-    "MultibandAccelerationFactor", "ImageType",
+    "MultibandAccelerationFactor", "ImageType", "SeriesDescription", "ProtocolName",
 )
 
 #: PS3.15 Annex E Basic Profile identifiers we check for (names only).
@@ -466,6 +466,9 @@ def _series_parameters(datasets: list) -> dict[str, Any]:
         mb = mb or _asc_num(asc, "sSliceAcceleration.lMultiBandFactor")
     put("MultibandAccelerationFactor", mb)
     put("ImageType", image_type or None)
+    # what protocols match on (dcm2niix reports both); operational labels, not identifiers
+    put("SeriesDescription", _text(_get(ds, "SeriesDescription", enh)))
+    put("ProtocolName", _text(_get(ds, "ProtocolName", enh)))
 
     # slices and coverage along the slice normal
     n_slices, coverage = None, None

@@ -397,11 +397,19 @@ class Protocol(_Strict):
     coverage: Coverage | None = None
     slice_gap: SliceGap | None = None
     overrides: list[Override] = Field(default_factory=list)
+    #: image-quality metric -> rule (keys of sitebench.qc.image_quality.METRIC_KEYS)
+    image_quality: dict[str, Rule] = Field(default_factory=dict)
     lock: LockInfo | None = None
 
     def content(self) -> dict[str, Any]:
-        """The protocol as JSON-able data, without the lock block: what the hash covers."""
-        return self.model_dump(mode="json", exclude={"lock"})
+        """The protocol as JSON-able data, without the lock block: what the hash covers.
+
+        An empty ``image_quality`` is left out, so protocols locked before it existed keep their hash.
+        """
+        data = self.model_dump(mode="json", exclude={"lock"})
+        if not data["image_quality"]:
+            del data["image_quality"]
+        return data
 
     def content_sha256(self) -> str:
         return sha256_json(self.content())
@@ -434,6 +442,10 @@ class Protocol(_Strict):
         data = self.model_dump(mode="json", exclude_none=True)
         kind_first = lambda rules: {k: {"kind": r["kind"], **r} for k, r in rules.items()}  # noqa: E731
         data["parameters"] = kind_first(data["parameters"])
+        if data.get("image_quality"):
+            data["image_quality"] = kind_first(data["image_quality"])
+        else:
+            data.pop("image_quality", None)
         for override in data["overrides"]:
             override["parameters"] = kind_first(override["parameters"])
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=None, width=100)
@@ -529,7 +541,7 @@ def _parse_protocol(data: dict[str, Any], source: str | Path) -> Protocol:
         error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         loc = list(error["loc"])
         for i in range(2, len(loc)):
-            if loc[i - 2] == "parameters" and loc[i] in _RULE_KINDS:
+            if loc[i - 2] in ("parameters", "image_quality") and loc[i] in _RULE_KINDS:
                 del loc[i]
                 break
         where = ".".join(str(part) for part in loc) or "(top level)"
@@ -673,24 +685,9 @@ def _missing(value: Any) -> bool:
 def check_series(parameters: dict[str, Any], protocol: Protocol) -> Verdict:
     """Check one series' parameters against a protocol (matching is :func:`match_protocol`'s job)."""
     rules, applied, undecided = protocol.rules_for(parameters)
-    checks: list[Deviation] = []
-    recorded: dict[str, Any] = {}
-    for key, rule in rules.items():
-        observed = parameters.get(key)
-        if isinstance(rule, RecordRule):
-            recorded[key] = None if _missing(observed) else observed
-            continue
-        expected = rule.describe()
-        if key in undecided:
-            status, note = "undetermined", undecided[key]
-        elif _missing(observed):
-            status, note = "undetermined", "parameter missing from the series"
-        elif rule.holds(observed):
-            status, note = "pass", ""
-        else:
-            status, note = rule.severity, ""
-        checks.append(Deviation(key, expected, None if _missing(observed) else observed,
-                                rule.kind, rule.severity, status, note))
+    recorded = {key: None if _missing(parameters.get(key)) else parameters.get(key)
+                for key, rule in rules.items() if isinstance(rule, RecordRule)}
+    checks = check_values(parameters, rules, undecided)
     if protocol.coverage is not None:
         cov = protocol.coverage
         observed = parameters.get("SliceCoverageMM")
@@ -717,18 +714,42 @@ def check_series(parameters: dict[str, Any], protocol: Protocol) -> Verdict:
             ok = gap <= gap_rule.max_gap_mm + _EPS * max(1.0, abs(gap_rule.max_gap_mm))
             checks.append(Deviation("SliceGapMM", expected, round(gap, 6), "slice_gap", gap_rule.severity,
                                     "pass" if ok else gap_rule.severity))
+    return Verdict(status=overall_status(checks), protocol=protocol.name, version=protocol.version,
+                   content_sha256=protocol.content_sha256(),
+                   deviations=[c for c in checks if c.status != "pass"], checks=checks,
+                   recorded=recorded, overrides_applied=applied)
+
+
+def check_values(values: dict[str, Any], rules: dict[str, Any], undecided: dict[str, str] | None = None,
+                 prefix: str = "") -> list[Deviation]:
+    """One check per non-record rule; a value that is absent is undetermined, never a pass."""
+    undecided = undecided or {}
+    checks: list[Deviation] = []
+    for key, rule in rules.items():
+        if isinstance(rule, RecordRule):
+            continue
+        observed = values.get(key)
+        if key in undecided:
+            status, note = "undetermined", undecided[key]
+        elif _missing(observed):
+            status, note = "undetermined", "parameter missing from the series"
+        elif rule.holds(observed):
+            status, note = "pass", ""
+        else:
+            status, note = rule.severity, ""
+        checks.append(Deviation(prefix + key, rule.describe(), None if _missing(observed) else observed,
+                                rule.kind, rule.severity, status, note))
+    return checks
+
+
+def overall_status(checks: list[Deviation]) -> str:
+    """fail beats undetermined (of a fail rule) beats warn beats pass."""
     deviations = [c for c in checks if c.status != "pass"]
     if any(d.status == "fail" for d in deviations):
-        status = "fail"
-    elif any(d.status == "undetermined" and d.severity == "fail" for d in deviations):
-        status = "undetermined"
-    elif deviations:
-        status = "warn"
-    else:
-        status = "pass"
-    return Verdict(status=status, protocol=protocol.name, version=protocol.version,
-                   content_sha256=protocol.content_sha256(), deviations=deviations, checks=checks,
-                   recorded=recorded, overrides_applied=applied)
+        return "fail"
+    if any(d.status == "undetermined" and d.severity == "fail" for d in deviations):
+        return "undetermined"
+    return "warn" if deviations else "pass"
 
 
 def match_protocol(parameters: dict[str, Any], protocols: list[Protocol]) -> Protocol | None:

@@ -1,0 +1,281 @@
+"""The upload-time gate as a site sends to it: dcmtk's storescu, STOW-RS over HTTP, a watched folder.
+
+Every test runs the real `sitebench qc serve` in a subprocess with a real SQLite database and
+audit trail in a temp folder, and sends real series from ../shared/data/dicom.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+
+from sitebench.audit import verify_trail
+from sitebench.provenance import sha256_file
+from sitebench.qc.dicom_params import read_series
+from sitebench.qc.protocol import draft_protocol, lock_protocol
+from sitebench.qc.records import QCRecords, database_url
+
+DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
+T1 = DICOM / "dcm_qa_deident" / "In"
+ENHANCED = DICOM / "dcm_qa_enh" / "In" / "Philips" / "IM_0027_fMAP.dcm"
+STORESCU = Path("/usr/bin/storescu")  # dcmtk's; pynetdicom installs a different storescu in the venv
+SITE_AE = "S01_MR1"
+
+pytestmark = [
+    pytest.mark.skipif(not T1.exists(), reason="needs ../shared/data/dicom"),
+    pytest.mark.skipif(not STORESCU.exists(), reason="needs dcmtk's /usr/bin/storescu (apt-get install dcmtk)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def protocols(tmp_path_factory) -> Path:
+    """The T1 protocol drafted from the real series, locked by a named person."""
+    root = tmp_path_factory.mktemp("protocols")
+    (series,) = read_series(T1)
+    draft = draft_protocol(series.parameters, "ge-t1w").save(root / "draft.yaml")
+    lock_protocol(draft, who="A. Physicist", why="site qualification", lock_dir=root / "locked")
+    return root / "locked"
+
+
+class Service:
+    """`sitebench qc serve` in a subprocess, with helpers to wait on its database."""
+
+    def __init__(self, tmp: Path, protocols: Path, **overrides) -> None:
+        self.store = tmp / "store"
+        self.inbox = tmp / "inbox"
+        self.dicom_port, self.http_port = free_port(), free_port()
+        config = {"store": str(self.store), "protocols": str(protocols), "folder": str(self.inbox),
+                  "sites": {"S01": {"ae_titles": [SITE_AE]}, "S02": {"ae_titles": ["S02_MR1"]}},
+                  "dicom": {"host": "127.0.0.1", "port": self.dicom_port, "ae_title": "SITEBENCH"},
+                  "http": {"host": "127.0.0.1", "port": self.http_port},
+                  "quiet_seconds": 1.0, "image_quality": False, **overrides}
+        self.config = tmp / "intake.yaml"
+        self.config.write_text(yaml.safe_dump(config))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Service":
+        self.proc = subprocess.Popen([sys.executable, "-m", "sitebench.cli", "qc", "serve", "--config", str(self.config)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert '"listening"' in line, line + self.proc.stderr.read()
+        return self
+
+    def stop(self, sig=signal.SIGTERM) -> str:
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+        return self.proc.stderr.read()
+
+    @property
+    def records(self) -> QCRecords:
+        return QCRecords(database_url(self.store))
+
+    def wait_for_verdicts(self, n: int, timeout: float = 90) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = self.records.latest_verdicts()
+            if len(rows) >= n and not self.records.open_series():
+                return rows
+            assert self.proc.poll() is None, self.proc.stderr.read()
+            time.sleep(0.3)
+        self.stop()
+        raise AssertionError(f"no {n} verdicts after {timeout}s: {self.records.latest_verdicts()}; "
+                             f"open: {self.records.open_series()}; service log: {self.proc.stderr.read()[-3000:]}")
+
+    def storescu(self, *paths: Path, aet: str = SITE_AE, check: bool = True) -> subprocess.CompletedProcess:
+        args = [str(STORESCU), "-v", "-aet", aet, "-aec", "SITEBENCH", "+sd", "+r", "127.0.0.1",
+                str(self.dicom_port), *map(str, paths)]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        if check:
+            assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
+    def stow(self, site: str, parts: list[bytes]) -> tuple[int, dict]:
+        import requests
+
+        boundary = "sitebench-test-boundary"
+        body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+                        for p in parts) + b"--" + boundary.encode() + b"--\r\n"
+        reply = requests.post(f"http://127.0.0.1:{self.http_port}/dicomweb/{site}/studies", data=body, timeout=60,
+                              headers={"Content-Type": f'multipart/related; type="application/dicom"; '
+                                                       f'boundary={boundary}'})
+        return reply.status_code, reply.json()
+
+
+@pytest.fixture
+def service(tmp_path, protocols):
+    svc = Service(tmp_path, protocols).start()
+    yield svc
+    if svc.proc.poll() is None:
+        svc.stop()
+
+
+def audit_records(service: Service) -> list[dict]:
+    return [json.loads(line) for line in (service.store / "audit.jsonl").read_text().splitlines()]
+
+
+def test_storescu_series_gets_its_verdict_in_database_and_audit(service):
+    service.storescu(T1)
+    (verdict,) = service.wait_for_verdicts(1)
+    assert verdict["status"] == "pass" and verdict["n_files"] == 196 and verdict["site"] == "S01"
+    assert verdict["protocol"] == "ge-t1w" and verdict["protocol_version"] == 1
+    assert service.records.file_count() == 196
+    trail = audit_records(service)
+    whats = [r["what"] for r in trail]
+    assert "transfer received" in whats and "verdict" in whats
+    audited = next(r for r in trail if r["what"] == "verdict")
+    assert audited["subject"] == f"series {verdict['series_key']}" and audited["details"]["status"] == "pass"
+    assert verify_trail(service.store / "audit.jsonl").ok
+    # identifiers: attribute names are a finding, values never reach the database or the trail
+    first = pydicom.dcmread(next(T1.iterdir()), stop_before_pixels=True)
+    assert "PatientName" in audited["details"]["phi_attributes_present"]
+    values = [str(first.get(k, "")).strip() for k in ("PatientName", "PatientID", "SeriesInstanceUID",
+                                                         "StudyInstanceUID", "DeviceSerialNumber")]
+    text = (service.store / "audit.jsonl").read_text() + (service.store / "qc.db").read_bytes().decode("latin-1")
+    for value in filter(None, values):
+        assert value not in text
+
+    # a resend of the same series is idempotent: no new files, no second verdict
+    service.storescu(T1)
+    time.sleep(2.5)
+    assert service.records.file_count() == 196 and len(service.records.latest_verdicts()) == 1
+
+    # qc status shows the site
+    status = subprocess.run([sys.executable, "-m", "sitebench.cli", "qc", "status", "--store", str(service.store),
+                             "--json"], capture_output=True, text=True, timeout=60)
+    (row,) = json.loads(status.stdout)
+    assert row["site"] == "S01" and row["passed"] == 1 and row["series"] == 1
+
+
+def test_unknown_calling_ae_title_is_refused_and_audited(service):
+    result = service.storescu(next(T1.iterdir()), aet="STRANGER", check=False)
+    assert result.returncode != 0
+    assert service.records.file_count() == 0
+    assert any(r["what"] == "association rejected" and "STRANGER" in r["subject"] for r in audit_records(service))
+
+
+def _modified(path: Path, out: Path, edit) -> Path:
+    ds = pydicom.dcmread(path)
+    edit(ds)
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_bad_input_is_stored_audited_and_the_service_keeps_serving(tmp_path, protocols):
+    svc = Service(tmp_path, protocols, max_file_mb=1.0).start()
+    try:
+        files = sorted(T1.iterdir())
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        # 1. truncated file and 2. a file that is not DICOM, over STOW-RS
+        data = files[0].read_bytes()
+        code, reply = svc.stow("S01", [data[: len(data) - 4000], b"this is not DICOM\n" * 10])
+        assert code == 409, reply
+        reasons = [f["reason"] for f in reply["00081198"]]
+        assert "truncated" in reasons[0] and "not a DICOM file" in reasons[1]
+        # 3. DICOM without pixel data, 4. missing required tags: storescu; new instances of the T1 series
+        def new_instance(ds, drop):
+            ds.SOPInstanceUID = pydicom.uid.generate_uid()
+            delattr(ds, drop)
+        no_pixels = _modified(files[1], bad / "nopix.dcm", lambda ds: new_instance(ds, "PixelData"))
+        no_rows = _modified(files[2], bad / "norows.dcm", lambda ds: new_instance(ds, "Rows"))
+        svc.storescu(no_pixels, no_rows)
+        # 5. two series in one transfer: the T1 with a copy of three slices under a new SeriesInstanceUID
+        other = bad / "other"
+        other.mkdir()
+        new_uid = pydicom.uid.generate_uid()
+        for f in files[:3]:
+            _modified(f, other / f.name, lambda ds: (setattr(ds, "SeriesInstanceUID", new_uid),
+                                                      setattr(ds, "SOPInstanceUID", pydicom.uid.generate_uid())))
+        # 6. an enhanced file that lost its shared functional groups
+        enhanced = _modified(ENHANCED, bad / "enh.dcm", lambda ds: ds.__delattr__("SharedFunctionalGroupsSequence"))
+        # 7. a file far larger than the limit (1 MB here): refused with A700, audited, not stored
+        def huge(ds):
+            ds.Rows, ds.Columns = 1024, 1024
+            ds.PixelData = bytes(1024 * 1024 * 2)
+        big = _modified(files[5], bad / "big.dcm", huge)
+        big_send = svc.storescu(big, check=False)
+        assert "Refused: OutOfResources" in big_send.stdout + big_send.stderr, big_send.stdout + big_send.stderr
+        svc.storescu(T1, other, enhanced)
+
+        verdicts = svc.wait_for_verdicts(3)
+        by_files = {v["n_files"]: v for v in verdicts}
+        # 196 slices + the pixel-less and row-less instances; the truncated copy of slice 1 was
+        # repaired by the full resend of the same instance
+        t1 = by_files[198]
+        assert t1["status"] == "undetermined"
+        assert sorted(t1["file_problems"]) == ["no pixel data", "required tags missing: Rows"]
+        deviations = svc.records.deviations_of(t1["id"])
+        assert {d["parameter"] for d in deviations} == {"FileIntegrity"}
+        # the second series of the transfer is checked on its own: 3 slices miss the coverage
+        short = by_files[3]
+        assert short["status"] == "fail" and short["series_key"] != t1["series_key"]
+        assert "SliceCoverageMM" in {d["parameter"] for d in svc.records.deviations_of(short["id"])}
+        enh = by_files[1]
+        assert enh["protocol"] is None and enh["status"] == "unmatched"  # a Philips field map, not the T1
+        assert "enhanced MR image without SharedFunctionalGroupsSequence" in " ".join(enh["file_problems"])
+
+        trail = audit_records(svc)
+        rejected = [r for r in trail if r["what"] == "file rejected"]
+        assert len(rejected) == 1 and "not a DICOM file" in rejected[0]["why"]  # the truncated one has a series
+        assert any(r["what"] == "file refused" and "exceeds" in r["why"] for r in trail)
+        assert all(p.exists() for p in (svc.store / "objects").rglob("*") if p.is_file())
+        assert svc.records.rejected_files()[0]["problems"] == ["not a DICOM file (no DICM preamble or file meta)"]
+        assert verify_trail(svc.store / "audit.jsonl").ok
+
+        # still serving: another real series (Siemens XA30 field map) over the watched folder gets its verdict
+        drop = svc.inbox / "S02" / "xa30"
+        shutil.copytree(DICOM / "dcm_qa_xa30" / "In" / "9_gre_field_mapping", drop)
+        latest = svc.wait_for_verdicts(4)[-1]
+        assert latest["site"] == "S02" and latest["status"] == "unmatched"
+        assert not any(p.is_file() for p in drop.rglob("*"))  # taken in, then removed from the folder
+    finally:
+        svc.stop()
+
+
+def test_sigkill_mid_series_loses_nothing_acknowledged(tmp_path, protocols):
+    svc = Service(tmp_path, protocols, quiet_seconds=3.0).start()
+    sender = subprocess.Popen([str(STORESCU), "-v", "-aet", SITE_AE, "-aec", "SITEBENCH", "+sd", "+r",
+                               "127.0.0.1", str(svc.dicom_port), str(T1)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while svc.records.file_count() < 60 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    svc.proc.send_signal(signal.SIGKILL)
+    svc.proc.wait(timeout=30)
+    log = sender.communicate(timeout=60)[0]
+    acknowledged = log.count("Received Store Response (Success)")
+    assert 60 <= acknowledged < 196, log[-2000:]
+
+    stored = svc.records.file_count()
+    assert stored >= acknowledged
+    for row in svc.records.series_files(svc.records.open_series()[0]):
+        assert sha256_file(svc.store / row[0]) == Path(row[0]).name  # content-addressed, intact
+
+    # restart: the open series is recovered; the site resends everything and gets one verdict
+    svc.start()
+    svc.storescu(T1)
+    (verdict,) = svc.wait_for_verdicts(1)
+    assert verdict["n_files"] == 196 and verdict["status"] == "pass"
+    trail = audit_records(svc)
+    starts = [r for r in trail if r["what"] == "intake started"]
+    assert starts[-1]["details"]["open_series_recovered"] == 1
+    assert verify_trail(svc.store / "audit.jsonl").ok
+    svc.stop()
