@@ -51,7 +51,7 @@ PARAMETER_KEYS: tuple[str, ...] = (
     "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle",
     "SliceThickness", "SpacingBetweenSlices", "PixelSpacing", "Rows", "Columns",
     "AcquisitionMatrix", "AcquisitionMatrixPE", "ReconMatrixPE",
-    "ImageOrientationPatientDICOM", "NumberOfSlices", "SliceCoverageMM",
+    "ImageOrientationPatientDICOM", "NumberOfSlices", "SliceCoverageMM", "MaxSliceStepMM",
     "PercentPhaseFOV", "PercentSampling", "NumberOfAverages", "EchoTrainLength",
     "PixelBandwidth", "PhaseEncodingDirection",
     "InPlanePhaseEncodingDirectionDICOM", "ParallelReductionFactorInPlane",
@@ -471,7 +471,7 @@ def _series_parameters(datasets: list) -> dict[str, Any]:
     put("ProtocolName", _text(_get(ds, "ProtocolName", enh)))
 
     # slices and coverage along the slice normal
-    n_slices, coverage = None, None
+    n_slices, coverage, max_step = None, None, None
     if n_mosaic:
         n_slices = n_mosaic
         step = spacing if spacing else thick
@@ -483,8 +483,11 @@ def _series_parameters(datasets: list) -> dict[str, Any]:
         proj = sorted({round(sum(a * b for a, b in zip(pos, normal)), 2) for pos in positions})
         n_slices = len(proj)
         coverage = proj[-1] - proj[0] + (thick or 0.0)
+        if n_slices > 1:  # the widest step between neighbouring slices: a missing slice shows here
+            max_step = max(b - a for a, b in zip(proj, proj[1:]))
     put("NumberOfSlices", n_slices)
     put("SliceCoverageMM", None if coverage is None else _num(round(coverage, 4)))
+    put("MaxSliceStepMM", None if max_step is None else _num(round(max_step, 4)))
     return p
 
 

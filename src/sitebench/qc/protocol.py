@@ -474,6 +474,7 @@ DRAFT_RULES: dict[str, dict[str, Any]] = {
     "FlipAngle": {"kind": "abs", "tol": 1},
     "PixelSpacing": {"kind": "abs", "tol": 0.05},
     "SliceThickness": {"kind": "abs", "tol": 0.05},
+    "NumberOfSlices": {"kind": "exact"},
     "ParallelReductionFactorInPlane": {"kind": "exact", "severity": "warn"},
     "MultibandAccelerationFactor": {"kind": "exact", "severity": "warn"},
     "PixelBandwidth": {"kind": "rel", "tol": 0.05, "severity": "warn"},
@@ -511,7 +512,9 @@ def draft_protocol(parameters: dict[str, Any], name: str, description: str = "")
     coverage = parameters.get("SliceCoverageMM")
     if _is_number(coverage) and coverage > 0:
         data["coverage"] = {"min_mm": round(DRAFT_COVERAGE_FRACTION * float(coverage), 3), "severity": "fail"}
-    spacing, thickness = parameters.get("SpacingBetweenSlices"), parameters.get("SliceThickness")
+    spacing = parameters.get("MaxSliceStepMM")
+    spacing = spacing if _is_number(spacing) else parameters.get("SpacingBetweenSlices")
+    thickness = parameters.get("SliceThickness")
     if _is_number(spacing) and _is_number(thickness):
         gap = max(float(spacing) - float(thickness), 0.0)
         data["slice_gap"] = {"max_gap_mm": round(gap + DRAFT_GAP_SLACK_MM, 3), "severity": "fail"}
@@ -701,23 +704,33 @@ def check_series(parameters: dict[str, Any], protocol: Protocol) -> Verdict:
             checks.append(Deviation("SliceCoverageMM", expected, observed, "coverage", cov.severity,
                                     "pass" if ok else cov.severity))
     if protocol.slice_gap is not None:
-        gap_rule = protocol.slice_gap
-        spacing, thickness = parameters.get("SpacingBetweenSlices"), parameters.get("SliceThickness")
-        expected = f"gap (SpacingBetweenSlices - SliceThickness) <= {_fmt(gap_rule.max_gap_mm)} mm"
-        if not (_is_number(spacing) and _is_number(thickness)):
-            lacking = [k for k, v in (("SpacingBetweenSlices", spacing), ("SliceThickness", thickness))
-                       if not _is_number(v)]
-            checks.append(Deviation("SliceGapMM", expected, None, "slice_gap", gap_rule.severity,
-                                    "undetermined", f"{', '.join(lacking)} missing from the series"))
-        else:
-            gap = float(spacing) - float(thickness)
-            ok = gap <= gap_rule.max_gap_mm + _EPS * max(1.0, abs(gap_rule.max_gap_mm))
-            checks.append(Deviation("SliceGapMM", expected, round(gap, 6), "slice_gap", gap_rule.severity,
-                                    "pass" if ok else gap_rule.severity))
+        checks.append(_slice_gap_check(parameters, protocol.slice_gap))
     return Verdict(status=overall_status(checks), protocol=protocol.name, version=protocol.version,
                    content_sha256=protocol.content_sha256(),
                    deviations=[c for c in checks if c.status != "pass"], checks=checks,
                    recorded=recorded, overrides_applied=applied)
+
+
+def _slice_gap_check(parameters: dict[str, Any], gap_rule: SliceGap) -> Deviation:
+    """Gap = the widest step between neighbouring slice positions (or SpacingBetweenSlices) - thickness.
+
+    Positions catch a slice missing from the middle of a series, which the header's
+    SpacingBetweenSlices cannot show.
+    """
+    spacing = parameters.get("MaxSliceStepMM")
+    if not _is_number(spacing):
+        spacing = parameters.get("SpacingBetweenSlices")
+    thickness = parameters.get("SliceThickness")
+    expected = f"gap (slice step - SliceThickness) <= {_fmt(gap_rule.max_gap_mm)} mm"
+    if not (_is_number(spacing) and _is_number(thickness)):
+        lacking = [k for k, v in (("slice positions or SpacingBetweenSlices", spacing),
+                                  ("SliceThickness", thickness)) if not _is_number(v)]
+        return Deviation("SliceGapMM", expected, None, "slice_gap", gap_rule.severity, "undetermined",
+                         f"{', '.join(lacking)} missing from the series")
+    gap = float(spacing) - float(thickness)
+    ok = gap <= gap_rule.max_gap_mm + _EPS * max(1.0, abs(gap_rule.max_gap_mm))
+    return Deviation("SliceGapMM", expected, round(gap, 6), "slice_gap", gap_rule.severity,
+                     "pass" if ok else gap_rule.severity)
 
 
 def check_values(values: dict[str, Any], rules: dict[str, Any], undecided: dict[str, str] | None = None,
