@@ -19,7 +19,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-SERIES_DIR = Path("/work/shared/data/dicom/dcm_qa_deident/In")  # 196-slice T1, one file per slice
+SERIES_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "dcm_qa_deident" / "In"  # 196-slice T1, one file per slice
 N_SUBJECTS = 3  # mrQA infers the reference protocol only from >= 3 subjects per sequence
 _DISTS = {"dcm2niix": "dcm2niix", "mrqa": "mrQA"}
 

@@ -13,13 +13,13 @@ import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from sitebench.errors import SitebenchError
 
-__all__ = ["FileCheck", "check_file", "check_bytes", "series_volume", "REQUIRED_TAGS",
+__all__ = ["FileCheck", "check_file", "check_bytes", "series_volume", "REQUIRED_TAGS", "VOLUME_TAGS",
            "ENHANCED_MR_SOP_CLASSES"]
 
 #: Tags without which a file cannot be placed in a series or turned into an image.
@@ -49,12 +49,18 @@ class FileCheck:
 
 
 def check_bytes(data: bytes) -> FileCheck:
-    """Integrity of one file's bytes (see :func:`check_file`)."""
+    """Integrity of one file's bytes (see :func:`check_file`).
+
+    The header is parsed up to the pixel data; the pixel data element is then checked
+    from its own header (declared length against the bytes present and against the
+    image geometry) without decoding it, which keeps intake cheap.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    buffer = io.BytesIO(data)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+        ds = pydicom.dcmread(buffer, force=False, stop_before_pixels=True)
     except InvalidDicomError:
         return FileCheck(problems=["not a DICOM file (no DICM preamble or file meta)"])
     except (OSError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError,
@@ -66,12 +72,9 @@ def check_bytes(data: bytes) -> FileCheck:
     missing = [kw for kw in REQUIRED_TAGS if kw not in ds or ds[kw].value in (None, "")]
     if missing:
         check.problems.append(f"required tags missing: {', '.join(missing)}")
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        check.problems.append("no pixel data")
-    else:
-        short = _pixel_shortfall(ds)
-        if short:
-            check.problems.append(short)
+    pixel_problem = _pixel_element_problem(ds, data, buffer.tell())
+    if pixel_problem:
+        check.problems.append(pixel_problem)
     if str(ds.get("SOPClassUID", "")) in ENHANCED_MR_SOP_CLASSES:
         for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
             if not ds.get(group):
@@ -100,28 +103,50 @@ def _int(value) -> int | None:
         return None
 
 
-def _pixel_shortfall(ds) -> str | None:
-    """A truncation message when native pixel data is shorter than its geometry needs."""
+_PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
+_SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def _pixel_element_problem(ds, data: bytes, offset: int) -> str | None:
+    """Read the pixel data element's header at ``offset`` (where the header parse stopped)."""
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
-    if syntax not in _UNCOMPRESSED or "PixelData" not in ds:
-        return None
-    dims = [_int(ds.get(k)) for k in ("Rows", "Columns", "BitsAllocated")]
-    if any(d is None or d <= 0 for d in dims):
-        return None
-    rows, cols, bits = dims  # type: ignore[misc]
-    frames = _int(ds.get("NumberOfFrames")) or 1
-    samples = _int(ds.get("SamplesPerPixel")) or 1
-    need = math.ceil(rows * cols * frames * samples * bits / 8)
-    have = len(ds.PixelData or b"")
-    if have < need:
-        return f"pixel data truncated: {have} of {need} bytes"
+    big = syntax == "1.2.840.10008.1.2.2"
+    endian = ">" if big else "<"
+    if len(data) - offset < 8:
+        return "no pixel data"
+    group, element = struct.unpack(endian + "HH", data[offset:offset + 4])
+    if (group, element) not in _PIXEL_TAGS:
+        return "no pixel data"
+    if syntax == "1.2.840.10008.1.2":  # implicit VR: tag, 4-byte length
+        (declared,), start = struct.unpack("<I", data[offset + 4:offset + 8]), offset + 8
+    elif data[offset + 4:offset + 6] in _LONG_VRS:  # explicit VR: tag, VR, 2 reserved, 4-byte length
+        (declared,), start = struct.unpack(endian + "I", data[offset + 8:offset + 12]), offset + 12
+    else:
+        (declared,), start = struct.unpack(endian + "H", data[offset + 6:offset + 8]), offset + 8
+    have = len(data) - start
+    if declared == 0xFFFFFFFF:  # encapsulated (compressed) frames end with a sequence delimiter
+        return None if data.rstrip(b"\x00")[-4:] == _SEQUENCE_END[:4] or data.endswith(_SEQUENCE_END) \
+            else "pixel data truncated: encapsulated frames without their end delimiter"
+    if have < declared:
+        return f"pixel data truncated: {have} of {declared} bytes"
+    if syntax in _UNCOMPRESSED:
+        dims = [_int(ds.get(k)) for k in ("Rows", "Columns", "BitsAllocated")]
+        if all(d is not None and d > 0 for d in dims):
+            rows, cols, bits = dims  # type: ignore[misc]
+            frames = _int(ds.get("NumberOfFrames")) or 1
+            samples = _int(ds.get("SamplesPerPixel")) or 1
+            need = math.ceil(rows * cols * frames * samples * bits / 8)
+            if declared < need:
+                return f"pixel data shorter than its geometry: {declared} of {need} bytes"
     return None
 
 
-def series_volume(files: Sequence[str | Path]) -> tuple[np.ndarray, tuple[float, float, float]]:
+def series_volume(files: Sequence[Any]) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Stack a series' slices (classic) or frames (enhanced) along the slice normal.
 
-    Returns the volume (rows, columns, slices) in stored units after rescale, and the voxel
+    ``files`` are paths, or datasets already read with :data:`VOLUME_TAGS` (see
+    ``read_series(with_pixels=True)``). Returns the volume (rows, columns, slices) in stored units after rescale, and the voxel
     size in mm (row spacing, column spacing, slice spacing from positions). Raises
     SitebenchError naming the first file whose pixels cannot be decoded.
     """
@@ -132,10 +157,13 @@ def series_volume(files: Sequence[str | Path]) -> tuple[np.ndarray, tuple[float,
     normal: np.ndarray | None = None
     for f in files:
         try:
-            ds = pydicom.dcmread(f)
-            pixels = np.asarray(ds.pixel_array, dtype=np.float32)
+            ds = f if isinstance(f, pydicom.Dataset) else pydicom.dcmread(f, specific_tags=list(VOLUME_TAGS))
+            pixels = _native_pixels(ds)
+            if pixels is None:  # compressed or unusual: let pydicom's decoders handle it
+                ds = pydicom.dcmread(ds.filename if isinstance(f, pydicom.Dataset) else f)
+                pixels = np.asarray(ds.pixel_array, dtype=np.float32)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad pixels
-            raise SitebenchError(f"pixels cannot be decoded ({type(exc).__name__})", f) from None
+            raise SitebenchError(f"pixels cannot be decoded ({type(exc).__name__})", getattr(f, "filename", f)) from None
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         frames = pixels if pixels.ndim == 3 and _int(ds.get("NumberOfFrames")) else pixels[None]
@@ -161,6 +189,29 @@ def series_volume(files: Sequence[str | Path]) -> tuple[np.ndarray, tuple[float,
     volume = np.stack([s for _, s in slices], axis=-1)
     row_mm, col_mm = spacing or (1.0, 1.0)
     return volume, (row_mm, col_mm, slice_mm)
+
+
+VOLUME_TAGS: tuple[str, ...] = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
+                "NumberOfFrames", "RescaleSlope", "RescaleIntercept", "ImagePositionPatient",
+                "ImageOrientationPatient", "PixelSpacing", "PerFrameFunctionalGroupsSequence",
+                "SharedFunctionalGroupsSequence", "PixelData")
+
+
+def _native_pixels(ds) -> np.ndarray | None:
+    """Single-frame, single-sample native pixels straight from the buffer (no decoder round trip)."""
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    bits, sign = _int(ds.get("BitsAllocated")), _int(ds.get("PixelRepresentation")) or 0
+    rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
+    if (syntax not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") or bits not in (8, 16)
+            or (_int(ds.get("NumberOfFrames")) or 1) != 1 or (_int(ds.get("SamplesPerPixel")) or 1) != 1
+            or not rows or not cols or "PixelData" not in ds):
+        return None
+    stored = _int(ds.get("BitsStored")) or bits
+    if stored != bits:
+        return None  # masked high bits: pydicom knows how
+    dtype = np.dtype(f"{'i' if sign else 'u'}{bits // 8}").newbyteorder("<")
+    raw = np.frombuffer(ds.PixelData, dtype=dtype, count=rows * cols)
+    return raw.reshape(rows, cols).astype(np.float32)
 
 
 def _frame_geometry(ds, n_frames: int) -> list[tuple]:

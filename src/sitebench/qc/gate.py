@@ -121,7 +121,7 @@ class Gate:
             raise SitebenchError("no DICOM file with a SeriesInstanceUID among "
                                  f"{len(files)} file(s): {checks[files[0]].problems[0] if files else 'none'}")
         outcomes = []
-        for series in read_series(usable):
+        for series in read_series(usable, with_pixels=self.compute_image_quality):
             problems = sorted({p for f in series.files for p in checks[f].problems})
             outcomes.append(self._check_series(series, site, problems))
         return outcomes
@@ -169,7 +169,7 @@ class Gate:
             outcome.image_quality_notes.append("not computed: the series has damaged files")
             return _undetermined_iqm(protocol, "series has damaged files")
         try:
-            volume, voxel = series_volume(series.files)
+            volume, voxel = series_volume(series.datasets or series.files)
             quality = image_quality(volume, voxel)
         except SitebenchError as exc:
             outcome.image_quality_notes.append(f"not computed: {exc}")

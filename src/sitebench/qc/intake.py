@@ -30,7 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,6 +54,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
 class SiteConfig(_Strict):
     #: calling AE titles of this site's scanners / PACS: an association from any other title is refused
     ae_titles: list[str] = Field(default_factory=list)
@@ -74,7 +77,7 @@ class IntakeConfig(_Strict):
     store: Path
     database: str | None = None
     protocols: Path
-    sites: dict[str, SiteConfig]
+    sites: dict[SiteName, SiteConfig]
     dicom: DicomListener | None = Field(default_factory=DicomListener)
     http: HttpListener | None = Field(default_factory=HttpListener)
     folder: Path | None = None
@@ -107,7 +110,11 @@ def load_locked_protocols(folder: Path) -> list[Protocol]:
 
 # --------------------------------------------------------------------------- content-addressed store
 class ObjectStore:
-    """Files named by their SHA-256 under ``root/objects``; writes are atomic and durable."""
+    """Files named by their SHA-256 under ``root/objects/<site>``; writes are atomic and durable.
+
+    The site in the path lets :meth:`IntakeService.recover` re-record an object whose
+    database row was lost (power loss after the ack), with the right site.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -115,10 +122,10 @@ class ObjectStore:
         self.tmp = self.root / "objects" / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
 
-    def put(self, data: bytes) -> tuple[str, str]:
+    def put(self, data: bytes, site: str) -> tuple[str, str]:
         """Store bytes; returns (sha256, path relative to the store root). Idempotent."""
         sha = sha256_bytes(data)
-        rel = Path("objects") / sha[:2] / sha[2:4] / sha
+        rel = Path("objects") / site / sha[:2] / sha
         target = self.root / rel
         if target.exists() and target.stat().st_size == len(data):
             return sha, str(rel)
@@ -196,7 +203,7 @@ class IntakeService:
     def receive(self, data: bytes, transfer: str) -> Receipt:
         """Store, check and record one file of a transfer (see the module docstring for the order)."""
         info = self._transfers[transfer]
-        sha, rel = self.store.put(data)
+        sha, rel = self.store.put(data, info.site)
         check: FileCheck = check_bytes(data)
         series_key = uid_key(check.series_uid) if check.series_uid else None
         study_key = uid_key(check.study_uid) if check.study_uid else None
@@ -292,8 +299,31 @@ class IntakeService:
                 log.exception("gate check failed; will retry")
 
     # ------------------------------------------------------------------ running
+    def recover(self, margin_seconds: float = 600.0) -> int:
+        """Re-record stored objects that have no database row (lost commits after a power loss).
+
+        Only objects written since shortly before the newest row are looked at, so start-up
+        does not walk the whole store.
+        """
+        from datetime import datetime
+
+        last = self.records.last_received_utc()
+        since = 0.0 if last is None else datetime.fromisoformat(last).timestamp() - margin_seconds
+        known = self.records.known_sha256()
+        recovered = 0
+        for site_dir in sorted(p for p in self.store.objects.iterdir() if p.is_dir() and p.name != "tmp"):
+            for path in site_dir.glob("*/*"):
+                if path.name in known or path.stat().st_mtime < since:
+                    continue
+                transfer = self.begin_transfer(site_dir.name, "recovered", "object store")
+                self.receive(path.read_bytes(), transfer)
+                self.end_transfer(transfer, "stored before a crash, database row lost: re-recorded")
+                recovered += 1
+        return recovered
+
     def start(self, check_interval: float = 0.5) -> None:
         """Start the configured listeners and the checker thread (returns at once)."""
+        self.recover()
         pending = self.records.open_series()
         self.audit.append(who=self.config.who, what="intake started", why="service start",
                           details={"protocols": [f"{p.name} v{p.version}" for p in self.protocols],

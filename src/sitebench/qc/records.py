@@ -1,7 +1,8 @@
 """The QC database: received files, series, verdicts, deviations, drift events, gate state.
 
 SQLAlchemy Core over SQLite by default (``sqlite:///<store>/qc.db``, WAL, synchronous
-FULL, so a committed row survives a crash) or any URL SQLAlchemy knows
+NORMAL: a committed row survives a crash of the process; the fsync'd object store is what
+survives a power loss, see :meth:`IntakeService.recover`) or any URL SQLAlchemy knows
 (``postgresql+psycopg://...``). A received file is a row here *before* any check runs;
 the series it belongs to stays ``open`` until the gate has recorded a verdict for it.
 
@@ -20,6 +21,7 @@ from typing import Any
 from sqlalchemy import (BigInteger, Boolean, Column, Float, ForeignKey, Integer, MetaData, String, Table, Text,
                         create_engine, event, func, insert, select, update)
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable, utc_now
@@ -163,26 +165,36 @@ class QCRecords:
         checked series re-opens it, so the gate checks the series again as a whole.
         """
         now = time.time()
-        with self.engine.begin() as conn:
-            known = conn.execute(select(received_files.c.id).where(received_files.c.sha256 == sha256)).first()
-            if known is not None:
-                conn.execute(update(received_files).where(received_files.c.id == known.id)
-                             .values(times_received=received_files.c.times_received + 1))
-                return False
-            conn.execute(insert(received_files).values(
-                sha256=sha256, size=size, stored_path=stored_path, site=site, source=source, transfer=transfer,
-                series_key=series_key, sop_key=sop_key, problems=_json(problems), first_received_utc=utc_now(), times_received=1))
-            if series_key is None:
-                return True
-            row = conn.execute(select(series).where(series.c.series_key == series_key)).first()
-            if row is None:
-                conn.execute(insert(series).values(series_key=series_key, site=site, study_key=study_key,
-                                                   state="open", n_files=1, first_received_utc=utc_now(),
-                                                   last_received_epoch=now))
-            else:
-                conn.execute(update(series).where(series.c.series_key == series_key).values(
-                    state="open", n_files=series.c.n_files + 1, last_received_epoch=now))
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(received_files).values(
+                    sha256=sha256, size=size, stored_path=stored_path, site=site, source=source, transfer=transfer,
+                    series_key=series_key, sop_key=sop_key, problems=_json(problems), first_received_utc=utc_now(),
+                    times_received=1))
+                if series_key is not None:
+                    opened = conn.execute(update(series).where(series.c.series_key == series_key).values(
+                        state="open", n_files=series.c.n_files + 1, last_received_epoch=now)).rowcount
+                    if not opened:
+                        conn.execute(insert(series).values(series_key=series_key, site=site, study_key=study_key,
+                                                           state="open", n_files=1, first_received_utc=utc_now(),
+                                                           last_received_epoch=now))
             return True
+        except IntegrityError:  # these exact bytes are already recorded: count the resend, change nothing else
+            with self.engine.begin() as conn:
+                conn.execute(update(received_files).where(received_files.c.sha256 == sha256)
+                             .values(times_received=received_files.c.times_received + 1))
+            return False
+
+    def known_sha256(self, since_utc: str | None = None) -> set[str]:
+        query = select(received_files.c.sha256)
+        if since_utc is not None:
+            query = query.where(received_files.c.first_received_utc >= since_utc)
+        with self.engine.connect() as conn:
+            return set(conn.execute(query).scalars())
+
+    def last_received_utc(self) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(received_files.c.first_received_utc))).scalar()
 
     def quiet_series(self, quiet_seconds: float, now: float | None = None) -> list[tuple[str, str]]:
         """(series_key, site) of open series with no new file for ``quiet_seconds``: complete."""
@@ -331,7 +343,9 @@ class QCRecords:
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
+    # NORMAL in WAL mode: a commit survives any crash of this process; after a power loss the
+    # last commits may roll back, and intake re-records them from the fsync'd object store
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
 

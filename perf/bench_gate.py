@@ -1,0 +1,211 @@
+"""QC gate speed on the 196-slice GE 3D T1 (dcm_qa_deident), against its floor and its peers, in one run.
+
+    .venv/bin/python perf/bench_gate.py [--repeats 5] [--skip-peers]
+
+Measured, same machine, same series, same run:
+
+* header verdict (protocol, coverage, gap, drift; no pixels) and full verdict (+ image quality),
+  each in-process and warm (median of repeats), and the series per minute they allow;
+* the floor: pydicom reading every header of the series (``stop_before_pixels``);
+* C-STORE intake of the whole series by ``sitebench qc serve``'s receiver (content-addressed,
+  fsync'd, recorded in SQLite before each ack) against a bare pynetdicom receiver that only
+  writes the bytes; both fed by dcmtk's /usr/bin/storescu (pynetdicom's SCU if dcmtk is missing);
+* dcm2niix converting the series and mrQA auditing it (perf/peers.py; install with the command
+  at the top of perf/requirements-peers.txt, or pass --skip-peers).
+
+Goals (issue 3): header verdict no slower than the pydicom floor, >= 10x faster than mrQA,
+full verdict under 2 s, intake within 1.5x of the bare receiver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+
+ROOT = Path(__file__).resolve().parents[1]
+SERIES = ROOT.parent / "shared" / "data" / "dicom" / "dcm_qa_deident" / "In"
+STORESCU = Path("/usr/bin/storescu")
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def send_series(port: int, calling: str, called: str) -> float:
+    """Seconds for one client to C-STORE the whole series (association to release)."""
+    files = sorted(SERIES.iterdir())
+    start = time.perf_counter()
+    if STORESCU.exists():
+        subprocess.run([str(STORESCU), "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+                       check=True, capture_output=True)
+    else:
+        from pynetdicom import AE, StoragePresentationContexts
+
+        ae = AE(ae_title=calling)
+        ae.requested_contexts = StoragePresentationContexts[:120]
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        for f in files:
+            assoc.send_c_store(pydicom.dcmread(f))
+        assoc.release()
+    return time.perf_counter() - start
+
+
+def bare_receiver(folder: Path):
+    """A pynetdicom Storage SCP that only writes each received dataset's bytes to a file."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    counter = iter(range(10**9))
+
+    def on_store(event):
+        with open(folder / f"{next(counter)}.dcm", "wb") as handle:
+            handle.write(event.encoded_dataset(include_meta=True))
+        return 0x0000
+
+    ae = AE(ae_title="BARE")
+    ae.supported_contexts = AllStoragePresentationContexts
+    ae.maximum_pdu_size = 0
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    return server, port
+
+
+def intake_receiver(tmp: Path, protocols: Path):
+    from sitebench.qc.intake import DicomListener, IntakeConfig, IntakeService
+
+    port = free_port()
+    config = IntakeConfig(store=tmp / "store", protocols=protocols, sites={"S01": {"ae_titles": ["BENCH_SCU"]}},
+                          dicom=DicomListener(host="127.0.0.1", port=port, ae_title="SITEBENCH"), http=None,
+                          quiet_seconds=3600, image_quality=False)
+    service = IntakeService(config)
+    service.start()
+    return service, port
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-peers", action="store_true")
+    args = parser.parse_args()
+    if not SERIES.exists():
+        sys.exit(f"{SERIES}: not found (the shared data folder must sit beside the repository)")
+
+    from sitebench.provenance import code_version, package_versions
+    from sitebench.qc.dicom_params import read_series
+    from sitebench.qc.gate import Gate
+    from sitebench.qc.protocol import draft_protocol, lock_protocol
+
+    files = sorted(SERIES.iterdir())
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        (series,) = read_series(SERIES)
+        draft = draft_protocol(series.parameters, "ge-t1w").save(tmp / "draft.yaml")
+        protocol = lock_protocol(draft, who="perf", why="benchmark", lock_dir=tmp / "locked").protocol
+
+        header_gate = Gate([protocol], image_quality=False)
+        full_gate = Gate([protocol], image_quality=True)
+        header_gate.check_files(files, "S01")  # warm imports and caches
+        full_gate.check_files(files, "S01")
+        # at intake every file's integrity is checked on receipt, during the transfer; the
+        # verdict latency after the series completes is what remains (as IntakeService runs it)
+        from sitebench.qc.dicom_files import check_file
+
+        received = {f: check_file(f) for f in files}
+        results["floor_pydicom_headers_s"] = median_seconds(
+            lambda: [pydicom.dcmread(f, stop_before_pixels=True) for f in files], args.repeats)
+        results["header_verdict_s"] = median_seconds(
+            lambda: header_gate.check_files(files, "S01", file_checks=received), args.repeats)
+        results["full_verdict_s"] = median_seconds(
+            lambda: full_gate.check_files(files, "S01", file_checks=received), max(3, args.repeats // 2))
+        results["offline_header_verdict_s"] = median_seconds(lambda: header_gate.check_files(files, "S01"),
+                                                             args.repeats)
+
+        bare, bare_port = bare_receiver(tmp_path_mk(tmp / "bare"))
+        ours, our_port = intake_receiver(tmp, tmp / "locked")
+        try:
+            bare_times, our_times = [], []
+            for round_ in range(args.repeats):  # alternate, so drift in machine load hits both alike
+                bare_times.append(send_series(bare_port, "BENCH_SCU", "BARE"))
+                if round_ == 0:
+                    our_times.append(send_series(our_port, "BENCH_SCU", "SITEBENCH"))  # first time: new files
+                else:  # later rounds must store new bytes too, not take the idempotent resend path
+                    ours.stop()
+                    ours, our_port = intake_receiver(tmp_path_mk(tmp / f"round{round_}"), tmp / "locked")
+                    our_times.append(send_series(our_port, "BENCH_SCU", "SITEBENCH"))
+            results["cstore_bare_receiver_s"] = statistics.median(bare_times)
+            results["cstore_sitebench_intake_s"] = statistics.median(our_times)
+            stored = ours.records.file_count()
+        finally:
+            bare.shutdown()
+            ours.stop()
+
+    peers: dict[str, dict] = {}
+    if not args.skip_peers:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from peers import peers_available, time_dcm2niix, time_mrqa
+
+        available = peers_available()
+        if available.get("dcm2niix"):
+            peers["dcm2niix"] = time_dcm2niix(SERIES, repeats=3)
+        if available.get("mrqa"):
+            peers["mrqa"] = time_mrqa(SERIES, repeats=3)
+        missing = [k for k, v in available.items() if not v]
+        if missing:
+            print(f"peers not installed (see perf/requirements-peers.txt): {', '.join(missing)}", file=sys.stderr)
+
+    header = results["header_verdict_s"]
+    full = results["full_verdict_s"]
+    rows = [
+        ("pydicom, every header (floor)", results["floor_pydicom_headers_s"], "1.00x"),
+        ("sitebench header verdict", header, f"{header / results['floor_pydicom_headers_s']:.2f}x floor"),
+        ("sitebench full verdict (+IQM)", full, "goal < 2 s"),
+        ("sitebench qc check, header (+file integrity)", results["offline_header_verdict_s"],
+         f"{results['offline_header_verdict_s'] / results['floor_pydicom_headers_s']:.2f}x floor"),
+        ("C-STORE, bare pynetdicom writer", results["cstore_bare_receiver_s"], "1.00x"),
+        ("C-STORE, sitebench intake", results["cstore_sitebench_intake_s"],
+         f"{results['cstore_sitebench_intake_s'] / results['cstore_bare_receiver_s']:.2f}x bare"),
+    ]
+    if "dcm2niix" in peers:
+        rows.append((f"dcm2niix {peers['dcm2niix']['version']} (convert)", peers["dcm2niix"]["median_s"],
+                     f"header verdict {peers['dcm2niix']['median_s'] / header:.1f}x faster"))
+    if "mrqa" in peers:
+        per_series = peers["mrqa"]["per_series_s"]
+        rows.append((f"mrQA {peers['mrqa']['version']} (audit, per series)", per_series,
+                     f"header verdict {per_series / header:.1f}x faster"))
+    print(f"series: {SERIES.name} ({len(files)} files), GE 3D T1; {os.cpu_count()} CPUs")
+    for name, seconds, note in rows:
+        print(f"  {name:<42} {seconds:8.3f} s   {note}")
+    print(f"  series per minute: header {60 / header:.0f}, full {60 / full:.1f}; intake stored {stored} files")
+    print(json.dumps({"results": results, "peers": peers, "code_version": code_version(),
+                      "packages": package_versions()}, default=str))
+
+
+def tmp_path_mk(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+if __name__ == "__main__":
+    main()
