@@ -17,11 +17,16 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pydicom
 import pytest
+import sqlalchemy
 import yaml
+from nibabel.nicom import dicomwrappers
 
 from sitebench.audit import verify_trail
+from sitebench.datasets.manifest import read_manifest
 from sitebench.provenance import sha256_file
 from sitebench.qc.dicom_params import read_series
 from sitebench.qc.protocol import draft_protocol, lock_protocol
@@ -163,6 +168,35 @@ def test_storescu_series_gets_its_verdict_in_database_and_audit(service):
     (row,) = json.loads(status.stdout)
     assert row["site"] == "S01" and row["passed"] == 1 and row["series"] == 1
 
+    # the verdict feeds the scan manifest the benchmarks read: a NIfTI whose geometry matches
+    # nibabel's own reading of the DICOM, and the QC columns
+    out = service.store.parent / "trial" / "manifest.csv"
+    made = subprocess.run([sys.executable, "-m", "sitebench.cli", "qc", "manifest", "--store", str(service.store),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    manifest = read_manifest(out)
+    (scan,) = manifest.table.to_dict("records")
+    assert scan["scan_id"] == verdict["series_key"] and scan["qc_status"] == "pass" and scan["vendor"] == "GE"
+    image = nib.load(out.parent / scan["image_path"])
+    assert image.shape == (256, 256, 196)
+    assert_same_world_coordinates(image, sorted(T1.iterdir())[77])
+
+
+def assert_same_world_coordinates(image, dicom_file: Path) -> None:
+    """Pixels of one slice land where nibabel's own DICOM reader puts them (catches flipped axes)."""
+    wrapper = dicomwrappers.wrapper_from_file(dicom_file)
+    pixels = pydicom.dcmread(dicom_file).pixel_array.astype(np.float32)
+    volume = np.asarray(image.dataobj, dtype=np.float32)
+    (k,) = [k for k in range(volume.shape[2]) if np.array_equal(volume[:, :, k], pixels)]
+    theirs_data = np.asarray(wrapper.get_data(), dtype=np.float32)
+    transposed = theirs_data.shape[:2] == pixels.T.shape and np.array_equal(theirs_data[..., 0] if
+                                                                           theirs_data.ndim == 3 else theirs_data, pixels.T)
+    for r, c in ((0, 0), (10, 200), (255, 3), (128, 64)):
+        ours = np.diag([-1, -1, 1, 1]) @ image.affine @ np.array([r, c, k, 1.0])  # RAS -> LPS
+        index = (c, r) if transposed else (r, c)
+        theirs = wrapper.affine @ np.array([*index, 0, 1.0])
+        assert np.allclose(ours[:3], theirs[:3], atol=0.01), (r, c, ours, theirs)
+
 
 def test_unknown_calling_ae_title_is_refused_and_audited(service):
     result = service.storescu(next(T1.iterdir()), aet="STRANGER", check=False)
@@ -269,8 +303,19 @@ def test_sigkill_mid_series_loses_nothing_acknowledged(tmp_path, protocols):
     for row in svc.records.series_files(svc.records.open_series()[0]):
         assert sha256_file(svc.store / row[0]) == Path(row[0]).name  # content-addressed, intact
 
+    # a power loss may roll back the newest database commits (WAL, synchronous=NORMAL): the
+    # fsync'd objects are the record, and start-up re-records them
+    with svc.records.engine.begin() as conn:
+        lost = conn.execute(sqlalchemy.text(
+            "DELETE FROM received_files WHERE id IN (SELECT id FROM received_files ORDER BY id DESC LIMIT 10)")).rowcount
+    assert lost == 10 and svc.records.file_count() == stored - 10
+
     # restart: the open series is recovered; the site resends everything and gets one verdict
     svc.start()
+    deadline = time.monotonic() + 30
+    while svc.records.file_count() < stored and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert svc.records.file_count() == stored
     svc.storescu(T1)
     (verdict,) = svc.wait_for_verdicts(1)
     assert verdict["n_files"] == 196 and verdict["status"] == "pass"

@@ -206,14 +206,28 @@ def cmd_qc_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _qc_records(store: str, database: str | None):
+    from sitebench.qc.records import QCRecords, database_url
+
+    if database is None and not (Path(store) / "qc.db").exists():
+        raise SitebenchError("no QC database here (qc.db); give the intake store or --database URL", store)
+    return QCRecords(database_url(store, database))
+
+
+def cmd_qc_manifest(args: argparse.Namespace) -> int:
+    from sitebench.qc.to_manifest import verdicts_to_manifest
+
+    statuses = ("pass", "warn", "fail", "undetermined") if args.include_failed else ("pass", "warn")
+    manifest = verdicts_to_manifest(_qc_records(args.store, args.database), args.store, args.out, statuses)
+    print(f"{args.out}: {len(manifest)} checked series ({', '.join(statuses)}), NIfTI under "
+          f"{Path(args.out).parent / 'images'}")
+    return 0
+
+
 def cmd_qc_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from sitebench.qc.records import QCRecords, database_url
-
-    if args.database is None and not (Path(args.store) / "qc.db").exists():
-        raise SitebenchError("no QC database here (qc.db); give the intake store or --database URL", args.store)
-    rows = QCRecords(database_url(args.store, args.database)).site_status()
+    rows = _qc_records(args.store, args.database).site_status()
     if args.json:
         print(json.dumps([{**asdict(r), "rescan_rate": r.rescan_rate} for r in rows], indent=2))
         return 0
@@ -359,6 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--database", help="SQLAlchemy URL instead of the store's SQLite file")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_qc_status)
+    to_manifest = qc.add_parser("manifest", help="checked series into a scan manifest (NIfTI + QC columns)",
+                                description="One NIfTI and one manifest row per series whose latest verdict is "
+                                            "pass or warn, with qc_status, qc_protocol, qc_deviations and "
+                                            "qc_<metric> columns, for `sitebench benchmark run`.")
+    to_manifest.add_argument("--store", default="qc-store", help="intake store folder")
+    to_manifest.add_argument("--database", help="SQLAlchemy URL instead of the store's SQLite file")
+    to_manifest.add_argument("--out", required=True, help="manifest to write (.csv, .tsv or .parquet)")
+    to_manifest.add_argument("--include-failed", action="store_true", help="also fail and undetermined series")
+    to_manifest.set_defaults(func=cmd_qc_manifest)
     iqm = qc.add_parser("iqm", help="image-quality metrics of a volume (MRIQC definitions)",
                         description="SNR, CNR, CJV, EFC, FBER, FWHM, a QI1-style artefact fraction and WM2MAX "
                                     "on a NIfTI volume; tissues from --labels or a 3-class mixture.")

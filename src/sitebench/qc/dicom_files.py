@@ -19,7 +19,7 @@ import numpy as np
 
 from sitebench.errors import SitebenchError
 
-__all__ = ["FileCheck", "check_file", "check_bytes", "series_volume", "REQUIRED_TAGS", "VOLUME_TAGS",
+__all__ = ["FileCheck", "check_file", "check_bytes", "series_volume", "series_nifti", "REQUIRED_TAGS", "VOLUME_TAGS",
            "ENHANCED_MR_SOP_CLASSES"]
 
 #: Tags without which a file cannot be placed in a series or turned into an image.
@@ -143,16 +143,35 @@ def _pixel_element_problem(ds, data: bytes, offset: int) -> str | None:
 
 
 def series_volume(files: Sequence[Any]) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Stack a series' slices (classic) or frames (enhanced) along the slice normal (see :func:`_stack`)."""
+    volume, voxel, _ = _stack(files)
+    return volume, voxel
+
+
+def series_nifti(files: Sequence[Any]):
+    """The series as a NIfTI image in RAS+ world coordinates (what the benchmarks' MONAI loaders read)."""
+    import nibabel as nib
+
+    volume, _, affine_lps = _stack(files)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps  # DICOM LPS -> NIfTI RAS
+    image = nib.Nifti1Image(volume.astype(np.float32), affine)
+    image.header.set_xyzt_units("mm")
+    return image
+
+
+def _stack(files: Sequence[Any]) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
     """Stack a series' slices (classic) or frames (enhanced) along the slice normal.
 
     ``files`` are paths, or datasets already read with :data:`VOLUME_TAGS` (see
     ``read_series(with_pixels=True)``). Returns the volume (rows, columns, slices) in stored units after rescale, and the voxel
     size in mm (row spacing, column spacing, slice spacing from positions). Raises
-    SitebenchError naming the first file whose pixels cannot be decoded.
+    SitebenchError naming the first file whose pixels cannot be decoded. The third value is
+    the voxel-to-patient (LPS) affine of array index (row, column, slice).
     """
     import pydicom
 
-    slices: list[tuple[float, np.ndarray]] = []
+    slices: list[tuple[float, np.ndarray, Any]] = []
+    orientation_first: Any = None
     spacing: tuple[float, float] | None = None
     normal: np.ndarray | None = None
     for f in files:
@@ -172,23 +191,32 @@ def series_volume(files: Sequence[Any]) -> tuple[np.ndarray, tuple[float, float,
             if normal is None and orientation is not None:
                 row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:6], float)
                 normal = np.cross(row, col)
+                orientation_first = (row, col)
             if spacing is None and pixel_spacing is not None:
                 spacing = (float(pixel_spacing[0]), float(pixel_spacing[1]))
             where = float(np.dot(normal, position)) if normal is not None and position is not None \
                 else float(len(slices))
-            slices.append((where, frame * slope + intercept))
+            slices.append((where, frame * slope + intercept, position))
     if not slices:
         raise SitebenchError("series holds no image frames")
-    shapes = {s.shape for _, s in slices}
+    shapes = {s.shape for _, s, _ in slices}
     if len(shapes) != 1:
         raise SitebenchError(f"series mixes image sizes {sorted(shapes)}")
     slices.sort(key=lambda item: item[0])
-    positions = np.array([w for w, _ in slices])
+    positions = np.array([w for w, _, _ in slices])
     steps = np.diff(positions)
     slice_mm = float(np.median(steps)) if len(steps) and np.median(steps) > 0 else 1.0
-    volume = np.stack([s for _, s in slices], axis=-1)
+    volume = np.stack([s for _, s, _ in slices], axis=-1)
     row_mm, col_mm = spacing or (1.0, 1.0)
-    return volume, (row_mm, col_mm, slice_mm)
+    affine = np.diag([row_mm, col_mm, slice_mm, 1.0])
+    if orientation_first is not None and slices[0][2] is not None:
+        row_cosine, col_cosine = orientation_first
+        # index i (row number) moves down a column, j (column number) along a row
+        affine[:3, 0] = col_cosine * row_mm
+        affine[:3, 1] = row_cosine * col_mm
+        affine[:3, 2] = normal * slice_mm
+        affine[:3, 3] = np.asarray(slices[0][2], float)
+    return volume, (row_mm, col_mm, slice_mm), affine
 
 
 VOLUME_TAGS: tuple[str, ...] = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",

@@ -64,6 +64,10 @@ verdicts = Table(
     Column("site", String(64), nullable=False, index=True),
     Column("study_key", String(32)),
     Column("scanner", String(128)),
+    Column("manufacturer", String(64)),
+    Column("model", String(128)),
+    Column("software_version", String(128)),
+    Column("field_strength", Float),
     Column("protocol", String(128)),
     Column("protocol_version", Integer),
     Column("protocol_sha256", String(64)),
@@ -234,7 +238,10 @@ class QCRecords:
             conn.execute(update(verdicts).where(verdicts.c.series_key == outcome.series_key).values(latest=False))
             verdict_id = conn.execute(insert(verdicts).values(
                 series_key=outcome.series_key, site=outcome.site, study_key=outcome.study_key,
-                scanner=outcome.scanner, protocol=outcome.protocol, protocol_version=outcome.protocol_version,
+                scanner=outcome.scanner, manufacturer=outcome.parameters.get("Manufacturer"),
+                model=outcome.parameters.get("ManufacturersModelName"),
+                software_version=outcome.parameters.get("SoftwareVersions"),
+                field_strength=outcome.parameters.get("MagneticFieldStrength"), protocol=outcome.protocol, protocol_version=outcome.protocol_version,
                 protocol_sha256=outcome.protocol_sha256, status=outcome.status, latest=True,
                 checked_utc=outcome.checked_utc, n_files=outcome.n_files,
                 image_quality=_json(outcome.image_quality), phi_attributes_present=_json(outcome.phi_present),
