@@ -7,6 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sitebench.errors import SitebenchError
@@ -125,6 +126,25 @@ def test_matches_dcm2niix_sidecars(series_dir):
     print(f"{series_dir.relative_to(DICOM_ROOT)}: {total} comparisons against {len(refs)} sidecar(s)")
     assert total >= 10
     assert not mismatches, "\n".join(mismatches)
+
+
+@pytest.mark.parametrize("series_dir", SERIES_DIRS[::3], ids=[str(d.relative_to(DICOM_ROOT)) for d in SERIES_DIRS[::3]])
+def test_intake_path_gives_the_same_parameters(series_dir):
+    """Intake parses each header once on receipt; rebuilding from those summaries changes nothing."""
+    from sitebench.qc.dicom_files import check_file
+    from sitebench.qc.dicom_params import series_from_summaries
+
+    from sitebench.qc.dicom_files import series_volume, volume_from_summaries
+
+    (series,) = read_series(series_dir)
+    checks = [check_file(f) for f in series.files]
+    rebuilt = series_from_summaries(series.files, [c.summary for c in checks])
+    assert rebuilt.parameters == series.parameters
+    assert rebuilt.phi_present == series.phi_present and rebuilt.series_uid == series.series_uid
+    if not any(c.problems for c in checks):  # pixels read from recorded offsets equal pydicom's decoding
+        fast, fast_voxel = volume_from_summaries(series.files, rebuilt.summaries)
+        slow, slow_voxel = series_volume(series.files)
+        assert np.array_equal(fast, slow) and np.allclose(fast_voxel, slow_voxel)
 
 
 def test_phi_reported_by_name_only(tmp_path):

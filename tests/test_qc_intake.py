@@ -300,7 +300,7 @@ def test_sigkill_mid_series_loses_nothing_acknowledged(tmp_path, protocols):
 
     stored = svc.records.file_count()
     assert stored >= acknowledged
-    for row in svc.records.series_files(svc.records.open_series()[0]):
+    for row in svc.records.series_files(svc.records.open_series()[0]):  # (path, problems, header summary)
         assert sha256_file(svc.store / row[0]) == Path(row[0]).name  # content-addressed, intact
 
     # a power loss may roll back the newest database commits (WAL, synchronous=NORMAL): the

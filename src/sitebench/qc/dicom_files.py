@@ -41,6 +41,8 @@ class FileCheck:
     study_uid: str | None = None
     sop_uid: str | None = None
     problems: list[str] = field(default_factory=list)
+    #: :func:`sitebench.qc.dicom_params.file_summary` of the header (None when unreadable)
+    summary: dict | None = None
 
     @property
     def groupable(self) -> bool:
@@ -72,7 +74,14 @@ def check_bytes(data: bytes) -> FileCheck:
     missing = [kw for kw in REQUIRED_TAGS if kw not in ds or ds[kw].value in (None, "")]
     if missing:
         check.problems.append(f"required tags missing: {', '.join(missing)}")
+    from sitebench.qc.dicom_params import file_summary
+
+    check.summary = file_summary(ds)
     pixel_problem = _pixel_element_problem(ds, data, buffer.tell())
+    if not pixel_problem:
+        layout = _native_layout(ds, data, buffer.tell())
+        if layout is not None:
+            check.summary["pixels"] = layout
     if pixel_problem:
         check.problems.append(pixel_problem)
     if str(ds.get("SOPClassUID", "")) in ENHANCED_MR_SOP_CLASSES:
@@ -240,6 +249,49 @@ def _native_pixels(ds) -> np.ndarray | None:
     dtype = np.dtype(f"{'i' if sign else 'u'}{bits // 8}").newbyteorder("<")
     raw = np.frombuffer(ds.PixelData, dtype=dtype, count=rows * cols)
     return raw.reshape(rows, cols).astype(np.float32)
+
+
+def _native_layout(ds, data: bytes, offset: int) -> dict | None:
+    """Where a single-frame native image's pixels sit in the file, so they can be read without parsing."""
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    bits, rows, cols = _int(ds.get("BitsAllocated")), _int(ds.get("Rows")), _int(ds.get("Columns"))
+    if (syntax not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") or bits not in (8, 16) or not rows or not cols
+            or (_int(ds.get("NumberOfFrames")) or 1) != 1 or (_int(ds.get("SamplesPerPixel")) or 1) != 1
+            or (_int(ds.get("BitsStored")) or bits) != bits or ds.get("PixelSpacing") is None):
+        return None
+    header = 8 if syntax == "1.2.840.10008.1.2" or data[offset + 4:offset + 6] not in _LONG_VRS else 12
+    return {"offset": offset + header, "rows": rows, "columns": cols, "bits": bits,
+            "signed": bool(_int(ds.get("PixelRepresentation"))),
+            "slope": float(ds.get("RescaleSlope", 1) or 1), "intercept": float(ds.get("RescaleIntercept", 0) or 0),
+            "spacing": [float(v) for v in ds.PixelSpacing]}
+
+
+def volume_from_summaries(files: Sequence[Path], summaries: Sequence[dict]) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The series volume from pixel offsets recorded on receipt (no header parsing); falls back to pydicom."""
+    layouts = [s.get("pixels") for s in summaries]
+    frames = [s["frames"][0] if len(s["frames"]) == 1 else None for s in summaries]
+    if any(l is None for l in layouts) or any(f is None or f[1] is None or f[2] is None for f in frames) \
+            or len({(l["rows"], l["columns"]) for l in layouts}) != 1:
+        return series_volume(files)
+    orientation = np.asarray(frames[0][2], float)
+    normal = np.cross(orientation[:3], orientation[3:6])
+    order = sorted(range(len(files)), key=lambda i: float(np.dot(normal, frames[i][1])))
+    first = layouts[0]
+    volume = np.empty((first["rows"], first["columns"], len(files)), dtype=np.float32)
+    for k, i in enumerate(order):
+        layout = layouts[i]
+        dtype = np.dtype(f"{'i' if layout['signed'] else 'u'}{layout['bits'] // 8}").newbyteorder("<")
+        count = layout["rows"] * layout["columns"]
+        try:
+            raw = np.fromfile(files[i], dtype=dtype, count=count, offset=layout["offset"])
+        except (OSError, ValueError) as exc:
+            raise SitebenchError(f"pixels cannot be read ({type(exc).__name__})", files[i]) from None
+        if raw.size != count:
+            raise SitebenchError("pixel data shorter than recorded on receipt", files[i])
+        volume[:, :, k] = raw.reshape(layout["rows"], layout["columns"]) * layout["slope"] + layout["intercept"]
+    steps = np.diff([float(np.dot(normal, frames[i][1])) for i in order])
+    slice_mm = float(np.median(steps)) if len(steps) and np.median(steps) > 0 else 1.0
+    return volume, (first["spacing"][0], first["spacing"][1], slice_mm)
 
 
 def _frame_geometry(ds, n_frames: int) -> list[tuple]:

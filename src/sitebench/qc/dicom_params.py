@@ -41,7 +41,7 @@ from typing import Any, Iterable
 
 from sitebench.errors import SitebenchError
 
-__all__ = ["SeriesParameters", "read_series", "dicom_files", "PARAMETER_KEYS", "PHI_KEYWORDS"]
+__all__ = ["SeriesParameters", "read_series", "series_from_summaries", "file_summary", "dicom_files", "PARAMETER_KEYS", "PHI_KEYWORDS"]
 
 #: Every key read_series looks for (``missing`` lists those not found).
 PARAMETER_KEYS: tuple[str, ...] = (
@@ -90,6 +90,7 @@ class SeriesParameters:
     study_uid: str = ""  # kept for grouping re-scans; never written out (PHI profile)
     scanner_id: str | None = None  # pseudonym of DeviceSerialNumber / StationName
     datasets: list = field(default_factory=list, repr=False)  # per-file pixels + geometry (with_pixels)
+    summaries: list = field(default_factory=list, repr=False)  # per-file file_summary (intake path)
 
     def to_dict(self) -> dict:
         return {"SeriesInstanceUID": self.series_uid, "n_files": len(self.files),
@@ -306,8 +307,22 @@ def _phi_present(datasets: list) -> list[str]:
     return [k for k in PHI_KEYWORDS if k in found]
 
 
-def _series_parameters(datasets: list) -> dict[str, Any]:
+def file_summary(ds) -> dict[str, Any]:
+    """What a series' parameters need from every file beyond the first: per-frame echo time,
+    position and orientation, and the names of PHI attributes present. JSON-able, so intake can
+    keep it from the one header parse it does on receipt."""
+    frames = [[None if _num(te) is None else float(te),
+               None if ipp is None else [float(x) for x in ipp],
+               None if ori is None else [float(x) for x in ori]]
+              for te, ipp, ori in _frame_values(ds, _is_enhanced(ds))]
+    return {"frames": frames, "phi": _phi_present([ds])}
+
+
+def _series_parameters(datasets: list, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Parameters from the first file's full header plus every file's :func:`file_summary`."""
     ds = datasets[0]
+    if summaries is None:
+        summaries = [file_summary(d) for d in datasets]
     enh = _is_enhanced(ds)
     p: dict[str, Any] = {}
 
@@ -372,8 +387,8 @@ def _series_parameters(datasets: list) -> dict[str, Any]:
 
     # echo times and slice geometry over every file and frame
     echoes, positions, iop = set(), [], None
-    for d in datasets:
-        for te, ipp, ori in _frame_values(d, _is_enhanced(d)):
+    for summary in summaries:
+        for te, ipp, ori in summary["frames"]:
             if _num(te) is not None and _num(te) >= 0:
                 echoes.add(round(float(te) / 1000.0, 9))
             if ipp is not None:
@@ -492,7 +507,24 @@ def _series_parameters(datasets: list) -> dict[str, Any]:
     return p
 
 
-# --------------------------------------------------------------------------- public entry point
+# --------------------------------------------------------------------------- public entry points
+def series_from_summaries(files: list[Path], summaries: list[dict[str, Any]]) -> SeriesParameters:
+    """One series from its files' :func:`file_summary` records: only the first file is read again.
+
+    This is the intake path: every header was parsed once on receipt, so the verdict after
+    the series completes costs one header read, not one per file.
+    """
+    import pydicom
+
+    first = pydicom.dcmread(files[0], stop_before_pixels=True, force=False)
+    params = _series_parameters([first], summaries)
+    phi = sorted({name for s in summaries for name in s["phi"]}, key=PHI_KEYWORDS.index)
+    return SeriesParameters(series_uid=str(first.get("SeriesInstanceUID") or ""), files=list(files),
+                            parameters=params, missing=[k for k in PARAMETER_KEYS if k not in params],
+                            phi_present=phi, study_uid=str(first.get("StudyInstanceUID") or ""),
+                            scanner_id=_scanner_id(first), summaries=list(summaries))
+
+
 
 #: Tags read from every file; the first file of each series is read whole (up to the pixels).
 PER_FILE_TAGS: tuple[str, ...] = (
@@ -569,10 +601,11 @@ def read_series(path: str | Path | Iterable[str | Path], with_pixels: bool = Fal
                 except (InvalidDicomError, *_READ_ERRORS):
                     pass  # keep the partial read: the integrity check names the file
             whole.append(ds)
-        params = _series_parameters(whole)
+        summaries = [file_summary(d) for d in whole]
+        params = _series_parameters(whole, summaries)
         out.append(SeriesParameters(
             series_uid=uid, files=[f for f, _ in members], parameters=params,
             missing=[k for k in PARAMETER_KEYS if k not in params],
-            phi_present=_phi_present(whole), study_uid=str(whole[0].get("StudyInstanceUID") or ""),
+            phi_present=sorted({n for s in summaries for n in s["phi"]}, key=PHI_KEYWORDS.index), study_uid=str(whole[0].get("StudyInstanceUID") or ""),
             scanner_id=_scanner_id(whole[0]), datasets=[ds for _, ds in members] if with_pixels else []))
     return out

@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable, utc_now
-from sitebench.qc.dicom_files import FileCheck, check_file, series_volume
-from sitebench.qc.dicom_params import SeriesParameters, read_series
+from sitebench.qc.dicom_files import FileCheck, check_file, series_volume, volume_from_summaries
+from sitebench.qc.dicom_params import SeriesParameters, read_series, series_from_summaries
 from sitebench.qc.drift import DriftEvent, DriftMonitor, SiteHistory
 from sitebench.qc.protocol import Deviation, Protocol, check_series, check_values, match_protocol, overall_status
 
@@ -126,6 +126,19 @@ class Gate:
             outcomes.append(self._check_series(series, site, problems))
         return outcomes
 
+    def check_received(self, files: Sequence[str | Path], checks: Sequence[FileCheck], site: str) -> list[SeriesOutcome]:
+        """One series whose files intake already parsed on receipt (``checks[i].summary``).
+
+        Only the first file's header is read again, so the verdict after the series completes
+        costs one header read rather than one per file.
+        """
+        usable = [(Path(f), c) for f, c in zip(files, checks) if c.summary is not None]
+        if not usable:
+            raise SitebenchError(f"none of the series' {len(files)} file(s) has a readable header")
+        series = series_from_summaries([f for f, _ in usable], [c.summary for _, c in usable])
+        problems = sorted({p for c in checks for p in c.problems})
+        return [self._check_series(series, site, problems)]
+
     # ------------------------------------------------------------------ one series
     def _check_series(self, series: SeriesParameters, site: str, file_problems: list[str]) -> SeriesOutcome:
         started = time.perf_counter()
@@ -169,7 +182,10 @@ class Gate:
             outcome.image_quality_notes.append("not computed: the series has damaged files")
             return _undetermined_iqm(protocol, "series has damaged files")
         try:
-            volume, voxel = series_volume(series.datasets or series.files)
+            if series.summaries:
+                volume, voxel = volume_from_summaries(series.files, series.summaries)
+            else:
+                volume, voxel = series_volume(series.datasets or series.files)
             quality = image_quality(volume, voxel)
         except SitebenchError as exc:
             outcome.image_quality_notes.append(f"not computed: {exc}")

@@ -210,7 +210,8 @@ class IntakeService:
         new = self.records.record_file(sha256=sha, size=len(data), stored_path=rel, site=info.site,
                                        source=info.source, transfer=transfer, series_key=series_key,
                                        study_key=study_key, problems=check.problems,
-                                       sop_key=uid_key(check.sop_uid) if check.sop_uid else None)
+                                       sop_key=uid_key(check.sop_uid) if check.sop_uid else None,
+                                       header_summary=check.summary)
         with self._lock:
             info.files += 1
             info.new_files += int(new)
@@ -259,11 +260,11 @@ class IntakeService:
         outcomes = []
         for series_key, site in self.records.quiet_series(self.config.quiet_seconds, now):
             files = self.records.series_files(series_key)
-            paths = [self.store.path(rel) for rel, _ in files]
-            checks = {p: FileCheck(series_uid="(stored)", problems=problems)
-                      for p, (_, problems) in zip(paths, files)}
+            paths = [self.store.path(rel) for rel, _, _ in files]
+            checks = [FileCheck(series_uid="(stored)", problems=problems, summary=summary)
+                      for _, problems, summary in files]
             try:
-                results = self.gate.check_files(paths, site, file_checks=checks)
+                results = self.gate.check_received(paths, checks, site)
             except SitebenchError as exc:
                 self.records.mark_checked(series_key)
                 self.audit.append(who=self.config.who, what="series not checked", why=str(exc),

@@ -42,6 +42,7 @@ received_files = Table(
     Column("series_key", String(32), index=True),
     Column("sop_key", String(32)),
     Column("problems", Text, nullable=False, default="[]"),  # JSON list of one-line problems
+    Column("header_summary", Text),  # JSON file_summary: per-frame geometry, PHI attribute names
     Column("first_received_utc", String(40), nullable=False),
     Column("times_received", Integer, nullable=False, default=1),
 )
@@ -162,7 +163,7 @@ class QCRecords:
     # ------------------------------------------------------------------ intake
     def record_file(self, *, sha256: str, size: int, stored_path: str, site: str, source: str, transfer: str,
                     series_key: str | None, study_key: str | None, problems: list[str],
-                    sop_key: str | None = None) -> bool:
+                    sop_key: str | None = None, header_summary: dict | None = None) -> bool:
         """Record one received file (and open its series); False when these exact bytes were seen before.
 
         A resend of known bytes changes nothing but a counter; a new file of an already
@@ -173,7 +174,9 @@ class QCRecords:
             with self.engine.begin() as conn:
                 conn.execute(insert(received_files).values(
                     sha256=sha256, size=size, stored_path=stored_path, site=site, source=source, transfer=transfer,
-                    series_key=series_key, sop_key=sop_key, problems=_json(problems), first_received_utc=utc_now(),
+                    series_key=series_key, sop_key=sop_key, problems=_json(problems),
+                    header_summary=None if header_summary is None else _json(header_summary),
+                    first_received_utc=utc_now(),
                     times_received=1))
                 if series_key is not None:
                     opened = conn.execute(update(series).where(series.c.series_key == series_key).values(
@@ -213,19 +216,20 @@ class QCRecords:
         with self.engine.connect() as conn:
             return list(conn.execute(select(series.c.series_key).where(series.c.state == "open")).scalars())
 
-    def series_files(self, series_key: str) -> list[tuple[str, list[str]]]:
-        """(stored path, problems) of a series' instances, in arrival order.
+    def series_files(self, series_key: str) -> list[tuple[str, list[str], dict | None]]:
+        """(stored path, problems, header summary) of a series' instances, in arrival order.
 
         An instance (SOPInstanceUID) received again with other bytes counts once, as its
         latest version: re-sending a damaged file repairs the series.
         """
         with self.engine.connect() as conn:
             rows = conn.execute(select(received_files.c.id, received_files.c.sop_key, received_files.c.stored_path,
-                                       received_files.c.problems)
+                                       received_files.c.problems, received_files.c.header_summary)
                                 .where(received_files.c.series_key == series_key)
                                 .order_by(received_files.c.id)).all()
         latest = {r.sop_key or f"row-{r.id}": r for r in rows}
-        return [(r.stored_path, json.loads(r.problems)) for r in sorted(latest.values(), key=lambda r: r.id)]
+        return [(r.stored_path, json.loads(r.problems), json.loads(r.header_summary) if r.header_summary else None)
+                for r in sorted(latest.values(), key=lambda r: r.id)]
 
     def mark_checked(self, series_key: str) -> None:
         with self.engine.begin() as conn:

@@ -34,7 +34,7 @@ def verdicts_to_manifest(records: QCRecords, store: str | Path, out: str | Path,
     for verdict in records.latest_verdicts():
         if verdict["status"] not in statuses or verdict["protocol"] is None:
             continue
-        files = [Path(store) / rel for rel, _ in records.series_files(verdict["series_key"])]
+        files = [Path(store) / rel for rel, _, _ in records.series_files(verdict["series_key"])]
         image_path = images / f"{verdict['series_key']}.nii.gz"
         if not image_path.exists():
             series_nifti(files).to_filename(str(image_path))
