@@ -151,13 +151,13 @@ def _pixel_element_problem(ds, data: bytes, offset: int) -> str | None:
     return None
 
 
-def series_volume(files: Sequence[Any]) -> tuple[np.ndarray, tuple[float, float, float]]:
+def series_volume(files: Sequence[str | Path]) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Stack a series' slices (classic) or frames (enhanced) along the slice normal (see :func:`_stack`)."""
     volume, voxel, _ = _stack(files)
     return volume, voxel
 
 
-def series_nifti(files: Sequence[Any]):
+def series_nifti(files: Sequence[str | Path]):
     """The series as a NIfTI image in RAS+ world coordinates (what the benchmarks' MONAI loaders read)."""
     import nibabel as nib
 
@@ -168,11 +168,10 @@ def series_nifti(files: Sequence[Any]):
     return image
 
 
-def _stack(files: Sequence[Any]) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+def _stack(files: Sequence[str | Path]) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
     """Stack a series' slices (classic) or frames (enhanced) along the slice normal.
 
-    ``files`` are paths, or datasets already read with :data:`VOLUME_TAGS` (see
-    ``read_series(with_pixels=True)``). Returns the volume (rows, columns, slices) in stored units after rescale, and the voxel
+    Returns the volume (rows, columns, slices) in stored units after rescale, and the voxel
     size in mm (row spacing, column spacing, slice spacing from positions). Raises
     SitebenchError naming the first file whose pixels cannot be decoded. The third value is
     the voxel-to-patient (LPS) affine of array index (row, column, slice).
@@ -185,13 +184,13 @@ def _stack(files: Sequence[Any]) -> tuple[np.ndarray, tuple[float, float, float]
     normal: np.ndarray | None = None
     for f in files:
         try:
-            ds = f if isinstance(f, pydicom.Dataset) else pydicom.dcmread(f, specific_tags=list(VOLUME_TAGS))
+            ds = pydicom.dcmread(f, specific_tags=list(VOLUME_TAGS))
             pixels = _native_pixels(ds)
             if pixels is None:  # compressed or unusual: let pydicom's decoders handle it
-                ds = pydicom.dcmread(ds.filename if isinstance(f, pydicom.Dataset) else f)
+                ds = pydicom.dcmread(f)
                 pixels = np.asarray(ds.pixel_array, dtype=np.float32)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad pixels
-            raise SitebenchError(f"pixels cannot be decoded ({type(exc).__name__})", getattr(f, "filename", f)) from None
+            raise SitebenchError(f"pixels cannot be decoded ({type(exc).__name__})", f) from None
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         frames = pixels if pixels.ndim == 3 and _int(ds.get("NumberOfFrames")) else pixels[None]

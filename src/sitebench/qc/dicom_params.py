@@ -89,7 +89,6 @@ class SeriesParameters:
     phi_present: list[str] = field(default_factory=list)
     study_uid: str = ""  # kept for grouping re-scans; never written out (PHI profile)
     scanner_id: str | None = None  # pseudonym of DeviceSerialNumber / StationName
-    datasets: list = field(default_factory=list, repr=False)  # per-file pixels + geometry (with_pixels)
     summaries: list = field(default_factory=list, repr=False)  # per-file file_summary (intake path)
 
     def to_dict(self) -> dict:
@@ -554,7 +553,7 @@ def dicom_files(path: str | Path | Iterable[str | Path]) -> list[Path]:
     return [Path(f) for f in path]
 
 
-def read_series(path: str | Path | Iterable[str | Path], with_pixels: bool = False) -> list[SeriesParameters]:
+def read_series(path: str | Path | Iterable[str | Path]) -> list[SeriesParameters]:
     """Read every DICOM file under ``path`` (a file, a folder read recursively, or a list of files).
 
     Files that are not DICOM are skipped quietly. Returns one
@@ -564,20 +563,13 @@ def read_series(path: str | Path | Iterable[str | Path], with_pixels: bool = Fal
     Only the tags the parameters need are parsed from every file (echo time, slice position,
     PHI-attribute presence); the first file of a series is read whole, and every file of an
     enhanced multi-frame series is, since its geometry lives in the functional groups.
-    ``with_pixels`` also keeps each file's pixel data and geometry (``SeriesParameters.datasets``)
-    so the image-quality path does not read the series a second time.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.tag import Tag
 
     files = dicom_files(path)
-    keywords = PER_FILE_TAGS
-    if with_pixels:
-        from sitebench.qc.dicom_files import VOLUME_TAGS
-
-        keywords = tuple(dict.fromkeys(PER_FILE_TAGS + VOLUME_TAGS))
-    per_file_tags = [Tag(k) for k in keywords]
+    per_file_tags = [Tag(k) for k in PER_FILE_TAGS]
     groups: dict[str, list] = defaultdict(list)
     for f in files:
         try:
@@ -607,5 +599,5 @@ def read_series(path: str | Path | Iterable[str | Path], with_pixels: bool = Fal
             series_uid=uid, files=[f for f, _ in members], parameters=params,
             missing=[k for k in PARAMETER_KEYS if k not in params],
             phi_present=sorted({n for s in summaries for n in s["phi"]}, key=PHI_KEYWORDS.index), study_uid=str(whole[0].get("StudyInstanceUID") or ""),
-            scanner_id=_scanner_id(whole[0]), datasets=[ds for _, ds in members] if with_pixels else []))
+            scanner_id=_scanner_id(whole[0])))
     return out

@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable, utc_now
-from sitebench.qc.dicom_files import FileCheck, check_file, series_volume, volume_from_summaries
-from sitebench.qc.dicom_params import SeriesParameters, read_series, series_from_summaries
+from sitebench.qc.dicom_files import FileCheck, check_file, volume_from_summaries
+from sitebench.qc.dicom_params import SeriesParameters, series_from_summaries
 from sitebench.qc.drift import DriftEvent, DriftMonitor, SiteHistory
 from sitebench.qc.protocol import Deviation, Protocol, check_series, check_values, match_protocol, overall_status
 
@@ -109,21 +109,24 @@ class Gate:
                     file_checks: dict[Path, FileCheck] | None = None) -> list[SeriesOutcome]:
         """Check every series among ``files`` (one outcome per SeriesInstanceUID, in arrival order).
 
-        ``file_checks`` lets intake pass the integrity checks it already ran on receipt.
+        Every file is parsed once (:func:`check_file`: integrity, geometry, PHI names, pixel
+        offsets); ``file_checks`` passes checks already run.
         """
         files = [Path(f) for f in files]
         checks = dict(file_checks or {})
         for f in files:
             if f not in checks:
                 checks[f] = check_file(f)
-        usable = [f for f in files if checks[f].groupable]
-        if not usable:
+        groups: dict[str, list[Path]] = {}
+        for f in files:
+            if checks[f].groupable and checks[f].summary is not None:
+                groups.setdefault(checks[f].series_uid, []).append(f)
+        if not groups:
             raise SitebenchError("no DICOM file with a SeriesInstanceUID among "
                                  f"{len(files)} file(s): {checks[files[0]].problems[0] if files else 'none'}")
         outcomes = []
-        for series in read_series(usable, with_pixels=self.compute_image_quality):
-            problems = sorted({p for f in series.files for p in checks[f].problems})
-            outcomes.append(self._check_series(series, site, problems))
+        for members in groups.values():
+            outcomes += self.check_received(members, [checks[f] for f in members], site)
         return outcomes
 
     def check_received(self, files: Sequence[str | Path], checks: Sequence[FileCheck], site: str) -> list[SeriesOutcome]:
@@ -182,10 +185,7 @@ class Gate:
             outcome.image_quality_notes.append("not computed: the series has damaged files")
             return _undetermined_iqm(protocol, "series has damaged files")
         try:
-            if series.summaries:
-                volume, voxel = volume_from_summaries(series.files, series.summaries)
-            else:
-                volume, voxel = series_volume(series.datasets or series.files)
+            volume, voxel = volume_from_summaries(series.files, series.summaries)
             quality = image_quality(volume, voxel)
         except SitebenchError as exc:
             outcome.image_quality_notes.append(f"not computed: {exc}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -32,12 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import pydicom  # noqa: F401 - imported before the worker threads start: concurrent first imports deadlock
 from pydantic import BaseModel, ConfigDict, Field
 
 from sitebench.audit import AuditTrail
 from sitebench.config import load_yaml, parse_config
 from sitebench.errors import SitebenchError
 from sitebench.provenance import sha256_bytes
+from sitebench.qc import dicom_params  # noqa: F401 - same reason (check_bytes imports it lazily)
 from sitebench.qc.dicom_files import FileCheck, check_bytes
 from sitebench.qc.gate import Gate, SeriesOutcome, uid_key
 from sitebench.qc.protocol import Protocol, load_protocol
@@ -47,6 +50,7 @@ __all__ = ["IntakeConfig", "IntakeService", "ObjectStore", "Receipt", "load_inta
 
 log = logging.getLogger("sitebench.qc.intake")
 MB = 1024 * 1024
+KEEP_IN_QUEUE_BYTES = 32 * MB  # larger files are read back from the store by the indexer
 
 
 # --------------------------------------------------------------------------- configuration
@@ -188,6 +192,9 @@ class IntakeService:
                          history_state=self.records.load_state("image_quality_history"))
         self.ae_sites = {ae.strip(): site for site, cfg in config.sites.items() for ae in cfg.ae_titles}
         self._transfers: dict[str, _Transfer] = {}
+        self._pending: queue.Queue = queue.Queue()
+        self._indexer_thread = threading.Thread(target=self._indexer, name="qc-indexer", daemon=True)
+        self._indexer_thread.start()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -200,31 +207,65 @@ class IntakeService:
             self._transfers[transfer] = _Transfer(site=site, source=source, sender=sender)
         return transfer
 
-    def receive(self, data: bytes, transfer: str) -> Receipt:
-        """Store, check and record one file of a transfer (see the module docstring for the order)."""
+    def receive(self, data: bytes, transfer: str, parse_now: bool = False) -> Receipt:
+        """Store and record one file of a transfer; its header is parsed and checked after that.
+
+        The sender may be told "received" as soon as this returns: the bytes are fsync'd and
+        their row committed. Parsing happens on the indexer thread (``parse_now`` does it here,
+        for senders that expect per-file problems in their reply, like STOW-RS).
+        """
         info = self._transfers[transfer]
         sha, rel = self.store.put(data, info.site)
-        check: FileCheck = check_bytes(data)
-        series_key = uid_key(check.series_uid) if check.series_uid else None
-        study_key = uid_key(check.study_uid) if check.study_uid else None
-        new = self.records.record_file(sha256=sha, size=len(data), stored_path=rel, site=info.site,
-                                       source=info.source, transfer=transfer, series_key=series_key,
-                                       study_key=study_key, problems=check.problems,
-                                       sop_key=uid_key(check.sop_uid) if check.sop_uid else None,
-                                       header_summary=check.summary)
+        new = self.records.record_received(sha256=sha, size=len(data), stored_path=rel, site=info.site,
+                                           source=info.source, transfer=transfer)
         with self._lock:
             info.files += 1
             info.new_files += int(new)
             info.bytes += len(data)
-            if series_key:
-                info.series.add(series_key)
-            info.problems += [f"{sha[:12]}: {p}" for p in check.problems]
-        if new and series_key is None:
+        if not new:
+            return Receipt(sha256=sha, new=False, series_key=None)
+        if parse_now:
+            return self._index(sha, rel, data, info.site, transfer)
+        self._pending.put((sha, rel, data if len(data) <= KEEP_IN_QUEUE_BYTES else None, info.site, transfer))
+        return Receipt(sha256=sha, new=True, series_key=None)
+
+    def _index(self, sha: str, rel: str, data: bytes | None, site: str, transfer: str) -> Receipt:
+        """Parse and check one recorded file's header; record what it says."""
+        if data is None:
+            data = self.store.path(rel).read_bytes()
+        check: FileCheck = check_bytes(data)
+        series_key = uid_key(check.series_uid) if check.series_uid else None
+        self.records.record_index(sha256=sha, site=site, series_key=series_key,
+                                  study_key=uid_key(check.study_uid) if check.study_uid else None,
+                                  sop_key=uid_key(check.sop_uid) if check.sop_uid else None,
+                                  problems=check.problems, header_summary=check.summary)
+        with self._lock:
+            info = self._transfers.get(transfer)
+            if info is not None:
+                if series_key:
+                    info.series.add(series_key)
+                info.problems += [f"{sha[:12]}: {p}" for p in check.problems]
+        if series_key is None:
             self.audit.append(who=self.config.who, what="file rejected", why="; ".join(check.problems),
-                              subject=f"file {sha}", details={"site": info.site, "source": info.source,
-                                                              "transfer": transfer, "size": len(data),
-                                                              "stored": rel, "problems": check.problems})
-        return Receipt(sha256=sha, new=new, series_key=series_key, problems=check.problems)
+                              subject=f"file {sha}", details={"site": site, "transfer": transfer,
+                                                              "size": len(data), "stored": rel,
+                                                              "problems": check.problems})
+        return Receipt(sha256=sha, new=True, series_key=series_key, problems=check.problems)
+
+    def _indexer(self) -> None:
+        while True:
+            item = self._pending.get()
+            try:
+                if item is None:
+                    return
+                if item[0] == "end":
+                    self._audit_transfer(*item[1:])
+                else:
+                    self._index(*item)
+            except Exception:  # noqa: BLE001 - the row stays unindexed and is parsed again at the next start
+                log.exception("indexing a received file failed")
+            finally:
+                self._pending.task_done()
 
     def refuse(self, transfer: str, size: int, why: str) -> None:
         """A file not stored (too large): audited, and counted against the transfer."""
@@ -240,6 +281,10 @@ class IntakeService:
         return int(self.config.max_file_mb * MB)
 
     def end_transfer(self, transfer: str, how: str = "completed") -> None:
+        """Audit the transfer once the indexer has parsed all its files (queued behind them)."""
+        self._pending.put(("end", transfer, how))
+
+    def _audit_transfer(self, transfer: str, how: str) -> None:
         with self._lock:
             info = self._transfers.pop(transfer, None)
         if info is None:
@@ -324,6 +369,8 @@ class IntakeService:
 
     def start(self, check_interval: float = 0.5) -> None:
         """Start the configured listeners and the checker thread (returns at once)."""
+        for sha, rel, site, transfer in self.records.unindexed():  # recorded, not parsed, before a crash
+            self._pending.put((sha, rel, None, site, transfer))
         self.recover()
         pending = self.records.open_series()
         self.audit.append(who=self.config.who, what="intake started", why="service start",
@@ -350,6 +397,8 @@ class IntakeService:
         self._stop.set()
         for server in self._servers:
             server.shutdown()
+        self._pending.put(None)  # after everything queued: the indexer finishes those, then exits
+        self._indexer_thread.join(timeout=60)
         for thread in self._threads:
             thread.join(timeout=10)
         self.audit.append(who=self.config.who, what="intake stopped", why="service stop")

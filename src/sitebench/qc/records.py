@@ -43,6 +43,7 @@ received_files = Table(
     Column("sop_key", String(32)),
     Column("problems", Text, nullable=False, default="[]"),  # JSON list of one-line problems
     Column("header_summary", Text),  # JSON file_summary: per-frame geometry, PHI attribute names
+    Column("indexed", Boolean, nullable=False, default=False),  # header parsed and checked
     Column("first_received_utc", String(40), nullable=False),
     Column("times_received", Integer, nullable=False, default=1),
 )
@@ -161,36 +162,60 @@ class QCRecords:
         metadata.create_all(self.engine)
 
     # ------------------------------------------------------------------ intake
-    def record_file(self, *, sha256: str, size: int, stored_path: str, site: str, source: str, transfer: str,
-                    series_key: str | None, study_key: str | None, problems: list[str],
-                    sop_key: str | None = None, header_summary: dict | None = None) -> bool:
-        """Record one received file (and open its series); False when these exact bytes were seen before.
-
-        A resend of known bytes changes nothing but a counter; a new file of an already
-        checked series re-opens it, so the gate checks the series again as a whole.
-        """
-        now = time.time()
+    def record_received(self, *, sha256: str, size: int, stored_path: str, site: str, source: str,
+                        transfer: str) -> bool:
+        """Record one stored file before anything reads it; False when these exact bytes were seen before."""
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(received_files).values(
                     sha256=sha256, size=size, stored_path=stored_path, site=site, source=source, transfer=transfer,
-                    series_key=series_key, sop_key=sop_key, problems=_json(problems),
-                    header_summary=None if header_summary is None else _json(header_summary),
-                    first_received_utc=utc_now(),
-                    times_received=1))
-                if series_key is not None:
-                    opened = conn.execute(update(series).where(series.c.series_key == series_key).values(
-                        state="open", n_files=series.c.n_files + 1, last_received_epoch=now)).rowcount
-                    if not opened:
-                        conn.execute(insert(series).values(series_key=series_key, site=site, study_key=study_key,
-                                                           state="open", n_files=1, first_received_utc=utc_now(),
-                                                           last_received_epoch=now))
+                    problems="[]", indexed=False, first_received_utc=utc_now(), times_received=1))
             return True
         except IntegrityError:  # these exact bytes are already recorded: count the resend, change nothing else
             with self.engine.begin() as conn:
                 conn.execute(update(received_files).where(received_files.c.sha256 == sha256)
                              .values(times_received=received_files.c.times_received + 1))
             return False
+
+    def record_index(self, *, sha256: str, site: str, series_key: str | None, study_key: str | None,
+                     sop_key: str | None, problems: list[str], header_summary: dict | None) -> None:
+        """What the header of a recorded file says; opens (or re-opens) its series.
+
+        A new file of an already checked series re-opens it, so the gate checks the series
+        again as a whole.
+        """
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(update(received_files).where(received_files.c.sha256 == sha256).values(
+                series_key=series_key, sop_key=sop_key, problems=_json(problems), indexed=True,
+                header_summary=None if header_summary is None else _json(header_summary)))
+            if series_key is None:
+                return
+            opened = conn.execute(update(series).where(series.c.series_key == series_key).values(
+                state="open", n_files=series.c.n_files + 1, last_received_epoch=now)).rowcount
+            if not opened:
+                conn.execute(insert(series).values(series_key=series_key, site=site, study_key=study_key,
+                                                   state="open", n_files=1, first_received_utc=utc_now(),
+                                                   last_received_epoch=now))
+
+    def record_file(self, *, sha256: str, size: int, stored_path: str, site: str, source: str, transfer: str,
+                    series_key: str | None, study_key: str | None, problems: list[str],
+                    sop_key: str | None = None, header_summary: dict | None = None) -> bool:
+        """:meth:`record_received` and :meth:`record_index` in one call (files already parsed)."""
+        new = self.record_received(sha256=sha256, size=size, stored_path=stored_path, site=site, source=source,
+                                   transfer=transfer)
+        if new:
+            self.record_index(sha256=sha256, site=site, series_key=series_key, study_key=study_key, sop_key=sop_key,
+                              problems=problems, header_summary=header_summary)
+        return new
+
+    def unindexed(self) -> list[tuple[str, str, str, str]]:
+        """(sha256, stored path, site, transfer) of recorded files whose header is not yet parsed."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(received_files.c.sha256, received_files.c.stored_path, received_files.c.site,
+                                       received_files.c.transfer)
+                                .where(received_files.c.indexed.is_(False)).order_by(received_files.c.id)).all()
+        return [tuple(r) for r in rows]
 
     def known_sha256(self, since_utc: str | None = None) -> set[str]:
         query = select(received_files.c.sha256)
@@ -207,6 +232,10 @@ class QCRecords:
         """(series_key, site) of open series with no new file for ``quiet_seconds``: complete."""
         cutoff = (time.time() if now is None else now) - quiet_seconds
         with self.engine.connect() as conn:
+            pending = conn.execute(select(func.count()).select_from(received_files)
+                                   .where(received_files.c.indexed.is_(False))).scalar_one()
+            if pending:  # a file not yet parsed may belong to any open series: none is complete yet
+                return []
             rows = conn.execute(select(series.c.series_key, series.c.site)
                                 .where(series.c.state == "open", series.c.last_received_epoch <= cutoff)
                                 .order_by(series.c.last_received_epoch)).all()
@@ -288,7 +317,8 @@ class QCRecords:
     def rejected_files(self) -> list[dict[str, Any]]:
         """Files that belong to no series (not DICOM, no SeriesInstanceUID): kept, never checked."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(received_files).where(received_files.c.series_key.is_(None))
+            rows = conn.execute(select(received_files).where(received_files.c.series_key.is_(None),
+                                                             received_files.c.indexed.is_(True))
                                 .order_by(received_files.c.id)).mappings().all()
         return [{**row, "problems": json.loads(row["problems"])} for row in rows]
 
@@ -339,7 +369,7 @@ class QCRecords:
                                   .where(verdicts.c.latest.is_(True)).group_by(verdicts.c.site, verdicts.c.id)).all()
             drift = conn.execute(select(drift_events.c.site, func.count()).group_by(drift_events.c.site)).all()
             rejected = conn.execute(select(received_files.c.site, func.count())
-                                    .where(received_files.c.series_key.is_(None))
+                                    .where(received_files.c.series_key.is_(None), received_files.c.indexed.is_(True))
                                     .group_by(received_files.c.site)).all()
         for site, verdict_id, n in counts:
             if verdict_id not in resolved:

@@ -81,7 +81,7 @@ def make_app(service: "IntakeService") -> Any:
                 return JSONResponse({"error": f"malformed multipart body: {exc}"}, status_code=400)
             stored, failed = [], []
             for index, part in enumerate(parts):
-                receipt = service.receive(part, transfer)
+                receipt = service.receive(part, transfer, parse_now=True)
                 entry = {"part": index, "sha256": receipt.sha256, "series_key": receipt.series_key}
                 if receipt.problems:
                     failed.append({**entry, "00081197": FAILURE_PROCESSING, "reason": "; ".join(receipt.problems)})
