@@ -18,3 +18,12 @@ def test_benchmark_demo_yaml_loads():
     spec = load_spec(CONFIGS / "benchmark_demo.yaml")
     assert [m.source for m in spec.models] == ["classical", "builtin:gm_unet_v1", "builtin:gm_unet_v2"]
     assert spec.manifest_path == (CONFIGS / "../sitebench-demo/trial/manifest.csv")
+
+
+def test_qc_intake_yaml_loads_with_its_locked_protocols():
+    from sitebench.qc.intake import load_intake_config, load_locked_protocols
+
+    config = load_intake_config(CONFIGS / "qc_intake.yaml")
+    assert config.sites["S01"].ae_titles == ["S01_MR1"] and config.quiet_seconds == 5
+    (protocol,) = load_locked_protocols(config.protocols)  # refuses a protocol edited after locking
+    assert protocol.locked and protocol.name == "ge-t1w-3d" and protocol.image_quality
