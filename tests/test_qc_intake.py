@@ -181,6 +181,16 @@ def test_storescu_series_gets_its_verdict_in_database_and_audit(service):
     assert image.shape == (256, 256, 196)
     assert_same_world_coordinates(image, sorted(T1.iterdir())[77])
 
+    # tampering with the gate's own trail: turning the verdict into a fail is caught, by record
+    tampered = service.store.parent / "tampered.jsonl"
+    lines = (service.store / "audit.jsonl").read_text().splitlines()
+    index = next(i for i, line in enumerate(lines) if '"what":"verdict"' in line)
+    lines[index] = lines[index].replace('"status":"pass"', '"status":"fail"', 1)
+    tampered.write_text("\n".join(lines) + "\n")
+    check = subprocess.run([sys.executable, "-m", "sitebench.cli", "audit", "verify", str(tampered)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 1 and f"seq {json.loads(lines[index])['seq']}" in check.stdout + check.stderr
+
 
 def assert_same_world_coordinates(image, dicom_file: Path) -> None:
     """Pixels of one slice land where nibabel's own DICOM reader puts them (catches flipped axes)."""
