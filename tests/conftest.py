@@ -19,3 +19,35 @@ def small_trial(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("small_trial")
     return simulate_trial(TrialConfig(n_sites=6, scans_per_site=4, seed=7, workers=2), out)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory):
+    """A real PostgreSQL server of our own (initdb + pg_ctl in a temp folder), stopped at the end."""
+    import glob
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not initdb:
+        pytest.skip("needs the PostgreSQL server binaries (apt-get install postgresql)")
+    bindir = Path(initdb[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="sitebench-pg-", dir="/tmp"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = root / "data"
+    subprocess.run(as_user + [str(bindir / "initdb"), "-D", str(data), "-U", "sitebench", "--auth=trust"],
+                   check=True, capture_output=True)
+    subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                              f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    yield f"postgresql+psycopg://sitebench@127.0.0.1:{port}/postgres"
+    subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)

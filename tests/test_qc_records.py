@@ -1,6 +1,9 @@
-"""`qc status` arithmetic on a real SQLite database: re-scans, open deviations, drift, rejected files."""
+"""`qc status` arithmetic on real databases (SQLite, and a PostgreSQL server started for the test run):
+re-scans, open deviations, drift, rejected files."""
 
 from __future__ import annotations
+
+import pytest
 
 from sitebench.qc.drift import DriftEvent
 from sitebench.qc.gate import SeriesOutcome
@@ -16,8 +19,19 @@ def outcome(key: str, study: str, status: str, site: str = "S01", deviations=(),
                          deviations=list(deviations), checks=list(deviations), drift=list(drift))
 
 
-def test_site_status_counts_rescans_open_deviations_and_drift(tmp_path):
-    records = QCRecords(database_url(tmp_path))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def records(request, tmp_path) -> QCRecords:
+    if request.param == "sqlite":
+        return QCRecords(database_url(tmp_path))
+    url = request.getfixturevalue("postgres_url")
+    schema_free = QCRecords(url)
+    from sitebench.qc.records import metadata
+
+    metadata.drop_all(schema_free.engine)  # each test starts from empty tables
+    return QCRecords(url)
+
+
+def test_site_status_counts_rescans_open_deviations_and_drift(records):
     event = DriftEvent(site="S02", scanner="GE|x|t1w", series_uid="c1", parameter="SoftwareVersions",
                        baseline="27", observed="30", kind="software", change="changed", first_seen="2026-11-28",
                        baseline_series_uid="b0")
