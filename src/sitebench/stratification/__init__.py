@@ -3,6 +3,7 @@
 Imports only ``sitebench.datasets``, ``sitebench.errors`` and ``sitebench.provenance``.
 """
 
+from sitebench.stratification.combat import ComBat, site_variance_share
 from sitebench.stratification.metrics import StratumMetrics, stratum_metrics
 from sitebench.stratification.mixed import (
     ScannerEffects,
@@ -12,10 +13,12 @@ from sitebench.stratification.mixed import (
 )
 
 __all__ = [
+    "ComBat",
     "ScannerEffects",
     "StratumMetrics",
     "UpgradeEffect",
     "fit_scanner_effects",
+    "site_variance_share",
     "stratum_metrics",
     "upgrade_effect",
 ]

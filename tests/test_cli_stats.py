@@ -1,0 +1,59 @@
+"""`sitebench stats` on CSV tables, as a statistician runs it; numbers against the ComBat authors' outputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+COMBAT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "combat"
+pytestmark = pytest.mark.skipif(not COMBAT.exists(), reason="needs ../shared/data/combat")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sitebench.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture
+def scans(tmp_path) -> Path:
+    """The reference input as a scan table: one row per sample, batch and gender columns."""
+    data = pd.read_csv(COMBAT / "inputData" / "testdata.csv")
+    table = pd.DataFrame(data.to_numpy().T, columns=[f"f{i}" for i in range(data.shape[0])])
+    table.insert(0, "site", ["A"] * 5 + ["B"] * 5)
+    table.insert(1, "gender", ["1", "2"] * 5)
+    path = tmp_path / "scans.csv"
+    table.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("flags, reference", [
+    ([], "testdata_combat_parametric_adjusted_python.csv"),
+    (["--nonparametric", "--ref-batch", "A"], "testdata_combat_nonparametric_adjusted_batchref_python.csv"),
+])
+def test_combat_cli_matches_reference(scans, tmp_path, flags, reference):
+    features = [f"f{i}" for i in range(200)]
+    out = tmp_path / "harmonized.csv"
+    result = run_cli("stats", "combat", scans, "--batch", "site", "--features", *features,
+                     "--categorical", "gender", *flags, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "variance share of batch" in result.stdout
+    ours = pd.read_csv(out)[features].to_numpy().T
+    expected = pd.read_csv(COMBAT / "outputData" / reference, header=None).to_numpy()
+    assert np.abs(ours - expected).max() < 1e-6
+
+
+def test_combat_cli_bad_input_is_one_line(scans, tmp_path):
+    missing = run_cli("stats", "combat", scans, "--batch", "scanner", "--features", "f0", "--out", tmp_path / "o.csv")
+    assert missing.returncode == 2 and "scanner" in missing.stderr and "Traceback" not in missing.stderr
+    one = pd.read_csv(scans)
+    one.loc[0, "site"] = "C"  # a batch with a single scan
+    lonely = tmp_path / "lonely.csv"
+    one.to_csv(lonely, index=False)
+    single = run_cli("stats", "combat", lonely, "--batch", "site", "--features", "f0", "f1", "--out", tmp_path / "o.csv")
+    assert single.returncode == 2 and "1 sample" in single.stderr and str(lonely) in single.stderr
+    assert len(single.stderr.strip().splitlines()) == 1
