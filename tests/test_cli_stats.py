@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 
 COMBAT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "combat"
-pytestmark = pytest.mark.skipif(not COMBAT.exists(), reason="needs ../shared/data/combat")
+needs_combat = pytest.mark.skipif(not COMBAT.exists(), reason="needs ../shared/data/combat")
 
 
 def run_cli(*args):
@@ -31,6 +32,7 @@ def scans(tmp_path) -> Path:
     return path
 
 
+@needs_combat
 @pytest.mark.parametrize("flags, reference", [
     ([], "testdata_combat_parametric_adjusted_python.csv"),
     (["--nonparametric", "--ref-batch", "A"], "testdata_combat_nonparametric_adjusted_batchref_python.csv"),
@@ -47,6 +49,7 @@ def test_combat_cli_matches_reference(scans, tmp_path, flags, reference):
     assert np.abs(ours - expected).max() < 1e-6
 
 
+@needs_combat
 def test_combat_cli_bad_input_is_one_line(scans, tmp_path):
     missing = run_cli("stats", "combat", scans, "--batch", "scanner", "--features", "f0", "--out", tmp_path / "o.csv")
     assert missing.returncode == 2 and "scanner" in missing.stderr and "Traceback" not in missing.stderr
@@ -57,3 +60,18 @@ def test_combat_cli_bad_input_is_one_line(scans, tmp_path):
     single = run_cli("stats", "combat", lonely, "--batch", "site", "--features", "f0", "f1", "--out", tmp_path / "o.csv")
     assert single.returncode == 2 and "1 sample" in single.stderr and str(lonely) in single.stderr
     assert len(single.stderr.strip().splitlines()) == 1
+
+
+def test_equivalence_cli_json(tmp_path):
+    rng = np.random.default_rng(5)
+    table = pd.DataFrame({"site": np.repeat(["S01", "S02", "S03"], 60), "abs_error": rng.normal(2.0, 0.5, 180)})
+    table.loc[table.site == "S03", "abs_error"] += 3.0  # one site clearly worse
+    path = tmp_path / "errors.csv"
+    table.to_csv(path, index=False)
+    result = run_cli("stats", "equivalence", path, "--value", "abs_error", "--margin", "1.0", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["all_within_margin"] is False
+    assert [s["site"] for s in report["sites"] if not s["equivalent"]] == ["S03"]
+    bad = run_cli("stats", "equivalence", path, "--value", "dice", "--margin", "1.0")
+    assert bad.returncode == 2 and "no column 'dice'" in bad.stderr and "Traceback" not in bad.stderr

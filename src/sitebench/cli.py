@@ -283,6 +283,27 @@ def cmd_stats_combat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats_table(path: str):
+    from sitebench.datasets.manifest import read_table
+
+    return read_table(Path(path))
+
+
+def _print_result(result, as_json: bool) -> None:
+    print(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
+
+
+def cmd_stats_equivalence(args: argparse.Namespace) -> int:
+    from sitebench.stratification.equivalence import site_equivalence
+
+    try:
+        result = site_equivalence(_stats_table(args.table), args.value, args.site, args.margin, args.alpha)
+    except SitebenchError as exc:
+        raise SitebenchError(str(exc), args.table) from None
+    _print_result(result, args.json)
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from sitebench.audit import verify_trail
 
@@ -454,6 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
     combat.add_argument("--ref-batch", help="reference batch, left unchanged")
     combat.add_argument("--out", required=True, help="harmonized CSV")
     combat.set_defaults(func=cmd_stats_combat)
+    equivalence = stats.add_parser("equivalence", help="per-site TOST vs the rest; is every site within a margin?",
+                                   description="Welch TOST of each site's mean against the other sites', Holm-"
+                                               "adjusted; 'every site within the margin' by intersection-union.")
+    equivalence.add_argument("table", help="CSV/TSV/Parquet, one row per scan")
+    equivalence.add_argument("--value", required=True, help="per-scan performance column (e.g. absolute error)")
+    equivalence.add_argument("--site", default="site", help="site column")
+    equivalence.add_argument("--margin", type=float, required=True, help="equivalence margin, in --value's units")
+    equivalence.add_argument("--alpha", type=float, default=0.05)
+    equivalence.add_argument("--json", action="store_true")
+    equivalence.set_defaults(func=cmd_stats_equivalence)
 
     audit = sub.add_parser("audit", help="the append-only, hash-chained audit trail").add_subparsers(
         dest="action", metavar="ACTION", required=True)
