@@ -64,8 +64,9 @@ def test_combat_cli_bad_input_is_one_line(scans, tmp_path):
 
 def test_equivalence_cli_json(tmp_path):
     rng = np.random.default_rng(5)
-    table = pd.DataFrame({"site": np.repeat(["S01", "S02", "S03"], 60), "abs_error": rng.normal(2.0, 0.5, 180)})
-    table.loc[table.site == "S03", "abs_error"] += 3.0  # one site clearly worse
+    sites = [f"S0{i}" for i in range(1, 7)]
+    table = pd.DataFrame({"site": np.repeat(sites, 60), "abs_error": rng.normal(2.0, 0.5, 360)})
+    table.loc[table.site == "S03", "abs_error"] += 3.0  # one site clearly worse (the others are 3/5 off "the rest")
     path = tmp_path / "errors.csv"
     table.to_csv(path, index=False)
     result = run_cli("stats", "equivalence", path, "--value", "abs_error", "--margin", "1.0", "--json")
