@@ -76,3 +76,17 @@ def test_equivalence_cli_json(tmp_path):
     assert [s["site"] for s in report["sites"] if not s["equivalent"]] == ["S03"]
     bad = run_cli("stats", "equivalence", path, "--value", "dice", "--margin", "1.0")
     assert bad.returncode == 2 and "no column 'dice'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_delong_cli_paired(tmp_path):
+    rng = np.random.default_rng(11)
+    truth = np.repeat([0, 1], 80)
+    table = pd.DataFrame({"disease": truth, "v1": truth * 1.0 + rng.normal(0, 1, 160),
+                          "v2": truth * 0.3 + rng.normal(0, 1, 160)})
+    path = tmp_path / "scores.csv"
+    table.to_csv(path, index=False)
+    result = run_cli("stats", "delong", path, "--truth", "disease", "--score", "v1", "--score2", "v2", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["auc"] > report["auc2"] and report["p"] < 0.05
+    assert report["ci_low"] < report["auc"] < report["ci_high"]

@@ -304,6 +304,26 @@ def cmd_stats_equivalence(args: argparse.Namespace) -> int:
     return 0
 
 
+def _columns(table, path: str, *names: str | None):
+    missing = [n for n in names if n is not None and n not in table.columns]
+    if missing:
+        raise SitebenchError(f"no column(s) {', '.join(missing)} (have: {', '.join(map(str, table.columns))})", path)
+    return [None if n is None else table[n] for n in names]
+
+
+def cmd_stats_delong(args: argparse.Namespace) -> int:
+    from sitebench.stratification.classification import delong
+
+    table = _stats_table(args.table)
+    truth, score, score2 = _columns(table, args.table, args.truth, args.score, args.score2)
+    try:
+        result = delong(truth, score, score2, alpha=args.alpha)
+    except SitebenchError as exc:
+        raise SitebenchError(str(exc), args.table) from None
+    _print_result(result, args.json)
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from sitebench.audit import verify_trail
 
@@ -485,6 +505,16 @@ def build_parser() -> argparse.ArgumentParser:
     equivalence.add_argument("--alpha", type=float, default=0.05)
     equivalence.add_argument("--json", action="store_true")
     equivalence.set_defaults(func=cmd_stats_equivalence)
+    delong_cmd = stats.add_parser("delong", help="AUC with DeLong CI; paired DeLong test of two scores",
+                                  description="AUC (larger score = positive class) with the DeLong CI, as R's "
+                                              "pROC; with --score2, the paired DeLong test of the difference.")
+    delong_cmd.add_argument("table")
+    delong_cmd.add_argument("--truth", required=True, help="binary outcome column (0/1)")
+    delong_cmd.add_argument("--score", required=True)
+    delong_cmd.add_argument("--score2", help="second model's score, for the paired test")
+    delong_cmd.add_argument("--alpha", type=float, default=0.05)
+    delong_cmd.add_argument("--json", action="store_true")
+    delong_cmd.set_defaults(func=cmd_stats_delong)
 
     audit = sub.add_parser("audit", help="the append-only, hash-chained audit trail").add_subparsers(
         dest="action", metavar="ACTION", required=True)

@@ -3,7 +3,14 @@
 Imports only ``sitebench.datasets``, ``sitebench.errors`` and ``sitebench.provenance``.
 """
 
+from sitebench.stratification.classification import (
+    calibration,
+    classification_by_stratum,
+    delong,
+    sensitivity_specificity,
+)
 from sitebench.stratification.combat import ComBat, site_variance_share
+from sitebench.stratification.equivalence import SiteEquivalence, site_equivalence
 from sitebench.stratification.metrics import StratumMetrics, stratum_metrics
 from sitebench.stratification.mixed import (
     ScannerEffects,
@@ -15,6 +22,12 @@ from sitebench.stratification.mixed import (
 __all__ = [
     "ComBat",
     "ScannerEffects",
+    "SiteEquivalence",
+    "calibration",
+    "classification_by_stratum",
+    "delong",
+    "sensitivity_specificity",
+    "site_equivalence",
     "StratumMetrics",
     "UpgradeEffect",
     "fit_scanner_effects",
