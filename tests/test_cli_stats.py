@@ -90,3 +90,28 @@ def test_delong_cli_paired(tmp_path):
     report = json.loads(result.stdout)
     assert report["auc"] > report["auc2"] and report["p"] < 0.05
     assert report["ci_low"] < report["auc"] < report["ci_high"]
+
+
+def test_icc_cli_on_shrout_fleiss(tmp_path):
+    ratings = [[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]]
+    rows = [{"target": t, "judge": j, "rating": r} for t, row in enumerate(ratings) for j, r in enumerate(row)]
+    path = tmp_path / "sf.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    result = run_cli("stats", "icc", path, "--targets", "target", "--raters", "judge", "--ratings", "rating", "--json")
+    assert result.returncode == 0, result.stderr
+    forms = {f["form"]: f["icc"] for f in json.loads(result.stdout)["forms"]}
+    published = {"ICC(1,1)": .17, "ICC(A,1)": .29, "ICC(C,1)": .71, "ICC(1,k)": .44, "ICC(A,k)": .62, "ICC(C,k)": .91}
+    assert forms == pytest.approx(published, abs=0.006)
+
+
+def test_bland_altman_cli_on_the_1986_pefr_data(tmp_path):
+    wright = [494, 395, 516, 434, 476, 557, 413, 442, 650, 433, 417, 656, 267, 478, 178, 423, 427]
+    mini = [512, 430, 520, 428, 500, 600, 364, 380, 658, 445, 432, 626, 260, 477, 259, 350, 451]
+    path = tmp_path / "pefr.csv"
+    pd.DataFrame({"wright": wright, "mini": mini}).to_csv(path, index=False)
+    result = run_cli("stats", "bland-altman", path, "--a", "wright", "--b", "mini", "--limit-z", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (round(report["bias"], 1), round(report["sd"], 1)) == (-2.1, 38.8)
+    assert report["lower"] == pytest.approx(-79.7, abs=0.1) and report["upper"] == pytest.approx(75.5, abs=0.1)
+    assert report["n"] == 17 and report["lower_ci_low"] < report["lower"] < report["lower_ci_high"]

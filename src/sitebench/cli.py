@@ -296,12 +296,7 @@ def _print_result(result, as_json: bool) -> None:
 def cmd_stats_equivalence(args: argparse.Namespace) -> int:
     from sitebench.stratification.equivalence import site_equivalence
 
-    try:
-        result = site_equivalence(_stats_table(args.table), args.value, args.site, args.margin, args.alpha)
-    except SitebenchError as exc:
-        raise SitebenchError(str(exc), args.table) from None
-    _print_result(result, args.json)
-    return 0
+    return _run_table_analysis(args, lambda t: site_equivalence(t, args.value, args.site, args.margin, args.alpha))
 
 
 def _columns(table, path: str, *names: str | None):
@@ -318,6 +313,38 @@ def cmd_stats_delong(args: argparse.Namespace) -> int:
     truth, score, score2 = _columns(table, args.table, args.truth, args.score, args.score2)
     try:
         result = delong(truth, score, score2, alpha=args.alpha)
+    except SitebenchError as exc:
+        raise SitebenchError(str(exc), args.table) from None
+    _print_result(result, args.json)
+    return 0
+
+
+def cmd_stats_icc(args: argparse.Namespace) -> int:
+    from sitebench.stratification.agreement import icc
+
+    return _run_table_analysis(args, lambda t: icc(t, args.targets, args.raters, args.ratings, alpha=args.alpha))
+
+
+def cmd_stats_bland_altman(args: argparse.Namespace) -> int:
+    from sitebench.stratification.agreement import bland_altman
+
+    return _run_table_analysis(args, lambda t: bland_altman(t, args.a, args.b, alpha=args.alpha,
+                                                           limit_z=args.limit_z))
+
+
+def cmd_stats_metrology(args: argparse.Namespace) -> int:
+    from sitebench.stratification.agreement import metrology
+
+    return _run_table_analysis(args, lambda t: metrology(t, args.subject, args.value, reference=args.reference,
+                                                         replicate=args.replicate, site=args.site,
+                                                         alpha=args.alpha))
+
+
+def _run_table_analysis(args: argparse.Namespace, analysis) -> int:
+    """Read the table, run one analysis, print its summary or JSON; errors name the table."""
+    table = _stats_table(args.table)
+    try:
+        result = analysis(table)
     except SitebenchError as exc:
         raise SitebenchError(str(exc), args.table) from None
     _print_result(result, args.json)
@@ -515,6 +542,39 @@ def build_parser() -> argparse.ArgumentParser:
     delong_cmd.add_argument("--alpha", type=float, default=0.05)
     delong_cmd.add_argument("--json", action="store_true")
     delong_cmd.set_defaults(func=cmd_stats_delong)
+    icc_cmd = stats.add_parser("icc", help="ICC(1,1), ICC(A,1), ICC(C,1) and their k forms, with F-based CIs",
+                               description="Intraclass correlations (McGraw & Wong names; Shrout & Fleiss forms) "
+                                           "from a long table: one row per (target, rater) rating.")
+    icc_cmd.add_argument("table")
+    icc_cmd.add_argument("--targets", required=True, help="subject / target column")
+    icc_cmd.add_argument("--raters", required=True, help="rater, scanner or session column")
+    icc_cmd.add_argument("--ratings", required=True, help="measurement column")
+    icc_cmd.add_argument("--alpha", type=float, default=0.05)
+    icc_cmd.add_argument("--json", action="store_true")
+    icc_cmd.set_defaults(func=cmd_stats_icc)
+    ba = stats.add_parser("bland-altman", help="bias and limits of agreement, each with a CI",
+                          description="Bias (mean of a - b), SD and limits bias ± z·SD with CIs (exact, "
+                                      "non-central t).")
+    ba.add_argument("table")
+    ba.add_argument("--a", required=True)
+    ba.add_argument("--b", required=True)
+    ba.add_argument("--limit-z", type=float, default=1.96, help="limits at bias ± this many SDs (1986 paper: 2)")
+    ba.add_argument("--alpha", type=float, default=0.05)
+    ba.add_argument("--json", action="store_true")
+    ba.set_defaults(func=cmd_stats_bland_altman)
+    metro = stats.add_parser("metrology", help="QIBA metrology: bias, linearity, wSD, RC, wCV, reproducibility",
+                             description="Technical performance of a quantitative imaging biomarker (Raunig et "
+                                         "al. 2015): give --reference for bias and linearity, repeat scans for "
+                                         "repeatability, --site for reproducibility.")
+    metro.add_argument("table")
+    metro.add_argument("--subject", required=True)
+    metro.add_argument("--value", required=True)
+    metro.add_argument("--reference", help="true value column")
+    metro.add_argument("--replicate", help="replicate (repeat scan) column")
+    metro.add_argument("--site", help="site column, for reproducibility")
+    metro.add_argument("--alpha", type=float, default=0.05)
+    metro.add_argument("--json", action="store_true")
+    metro.set_defaults(func=cmd_stats_metrology)
 
     audit = sub.add_parser("audit", help="the append-only, hash-chained audit trail").add_subparsers(
         dest="action", metavar="ACTION", required=True)

@@ -3,6 +3,7 @@
 Imports only ``sitebench.datasets``, ``sitebench.errors`` and ``sitebench.provenance``.
 """
 
+from sitebench.stratification.agreement import bland_altman, icc, lins_ccc, metrology
 from sitebench.stratification.classification import (
     calibration,
     classification_by_stratum,
@@ -23,6 +24,10 @@ __all__ = [
     "ComBat",
     "ScannerEffects",
     "SiteEquivalence",
+    "bland_altman",
+    "icc",
+    "lins_ccc",
+    "metrology",
     "calibration",
     "classification_by_stratum",
     "delong",
