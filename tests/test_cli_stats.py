@@ -115,3 +115,23 @@ def test_bland_altman_cli_on_the_1986_pefr_data(tmp_path):
     assert (round(report["bias"], 1), round(report["sd"], 1)) == (-2.1, 38.8)
     assert report["lower"] == pytest.approx(-79.7, abs=0.1) and report["upper"] == pytest.approx(75.5, abs=0.1)
     assert report["n"] == 17 and report["lower_ci_low"] < report["lower"] < report["lower_ci_high"]
+
+
+def test_mixed_cli_json_keys(tmp_path):
+    rng = np.random.default_rng(3)
+    sites = np.repeat([f"S{i}" for i in range(8)], 40)
+    offsets = dict(zip(sorted(set(sites)), rng.normal(0, 2, 8)))
+    table = pd.DataFrame({"site": sites, "age": rng.uniform(20, 80, 320)})
+    table["y"] = 100 - 0.5 * table.age + table.site.map(offsets) + rng.normal(0, 3, 320)
+    path = tmp_path / "mixed.csv"
+    table.to_csv(path, index=False)
+    result = run_cli("stats", "mixed", path, "--formula", "y ~ age", "--groups", "site", "--json")
+    assert result.returncode == 0, result.stderr
+    fit = json.loads(result.stdout)
+    assert set(fit["fixed_effects"]["age"]) >= {"estimate", "se", "ci_low", "ci_high", "p"}
+    assert set(fit["variance_components"]) == {"site", "residual"}
+    assert fit["reml"] is True and fit["converged"] is True and fit["optimizer"]
+    age = fit["fixed_effects"]["age"]
+    assert age["ci_low"] < -0.5 < age["ci_high"]
+    one_site = run_cli("stats", "mixed", path, "--formula", "y ~ age", "--groups", "nope")
+    assert one_site.returncode == 2 and "nope" in one_site.stderr and "Traceback" not in one_site.stderr

@@ -12,6 +12,7 @@ from sitebench.stratification.classification import (
 )
 from sitebench.stratification.combat import ComBat, site_variance_share
 from sitebench.stratification.equivalence import SiteEquivalence, site_equivalence
+from sitebench.stratification.lmm import LmmResult, fit_lmm, lrt
 from sitebench.stratification.metrics import StratumMetrics, stratum_metrics
 from sitebench.stratification.mixed import (
     ScannerEffects,
@@ -22,6 +23,7 @@ from sitebench.stratification.mixed import (
 
 __all__ = [
     "ComBat",
+    "LmmResult",
     "ScannerEffects",
     "SiteEquivalence",
     "bland_altman",
@@ -35,7 +37,9 @@ __all__ = [
     "site_equivalence",
     "StratumMetrics",
     "UpgradeEffect",
+    "fit_lmm",
     "fit_scanner_effects",
+    "lrt",
     "site_variance_share",
     "stratum_metrics",
     "upgrade_effect",
