@@ -43,7 +43,7 @@ def test_combat_cli_matches_reference(scans, tmp_path, flags, reference):
     result = run_cli("stats", "combat", scans, "--batch", "site", "--features", *features,
                      "--categorical", "gender", *flags, "--out", out)
     assert result.returncode == 0, result.stderr
-    assert "variance share of batch" in result.stdout
+    assert "ComBat efficacy: median share of variance explained by site" in result.stdout
     ours = pd.read_csv(out)[features].to_numpy().T
     expected = pd.read_csv(COMBAT / "outputData" / reference, header=None).to_numpy()
     assert np.abs(ours - expected).max() < 1e-6

@@ -183,3 +183,27 @@ def test_covariate_confounded_with_batch(data):
     with pytest.raises(SitebenchError) as excinfo:
         ComBat().fit(data, BATCH, pd.DataFrame({"site": BATCH}), categorical=["site"])
     assert "singular" in _message(excinfo)
+
+
+
+def test_efficacy_report_site_share_falls_and_covariates_are_kept():
+    from sitebench.stratification.combat import combat_efficacy
+
+    rng = np.random.default_rng(4)
+    n_sites, per_site = 8, 40
+    site = np.repeat([f"S{i}" for i in range(n_sites)], per_site)
+    age = rng.uniform(20, 80, n_sites * per_site)
+    sex = rng.choice(["F", "M"], n_sites * per_site)
+    shift = dict(zip(np.unique(site), rng.normal(0, 3, n_sites)))
+    scale = dict(zip(np.unique(site), rng.uniform(0.7, 1.5, n_sites)))
+    features = pd.DataFrame({f"v{j}": 50 - 0.2 * age + 2.0 * (sex == "M") + np.vectorize(shift.get)(site)
+                             + np.vectorize(scale.get)(site) * rng.normal(0, 2, len(site)) for j in range(5)})
+    covariates = pd.DataFrame({"age": age, "sex": sex})
+    harmonized = ComBat().fit_transform(features, site, covariates, categorical=["sex"], continuous=["age"])
+    report = combat_efficacy(features, harmonized, site, covariates)
+    summary = report.to_dict()
+    assert summary["median_site_share_before"] > 0.2 and summary["median_site_share_after"] < 0.02
+    assert report.all_preserved and "preserved" in report.summary()
+    # a "harmonization" that removes the age effect is caught
+    flattened = harmonized - np.outer(-0.2 * (age - age.mean()), np.ones(5))
+    assert not combat_efficacy(features, flattened, site, covariates).all_preserved

@@ -255,7 +255,8 @@ def cmd_stats_combat(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from sitebench.datasets.manifest import read_table
-    from sitebench.stratification import ComBat, site_variance_share
+    from sitebench.stratification import ComBat
+    from sitebench.stratification.combat import combat_efficacy
 
     table = read_table(Path(args.table))
     wanted = [args.batch, *args.features, *args.categorical, *args.continuous]
@@ -275,11 +276,12 @@ def cmd_stats_combat(args: argparse.Namespace) -> int:
     out[args.features] = harmonized
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out.to_csv(args.out, index=False)
-    before = site_variance_share(features, table[args.batch].astype(str).tolist())
-    after = site_variance_share(harmonized, table[args.batch].astype(str).tolist())
+    efficacy = combat_efficacy(features, out[args.features], table[args.batch].astype(str).tolist(), covariates)
     print(f"{args.out}: {len(out)} rows, {len(args.features)} features harmonized across "
-          f"{table[args.batch].nunique()} batches; variance share of batch (median over features) "
-          f"{float(pd.Series(before).median()):.3f} -> {float(pd.Series(after).median()):.3f}")
+          f"{table[args.batch].nunique()} batches")
+    print(efficacy.summary())
+    if args.efficacy_json:
+        Path(args.efficacy_json).write_text(json.dumps(efficacy.to_dict(), indent=2))
     return 0
 
 
@@ -528,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     combat.add_argument("--mean-only", action="store_true", help="adjust location only")
     combat.add_argument("--ref-batch", help="reference batch, left unchanged")
     combat.add_argument("--out", required=True, help="harmonized CSV")
+    combat.add_argument("--efficacy-json", help="also write the efficacy report (site share before/after, "
+                                                "covariate effects kept) as JSON")
     combat.set_defaults(func=cmd_stats_combat)
     equivalence = stats.add_parser("equivalence", help="per-site TOST vs the rest; is every site within a margin?",
                                    description="Welch TOST of each site's mean against the other sites', Holm-"

@@ -19,6 +19,7 @@ Samples are ROWS here (scikit-learn style); the reference implementations take f
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,7 +27,7 @@ import pandas as pd
 
 from sitebench.errors import SitebenchError
 
-__all__ = ["ComBat", "site_variance_share"]
+__all__ = ["ComBat", "CombatEfficacy", "combat_efficacy", "site_variance_share"]
 
 #: Convergence tolerance of the parametric EB iteration (the published ``conv = 0.0001``).
 CONVERGENCE = 1e-4
@@ -430,3 +431,77 @@ def site_variance_share(features: pd.DataFrame | np.ndarray, batch: Sequence) ->
     total = ((x - grand) ** 2).sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(total > 0, between / total, np.nan)
+
+
+EFFICACY_COLUMNS = ("feature", "site_share_before", "site_share_after", "term", "estimate_before", "ci_low_before",
+                    "ci_high_before", "estimate_after", "preserved")
+
+
+@dataclass
+class CombatEfficacy:
+    """Did harmonization remove site effects and keep the covariate effects? One row per feature and term."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    confidence: float = 0.95
+
+    @property
+    def all_preserved(self) -> bool:
+        return all(r["preserved"] for r in self.rows)
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=list(EFFICACY_COLUMNS))
+
+    def to_dict(self) -> dict[str, Any]:
+        frame = self.to_frame()
+        shares = frame.drop_duplicates("feature")
+        return {"median_site_share_before": float(shares["site_share_before"].median()),
+                "median_site_share_after": float(shares["site_share_after"].median()),
+                "all_covariate_effects_preserved": self.all_preserved, "confidence": self.confidence,
+                "rows": [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in self.rows]}
+
+    def summary(self) -> str:
+        d = self.to_dict()
+        lost = [f"{r['feature']}:{r['term']}" for r in self.rows if not r["preserved"]]
+        return "\n".join([
+            f"ComBat efficacy: median share of variance explained by site {d['median_site_share_before']:.3f} "
+            f"before, {d['median_site_share_after']:.4f} after",
+            f"covariate effects preserved (after estimate inside the before {100 * self.confidence:g}% CI): "
+            + ("all" if not lost else f"NOT for {', '.join(lost[:10])}" + (" ..." if len(lost) > 10 else "")),
+        ])
+
+
+def combat_efficacy(before: pd.DataFrame, after: pd.DataFrame, batch: Sequence,
+                    covariates: pd.DataFrame | None = None, confidence: float = 0.95) -> CombatEfficacy:
+    """Site share of variance per feature before/after, and each covariate's OLS effect before/after.
+
+    A covariate effect counts as preserved when the harmonized estimate lies inside the
+    original estimate's CI (feature ~ covariates, site left out, as a reader would fit it).
+    """
+    import statsmodels.api as sm
+
+    share_before = site_variance_share(before, batch)
+    share_after = site_variance_share(after, batch)
+    features = list(before.columns) if isinstance(before, pd.DataFrame) else [str(i) for i in range(before.shape[1])]
+    result = CombatEfficacy(confidence=confidence)
+    design = None
+    if covariates is not None and covariates.shape[1]:
+        design = sm.add_constant(pd.get_dummies(covariates, drop_first=True, dtype=float), has_constant="add")
+    for j, feature in enumerate(features):
+        base = {"feature": feature, "site_share_before": float(share_before[j]),
+                "site_share_after": float(share_after[j])}
+        if design is None:
+            result.rows.append({**base, "term": None, "estimate_before": None, "ci_low_before": None,
+                                "ci_high_before": None, "estimate_after": None, "preserved": True})
+            continue
+        y_before = np.asarray(before.iloc[:, j] if isinstance(before, pd.DataFrame) else before[:, j], float)
+        y_after = np.asarray(after.iloc[:, j] if isinstance(after, pd.DataFrame) else after[:, j], float)
+        fit_before = sm.OLS(y_before, design).fit()
+        fit_after = sm.OLS(y_after, design).fit()
+        ci = fit_before.conf_int(1 - confidence)
+        for term in design.columns[1:]:
+            low, high = float(ci.loc[term, 0]), float(ci.loc[term, 1])
+            estimate_after = float(fit_after.params[term])
+            result.rows.append({**base, "term": term, "estimate_before": float(fit_before.params[term]),
+                                "ci_low_before": low, "ci_high_before": high, "estimate_after": estimate_after,
+                                "preserved": low <= estimate_after <= high})
+    return result
