@@ -51,3 +51,26 @@ def postgres_url(tmp_path_factory):
     yield f"postgresql+psycopg://sitebench@127.0.0.1:{port}/postgres"
     subprocess.run(as_user + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def require_rscript(package: str) -> str:
+    """Rscript with an R package, or a test failure saying how to get it (skip only with SITEBENCH_SKIP_R=1).
+
+    R is the independent reference for the statistics; a missing R must not pass silently.
+    """
+    import shutil
+    import subprocess
+
+    if os.environ.get("SITEBENCH_SKIP_R") == "1":
+        pytest.skip(f"SITEBENCH_SKIP_R=1: {package} reference comparisons skipped")
+    exe = shutil.which("Rscript")
+    debian = f"r-cran-{package.lower()}"
+    if exe is None:
+        pytest.fail(f"Rscript not found: the {package} reference tests need R (apt-get install r-base-core "
+                    f"{debian}), or set SITEBENCH_SKIP_R=1 to skip them", pytrace=False)
+    probe = subprocess.run([exe, "-e", f"suppressPackageStartupMessages(library({package}))"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.fail(f"R package {package} is not installed (apt-get install {debian}), or set "
+                    f"SITEBENCH_SKIP_R=1 to skip: {probe.stderr.strip()[-300:]}", pytrace=False)
+    return exe

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import require_rscript
 from scipy import stats
 
 from sitebench.errors import SitebenchError
@@ -35,14 +34,7 @@ STAT_TOL = 1e-4  # CI bounds, z, p
 
 # ----------------------------------------------------------------------------- R pROC plumbing
 def _rscript() -> str:
-    if os.environ.get("SITEBENCH_SKIP_R") == "1":
-        pytest.skip("SITEBENCH_SKIP_R=1: pROC comparison skipped")
-    path = shutil.which("Rscript")
-    if path is None:
-        pytest.fail("Rscript not found: the pROC reference tests need R with pROC "
-                    "(apt-get install r-base-core r-cran-proc); set SITEBENCH_SKIP_R=1 to skip them",
-                    pytrace=False)
-    return path
+    return require_rscript("pROC")
 
 
 def _run_r(*args: str) -> str:

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import require_rscript
 import statsmodels.formula.api as smf
 
 from sitebench.errors import SitebenchError
@@ -44,19 +43,7 @@ FITS = [pytest.param(True, id="REML"), pytest.param(False, id="ML")]
 
 @pytest.fixture(scope="module")
 def rscript() -> str:
-    """Rscript with lme4, or a failure that says how to get it (skip only with SITEBENCH_SKIP_R=1)."""
-    if os.environ.get("SITEBENCH_SKIP_R") == "1":
-        pytest.skip("SITEBENCH_SKIP_R=1: lme4 reference comparisons skipped")
-    exe = shutil.which("Rscript")
-    if exe is None:
-        pytest.fail("Rscript not found: the lme4 reference tests need R with lme4 "
-                    "(apt-get install r-base-core r-cran-lme4), or set SITEBENCH_SKIP_R=1 to skip them")
-    probe = subprocess.run([exe, "-e", "suppressPackageStartupMessages(library(lme4))"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.fail("R package lme4 is not installed (apt-get install r-cran-lme4), or set "
-                    f"SITEBENCH_SKIP_R=1 to skip: {probe.stderr.strip()[-300:]}")
-    return exe
+    return require_rscript("lme4")
 
 
 def run_lme4(rscript: str, csv: Path, formula: str, reml: str = "BOTH", *extras: str) -> dict:

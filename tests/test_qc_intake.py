@@ -6,9 +6,7 @@ audit trail in a temp folder, and sends real series from ../shared/data/dicom.
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import shutil
 import signal
 import socket

@@ -27,7 +27,6 @@ import os
 import queue
 import socket
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -29,6 +29,7 @@ import pandas as pd
 from scipy import stats
 
 from sitebench.errors import SitebenchError
+from sitebench.stratification.validation import check_alpha
 
 __all__ = [
     "ICC_FORMS",
@@ -77,16 +78,6 @@ def _ci_text(low: float | None, high: float | None) -> str:
     if low is None or high is None:
         return "n/e"
     return f"[{low:.4g}, {high:.4g}]"
-
-
-def _check_alpha(alpha: float) -> float:
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise SitebenchError(f"alpha must be a number between 0 and 1, got {alpha!r}") from None
-    if not 0.0 < alpha < 1.0:
-        raise SitebenchError(f"alpha must be between 0 and 1 (e.g. 0.05), got {alpha}")
-    return alpha
 
 
 def _check_table(table: Any, columns: Iterable[str]) -> None:
@@ -278,7 +269,7 @@ def icc(table: pd.DataFrame, targets: str, raters: str, ratings: str,
     the two-sided quantiles F(1 - alpha/2) of McGraw & Wong (1996, Tables 7-8), i.e. a true
     (1 - alpha) interval (some psych::ICC versions use F(1 - alpha), a 1 - 2*alpha interval).
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     _check_table(table, [targets, raters, ratings])
     x, _, _ = _ratings_matrix(table, targets, raters, ratings)
     n, k = x.shape
@@ -444,7 +435,7 @@ def bland_altman(table: pd.DataFrame, a: str, b: str, alpha: float = 0.05, *,
     92:e71); with ``method="approximate"`` they are limit -/+ t(n-1) sqrt(3 s^2 / n) of Bland &
     Altman (1986, 1999). ``limit_z=2`` reproduces the 1986 paper's "mean -/+ 2 SD" limits.
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     if method not in _BA_METHODS:
         raise SitebenchError(f"method must be one of {', '.join(_BA_METHODS)}, got {method!r}")
     try:
@@ -545,7 +536,7 @@ def lins_ccc(table: pd.DataFrame, a: str, b: str, alpha: float = 0.05) -> CCCRes
     Moments use divisor n as in Lin (1989). The CI back-transforms z = atanh(CCC) -/+ z_(1-alpha/2)
     * se, with the asymptotic variance of Lin (1989) as corrected in Lin (2000, Biometrics 56:324).
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     _check_table(table, [a, b])
     x, y = _numeric(table, a), _numeric(table, b)
     n = len(x)
@@ -744,7 +735,7 @@ def metrology(table: pd.DataFrame, subject: str, value: str, reference: str | No
       RDC = 2.77 sqrt(reproducibility variance).
     ``replicate`` labels repeat measurements; a (subject, [site,] replicate) seen twice is an error.
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     roles = [c for c in (subject, value, reference, replicate, site) if c is not None]
     _check_table(table, roles)
     y = _numeric(table, value)

@@ -35,6 +35,7 @@ import pandas as pd
 from scipy import stats
 
 from sitebench.errors import SitebenchError
+from sitebench.stratification.validation import check_alpha
 from sitebench.provenance import jsonable
 
 __all__ = [
@@ -137,16 +138,6 @@ def _two_classes(truth: np.ndarray, name: str = "truth") -> None:
         only = "1 (positive)" if n_pos else "0 (negative)"
         raise SitebenchError(
             f"{name} has one class only (all {len(truth)} values are {only}); need positives and negatives")
-
-
-def _check_alpha(alpha: float) -> float:
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise SitebenchError(f"alpha must be a number between 0 and 1, got {alpha!r}") from None
-    if not 0.0 < alpha < 1.0:
-        raise SitebenchError(f"alpha must be between 0 and 1 (e.g. 0.05 for 95% CIs), got {alpha!r}")
-    return alpha
 
 
 def _num(value: Any) -> float | None:
@@ -284,7 +275,7 @@ def delong(truth: Any, score: Any, score2: Any = None, alpha: float = 0.05) -> D
     The CI is a normal interval on the AUC scale clipped to [0, 1] (pROC ``ci.auc`` default);
     the difference CI (auc - auc2) is not clipped, as in pROC ``roc.test``. Ties count 1/2.
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     y = _binary(truth, "truth")
     x1 = _numeric(score, "score")
     _same_length(y, "truth", x1, "score")
@@ -399,7 +390,7 @@ def sensitivity_specificity(truth: Any, predicted: Any, alpha: float = 0.05) -> 
 
     ``truth`` and ``predicted`` are binary (1/0 or True/False, 1 = positive).
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     y = _binary(truth, "truth")
     yhat = _binary(predicted, "predicted")
     _same_length(y, "truth", yhat, "predicted")
@@ -527,7 +518,7 @@ def calibration(truth: Any, probability: Any, alpha: float = 0.05) -> Calibratio
     Slope: ``logit(P(y=1)) = a + b * logit(p)`` (1 when the spread of the risks is right).
     Logistic GLMs (statsmodels, binomial), Wald CIs. Probabilities must be strictly in (0, 1).
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     y = _binary(truth, "truth")
     p = _probabilities(probability)
     _same_length(y, "truth", p, "probability")
@@ -668,7 +659,7 @@ def classification_by_stratum(table: pd.DataFrame, truth: str, score: str,
     number. Rows whose stratum value is missing are left out of that stratum (with a note).
     The overall row ("overall" / "all") uses every subject.
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     if not isinstance(table, pd.DataFrame):
         raise SitebenchError("table must be a pandas DataFrame (one row per subject)")
     if isinstance(strata, str):
