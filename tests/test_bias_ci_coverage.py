@@ -26,6 +26,7 @@ def test_metrology_bias_t_interval_covers_the_truth():
         table = pd.DataFrame({"subject": range(25), "value": measured, "truth": truth})
         result = metrology(table, "subject", "value", reference="truth").to_dict()
         hits += _covered(result["bias_ci_low"], result["bias_ci_high"])
+    print(f"metrology bias CI coverage {hits / REPLICATES:.3f} over {REPLICATES}")
     assert 0.93 <= hits / REPLICATES <= 0.97, hits / REPLICATES
 
 
@@ -46,4 +47,5 @@ def test_stratum_bias_bootstrap_within_site_covers_the_truth():
         overall = frame[(frame["metric"] == "bias") & (frame["stratum"] == "overall")].iloc[0]
         truth_here = TRUE_BIAS + float(np.mean(list(offsets.values())))
         hits += overall["ci_low"] <= truth_here <= overall["ci_high"]
+    print(f"stratum bias CI coverage {hits / STRATUM_REPLICATES:.3f} over {STRATUM_REPLICATES}")
     assert 0.93 <= hits / STRATUM_REPLICATES <= 0.97, hits / STRATUM_REPLICATES
