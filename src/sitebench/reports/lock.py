@@ -58,6 +58,7 @@ class Verification:
     checked: int = 0
     problems: list[str] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
+    signoffs: int = 0  # valid sign-offs, when keys were given
 
     @property
     def ok(self) -> bool:
@@ -66,17 +67,22 @@ class Verification:
     def summary(self) -> str:
         head = f"{self.report_dir}: "
         if self.ok:
-            return head + (f"OK, {self.checked} hashes match (report {self.report.get('name')} "
+            signed = f", {self.signoffs} valid sign-off(s)" if self.signoffs else ""
+            return head + (f"OK, {self.checked} hashes match{signed} (report {self.report.get('name')} "
                            f"v{self.report.get('version')})")
         return head + "FAILED: " + "; ".join(self.problems)
 
     def to_dict(self) -> dict[str, Any]:
         return {"report_dir": str(self.report_dir), "ok": self.ok, "checked": self.checked,
-                "problems": self.problems, "report": self.report}
+                "signoffs": self.signoffs, "problems": self.problems, "report": self.report}
 
 
-def verify_report(path: str | Path) -> Verification:
-    """Check the lock's own hash and every file it lists; a report folder or its lock/html file."""
+def verify_report(path: str | Path, public_keys: list[str | Path] | None = None) -> Verification:
+    """Check the lock's own hash and every file it lists; a report folder or its lock/html file.
+
+    With ``public_keys``, every sign-off must also be a valid Ed25519 signature by one of
+    them over this very lock (see :mod:`sitebench.reports.signing`).
+    """
     path = Path(path)
     report_dir = path if path.is_dir() else path.parent
     lock_path = report_dir / LOCK_FILE
@@ -102,4 +108,11 @@ def verify_report(path: str | Path) -> Verification:
                 result.problems.append(f"{entry['name']} ({entry['path']}) is missing")
             elif sha256_file(target) != entry["digest"]["sha256"]:
                 result.problems.append(f"{entry['name']} ({entry['path']}) changed")
+    if public_keys:
+        from sitebench.reports.signing import verify_signoffs
+
+        valid, problems = verify_signoffs(report_dir, list(public_keys))
+        result.checked += valid + len(problems)
+        result.signoffs = valid
+        result.problems.extend(problems)
     return result
