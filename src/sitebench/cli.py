@@ -143,6 +143,55 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_register(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from sitebench.models.registry import load_model, register_model_version, resolve_model, write_classical_spec
+
+    resolved = resolve_model(args.reference)
+    model = load_model(resolved)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = resolved.location or str(write_classical_spec(tmp, model))
+        version = register_model_version(model, files, args.name, args.alias, args.tracking_uri)
+    print(f"{args.name} version {version}: {model.card.key}, weights sha256 {model.card.weights_sha256}"
+          + (f", alias @{args.alias}" if args.alias else ""))
+    return 0
+
+
+def cmd_models_versions(args: argparse.Namespace) -> int:
+    from sitebench.models.registry import REPORT_TAG, WEIGHTS_TAG, registry_client
+
+    client = registry_client(args.tracking_uri)
+    rows = []
+    for registered in client.search_registered_models():
+        aliases: dict[str, list[str]] = {}
+        for alias, number in (registered.aliases or {}).items():
+            aliases.setdefault(str(number), []).append(alias)
+        for version in client.search_model_versions(f"name='{registered.name}'"):
+            rows.append({"name": registered.name, "version": str(version.version),
+                         "aliases": sorted(aliases.get(str(version.version), [])),
+                         "weights_sha256": version.tags.get(WEIGHTS_TAG),
+                         "report_lock_sha256": version.tags.get(REPORT_TAG)})
+    rows.sort(key=lambda r: (r["name"], int(r["version"])))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']}/{r['version']:<4} {' '.join('@' + a for a in r['aliases']):<24} "
+                  f"weights {str(r['weights_sha256'])[:12]}…  report {str(r['report_lock_sha256'] or '-')[:12]}")
+    return 0
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    from sitebench.models.registry import promote_model_version
+
+    info = promote_model_version(args.name, args.version, args.alias, args.tracking_uri, report=args.report,
+                                 public_keys=args.public_key)
+    extra = f" with report {info['report_dir']} ({info['signoffs']} valid sign-offs)" if "report_dir" in info else ""
+    print(f"{args.name}/{args.version} is now @{args.alias}{extra}")
+    return 0
+
+
 def _one_series(path: str, series_uid: str | None):
     from sitebench.qc.dicom_params import read_series
 
@@ -648,6 +697,28 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="model versions").add_subparsers(dest="action", metavar="ACTION",
                                                                             required=True)
     models.add_parser("list", help="list built-in model versions").set_defaults(func=cmd_models_list)
+    register = models.add_parser("register", help="register a model version in MLflow (weight hash as a tag)")
+    register.add_argument("reference", help="classical, builtin:NAME or a MONAI bundle folder")
+    register.add_argument("--name", required=True, help="registered model name")
+    register.add_argument("--alias", help="alias to point at this version, e.g. candidate")
+    register.add_argument("--tracking-uri", required=True, help="MLflow tracking/registry URI")
+    register.set_defaults(func=cmd_models_register)
+    versions = models.add_parser("versions", help="registered versions with aliases, weight and report hashes")
+    versions.add_argument("--tracking-uri", required=True)
+    versions.add_argument("--json", action="store_true")
+    versions.set_defaults(func=cmd_models_versions)
+    promote = models.add_parser("promote", help="point an alias at a version; @validated needs a signed report",
+                                description="Aliases other than 'validated' are set directly. 'validated' needs "
+                                            "--report: it must verify, carry a valid approval sign-off by one of "
+                                            "--public-key, and rest on this version's weights; it is then "
+                                            "attached to the version and its lock hash stored as a tag.")
+    promote.add_argument("name")
+    promote.add_argument("version")
+    promote.add_argument("--alias", required=True)
+    promote.add_argument("--report", help="validation report folder")
+    promote.add_argument("--public-key", action="append", help="signer public keys (.pub; repeatable)")
+    promote.add_argument("--tracking-uri", required=True)
+    promote.set_defaults(func=cmd_models_promote)
     return parser
 
 

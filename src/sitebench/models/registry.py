@@ -96,10 +96,15 @@ def load_model(resolved: ResolvedModel | str, **kwargs: Any) -> BiomarkerModel:
 # --------------------------------------------------------------------------- MLflow registry
 
 
-def _client(tracking_uri: str | None):
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow import MlflowClient
+def registry_client(tracking_uri: str | None):
+    """An MlflowClient on one store for tracking and registry (no global URI leaks between stores)."""
+    import logging
 
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient  # first: importing mlflow configures its loggers
+
+    for noisy in ("mlflow", "alembic"):  # schema-creation INFO lines are not the user's business
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
@@ -109,7 +114,7 @@ def _resolve_registered(reference: str, expected_sha256: str | None,
     from mlflow.exceptions import MlflowException
 
     body = reference[len("models:/"):]
-    client = _client(tracking_uri)
+    client = registry_client(tracking_uri)
     try:
         if "@" in body:
             name, alias = body.split("@", 1)
@@ -157,7 +162,7 @@ def register_model_version(model: BiomarkerModel, files: str | Path, name: str, 
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
+    client = registry_client(tracking_uri)
     digest = model.card.weights_sha256
     try:
         client.get_registered_model(name)
@@ -183,3 +188,60 @@ def register_model_version(model: BiomarkerModel, files: str | Path, name: str, 
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return str(version)
+
+
+#: Aliases a version only gets with a verified report carrying a valid approval sign-off.
+PROTECTED_ALIASES = frozenset({"validated"})
+REPORT_TAG = "sitebench.report_lock_sha256"
+
+
+def promote_model_version(name: str, version: str, alias: str, tracking_uri: str | None,
+                          report: str | Path | None = None, public_keys: list[str | Path] | None = None) -> dict:
+    """Point ``alias`` at a registered version; ``validated`` needs a verified, approved report.
+
+    For a protected alias the report must verify (every hash, and every sign-off against
+    ``public_keys``), carry at least one valid ``approval`` sign-off, and list this
+    version's weights among its materials. The report folder is then attached to the
+    version's run as an artifact and its lock hash stored as a version tag.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = registry_client(tracking_uri)
+    try:
+        model_version = client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise SitebenchError(f"no registered version {name}/{version} ({exc.message.splitlines()[0]})") from None
+    info: dict[str, Any] = {"name": name, "version": str(version), "alias": alias}
+    if alias in PROTECTED_ALIASES:
+        info.update(_approved_report(model_version, report, public_keys or []))
+        client.log_artifacts(model_version.run_id, str(info["report_dir"]),
+                             artifact_path=f"validation_report/{Path(info['report_dir']).name}")
+        client.set_model_version_tag(name, str(version), REPORT_TAG, info["lock_sha256"])
+        info["report_dir"] = str(info["report_dir"])
+    client.set_registered_model_alias(name, alias, str(version))
+    return info
+
+
+def _approved_report(model_version, report: str | Path | None, public_keys: list[str | Path]) -> dict[str, Any]:
+    from sitebench.reports.lock import LOCK_FILE, verify_report
+    from sitebench.reports.signing import read_signoffs
+
+    where = f"{model_version.name}/{model_version.version}"
+    if report is None:
+        raise SitebenchError(f"promoting {where} to a protected alias needs --report: a verified, signed "
+                             "validation report")
+    if not public_keys:
+        raise SitebenchError("promotion needs --public-key: the keys whose sign-offs count")
+    check = verify_report(report, public_keys=public_keys)
+    if not check.ok:
+        raise SitebenchError("report does not verify: " + "; ".join(check.problems), report)
+    report_dir = check.report_dir
+    if not any(s.get("meaning") == "approval" for s in read_signoffs(report_dir)):
+        raise SitebenchError("report carries no approval sign-off (only authorship/review)", report_dir)
+    lock = json.loads((report_dir / LOCK_FILE).read_text())
+    weights = model_version.tags.get(WEIGHTS_TAG)
+    digests = {m["digest"]["sha256"] for m in lock.get("materials", [])}
+    if not weights or weights not in digests:
+        raise SitebenchError(f"report does not rest on {where}'s weights (sha256 {str(weights)[:12]}…)", report_dir)
+    return {"report_dir": report_dir, "lock_sha256": sha256_file(report_dir / LOCK_FILE),
+            "signoffs": check.signoffs}
