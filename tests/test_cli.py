@@ -145,6 +145,11 @@ def test_demo_end_to_end(tmp_path):
     assert "0 scored, 90 reused" in second.stdout
     assert (out / "reports" / "demo" / "v002" / "report.html").exists()
     assert run_cli("report", "verify", report_dir).returncode == 0
+    # same inputs and seed: identical results, byte for byte
+    for table_name in ("metrics_by_stratum.csv", "predictions.csv"):
+        first_table, second_table = report_dir / "tables" / table_name, out / "reports" / "demo" / "v002" / "tables" / table_name
+        if first_table.exists():
+            assert first_table.read_bytes() == second_table.read_bytes(), table_name
 
     # any changed byte fails verification, and the message names what changed
     table = report_dir / "tables" / "metrics_by_stratum.csv"
@@ -157,6 +162,11 @@ def test_demo_end_to_end(tmp_path):
     html_file.write_bytes(html_file.read_bytes() + b" ")
     tampered = run_cli("report", "verify", html_file.parent)
     assert tampered.returncode == 1 and "report.html" in tampered.stdout
+    # a swapped image file under the data manifest is named by its scan
+    image = sorted((out / "trial").rglob("*.nii.gz"))[0]
+    image.write_bytes(image.read_bytes()[:-1] + bytes([image.read_bytes()[-1] ^ 1]))
+    swapped = run_cli("report", "verify", html_file.parent)
+    assert swapped.returncode == 1 and ("image " in swapped.stdout or "label " in swapped.stdout) and "changed" in swapped.stdout
 
 
 def test_simulate_then_validate(tmp_path):

@@ -191,6 +191,13 @@ def run_pipeline(spec: BenchmarkSpec | str | Path, *, workers: int = 2, schedule
             if resolved.location and (Path(resolved.location) / "models" / "model.pt").exists():
                 materials[f"weights {card.key}"] = Path(resolved.location) / "models" / "model.pt"
         materials.update(extra_materials or {})
+        # every image and label file the results rest on, so an auditor can detect a swapped scan
+        absolute = run.manifest.with_absolute_paths()
+        for column, kind in (("image_path", "image"), ("label_path", "label")):
+            if column in absolute:
+                for scan_id, file in zip(absolute["scan_id"], absolute[column]):
+                    if isinstance(file, str) and file:
+                        materials[f"{kind} {scan_id}"] = Path(file)
         cards = [{"key": c.key, "name": c.name, "version": c.version, "kind": c.kind,
                   "weights_sha256": c.weights_sha256, "source": c.source, "training": c.extra.get("training", {}),
                   "registered": registered.get(c.key, "-")} for c in run.models]

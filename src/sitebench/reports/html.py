@@ -228,7 +228,12 @@ def _render(content: ReportContent, version: int, tables: dict[str, pd.DataFrame
                      "injected, for comparison with the estimates above.</p>")
         parts.append(f"<pre>{html.escape(json.dumps(content.truth, indent=2))}</pre>")
     parts.append("<h2>Provenance</h2>")
-    parts.append(_table(pd.DataFrame([{"input": k, "path": str(v)} for k, v in content.materials.items()])))
+    per_scan = [k for k in content.materials if k.startswith(("image ", "label "))]
+    listed = [{"input": k, "path": str(v)} for k, v in content.materials.items() if k not in per_scan]
+    if per_scan:
+        listed.append({"input": f"{len(per_scan)} image and label files",
+                       "path": "each hashed in lock.json (materials 'image <scan_id>', 'label <scan_id>')"})
+    parts.append(_table(pd.DataFrame(listed)))
     parts.append(f"<p class='meta'>seeds: {html.escape(json.dumps(content.seeds))}</p>")
     parts.append(_table(pd.DataFrame(sorted(package_versions().items()), columns=["package", "version"])))
     parts.append("</body></html>")
