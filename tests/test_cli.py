@@ -121,6 +121,9 @@ def test_demo_end_to_end(tmp_path):
     assert "(unseen in training), the augmented gm-unet@2.0.0 has" in html
     assert html.count("<img") >= 6
 
+    # the PDF has the same content: title, figure pages and the signature block (poppler-utils)
+    assert_pdf_renders(report_dir / "report.pdf", tmp_path / "pages")
+
     # MLflow: parent run -> one run per model version -> one run per stratum level, tagged
     store = f"sqlite:///{out / 'results' / 'mlflow.db'}"
     mlflow.set_tracking_uri(store)
@@ -167,6 +170,23 @@ def test_demo_end_to_end(tmp_path):
     image.write_bytes(image.read_bytes()[:-1] + bytes([image.read_bytes()[-1] ^ 1]))
     swapped = run_cli("report", "verify", html_file.parent)
     assert swapped.returncode == 1 and ("image " in swapped.stdout or "label " in swapped.stdout) and "changed" in swapped.stdout
+
+
+def assert_pdf_renders(pdf: Path, pages: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    assert "Validation report" in text and "Signature block" in text and "approval" in text
+    listing = subprocess.run(["pdfimages", "-list", str(pdf)], capture_output=True, text=True, check=True).stdout
+    figure_pages = sorted({int(line.split()[0]) for line in listing.splitlines()[2:] if line.strip()})
+    assert len(figure_pages) >= 2, listing
+    pages.mkdir()
+    subprocess.run(["pdftoppm", "-png", "-r", "40", "-f", str(figure_pages[0]), "-l", str(figure_pages[0]),
+                    str(pdf), str(pages / "page")], check=True)
+    (png,) = pages.glob("page*.png")
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=float)
+    assert pixels.std() > 10  # a rendered figure, not a blank page
 
 
 def test_simulate_then_validate(tmp_path):

@@ -20,6 +20,7 @@ from sitebench.errors import SitebenchError
 from sitebench.provenance import code_version, package_versions, utc_now
 from sitebench.reports import figures
 from sitebench.reports.lock import LOCK_FILE, write_lock
+from sitebench.reports.pdf import render_pdf
 
 REPORT_FILE = "report.html"
 
@@ -143,7 +144,8 @@ def build_report(content: ReportContent, root: str | Path) -> Report:
     html_text = _render(content, version, table_files)
     report_path = report_dir / REPORT_FILE
     report_path.write_text(html_text, encoding="utf-8")
-    subjects = {"report.html": report_path, **subjects}
+    pdf_path = render_pdf(report_path, report_dir / "report.pdf")
+    subjects = {"report.html": report_path, "report.pdf": pdf_path, **subjects}
     lock_path = write_lock(report_dir, subjects, {k: Path(v) for k, v in content.materials.items()},
                            {"name": content.name, "title": content.title, "version": version,
                             "created_utc": utc_now()}, content.seeds)
@@ -236,5 +238,13 @@ def _render(content: ReportContent, version: int, tables: dict[str, pd.DataFrame
     parts.append(_table(pd.DataFrame(listed)))
     parts.append(f"<p class='meta'>seeds: {html.escape(json.dumps(content.seeds))}</p>")
     parts.append(_table(pd.DataFrame(sorted(package_versions().items()), columns=["package", "version"])))
+    parts.append("<h2>Signature block</h2><p>Electronic sign-offs (printed name, date and time, meaning: "
+                 "authorship, review or approval) are Ed25519 signatures over the SHA-256 of this report's "
+                 "<code>lock.json</code>, which hashes this document and everything listed above. They are kept "
+                 "in <code>signatures.json</code>; check them with <code>sitebench report verify REPORT "
+                 "--public-key KEY.pub</code>.</p>")
+    parts.append(_table(pd.DataFrame([{"meaning": m, "printed name": "", "date and time (UTC)": "",
+                                       "signature": "see signatures.json"} for m in
+                                      ("authorship", "review", "approval")])))
     parts.append("</body></html>")
     return "\n".join(parts)
