@@ -144,6 +144,15 @@ def _pct(alpha: float) -> str:
 
 
 @dataclass(frozen=True)
+def _quantity_frame(rows: list[tuple], n: int) -> pd.DataFrame:
+    """Tidy (quantity, estimate, ci_low, ci_high, n) table; None becomes NaN."""
+    frame = pd.DataFrame(rows, columns=["quantity", "estimate", "ci_low", "ci_high"])
+    for column in ("estimate", "ci_low", "ci_high"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+    frame["n"] = n
+    return frame
+
+
 class ICCForm:
     """One intraclass correlation with its CI and the F test of ICC = 0."""
 
@@ -398,11 +407,7 @@ class BlandAltmanResult:
             ("upper_limit", self.upper, self.upper_ci_low, self.upper_ci_high),
             ("sd", self.sd, None, None),
         ]
-        frame = pd.DataFrame(rows, columns=["quantity", "estimate", "ci_low", "ci_high"])
-        for column in ("estimate", "ci_low", "ci_high"):
-            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
-        frame["n"] = self.n
-        return frame
+        return _quantity_frame(rows, self.n)
 
     def summary(self) -> str:
         """Readable table of bias and limits of agreement with their CIs."""
@@ -509,11 +514,7 @@ class CCCResult:
                 ("accuracy", self.accuracy, None, None),
                 ("location_shift", self.location_shift, None, None),
                 ("scale_shift", self.scale_shift, None, None)]
-        frame = pd.DataFrame(rows, columns=["quantity", "estimate", "ci_low", "ci_high"])
-        for column in ("estimate", "ci_low", "ci_high"):
-            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
-        frame["n"] = self.n
-        return frame
+        return _quantity_frame(rows, self.n)
 
     def summary(self) -> str:
         """Readable CCC with its Fisher-z CI and the precision / accuracy decomposition."""
