@@ -143,7 +143,6 @@ def _pct(alpha: float) -> str:
 # ----------------------------------------------------------------------------- ICC
 
 
-@dataclass(frozen=True)
 def _quantity_frame(rows: list[tuple], n: int) -> pd.DataFrame:
     """Tidy (quantity, estimate, ci_low, ci_high, n) table; None becomes NaN."""
     frame = pd.DataFrame(rows, columns=["quantity", "estimate", "ci_low", "ci_high"])
@@ -153,6 +152,7 @@ def _quantity_frame(rows: list[tuple], n: int) -> pd.DataFrame:
     return frame
 
 
+@dataclass(frozen=True)
 class ICCForm:
     """One intraclass correlation with its CI and the F test of ICC = 0."""
 
