@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -147,6 +148,10 @@ def test_demo_end_to_end(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "0 scored, 90 reused" in second.stdout
     assert (out / "reports" / "demo" / "v002" / "report.html").exists()
+    # a new version names the one it supersedes; the old one is never touched
+    second_lock = json.loads((out / "reports" / "demo" / "v002" / "lock.json").read_text())
+    assert second_lock["report"]["supersedes"] == "v001"
+    assert "supersedes <b>v001</b>" in (out / "reports" / "demo" / "v002" / "report.html").read_text()
     assert run_cli("report", "verify", report_dir).returncode == 0
     # same inputs and seed: identical results, byte for byte
     for table_name in ("metrics_by_stratum.csv", "predictions.csv"):

@@ -141,14 +141,16 @@ def build_report(content: ReportContent, root: str | Path) -> Report:
         subjects[f"table:{name}"] = path
     (tables_dir / "mixed_models.json").write_text(json.dumps(content.mixed, indent=2, sort_keys=True))
     subjects["table:mixed_models"] = tables_dir / "mixed_models.json"
-    html_text = _render(content, version, table_files)
+    previous = report_dir.parent / f"v{version - 1:03d}"
+    supersedes = previous.name if version > 1 and (previous / LOCK_FILE).exists() else None
+    html_text = _render(content, version, table_files, supersedes)
     report_path = report_dir / REPORT_FILE
     report_path.write_text(html_text, encoding="utf-8")
     pdf_path = render_pdf(report_path, report_dir / "report.pdf")
     subjects = {"report.html": report_path, "report.pdf": pdf_path, **subjects}
     lock_path = write_lock(report_dir, subjects, {k: Path(v) for k, v in content.materials.items()},
                            {"name": content.name, "title": content.title, "version": version,
-                            "created_utc": utc_now()}, content.seeds)
+                            "supersedes": supersedes, "created_utc": utc_now()}, content.seeds)
     return Report(path=report_path, report_dir=report_dir, version=version, lock_path=lock_path)
 
 
@@ -164,7 +166,8 @@ def _shares(mixed: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _render(content: ReportContent, version: int, tables: dict[str, pd.DataFrame]) -> str:
+def _render(content: ReportContent, version: int, tables: dict[str, pd.DataFrame],
+            supersedes: str | None = None) -> str:
     ev, metrics, unit = content.evaluation, content.metrics, content.unit
     versions = code_version()
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(content.title)} "
@@ -175,6 +178,9 @@ def _render(content: ReportContent, version: int, tables: dict[str, pd.DataFrame
              f"{html.escape(str(versions['git_commit']))}{' (dirty)' if versions['git_dirty'] else ''} · "
              f"the SHA-256 of every input is in <code>{LOCK_FILE}</code> beside this file; check it with "
              f"<code>sitebench report verify</code>.</p>"]
+    if supersedes:
+        parts.append(f"<p class='meta'>This version supersedes <b>{supersedes}</b> of the same report, which "
+                     "is kept unchanged.</p>")
     n_scans = ev["scan_id"].nunique()
     parts.append(f"<p>{n_scans} scans from {ev['site'].nunique()} sites, {ev['vendor'].nunique()} vendors and "
                  f"{ev['software_version'].nunique()} scanner software versions; {len(content.models)} model "
