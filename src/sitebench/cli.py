@@ -326,29 +326,26 @@ def cmd_qc_iqm(args: argparse.Namespace) -> int:
 def cmd_stats_combat(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from sitebench.datasets.manifest import read_table
     from sitebench.stratification import ComBat
     from sitebench.stratification.combat import combat_efficacy
 
-    table = read_table(Path(args.table))
-    wanted = [args.batch, *args.features, *args.categorical, *args.continuous]
-    missing = [c for c in wanted if c not in table.columns]
-    if missing:
-        raise SitebenchError(f"no column(s) {', '.join(missing)}", args.table)
-    covariates = table[args.categorical + args.continuous] if args.categorical or args.continuous else None
-    features = table[args.features].apply(pd.to_numeric, errors="coerce")
-    model = ComBat(parametric=not args.nonparametric, empirical_bayes=not args.no_eb, mean_only=args.mean_only,
-                   ref_batch=args.ref_batch)
+    table = _stats_table(args.table)
     try:
-        harmonized = model.fit_transform(features, table[args.batch].astype(str).tolist(), covariates,
-                                         categorical=args.categorical, continuous=args.continuous)
+        _columns(table, args.batch, *args.features, *args.categorical, *args.continuous)
+        covariates = table[args.categorical + args.continuous] if args.categorical or args.continuous else None
+        features = table[args.features].apply(pd.to_numeric, errors="coerce")
+        batch = table[args.batch].astype(str).tolist()
+        model = ComBat(parametric=not args.nonparametric, empirical_bayes=not args.no_eb,
+                       mean_only=args.mean_only, ref_batch=args.ref_batch)
+        harmonized = model.fit_transform(features, batch, covariates, categorical=args.categorical,
+                                         continuous=args.continuous)
     except SitebenchError as exc:
         raise SitebenchError(str(exc), args.table) from None
     out = table.copy()
     out[args.features] = harmonized
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out.to_csv(args.out, index=False)
-    efficacy = combat_efficacy(features, out[args.features], table[args.batch].astype(str).tolist(), covariates)
+    efficacy = combat_efficacy(features, out[args.features], batch, covariates)
     print(f"{args.out}: {len(out)} rows, {len(args.features)} features harmonized across "
           f"{table[args.batch].nunique()} batches")
     print(efficacy.summary())
@@ -373,24 +370,19 @@ def cmd_stats_equivalence(args: argparse.Namespace) -> int:
     return _run_table_analysis(args, lambda t: site_equivalence(t, args.value, args.site, args.margin, args.alpha))
 
 
-def _columns(table, path: str, *names: str | None):
+def _columns(table, *names: str | None):
+    """The named columns (None stays None); a missing one is an error listing what the table has."""
     missing = [n for n in names if n is not None and n not in table.columns]
     if missing:
-        raise SitebenchError(f"no column(s) {', '.join(missing)} (have: {', '.join(map(str, table.columns))})", path)
+        raise SitebenchError(f"no column(s) {', '.join(missing)} (have: {', '.join(map(str, table.columns))})")
     return [None if n is None else table[n] for n in names]
 
 
 def cmd_stats_delong(args: argparse.Namespace) -> int:
     from sitebench.stratification.classification import delong
 
-    table = _stats_table(args.table)
-    truth, score, score2 = _columns(table, args.table, args.truth, args.score, args.score2)
-    try:
-        result = delong(truth, score, score2, alpha=args.alpha)
-    except SitebenchError as exc:
-        raise SitebenchError(str(exc), args.table) from None
-    _print_result(result, args.json)
-    return 0
+    return _run_table_analysis(args, lambda t: delong(*_columns(t, args.truth, args.score, args.score2),
+                                                      alpha=args.alpha))
 
 
 def cmd_stats_icc(args: argparse.Namespace) -> int:

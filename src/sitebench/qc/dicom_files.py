@@ -77,13 +77,13 @@ def check_bytes(data: bytes) -> FileCheck:
     from sitebench.qc.dicom_params import file_summary
 
     check.summary = file_summary(ds)
-    pixel_problem = _pixel_element_problem(ds, data, buffer.tell())
-    if not pixel_problem:
-        layout = _native_layout(ds, data, buffer.tell())
-        if layout is not None:
-            check.summary["pixels"] = layout
+    pixel_problem, pixel_offset = _pixel_element(ds, data, buffer.tell())
     if pixel_problem:
         check.problems.append(pixel_problem)
+    elif pixel_offset is not None:
+        layout = _native_layout(ds, pixel_offset)
+        if layout is not None:
+            check.summary["pixels"] = layout
     if str(ds.get("SOPClassUID", "")) in ENHANCED_MR_SOP_CLASSES:
         for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
             if not ds.get(group):
@@ -117,16 +117,17 @@ _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC
 _SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
-def _pixel_element_problem(ds, data: bytes, offset: int) -> str | None:
-    """Read the pixel data element's header at ``offset`` (where the header parse stopped)."""
+def _pixel_element(ds, data: bytes, offset: int) -> tuple[str | None, int | None]:
+    """(problem, where the pixel bytes start), from the pixel element's header at ``offset``
+    (where the header parse stopped)."""
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
     big = syntax == "1.2.840.10008.1.2.2"
     endian = ">" if big else "<"
     if len(data) - offset < 8:
-        return "no pixel data"
+        return "no pixel data", None
     group, element = struct.unpack(endian + "HH", data[offset:offset + 4])
     if (group, element) not in _PIXEL_TAGS:
-        return "no pixel data"
+        return "no pixel data", None
     if syntax == "1.2.840.10008.1.2":  # implicit VR: tag, 4-byte length
         (declared,), start = struct.unpack("<I", data[offset + 4:offset + 8]), offset + 8
     elif data[offset + 4:offset + 6] in _LONG_VRS:  # explicit VR: tag, VR, 2 reserved, 4-byte length
@@ -135,10 +136,10 @@ def _pixel_element_problem(ds, data: bytes, offset: int) -> str | None:
         (declared,), start = struct.unpack(endian + "H", data[offset + 6:offset + 8]), offset + 8
     have = len(data) - start
     if declared == 0xFFFFFFFF:  # encapsulated (compressed) frames end with a sequence delimiter
-        return None if data.rstrip(b"\x00")[-4:] == _SEQUENCE_END[:4] or data.endswith(_SEQUENCE_END) \
-            else "pixel data truncated: encapsulated frames without their end delimiter"
+        ended = data.rstrip(b"\x00")[-4:] == _SEQUENCE_END[:4] or data.endswith(_SEQUENCE_END)
+        return (None if ended else "pixel data truncated: encapsulated frames without their end delimiter"), None
     if have < declared:
-        return f"pixel data truncated: {have} of {declared} bytes"
+        return f"pixel data truncated: {have} of {declared} bytes", start
     if syntax in _UNCOMPRESSED:
         dims = [_int(ds.get(k)) for k in ("Rows", "Columns", "BitsAllocated")]
         if all(d is not None and d > 0 for d in dims):
@@ -147,8 +148,8 @@ def _pixel_element_problem(ds, data: bytes, offset: int) -> str | None:
             samples = _int(ds.get("SamplesPerPixel")) or 1
             need = math.ceil(rows * cols * frames * samples * bits / 8)
             if declared < need:
-                return f"pixel data shorter than its geometry: {declared} of {need} bytes"
-    return None
+                return f"pixel data shorter than its geometry: {declared} of {need} bytes", start
+    return None, start
 
 
 def series_volume(files: Sequence[str | Path]) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -233,33 +234,39 @@ VOLUME_TAGS: tuple[str, ...] = ("Rows", "Columns", "BitsAllocated", "BitsStored"
                 "SharedFunctionalGroupsSequence", "PixelData")
 
 
-def _native_pixels(ds) -> np.ndarray | None:
-    """Single-frame, single-sample native pixels straight from the buffer (no decoder round trip)."""
-    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
-    bits, sign = _int(ds.get("BitsAllocated")), _int(ds.get("PixelRepresentation")) or 0
-    rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
-    if (syntax not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") or bits not in (8, 16)
-            or (_int(ds.get("NumberOfFrames")) or 1) != 1 or (_int(ds.get("SamplesPerPixel")) or 1) != 1
-            or not rows or not cols or "PixelData" not in ds):
-        return None
-    stored = _int(ds.get("BitsStored")) or bits
-    if stored != bits:
-        return None  # masked high bits: pydicom knows how
-    dtype = np.dtype(f"{'i' if sign else 'u'}{bits // 8}").newbyteorder("<")
-    raw = np.frombuffer(ds.PixelData, dtype=dtype, count=rows * cols)
-    return raw.reshape(rows, cols).astype(np.float32)
-
-
-def _native_layout(ds, data: bytes, offset: int) -> dict | None:
-    """Where a single-frame native image's pixels sit in the file, so they can be read without parsing."""
+def _simple_native(ds) -> tuple[int, int, int] | None:
+    """(rows, columns, bits) when the pixels are one native little-endian frame of one 8/16-bit sample,
+    which can be read straight from the bytes; None when a decoder is needed."""
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
     bits, rows, cols = _int(ds.get("BitsAllocated")), _int(ds.get("Rows")), _int(ds.get("Columns"))
     if (syntax not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") or bits not in (8, 16) or not rows or not cols
             or (_int(ds.get("NumberOfFrames")) or 1) != 1 or (_int(ds.get("SamplesPerPixel")) or 1) != 1
-            or (_int(ds.get("BitsStored")) or bits) != bits or ds.get("PixelSpacing") is None):
+            or (_int(ds.get("BitsStored")) or bits) != bits):  # masked high bits: pydicom knows how
         return None
-    header = 8 if syntax == "1.2.840.10008.1.2" or data[offset + 4:offset + 6] not in _LONG_VRS else 12
-    return {"offset": offset + header, "rows": rows, "columns": cols, "bits": bits,
+    return rows, cols, bits
+
+
+def _native_dtype(ds, bits: int) -> np.dtype:
+    return np.dtype(f"{'i' if _int(ds.get('PixelRepresentation')) else 'u'}{bits // 8}").newbyteorder("<")
+
+
+def _native_pixels(ds) -> np.ndarray | None:
+    """Single-frame, single-sample native pixels straight from the buffer (no decoder round trip)."""
+    simple = _simple_native(ds)
+    if simple is None or "PixelData" not in ds:
+        return None
+    rows, cols, bits = simple
+    raw = np.frombuffer(ds.PixelData, dtype=_native_dtype(ds, bits), count=rows * cols)
+    return raw.reshape(rows, cols).astype(np.float32)
+
+
+def _native_layout(ds, pixel_offset: int) -> dict | None:
+    """Where a single-frame native image's pixels sit in the file, so they can be read without parsing."""
+    simple = _simple_native(ds)
+    if simple is None or ds.get("PixelSpacing") is None:
+        return None
+    rows, cols, bits = simple
+    return {"offset": pixel_offset, "rows": rows, "columns": cols, "bits": bits,
             "signed": bool(_int(ds.get("PixelRepresentation"))),
             "slope": float(ds.get("RescaleSlope", 1) or 1), "intercept": float(ds.get("RescaleIntercept", 0) or 0),
             "spacing": [float(v) for v in ds.PixelSpacing]}

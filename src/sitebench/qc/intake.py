@@ -317,9 +317,9 @@ class IntakeService:
             for outcome in results:
                 if outcome.series_key != series_key:  # a file's header disagrees with its intake record
                     outcome.file_problems.append("file's SeriesInstanceUID changed between intake and check")
-                self._record(outcome)
+                    outcome.series_key = series_key  # the verdict closes the series intake opened
+                self._record(outcome)  # verdict and closing the series: one transaction
                 outcomes.append(outcome)
-            self.records.mark_checked(series_key)
         return outcomes
 
     def _record(self, outcome: SeriesOutcome) -> None:

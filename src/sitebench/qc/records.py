@@ -217,12 +217,9 @@ class QCRecords:
                                 .where(received_files.c.indexed.is_(False)).order_by(received_files.c.id)).all()
         return [tuple(r) for r in rows]
 
-    def known_sha256(self, since_utc: str | None = None) -> set[str]:
-        query = select(received_files.c.sha256)
-        if since_utc is not None:
-            query = query.where(received_files.c.first_received_utc >= since_utc)
+    def known_sha256(self) -> set[str]:
         with self.engine.connect() as conn:
-            return set(conn.execute(query).scalars())
+            return set(conn.execute(select(received_files.c.sha256)).scalars())
 
     def last_received_utc(self) -> str | None:
         with self.engine.connect() as conn:
@@ -265,8 +262,9 @@ class QCRecords:
             conn.execute(update(series).where(series.c.series_key == series_key).values(state="checked"))
 
     # ------------------------------------------------------------------ verdicts
-    def record_outcome(self, outcome, close_series: bool = True) -> int:
-        """Store one gate outcome (verdict, deviations, drift); earlier verdicts of the series stop being latest."""
+    def record_outcome(self, outcome) -> int:
+        """Store one gate outcome (verdict, deviations, drift) and close its series; earlier verdicts of the
+        series stop being latest."""
         with self.engine.begin() as conn:
             conn.execute(update(verdicts).where(verdicts.c.series_key == outcome.series_key).values(latest=False))
             verdict_id = conn.execute(insert(verdicts).values(
@@ -288,8 +286,7 @@ class QCRecords:
                     verdict_id=verdict_id, site=e.site, scanner=e.scanner, series_key=e.series_uid,
                     parameter=e.parameter, baseline=_json(e.baseline), observed=_json(e.observed), kind=e.kind,
                     change=e.change, first_seen=e.first_seen))
-            if close_series:
-                conn.execute(update(series).where(series.c.series_key == outcome.series_key).values(state="checked"))
+            conn.execute(update(series).where(series.c.series_key == outcome.series_key).values(state="checked"))
         return int(verdict_id)
 
     def latest_verdicts(self, site: str | None = None) -> list[dict[str, Any]]:

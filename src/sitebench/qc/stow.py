@@ -96,7 +96,7 @@ def make_app(service: "IntakeService") -> Any:
 
 
 class _HttpServer:
-    def __init__(self, server: Any, thread: threading.Thread) -> None:  # noqa: D107
+    def __init__(self, server: Any, thread: threading.Thread) -> None:
         self.server, self.thread = server, thread
 
     def shutdown(self) -> None:

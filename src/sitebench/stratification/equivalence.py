@@ -32,14 +32,10 @@ COLUMNS = ("site", "n_site", "n_rest", "mean_site", "mean_rest", "difference", "
 
 
 def holm(p_values: list[float]) -> list[float]:
-    """Holm (1979) step-down adjusted p-values, in the input order."""
-    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
-    adjusted = [0.0] * len(p_values)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
+    """Holm (1979) step-down adjusted p-values, in the input order (statsmodels' implementation)."""
+    from statsmodels.stats.multitest import multipletests
+
+    return [float(p) for p in multipletests(p_values, method="holm")[1]] if p_values else []
 
 
 @dataclass
