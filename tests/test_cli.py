@@ -150,7 +150,7 @@ def test_demo_end_to_end(tmp_path):
     assert (out / "reports" / "demo" / "v002" / "report.html").exists()
     # a new version names the one it supersedes; the old one is never touched
     second_lock = json.loads((out / "reports" / "demo" / "v002" / "lock.json").read_text())
-    assert second_lock["report"]["supersedes"] == "v001"
+    assert second_lock["predicate"]["report"]["supersedes"] == "v001"
     assert "supersedes <b>v001</b>" in (out / "reports" / "demo" / "v002" / "report.html").read_text()
     assert run_cli("report", "verify", report_dir).returncode == 0
     # same inputs and seed: identical results, byte for byte

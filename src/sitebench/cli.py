@@ -77,7 +77,7 @@ def cmd_benchmark_run(args: argparse.Namespace) -> int:
 def cmd_report_verify(args: argparse.Namespace) -> int:
     from sitebench.reports import verify_report
 
-    result = verify_report(args.path, public_keys=args.public_key)
+    result = verify_report(args.path, public_keys=args.public_key, recompute=args.recompute)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0 if result.ok else EXIT_VERIFY_FAILED
 
@@ -497,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("path", help="report folder (or its report.html / lock.json)")
     verify.add_argument("--public-key", action="append", help="also require valid Ed25519 sign-offs by these "
                                                                "keys (.pub; repeatable)")
+    verify.add_argument("--recompute", action="store_true",
+                        help="also re-derive the evaluation table and every result table from the locked "
+                             "predictions, data manifest and analysis plan, and compare them byte for byte")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(func=cmd_report_verify)
     keygen = report.add_parser("keygen", help="generate an Ed25519 signing key pair",

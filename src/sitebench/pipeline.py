@@ -22,47 +22,29 @@ from sitebench.datasets.simulator import (REFERENCE_COLUMN, SimulatedTrial, Tria
                                           simulate_trial)
 from sitebench.errors import SitebenchError
 from sitebench.reports import Report, ReportContent, build_report
-from sitebench.stratification import fit_scanner_effects, stratum_metrics, upgrade_effect
+from sitebench.reports.qc_summary import qc_summary
+from sitebench.stratification.evaluation import REFERENCE_KEY, AnalysisPlan, Endpoint, Evaluation, evaluate_models
 
 
-REFERENCE_KEY = "reference"
-
-
-@dataclass
-class Evaluation:
-    """Every number the report shows, per model version."""
-
-    table: pd.DataFrame
-    metrics: pd.DataFrame
-    mixed: list[dict[str, Any]]
-    upgrade: pd.DataFrame
-    findings: list[str] = field(default_factory=list)
+def analysis_plan(spec: BenchmarkSpec) -> AnalysisPlan:
+    """The spec's pre-specified analysis, in the form the report locks and a recompute re-reads."""
+    report = spec.report
+    endpoint = Endpoint(**report.endpoint.model_dump()) if report.endpoint else None
+    return AnalysisPlan(strata=list(spec.strata), bootstrap=spec.bootstrap, seed=spec.seed,
+                        equivalence_margin=report.equivalence_margin,
+                        compare=[list(pair) for pair in report.compare],
+                        comparison_margin=report.comparison_margin, endpoint=endpoint)
 
 
 def evaluate(run: BenchmarkRun) -> Evaluation:
-    """Per-stratum metrics, scanner-effect mixed models and upgrade effects for every model version."""
-    table = run.evaluation_table()
-    spec = run.spec
-    metric_frames, mixed, upgrades = [], [], []
-    for card in run.models:
-        part = table[table["model_key"] == card.key]
-        metrics = stratum_metrics(part, prediction="prediction", reference="reference", strata=spec.strata,
-                                  dice="dice", n_boot=spec.bootstrap, seed=spec.seed).to_frame()
-        metrics.insert(0, "model_key", card.key)
-        metric_frames.append(metrics)
-        for response in ("error", "prediction"):
-            fit = fit_scanner_effects(part, response)
-            mixed.append({"model_key": card.key, **fit.to_dict()})
-        up = upgrade_effect(part, "error").to_frame()
-        up.insert(0, "model_key", card.key)
-        upgrades.append(up)
-    # the same model on the reference itself: the covariate effects a faithful biomarker should reproduce
-    first = table[table["model_key"] == run.models[0].key]
-    mixed.append({"model_key": REFERENCE_KEY, **fit_scanner_effects(first, "reference").to_dict()})
-    evaluation = Evaluation(table=table, metrics=pd.concat(metric_frames, ignore_index=True), mixed=mixed,
-                            upgrade=pd.concat(upgrades, ignore_index=True))
-    evaluation.findings = findings(run, evaluation)
-    return evaluation
+    """Every number of the report for every model version, from the canonical evaluation table."""
+    keys = [card.key for card in run.models]
+    plan = analysis_plan(run.spec)
+    unknown = [k for pair in plan.compare for k in pair if k not in keys]
+    if unknown:
+        raise SitebenchError(f"report.compare names model(s) not in this benchmark: {', '.join(unknown)} "
+                             f"(have: {', '.join(keys)})")
+    return evaluate_models(run.evaluation_table(), plan, keys)
 
 
 def _metric(metrics: pd.DataFrame, model: str, stratum: str, level: str, metric: str) -> pd.Series | None:
@@ -150,13 +132,14 @@ def _covariate_findings(mixed: list[dict[str, Any]]) -> list[str]:
 class PipelineResult:
     run: BenchmarkRun
     evaluation: Evaluation
+    findings: list[str]
     store: TrackingStore
     mlflow_run_id: str
     registered: dict[str, str]
     report: Report | None
 
     def summary(self) -> str:
-        lines = [self.run.summary(), "", "findings:"] + [f"  - {f}" for f in self.evaluation.findings]
+        lines = [self.run.summary(), "", "findings:"] + [f"  - {f}" for f in self.findings]
         lines += ["", f"MLflow store:  {self.store.tracking_uri}  (parent run {self.mlflow_run_id})",
                   f"  browse with: mlflow ui --backend-store-uri {self.store.tracking_uri}"]
         if self.report:
@@ -180,6 +163,7 @@ def run_pipeline(spec: BenchmarkSpec | str | Path, *, workers: int = 2, schedule
                         tracking_uri=store.tracking_uri)
     log("fitting per-stratum metrics and mixed models")
     evaluation = evaluate(run)
+    notes = findings(run, evaluation)
     registered = register_benchmark_models(run, store) if spec.mlflow.register_models else {}
     built = None
     if report:
@@ -198,15 +182,15 @@ def run_pipeline(spec: BenchmarkSpec | str | Path, *, workers: int = 2, schedule
                 for scan_id, file in zip(absolute["scan_id"], absolute[column]):
                     if isinstance(file, str) and file:
                         materials[f"{kind} {scan_id}"] = Path(file)
-        cards = [{"key": c.key, "name": c.name, "version": c.version, "kind": c.kind,
-                  "weights_sha256": c.weights_sha256, "source": c.source, "training": c.extra.get("training", {}),
-                  "registered": registered.get(c.key, "-")} for c in run.models]
         content = ReportContent(
-            name=spec.name, title=f"Validation report: {spec.name}", evaluation=evaluation.table,
-            metrics=evaluation.metrics, mixed=evaluation.mixed, upgrade=evaluation.upgrade, models=cards,
-            materials=materials, seeds={"benchmark_seed": spec.seed, "bootstrap": spec.bootstrap,
-                                        "reference": spec.reference, "spec_sha256": spec.fingerprint()},
-            findings=evaluation.findings, truth=_truth_summary(truth))
+            name=spec.name, title=f"Validation report: {spec.name}", evaluation=evaluation,
+            plan=analysis_plan(spec), models=[_lineage(c, registered) for c in run.models],
+            predictions=run.predictions, reference=spec.reference, materials=materials,
+            seeds={"benchmark_seed": spec.seed, "bootstrap": spec.bootstrap, "reference": spec.reference,
+                   "spec_sha256": spec.fingerprint()},
+            findings=notes, truth=_truth_summary(truth), intended_use=spec.report.intended_use,
+            population=spec.report.population, limitations=list(spec.report.limitations),
+            qc=qc_summary(run.manifest.table, spec.report.qc_store))
         built = build_report(content, results_dir.parent / "reports")
     log("recording runs in MLflow")
     artifacts = {}
@@ -214,8 +198,16 @@ def run_pipeline(spec: BenchmarkSpec | str | Path, *, workers: int = 2, schedule
         artifacts["report"] = built.report_dir
     run_id = log_benchmark(run, evaluation.metrics, store, spec_path=spec_path, registered=registered,
                            extra_artifacts=artifacts)
-    return PipelineResult(run=run, evaluation=evaluation, store=store, mlflow_run_id=run_id,
+    return PipelineResult(run=run, evaluation=evaluation, findings=notes, store=store, mlflow_run_id=run_id,
                           registered=registered, report=built)
+
+
+def _lineage(card: Any, registered: dict[str, str]) -> dict[str, Any]:
+    """Where a model version came from: source, training data, changelog, weights, registry entry."""
+    return {"key": card.key, "name": card.name, "version": card.version, "kind": card.kind,
+            "weights_sha256": card.weights_sha256, "source": card.source,
+            "description": card.extra.get("description", ""), "changelog": card.extra.get("changelog", {}),
+            "training": card.extra.get("training", {}), "registered": registered.get(card.key, "-")}
 
 
 def _truth_summary(truth: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -236,10 +228,25 @@ DEMO_MODELS = [
 ]
 
 
+#: The demo's pre-specified decisions: margins in ml of grey-matter volume (about 1% of a typical value).
+DEMO_REPORT = {
+    "intended_use": "Measure total grey-matter volume (ml) from 3D T1-weighted MRI as a secondary endpoint of a "
+                    "multi-site trial, comparing patients with controls and following change over time.",
+    "population": "Adults (about 20-80 years) at 20 simulated sites on three scanner vendors, scanned under one "
+                  "locked T1w protocol; one site upgrades its scanner software mid-study and one has reduced "
+                  "superior coverage.",
+    "equivalence_margin": 15.0,
+    "compare": [["gm-unet@1.0.0", "gm-unet@2.0.0"]],
+    "comparison_margin": 10.0,
+    "endpoint": {"column": "group", "positive": "patient", "higher_is_positive": False},
+}
+
+
 def demo_spec(bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     return {"name": "demo", "manifest": "trial/manifest.csv", "reference": REFERENCE_COLUMN,
             "reference_segmentation": mf.LABEL_PATH, "models": DEMO_MODELS, "seed": seed,
-            "bootstrap": bootstrap, "results_dir": "results", "mlflow": {"experiment": "sitebench-demo"}}
+            "bootstrap": bootstrap, "results_dir": "results", "mlflow": {"experiment": "sitebench-demo"},
+            "report": DEMO_REPORT}
 
 
 def prepare_trial(config: TrialConfig, trial_dir: Path,

@@ -180,11 +180,9 @@ class BenchmarkRun:
 
     def evaluation_table(self) -> pd.DataFrame:
         """Predictions joined to the manifest: one row per scan and model, with ``error``."""
-        table = self.predictions.merge(mf.add_software_upgraded(self.manifest.table), on=mf.SCAN_ID,
-                                       suffixes=("", "_manifest"))
-        table["reference"] = table[self.spec.reference].astype(float)
-        table["error"] = table["prediction"] - table["reference"]
-        return table
+        from sitebench.stratification.evaluation import evaluation_table
+
+        return evaluation_table(self.predictions, self.manifest.table, self.spec.reference)
 
     def summary(self) -> str:
         lines = [f"benchmark '{self.spec.name}': {len(self.manifest)} scans x {len(self.models)} models; "

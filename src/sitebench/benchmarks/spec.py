@@ -38,6 +38,34 @@ class MlflowSpec(_Strict):
     register_models: bool = True
 
 
+class EndpointSpec(_Strict):
+    """A binary endpoint the biomarker should separate (AUC, paired DeLong between versions)."""
+
+    column: str = Field(description="manifest column, e.g. group")
+    positive: str = Field(description="the value that counts as positive, e.g. patient")
+    higher_is_positive: bool = Field(True, description="false when a lower biomarker means the positive class")
+
+
+class ReportSpec(_Strict):
+    """What the validation report says beyond the numbers, and its pre-specified decisions."""
+
+    intended_use: str = Field(
+        "Quantify the biomarker from the trial's T1-weighted MRI for use as a trial endpoint, across the "
+        "trial's sites, scanner vendors and scanner software versions.",
+        description="intended use of the model output in this trial")
+    population: str = Field("Adults enrolled in the trial, scanned under the locked acquisition protocol.",
+                            description="the target population and setting")
+    equivalence_margin: float | None = Field(
+        None, gt=0, description="pre-specified margin for per-site equivalence of the mean error, reference units")
+    compare: list[tuple[str, str]] = Field(
+        default_factory=list, description="pairs of model keys (name@version) compared side by side")
+    comparison_margin: float | None = Field(
+        None, gt=0, description="margin for the paired TOST of absolute error between two versions")
+    endpoint: EndpointSpec | None = None
+    qc_store: str | None = Field(None, description="database URL (or folder) of the upload-time QC gate")
+    limitations: list[str] = Field(default_factory=list, description="study-specific limitations to add")
+
+
 class BenchmarkSpec(_Strict):
     name: str
     manifest: str
@@ -52,6 +80,7 @@ class BenchmarkSpec(_Strict):
     bootstrap: int = Field(1000, ge=0)
     results_dir: str = "results"
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
 
     # where the YAML file was; relative paths start there
     base_dir: Path = Field(default=Path("."), exclude=True)

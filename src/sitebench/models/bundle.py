@@ -68,7 +68,9 @@ class BundleSegmentationModel(BiomarkerModel):
         self.card = ModelCard(name=name or meta.get("name", self.bundle_dir.name),
                               version=str(meta.get("version", "0")), weights_sha256=actual,
                               kind="monai-bundle", source=str(self.bundle_dir),
-                              extra={"training": (meta.get("sitebench") or {}).get("training", {})})
+                              extra={"training": (meta.get("sitebench") or {}).get("training", {}),
+                                     "description": meta.get("description", ""),
+                                     "changelog": meta.get("changelog", {})})
 
     def predict(self, data: dict[str, Any]) -> Prediction:
         import torch

@@ -223,7 +223,7 @@ def promote_model_version(name: str, version: str, alias: str, tracking_uri: str
 
 
 def _approved_report(model_version, report: str | Path | None, public_keys: list[str | Path]) -> dict[str, Any]:
-    from sitebench.reports.lock import LOCK_FILE, verify_report
+    from sitebench.reports.lock import LOCK_FILE, locked_files, read_lock, verify_report
     from sitebench.reports.signing import read_signoffs
 
     where = f"{model_version.name}/{model_version.version}"
@@ -238,9 +238,8 @@ def _approved_report(model_version, report: str | Path | None, public_keys: list
     report_dir = check.report_dir
     if not any(s.get("meaning") == "approval" for s in read_signoffs(report_dir)):
         raise SitebenchError("report carries no approval sign-off (only authorship/review)", report_dir)
-    lock = json.loads((report_dir / LOCK_FILE).read_text())
     weights = model_version.tags.get(WEIGHTS_TAG)
-    digests = {m["digest"]["sha256"] for m in lock.get("materials", [])}
+    digests = {digest for _, _, digest in locked_files(read_lock(report_dir))}
     if not weights or weights not in digests:
         raise SitebenchError(f"report does not rest on {where}'s weights (sha256 {str(weights)[:12]}…)", report_dir)
     return {"report_dir": report_dir, "lock_sha256": sha256_file(report_dir / LOCK_FILE),

@@ -159,3 +159,51 @@ def vendor_transfer_plot(rows: pd.DataFrame, metric: str = "mae", unit: str = "m
     ax.set_title(f"{label} by vendor")
     ax.legend(fontsize=7, frameon=False)
     return _png(fig)
+
+
+def calibration_plot(table: pd.DataFrame, unit: str = "ml") -> bytes:
+    """Reference against prediction per model, with the identity line and the fitted line."""
+    plt = _pyplot()
+    models = list(dict.fromkeys(table["model_key"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(3.4 * len(models), 3.2), sharey=True, squeeze=False)
+    vendors = sorted(table["vendor"].unique())
+    for ax, model in zip(axes[0], models):
+        part = table[table["model_key"] == model]
+        x, y = part["prediction"].to_numpy(float), part["reference"].to_numpy(float)
+        for v, vendor in enumerate(vendors):
+            sel = (part["vendor"] == vendor).to_numpy()
+            ax.scatter(x[sel], y[sel], s=8, alpha=0.7, color=COLOURS[v % 5], label=vendor)
+        span = np.array([min(x.min(), y.min()), max(x.max(), y.max())])
+        ax.plot(span, span, color="grey", lw=0.8, ls="--", label="identity")
+        if len(x) >= 2 and np.ptp(x) > 0:
+            slope, intercept = np.polyfit(x, y, 1)
+            ax.plot(span, intercept + slope * span, color="black", lw=1.0, label=f"fit, slope {slope:.2f}")
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel(f"prediction ({unit})")
+    axes[0][0].set_ylabel(f"reference ({unit})")
+    axes[0][0].legend(fontsize=6, frameon=False)
+    return _png(fig)
+
+
+def comparison_plot(comparison: pd.DataFrame, unit: str = "ml") -> bytes:
+    """Paired difference in absolute error (second - first version) per site, with CIs, one panel per pair."""
+    plt = _pyplot()
+    pairs = list(dict.fromkeys(zip(comparison["model_a"], comparison["model_b"])))
+    n_levels = comparison.groupby(["model_a", "model_b"]).size().max()
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 0.3 * n_levels + 1.4), squeeze=False)
+    for ax, (a, b) in zip(axes[0], pairs):
+        part = comparison[(comparison["model_a"] == a) & (comparison["model_b"] == b)].reset_index(drop=True)
+        for i, row in part.iterrows():
+            colour = "black" if row["level"] == "overall" else COLOURS[0]
+            if pd.isna(row["ci_low"]):
+                ax.text(0, i, "n.e.", fontsize=6, va="center")
+                continue
+            ax.errorbar(row["difference"], i, xerr=[[row["difference"] - row["ci_low"]],
+                                                    [row["ci_high"] - row["difference"]]],
+                        fmt="s" if row["level"] == "overall" else "o", ms=3.5, color=colour, capsize=2)
+        ax.axvline(0, color="grey", lw=0.8, ls="--")
+        ax.set_yticks(range(len(part)), part["level"].astype(str))
+        ax.invert_yaxis()
+        ax.set_xlabel(f"|error| {b} - |error| {a} ({unit}), 95% CI")
+        ax.set_title(f"{b} vs {a}", fontsize=9)
+    return _png(fig)

@@ -1,10 +1,12 @@
 """The lock: SHA-256 of everything a report depends on, and its verification.
 
-``lock.json`` sits beside ``report.html``. It lists the report's own files
-(subjects) and what they rest on (materials: model weights, spec, data manifest,
-predictions), plus the code version and package versions. The lock hashes its
-own canonical content, so an edited byte anywhere, lock included, fails
-``verify``. (Signatures come on top of this; they do not replace it.)
+``lock.json`` sits beside ``report.html``. It is an in-toto Statement (v1): its
+``subject`` lists the report's own files (HTML, PDF, result tables) and its
+``predicate`` what they rest on (materials: model weights, spec, data manifest,
+every image and label file), the code version, package versions, seeds and the
+analysis plan. The statement carries the hash of its own canonical content, so an
+edited byte anywhere, lock included, fails ``verify``. Sign-offs (``signing.py``)
+sign the lock's SHA-256; they come on top of this and do not replace it.
 """
 
 from __future__ import annotations
@@ -19,35 +21,81 @@ from sitebench.errors import SitebenchError
 from sitebench.provenance import code_version, package_versions, sha256_file, sha256_json, utc_now
 
 LOCK_FILE = "lock.json"
-LOCK_SCHEMA = "sitebench.lock/v1"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://sitebench.dev/validation-report/v1"
 
 
-def _entry(name: str, path: Path, base: Path) -> dict[str, Any]:
+def _relative(path: Path, base: Path) -> str:
     try:
-        where = os.path.relpath(path.resolve(), base.resolve())
+        return os.path.relpath(path.resolve(), base.resolve())
     except ValueError:  # another drive on Windows
-        where = str(path.resolve())
-    return {"name": name, "path": where, "digest": {"sha256": sha256_file(path)}}
+        return str(path.resolve())
+
+
+def _subject(role: str, path: Path, base: Path) -> dict[str, Any]:
+    """An in-toto ResourceDescriptor for a file of the report itself (name = its path in the folder)."""
+    return {"name": _relative(path, base), "digest": {"sha256": sha256_file(path)}, "annotations": {"role": role}}
+
+
+def _material(role: str, path: Path, base: Path) -> dict[str, Any]:
+    """A ResourceDescriptor for an input the report rests on (name = what it is, uri = where it was)."""
+    return {"name": role, "uri": _relative(path, base), "digest": {"sha256": sha256_file(path)}}
 
 
 def write_lock(report_dir: Path, subjects: dict[str, Path], materials: dict[str, Path],
-               report_info: dict[str, Any], seeds: dict[str, Any]) -> Path:
-    """Write ``lock.json`` for a finished report folder; returns its path."""
-    body = {
-        "schema": LOCK_SCHEMA,
+               report_info: dict[str, Any], seeds: dict[str, Any],
+               analysis: dict[str, Any] | None = None) -> Path:
+    """Write ``lock.json``, an in-toto Statement, for a finished report folder; returns its path.
+
+    ``subject`` lists the report's own files; ``predicate`` holds what they rest on
+    (materials), the code and package versions, seeds and the analysis plan, and
+    ``statement_sha256``: the hash of the canonical statement without that field.
+    """
+    predicate = {
         "report": report_info,
         "locked_utc": utc_now(),
-        "subjects": [_entry(name, path, report_dir) for name, path in subjects.items()],
-        "materials": [_entry(name, path, report_dir) for name, path in materials.items()],
+        "materials": [_material(role, path, report_dir) for role, path in materials.items()],
         "code_version": code_version(),
         "packages": package_versions(),
         "seeds": seeds,
+        "analysis": analysis or {},
     }
-    body["lock_sha256"] = sha256_json(body)
+    statement = {"_type": STATEMENT_TYPE,
+                 "subject": [_subject(role, path, report_dir) for role, path in subjects.items()],
+                 "predicateType": PREDICATE_TYPE, "predicate": predicate}
+    predicate["statement_sha256"] = sha256_json(statement)
     path = report_dir / LOCK_FILE
     with open(path, "x") as handle:  # never overwrite
-        json.dump(body, handle, indent=2, sort_keys=True)
+        json.dump(statement, handle, indent=2, sort_keys=True)
     return path
+
+
+def read_lock(report_dir: Path) -> dict[str, Any]:
+    """The lock's statement; a one-line error when it is missing or not JSON."""
+    lock_path = report_dir / LOCK_FILE
+    if not lock_path.exists():
+        raise SitebenchError(f"no {LOCK_FILE} here; not a sitebench report", report_dir)
+    try:
+        return json.loads(lock_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SitebenchError(f"{LOCK_FILE} is not valid JSON (changed)", lock_path) from None
+
+
+def locked_files(statement: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(role, path relative to the report folder, sha256) for every subject and material."""
+    predicate = statement.get("predicate", {})
+    rows = [((s.get("annotations") or {}).get("role", s["name"]), s["name"], s["digest"]["sha256"])
+            for s in statement.get("subject", [])]
+    rows += [(m["name"], m["uri"], m["digest"]["sha256"]) for m in predicate.get("materials", [])]
+    return rows
+
+
+def subject_path(statement: dict[str, Any], role: str) -> str | None:
+    """Where the subject with this role sits in the report folder."""
+    for s in statement.get("subject", []):
+        if (s.get("annotations") or {}).get("role") == role:
+            return s["name"]
+    return None
 
 
 @dataclass
@@ -59,6 +107,7 @@ class Verification:
     problems: list[str] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
     signoffs: int = 0  # valid sign-offs, when keys were given
+    recomputed: list[str] = field(default_factory=list)  # result tables re-derived and matched
 
     @property
     def ok(self) -> bool:
@@ -68,46 +117,50 @@ class Verification:
         head = f"{self.report_dir}: "
         if self.ok:
             signed = f", {self.signoffs} valid sign-off(s)" if self.signoffs else ""
+            if self.recomputed:
+                signed += f", {len(self.recomputed)} result tables re-derived and identical"
             return head + (f"OK, {self.checked} hashes match{signed} (report {self.report.get('name')} "
                            f"v{self.report.get('version')})")
         return head + "FAILED: " + "; ".join(self.problems)
 
     def to_dict(self) -> dict[str, Any]:
         return {"report_dir": str(self.report_dir), "ok": self.ok, "checked": self.checked,
-                "signoffs": self.signoffs, "problems": self.problems, "report": self.report}
+                "signoffs": self.signoffs, "recomputed": self.recomputed, "problems": self.problems,
+                "report": self.report}
 
 
-def verify_report(path: str | Path, public_keys: list[str | Path] | None = None) -> Verification:
+def verify_report(path: str | Path, public_keys: list[str | Path] | None = None,
+                  recompute: bool = False) -> Verification:
     """Check the lock's own hash and every file it lists; a report folder or its lock/html file.
 
     With ``public_keys``, every sign-off must also be a valid Ed25519 signature by one of
-    them over this very lock (see :mod:`sitebench.reports.signing`).
+    them over this very lock (see :mod:`sitebench.reports.signing`). With ``recompute``, the
+    results are re-derived from the locked inputs and compared (see :mod:`sitebench.reports.recompute`).
     """
     path = Path(path)
     report_dir = path if path.is_dir() else path.parent
-    lock_path = report_dir / LOCK_FILE
-    if not lock_path.exists():
+    if not (report_dir / LOCK_FILE).exists():
         raise SitebenchError(f"no {LOCK_FILE} here; not a sitebench report", report_dir)
     try:
-        lock = json.loads(lock_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        statement = read_lock(report_dir)
+    except SitebenchError:
         result = Verification(report_dir)
         result.problems.append(f"{LOCK_FILE} is not valid JSON (changed)")
         return result
-    result = Verification(report_dir, report=lock.get("report", {}))
-    claimed = lock.pop("lock_sha256", None)
-    if claimed != sha256_json(lock):
+    predicate = statement.get("predicate") if isinstance(statement.get("predicate"), dict) else {}
+    result = Verification(report_dir, report=predicate.get("report", {}))
+    claimed = predicate.pop("statement_sha256", None)
+    if statement.get("_type") != STATEMENT_TYPE or claimed != sha256_json(statement):
         result.problems.append(f"{LOCK_FILE} changed (its content no longer matches its own hash)")
     result.checked += 1
-    for group in ("subjects", "materials"):
-        for entry in lock.get(group, []):
-            target = Path(entry["path"])
-            target = target if target.is_absolute() else report_dir / target
-            result.checked += 1
-            if not target.exists():
-                result.problems.append(f"{entry['name']} ({entry['path']}) is missing")
-            elif sha256_file(target) != entry["digest"]["sha256"]:
-                result.problems.append(f"{entry['name']} ({entry['path']}) changed")
+    for role, where, digest in locked_files(statement):
+        target = Path(where)
+        target = target if target.is_absolute() else report_dir / target
+        result.checked += 1
+        if not target.exists():
+            result.problems.append(f"{role} ({where}) is missing")
+        elif sha256_file(target) != digest:
+            result.problems.append(f"{role} ({where}) changed")
     if public_keys:
         from sitebench.reports.signing import verify_signoffs
 
@@ -115,4 +168,11 @@ def verify_report(path: str | Path, public_keys: list[str | Path] | None = None)
         result.checked += valid + len(problems)
         result.signoffs = valid
         result.problems.extend(problems)
+    if recompute:
+        from sitebench.reports.recompute import recompute_report
+
+        again = recompute_report(report_dir)
+        result.recomputed = again.checked
+        result.checked += len(again.checked)
+        result.problems.extend(again.problems)
     return result

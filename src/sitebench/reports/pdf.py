@@ -13,11 +13,13 @@ from sitebench.errors import SitebenchError
 __all__ = ["render_pdf"]
 
 PAGE_CSS = """
-@page { size: A4; margin: 16mm 14mm 18mm 14mm;
+@page { size: A4 landscape; margin: 14mm 12mm 16mm 12mm;
         @bottom-right { content: "page " counter(page) " of " counter(pages); font-size: 8pt; } }
 body { font-size: 9pt; }
 img { max-width: 100%; }
-table { font-size: 7.5pt; }
+table { font-size: 6.5pt; max-width: 100%; }
+td, th { padding: 1px 3px; }
+table.checklist td { text-align: left; }
 h2 { break-after: avoid; }
 figure { break-inside: avoid; }
 """

@@ -1,0 +1,98 @@
+"""Re-derive a locked report's results from its inputs and confirm they match (``verify --recompute``).
+
+Two steps, each compared byte for byte with what the lock holds:
+
+1. the per-scan evaluation table, rebuilt from the report's locked predictions and the
+   data manifest it names (so the numbers rest on those scans and reference values);
+2. every result table, recomputed from that evaluation table with the locked analysis
+   plan (strata, bootstrap replicates and seed, margins, comparisons).
+
+The hashes alone show nothing changed since locking; the recompute shows the locked
+numbers are what this code makes of the locked inputs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from sitebench.datasets.manifest import read_manifest
+from sitebench.errors import SitebenchError
+from sitebench.provenance import sha256_bytes
+from sitebench.reports.lock import read_lock, subject_path
+from sitebench.stratification.evaluation import (AnalysisPlan, evaluate_models, evaluation_csv, evaluation_table,
+                                                 read_evaluation_csv, result_csv)
+
+DATA_MANIFEST = "data manifest"
+
+
+@dataclass
+class Recomputation:
+    checked: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _locked_digest(statement: dict, role: str) -> str | None:
+    for s in statement.get("subject", []):
+        if (s.get("annotations") or {}).get("role") == role:
+            return s["digest"]["sha256"]
+    return None
+
+
+def _first_difference(locked: bytes, recomputed: bytes) -> str:
+    old, new = locked.decode().splitlines(), recomputed.decode().splitlines()
+    for row, (a, b) in enumerate(zip(old, new)):
+        if a != b:
+            return f"line {row + 1}: locked '{a[:80]}', recomputed '{b[:80]}'"
+    return f"{len(old)} locked lines, {len(new)} recomputed"
+
+
+def recompute_report(report_dir: Path) -> Recomputation:
+    """Rebuild the evaluation table and every result table; list what does not match."""
+    statement = read_lock(report_dir)
+    analysis = statement.get("predicate", {}).get("analysis") or {}
+    if "plan" not in analysis:
+        raise SitebenchError("this report's lock has no analysis plan; it predates --recompute", report_dir)
+    result = Recomputation()
+    where = {role: subject_path(statement, role) for role in ("table:evaluation", "table:predictions")}
+    if not all(where.values()):
+        raise SitebenchError("the lock lists no evaluation or predictions table", report_dir)
+    evaluation_file = report_dir / where["table:evaluation"]
+    locked_evaluation = evaluation_file.read_bytes()
+
+    manifest_entry = next((m for m in statement["predicate"].get("materials", []) if m["name"] == DATA_MANIFEST), None)
+    if manifest_entry is None:
+        result.problems.append("recompute: the lock names no data manifest, so the evaluation table cannot be rebuilt")
+    else:
+        manifest_path = Path(manifest_entry["uri"])
+        manifest_path = manifest_path if manifest_path.is_absolute() else report_dir / manifest_path
+        manifest = read_manifest(manifest_path, check_files=False, check_hashes=False)
+        predictions = pd.read_csv(report_dir / where["table:predictions"],
+                                  dtype={"scan_id": str, "model_key": str, "weights_sha256": str,
+                                         "image_sha256": str})
+        rebuilt = evaluation_csv(evaluation_table(predictions, manifest.table, analysis["reference"])).encode()
+        result.checked.append("evaluation")
+        if rebuilt != locked_evaluation:
+            result.problems.append("recompute: the evaluation table rebuilt from the predictions and the data "
+                                   f"manifest differs ({_first_difference(locked_evaluation, rebuilt)})")
+
+    table = read_evaluation_csv(io.StringIO(locked_evaluation.decode()))
+    evaluation = evaluate_models(table, AnalysisPlan.from_dict(analysis["plan"]), analysis.get("model_keys"))
+    outputs = {f"table:{name}": result_csv(frame) for name, frame in evaluation.result_tables().items()}
+    outputs["table:mixed_models"] = json.dumps(evaluation.mixed, indent=2, sort_keys=True).encode()
+    for role, data in outputs.items():
+        digest = _locked_digest(statement, role)
+        name = role.split(":", 1)[1]
+        if digest is None:
+            result.problems.append(f"recompute: {name} is not in the lock")
+            continue
+        result.checked.append(name)
+        if sha256_bytes(data) != digest:
+            locked = (report_dir / subject_path(statement, role)).read_bytes()
+            result.problems.append(f"recompute: {name} differs from the locked table "
+                                   f"({_first_difference(locked, data)})")
+    return result

@@ -1,0 +1,283 @@
+"""Every result a validation report shows, derived from one per-scan evaluation table.
+
+The report and ``sitebench report verify --recompute`` both call :func:`evaluate_models`
+on the same table read back from CSV, with the same :class:`AnalysisPlan`, so an auditor
+re-deriving the results gets the locked tables byte for byte.
+
+The evaluation table has one row per (scan, model version): the manifest columns the
+analyses need, the reference value, the prediction and the error (prediction - reference).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sitebench.datasets import manifest as mf
+from sitebench.errors import SitebenchError
+from sitebench.provenance import jsonable
+from sitebench.stratification.combat import ComBat, combat_efficacy
+from sitebench.stratification.equivalence import site_equivalence
+from sitebench.stratification.metrics import stratum_metrics
+from sitebench.stratification.mixed import fit_scanner_effects, upgrade_effect
+
+MODEL_KEY = "model_key"
+REFERENCE = "reference"
+PREDICTION = "prediction"
+ERROR = "error"
+ABS_ERROR = "abs_error"
+#: The reference itself, fitted like a model: the covariate effects a faithful biomarker reproduces.
+REFERENCE_KEY = "reference"
+
+#: Columns kept in the locked evaluation table, in this order (those present).
+EVALUATION_COLUMNS = (mf.SCAN_ID, mf.SUBJECT_ID, MODEL_KEY, mf.SITE, mf.SCANNER_ID, mf.VENDOR, mf.SCANNER_MODEL,
+                      mf.SOFTWARE_VERSION, mf.ACQUISITION_DATE, mf.SOFTWARE_UPGRADED, mf.AGE, mf.SEX, mf.GROUP,
+                      REFERENCE, PREDICTION, ERROR, "dice")
+_TEXT = (mf.SCAN_ID, mf.SUBJECT_ID, MODEL_KEY, mf.SITE, mf.SCANNER_ID, mf.VENDOR, mf.SCANNER_MODEL,
+         mf.SOFTWARE_VERSION, mf.ACQUISITION_DATE, mf.SEX, mf.GROUP)
+#: Covariates adjusted for in harmonization (those present).
+COVARIATES = (mf.AGE, mf.SEX, mf.GROUP)
+
+
+@dataclass
+class Endpoint:
+    """A binary clinical endpoint the biomarker should discriminate (for AUC and paired DeLong)."""
+
+    column: str
+    positive: str
+    higher_is_positive: bool = True
+
+
+@dataclass
+class AnalysisPlan:
+    """The pre-specified analysis: what a reader must know to re-derive every number."""
+
+    strata: list[str] = field(default_factory=lambda: list(mf.DEFAULT_STRATA))
+    bootstrap: int = 1000
+    seed: int = 0
+    equivalence_margin: float | None = None
+    compare: list[list[str]] = field(default_factory=list)
+    comparison_margin: float | None = None
+    endpoint: Endpoint | None = None
+    alpha: float = 0.05
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AnalysisPlan":
+        data = dict(data)
+        if data.get("endpoint"):
+            data["endpoint"] = Endpoint(**data["endpoint"])
+        return cls(**data)
+
+
+@dataclass
+class Evaluation:
+    """Every number the report shows; each table tidy, one row per model (and stratum) and quantity."""
+
+    table: pd.DataFrame
+    metrics: pd.DataFrame
+    mixed: list[dict[str, Any]]
+    upgrade: pd.DataFrame
+    calibration: pd.DataFrame
+    harmonization: pd.DataFrame
+    equivalence: pd.DataFrame
+    comparison: pd.DataFrame
+    discrimination: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+    def result_tables(self) -> dict[str, pd.DataFrame]:
+        """The locked CSV tables, by file stem."""
+        return {
+            "metrics_by_stratum": self.metrics,
+            "fixed_effects": pd.DataFrame([{MODEL_KEY: m[MODEL_KEY], "response": m["response"], "term": t, **v}
+                                           for m in self.mixed for t, v in m["fixed_effects"].items()]),
+            "variance_components": variance_shares(self.mixed),
+            "upgrade_effect": self.upgrade,
+            "calibration": self.calibration,
+            "harmonization": self.harmonization,
+            "equivalence": self.equivalence,
+            "comparison": self.comparison,
+            "discrimination": self.discrimination,
+        }
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def evaluation_table(predictions: pd.DataFrame, manifest: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Predictions joined to the manifest, one row per scan and model, in canonical form."""
+    if reference not in manifest:
+        raise SitebenchError(f"reference column '{reference}' is not in the manifest")
+    table = predictions.merge(mf.add_software_upgraded(manifest), on=mf.SCAN_ID, suffixes=("", "_manifest"))
+    table[REFERENCE] = table[reference].astype(float)
+    table[ERROR] = table[PREDICTION] - table[REFERENCE]
+    keep = [c for c in EVALUATION_COLUMNS if c in table]
+    ordered = table[keep].sort_values([MODEL_KEY, mf.SCAN_ID], kind="stable").reset_index(drop=True)
+    return canonical(ordered)
+
+
+def evaluation_csv(table: pd.DataFrame) -> str:
+    """The evaluation table as CSV text (floats written shortest-exact, so a read-back is lossless)."""
+    buffer = io.StringIO()
+    table.to_csv(buffer, index=False)
+    return buffer.getvalue()
+
+
+def result_csv(frame: pd.DataFrame) -> bytes:
+    """A locked result table's bytes (10 significant digits: what the report shows, and what is hashed)."""
+    return frame.to_csv(index=False, float_format="%.10g").encode()
+
+
+def read_evaluation_csv(source: str | Path | io.StringIO) -> pd.DataFrame:
+    """Read an evaluation table with the dtypes the analyses expect (codes stay text)."""
+    try:
+        return pd.read_csv(source, dtype={c: str for c in _TEXT}, keep_default_na=False,
+                           na_values=[""], float_precision="round_trip")
+    except (pd.errors.ParserError, ValueError, OSError) as exc:
+        raise SitebenchError(f"cannot read the evaluation table ({exc})", source if isinstance(source, Path) else None) \
+            from None
+
+
+def canonical(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as it reads back from its CSV: the report and a recompute then see the same data."""
+    return read_evaluation_csv(io.StringIO(evaluation_csv(table)))
+
+
+# --------------------------------------------------------------------------- the analyses
+
+
+def evaluate_models(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[str] | None = None) -> Evaluation:
+    """Per-stratum metrics, mixed models, upgrade, calibration, harmonization, equivalence and comparisons."""
+    model_keys = model_keys or list(dict.fromkeys(table[MODEL_KEY]))
+    missing = [k for k in model_keys if k not in set(table[MODEL_KEY])]
+    if missing:
+        raise SitebenchError(f"model(s) {', '.join(missing)} not in the evaluation table")
+    metric_frames, mixed, upgrades, calibrations, harmonized, equivalences = [], [], [], [], [], []
+    notes: list[str] = []
+    for key in model_keys:
+        part = table[table[MODEL_KEY] == key].reset_index(drop=True)
+        metrics = stratum_metrics(part, prediction=PREDICTION, reference=REFERENCE, strata=plan.strata,
+                                  dice="dice" if "dice" in part else None, n_boot=plan.bootstrap,
+                                  seed=plan.seed).to_frame()
+        metrics.insert(0, MODEL_KEY, key)
+        metric_frames.append(metrics)
+        for response in (ERROR, PREDICTION):
+            mixed.append({MODEL_KEY: key, **fit_scanner_effects(part, response).to_dict()})
+        up = upgrade_effect(part, ERROR).to_frame()
+        up.insert(0, MODEL_KEY, key)
+        upgrades.append(up)
+        calibrations.append(continuous_calibration(part, key, plan.alpha))
+        harmonized.append(harmonization_effect(part, key, notes))
+        if plan.equivalence_margin is not None:
+            eq = site_equivalence(part, ERROR, mf.SITE, plan.equivalence_margin, alpha=plan.alpha)
+            frame = eq.to_frame()
+            frame.insert(0, MODEL_KEY, key)
+            frame["all_within_margin"] = eq.all_within_margin
+            equivalences.append(frame)
+    first = table[table[MODEL_KEY] == model_keys[0]].reset_index(drop=True)
+    mixed.append({MODEL_KEY: REFERENCE_KEY, **fit_scanner_effects(first, REFERENCE).to_dict()})
+    comparison, discrimination = compare_versions(table, plan)
+    return Evaluation(table=table, metrics=pd.concat(metric_frames, ignore_index=True), mixed=jsonable(mixed),
+                      upgrade=pd.concat(upgrades, ignore_index=True),
+                      calibration=pd.concat(calibrations, ignore_index=True),
+                      harmonization=pd.concat(harmonized, ignore_index=True),
+                      equivalence=pd.concat(equivalences, ignore_index=True) if equivalences else pd.DataFrame(),
+                      comparison=comparison, discrimination=discrimination, notes=notes)
+
+
+def variance_shares(mixed: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for m in mixed:
+        share = m.get("variance_share", {})
+        rows.append({MODEL_KEY: m[MODEL_KEY], "response": m["response"],
+                     **{f"var_{k}": v for k, v in m.get("variance_components", {}).items()},
+                     "site": share.get("site"), "scanner": share.get("scanner"), "residual": share.get("residual"),
+                     "converged": m.get("converged"), "optimizer": m.get("optimizer"),
+                     "boundary": m.get("boundary")})
+    return pd.DataFrame(rows)
+
+
+def continuous_calibration(part: pd.DataFrame, key: str, alpha: float = 0.05) -> pd.DataFrame:
+    """Calibration of a continuous biomarker: reference = a + b * prediction, overall and per vendor.
+
+    Slope 1 and intercept 0 mean a reader can take the number at face value; the
+    calibration-in-the-large is mean(reference - prediction). Standard errors are
+    cluster-robust by site, because scans within a site share its scanner.
+    """
+    import statsmodels.api as sm
+
+    rows = []
+    levels = [("overall", "all", part)] + [(mf.VENDOR, v, g) for v, g in part.groupby(mf.VENDOR, sort=True)]
+    for stratum, level, data in levels:
+        row: dict[str, Any] = {MODEL_KEY: key, "stratum": stratum, "level": level, "n_scans": len(data)}
+        y, x = data[REFERENCE].to_numpy(float), data[PREDICTION].to_numpy(float)
+        large = y - x
+        row["calibration_in_the_large"] = float(large.mean())
+        if len(data) < 3 or np.ptp(x) == 0:
+            row.update(slope=None, slope_ci_low=None, slope_ci_high=None, intercept=None, note="too few scans")
+            rows.append(row)
+            continue
+        groups = pd.factorize(data[mf.SITE])[0]
+        design = sm.add_constant(x - x.mean())
+        if len(np.unique(groups)) >= 2:
+            fit = sm.OLS(y, design).fit(cov_type="cluster", cov_kwds={"groups": groups})
+        else:
+            fit = sm.OLS(y, design).fit()
+        ci = fit.conf_int(alpha)
+        slope = float(fit.params[1])
+        row.update(slope=slope, slope_ci_low=float(ci[1, 0]), slope_ci_high=float(ci[1, 1]),
+                   intercept=float(fit.params[0] - slope * x.mean()), r_squared=float(fit.rsquared), note="")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def harmonization_effect(part: pd.DataFrame, key: str, notes: list[str]) -> pd.DataFrame:
+    """ComBat on the model's output across sites: site share of variance before/after, covariates kept?
+
+    One feature per model, so the location/scale estimates are used without the
+    empirical-Bayes pooling (EB borrows strength across features; there is none to borrow).
+    """
+    covariates = [c for c in COVARIATES if c in part and part[c].nunique() > 1]
+    features = part[[PREDICTION]].astype(float)
+    counts = part[mf.SITE].value_counts()
+    if (counts < 2).any() or part[mf.SITE].nunique() < 2:
+        notes.append(f"{key}: harmonization not estimable (a site has fewer than 2 scans)")
+        return pd.DataFrame([{MODEL_KEY: key, "feature": PREDICTION, "note": "not estimable"}])
+    cov = part[covariates] if covariates else None
+    after = ComBat(empirical_bayes=False).fit_transform(features, part[mf.SITE].to_numpy(), cov)
+    frame = combat_efficacy(features, after, part[mf.SITE].to_numpy(), cov).to_frame()
+    frame.insert(0, MODEL_KEY, key)
+    return frame
+
+
+def compare_versions(table: pd.DataFrame, plan: AnalysisPlan) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Paired per-site differences in absolute error (TOST when a margin is set), and paired DeLong."""
+    from sitebench.stratification.paired import paired_auc, paired_comparison
+
+    comparisons, discriminations = [], []
+    data = table.assign(**{ABS_ERROR: table[ERROR].abs()})
+    for a, b in plan.compare:
+        result = paired_comparison(data, model=MODEL_KEY, a=a, b=b, value=ABS_ERROR, scan=mf.SCAN_ID, by=mf.SITE,
+                                   margin=plan.comparison_margin, alpha=plan.alpha)
+        frame = result.to_frame()
+        frame.insert(0, "model_b", b)
+        frame.insert(0, "model_a", a)
+        comparisons.append(frame)
+        if plan.endpoint is not None and plan.endpoint.column in data:
+            ep = plan.endpoint
+            scored = data.assign(_truth=(data[ep.column].astype(str) == str(ep.positive)).astype(int),
+                                 _score=data[PREDICTION] if ep.higher_is_positive else -data[PREDICTION])
+            auc = paired_auc(scored, model=MODEL_KEY, a=a, b=b, truth="_truth", score="_score", scan=mf.SCAN_ID,
+                             alpha=plan.alpha).to_frame()
+            auc.insert(0, "model_b", b)
+            auc.insert(0, "model_a", a)
+            discriminations.append(auc)
+    return (pd.concat(comparisons, ignore_index=True) if comparisons else pd.DataFrame(),
+            pd.concat(discriminations, ignore_index=True) if discriminations else pd.DataFrame())
