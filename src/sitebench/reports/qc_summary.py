@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from sitebench.datasets import manifest as mf
+from sitebench.errors import SitebenchError
 
 COLUMNS = ("site", "series", "passed", "warned", "failed", "undetermined", "unmatched", "open_deviations",
            "drift_events", "rescan_rate", "rejected_files")
@@ -34,6 +35,8 @@ def qc_summary(manifest: pd.DataFrame, qc_store: str | None = None) -> QCSummary
     if qc_store:
         from sitebench.qc.records import QCRecords, database_url
 
+        if "://" not in qc_store and not (Path(qc_store) / "qc.db").exists():
+            raise SitebenchError("report.qc_store: no QC gate store here (expected qc.db)", qc_store)
         url = qc_store if "://" in qc_store else database_url(Path(qc_store))
         rows = [{**asdict(r), "rescan_rate": r.rescan_rate} for r in QCRecords(url).site_status()]
         where = qc_store if "://" not in qc_store else qc_store.split("://", 1)[0] + " database"
