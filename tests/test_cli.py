@@ -113,8 +113,9 @@ def test_demo_end_to_end(tmp_path):
     assert str(report_dir / "report.html") in first.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
 
-    verify = run_cli("report", "verify", report_dir)
+    verify = run_cli("report", "verify", report_dir, "--recompute")
     assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "result tables re-derived and identical" in verify.stdout
 
     # the report says, from the run itself, how the single-vendor model transfers
     html = (report_dir / "report.html").read_text()
