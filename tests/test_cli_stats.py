@@ -92,6 +92,30 @@ def test_delong_cli_paired(tmp_path):
     assert report["ci_low"] < report["auc"] < report["ci_high"]
 
 
+def test_paired_cli_matches_statsmodels_ttost_paired(tmp_path):
+    from statsmodels.stats.weightstats import ttost_paired
+
+    rng = np.random.default_rng(8)
+    scans = [f"scan{i:03d}" for i in range(90)]
+    sites = np.repeat(["S01", "S02", "S03"], 30)
+    a = rng.gamma(4.0, 5.0, 90)
+    b = a + rng.normal(-1.0, 3.0, 90)
+    table = pd.DataFrame({"scan_id": scans * 2, "site": list(sites) * 2, "model_key": ["v1"] * 90 + ["v2"] * 90,
+                          "abs_error": np.concatenate([a, b])}).sample(frac=1.0, random_state=1)  # pairing is by scan
+    path = tmp_path / "errors.csv"
+    table.to_csv(path, index=False)
+    result = run_cli("stats", "paired", path, "--a", "v1", "--b", "v2", "--value", "abs_error", "--margin", "4",
+                     "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {r["level"]: r for r in json.loads(result.stdout)["rows"]}
+    for level, mask in (("S02", sites == "S02"), ("overall", np.ones(90, bool))):
+        p_tost, _, _ = ttost_paired(b[mask], a[mask], -4.0, 4.0)
+        assert rows[level]["p_tost"] == pytest.approx(p_tost, rel=1e-9)
+        assert rows[level]["difference"] == pytest.approx(float(np.mean(b[mask] - a[mask])), rel=1e-12)
+    bad = run_cli("stats", "paired", path, "--a", "v1", "--b", "v3", "--value", "abs_error")
+    assert bad.returncode == 2 and "'v3'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_icc_cli_on_shrout_fleiss(tmp_path):
     ratings = [[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]]
     rows = [{"target": t, "judge": j, "rating": r} for t, row in enumerate(ratings) for j, r in enumerate(row)]

@@ -370,6 +370,14 @@ def cmd_stats_equivalence(args: argparse.Namespace) -> int:
     return _run_table_analysis(args, lambda t: site_equivalence(t, args.value, args.site, args.margin, args.alpha))
 
 
+def cmd_stats_paired(args: argparse.Namespace) -> int:
+    from sitebench.stratification.paired import paired_comparison
+
+    return _run_table_analysis(args, lambda t: paired_comparison(
+        t, model=args.model, a=args.a, b=args.b, value=args.value, scan=args.scan, by=args.by or None,
+        margin=args.margin, alpha=args.alpha))
+
+
 def _columns(table, *names: str | None):
     """The named columns (None stays None); a missing one is an error listing what the table has."""
     missing = [n for n in names if n is not None and n not in table.columns]
@@ -625,6 +633,21 @@ def build_parser() -> argparse.ArgumentParser:
     equivalence.add_argument("--alpha", type=float, default=0.05)
     equivalence.add_argument("--json", action="store_true")
     equivalence.set_defaults(func=cmd_stats_equivalence)
+    paired = stats.add_parser("paired", help="two model versions on the same scans: per-site paired differences",
+                              description="Pairs rows by scan; per level of --by and overall: mean difference "
+                                          "(b - a) with paired-t CI, Wilcoxon p, and with --margin the paired "
+                                          "TOST, Holm-adjusted across levels.")
+    paired.add_argument("table", help="CSV/TSV/Parquet, one row per scan and model version")
+    paired.add_argument("--model", default="model_key", help="column naming the model version")
+    paired.add_argument("--a", required=True, help="first model version (e.g. gm-unet@1.0.0)")
+    paired.add_argument("--b", required=True, help="second model version")
+    paired.add_argument("--value", required=True, help="per-scan value to compare (e.g. absolute error)")
+    paired.add_argument("--scan", default="scan_id", help="scan column the rows are paired on")
+    paired.add_argument("--by", default="site", help="stratum column ('' for overall only)")
+    paired.add_argument("--margin", type=float, help="equivalence margin for the paired TOST, --value's units")
+    paired.add_argument("--alpha", type=float, default=0.05)
+    paired.add_argument("--json", action="store_true")
+    paired.set_defaults(func=cmd_stats_paired)
     delong_cmd = stats.add_parser("delong", help="AUC with DeLong CI; paired DeLong test of two scores",
                                   description="AUC (larger score = positive class) with the DeLong CI, as R's "
                                               "pROC; with --score2, the paired DeLong test of the difference.")

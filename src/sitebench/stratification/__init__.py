@@ -14,6 +14,7 @@ from sitebench.stratification.combat import ComBat, site_variance_share
 from sitebench.stratification.equivalence import SiteEquivalence, site_equivalence
 from sitebench.stratification.lmm import LmmResult, fit_lmm, lrt
 from sitebench.stratification.metrics import StratumMetrics, stratum_metrics
+from sitebench.stratification.paired import PairedAUC, PairedComparison, paired_auc, paired_comparison
 from sitebench.stratification.mixed import (
     ScannerEffects,
     UpgradeEffect,
@@ -40,6 +41,10 @@ __all__ = [
     "fit_lmm",
     "fit_scanner_effects",
     "lrt",
+    "PairedAUC",
+    "PairedComparison",
+    "paired_auc",
+    "paired_comparison",
     "site_variance_share",
     "stratum_metrics",
     "upgrade_effect",

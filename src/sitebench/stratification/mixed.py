@@ -293,7 +293,8 @@ def fit_scanner_effects(table: pd.DataFrame, response: str, *,
 
     names = list(result.fe_params.index)
     fe = np.asarray(result.fe_params, dtype=float)
-    se = np.asarray(result.bse_fe, dtype=float)[: len(fe)]
+    with np.errstate(invalid="ignore"):  # a singular covariance gives NaN SEs, reported below as not available
+        se = np.asarray(result.bse_fe, dtype=float)[: len(fe)]
     scale = float(result.scale)
     site_var = float(np.asarray(result.cov_re)[0, 0])
     scanner_var = float(np.asarray(result.vcomp)[0]) if has_vc else None
@@ -485,8 +486,9 @@ def _boundary_reference(smf: Any, formula: str, data: pd.DataFrame, site: str, s
     model = smf.mixedlm(formula, data, groups=groups, re_formula="1")
     fit, _, _ = _fit_best(model, reml, optimizers)
     var = float(np.asarray(fit.cov_re)[0, 0])
-    return {"label": label, "fe": np.asarray(fit.fe_params, dtype=float),
-            "se": np.asarray(fit.bse_fe, dtype=float)[: len(fit.fe_params)],
+    with np.errstate(invalid="ignore"):
+        se = np.asarray(fit.bse_fe, dtype=float)[: len(fit.fe_params)]
+    return {"label": label, "fe": np.asarray(fit.fe_params, dtype=float), "se": se,
             "names": list(fit.fe_params.index),
             "site": 0.0 if site_zero else var, "scanner": var if site_zero else 0.0,
             "residual": float(fit.scale)}
