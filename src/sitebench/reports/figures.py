@@ -67,14 +67,19 @@ def forest_plot(rows: pd.DataFrame, metric: str = "bias", stratum: str = "site",
     return _png(fig)
 
 
-def bland_altman(table: pd.DataFrame, unit: str = "ml") -> bytes:
-    """Difference vs mean per model, with bias and 95% limits of agreement."""
+def _panels_per_model(table: pd.DataFrame, width: float) -> tuple[Any, Any, list[tuple[Any, str, pd.DataFrame]], list]:
+    """One panel per model version, sharing the y axis; vendors coloured alike in every panel."""
     plt = _pyplot()
     models = list(dict.fromkeys(table["model_key"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.2), sharey=True, squeeze=False)
-    vendors = sorted(table["vendor"].unique())
-    for ax, model in zip(axes[0], models):
-        part = table[table["model_key"] == model]
+    fig, axes = plt.subplots(1, len(models), figsize=(width * len(models), 3.2), sharey=True, squeeze=False)
+    panels = [(ax, model, table[table["model_key"] == model]) for ax, model in zip(axes[0], models)]
+    return fig, axes, panels, sorted(table["vendor"].unique())
+
+
+def bland_altman(table: pd.DataFrame, unit: str = "ml") -> bytes:
+    """Difference vs mean per model, with bias and 95% limits of agreement."""
+    fig, axes, panels, vendors = _panels_per_model(table, 3.6)
+    for ax, model, part in panels:
         mean = (part["prediction"] + part["reference"]) / 2
         diff = part["prediction"] - part["reference"]
         for v, vendor in enumerate(vendors):
@@ -163,12 +168,8 @@ def vendor_transfer_plot(rows: pd.DataFrame, metric: str = "mae", unit: str = "m
 
 def calibration_plot(table: pd.DataFrame, unit: str = "ml") -> bytes:
     """Reference against prediction per model, with the identity line and the fitted line."""
-    plt = _pyplot()
-    models = list(dict.fromkeys(table["model_key"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(3.4 * len(models), 3.2), sharey=True, squeeze=False)
-    vendors = sorted(table["vendor"].unique())
-    for ax, model in zip(axes[0], models):
-        part = table[table["model_key"] == model]
+    fig, axes, panels, vendors = _panels_per_model(table, 3.4)
+    for ax, model, part in panels:
         x, y = part["prediction"].to_numpy(float), part["reference"].to_numpy(float)
         for v, vendor in enumerate(vendors):
             sel = (part["vendor"] == vendor).to_numpy()
