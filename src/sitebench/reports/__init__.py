@@ -1,6 +1,7 @@
 """Versioned, locked validation reports (reads results and hashes files; never runs a model)."""
 
-from sitebench.reports.html import Report, ReportContent, build_report
+from sitebench.reports.content import ReportContent
+from sitebench.reports.build import Report, build_report
 from sitebench.reports.lock import Verification, verify_report
 
 __all__ = ["Report", "ReportContent", "Verification", "build_report", "verify_report"]

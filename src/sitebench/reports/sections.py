@@ -6,6 +6,7 @@ reference here, once, so the methods section and the results agree on what was d
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 from functools import lru_cache
@@ -17,10 +18,62 @@ import yaml
 
 from sitebench.provenance import code_version, package_versions, utc_now
 from sitebench.reports import figures
-from sitebench.reports.html import ReportContent, _img, _pivot_metrics, _table, CSS
+from sitebench.reports.content import ReportContent
 from sitebench.reports.lock import LOCK_FILE
 
 METRIC_NAMES = ("mae", "bias", "rmse", "pearson_r", "dice")
+
+
+# --------------------------------------------------------------------------- page primitives
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"/>' \
+           f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+
+
+def _table(frame: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
+    def fmt(value: Any) -> str:
+        if value is None or (isinstance(value, float) and pd.isna(value)):
+            return "n.e."
+        if isinstance(value, float):
+            return floatfmt.format(value)
+        return html.escape(str(value))
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in row) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    return f'<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+CSS = """
+body{font-family:DejaVu Sans,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;color:#222;font-size:14px}
+h1{font-size:1.6em;margin-bottom:0}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.6em 0;font-size:12px}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
+th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}figure{margin:1em 0}img{max-width:100%}
+figcaption{font-size:12px;color:#555}.meta{color:#555;font-size:12px}.finding{background:#f6f8fa;border-left:4px solid #1b6ca8;padding:.4em .8em;margin:.4em 0}
+code{font-size:11px}
+"""
+
+
+def _pivot_metrics(metrics: pd.DataFrame, stratum: str, metric_names: tuple[str, ...]) -> pd.DataFrame:
+    rows = metrics[(metrics["stratum"] == stratum) & metrics["metric"].isin(metric_names)].copy()
+
+    def cell(r: pd.Series) -> str:
+        if not r["estimable"] or pd.isna(r["estimate"]):
+            return "n.e."
+        if pd.isna(r["ci_low"]):
+            return f"{r['estimate']:.3g}"
+        return f"{r['estimate']:.3g} [{r['ci_low']:.3g}, {r['ci_high']:.3g}]"
+
+    rows["value"] = rows.apply(cell, axis=1)
+    wide = rows.pivot_table(index=["model_key", "level", "n_scans"], columns="metric", values="value",
+                            aggfunc="first").reset_index()
+    wide.columns.name = None
+    return wide[["model_key", "level", "n_scans"] + [m for m in metric_names if m in wide]]
+
+
+# --------------------------------------------------------------------------- sections
 
 #: (statistic, how it is computed here, reference) — printed in the methods section.
 METHODS: tuple[tuple[str, str, str], ...] = (
