@@ -227,3 +227,21 @@ def test_qc_summary_from_manifest_columns_and_its_absence():
     assert table.loc["S02", "failed"] == 1 and "qc_status" in summary.source
     none = qc_summary(manifest.drop(columns=["qc_status"]))
     assert not none.available and none.source.startswith("none")
+
+
+def test_a_scan_without_a_reference_is_left_out_of_every_analysis_not_a_crash(built):
+    from sitebench.stratification.evaluation import AnalysisPlan, evaluate_models, read_evaluation_csv
+
+    table = read_evaluation_csv(built["report"] / "tables" / "evaluation.csv")
+    row = table.index[table["model_key"] == "gm-unet@1.0.0"][0]
+    table.loc[row, ["reference", "error"]] = float("nan")
+    plan = AnalysisPlan.from_dict(read_lock(built["report"])["predicate"]["analysis"]["plan"])
+    plan.bootstrap = 20
+    evaluation = evaluate_models(table, plan)
+    overall = evaluation.metrics[(evaluation.metrics["stratum"] == "overall") & (evaluation.metrics["metric"] == "mae")]
+    assert dict(zip(overall["model_key"], overall["n_scans"])) == {"gm-tissue-gmm@1.0": 24, "gm-unet@1.0.0": 23,
+                                                                   "gm-unet@2.0.0": 24}
+    pairs = evaluation.comparison.set_index("level").loc["overall", "n_pairs"]
+    assert pairs == 23
+    calibration = evaluation.calibration.set_index(["model_key", "stratum"]).loc[("gm-unet@1.0.0", "overall")]
+    assert calibration["n_scans"] == 23 and calibration["slope"] == calibration["slope"]  # estimated, not NaN

@@ -222,10 +222,13 @@ def _methods(c: ReportContent) -> str:
               f"{plan.equivalence_margin if plan.equivalence_margin is not None else 'not pre-specified'} {c.unit}; "
               f"comparison margin {plan.comparison_margin if plan.comparison_margin is not None else 'none'} "
               f"{c.unit}.")
-    body += _p("Missing data: every scan in the manifest was scored; a scan without a reference value or a "
-               "prediction would stop the run with an error naming it, so none is silently dropped. Sample "
-               "size: the trial's scans as they are; strata too small to estimate are marked n.e. (not "
-               "estimable), never filled in.")
+    table = c.evaluation.table
+    missing = table[table["reference"].isna() | table["prediction"].isna()].groupby("model_key").size()
+    dropped = ("none" if missing.empty else
+               ", ".join(f"{key}: {n} scan(s)" for key, n in missing.items()))
+    body += _p(f"Missing data: scans without a reference value or a prediction are left out of that model's "
+               f"analyses, not imputed; left out: {dropped}. Sample size: the trial's scans as they are; "
+               "strata too small to estimate are marked n.e. (not estimable), never filled in.")
     body += _table(pd.DataFrame(list(METHODS), columns=["statistic", "how", "reference"]))
     return _section("methods", "4. Methods", body)
 

@@ -170,13 +170,14 @@ def evaluate_models(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[st
         metric_frames.append(metrics)
         for response in (ERROR, PREDICTION):
             mixed.append({MODEL_KEY: key, **fit_scanner_effects(part, response).to_dict()})
-        up = upgrade_effect(part, ERROR).to_frame()
+        complete = part.dropna(subset=[REFERENCE, PREDICTION]).reset_index(drop=True)  # as the metrics do
+        up = upgrade_effect(complete, ERROR).to_frame()
         up.insert(0, MODEL_KEY, key)
         upgrades.append(up)
-        calibrations.append(continuous_calibration(part, key, plan.alpha))
-        harmonized.append(harmonization_effect(part, key, notes))
+        calibrations.append(continuous_calibration(complete, key, plan.alpha))
+        harmonized.append(harmonization_effect(complete, key, notes))
         if plan.equivalence_margin is not None:
-            eq = site_equivalence(part, ERROR, mf.SITE, plan.equivalence_margin, alpha=plan.alpha)
+            eq = site_equivalence(complete, ERROR, mf.SITE, plan.equivalence_margin, alpha=plan.alpha)
             frame = eq.to_frame()
             frame.insert(0, MODEL_KEY, key)
             frame["all_within_margin"] = eq.all_within_margin
@@ -262,7 +263,8 @@ def compare_versions(table: pd.DataFrame, plan: AnalysisPlan) -> tuple[pd.DataFr
     from sitebench.stratification.paired import paired_auc, paired_comparison
 
     comparisons, discriminations = [], []
-    data = table.assign(**{ABS_ERROR: table[ERROR].abs()})
+    complete = table.dropna(subset=[REFERENCE, PREDICTION])  # a scan missing one side is unpaired, and noted
+    data = complete.assign(**{ABS_ERROR: complete[ERROR].abs()})
     for a, b in plan.compare:
         result = paired_comparison(data, model=MODEL_KEY, a=a, b=b, value=ABS_ERROR, scan=mf.SCAN_ID, by=mf.SITE,
                                    margin=plan.comparison_margin, alpha=plan.alpha)
