@@ -104,6 +104,17 @@ def test_unknown_spec_key(trial_copy):
     assert_clean_error(run_cli("benchmark", "run", trial_copy / "spec.yaml"), "spec.yaml", "unknown key 'refrence'")
 
 
+def test_comparison_naming_a_model_not_benchmarked(trial_copy):
+    spec = yaml.safe_load((trial_copy / "spec.yaml").read_text())
+    spec["report"] = {"compare": [["gm-tissue-gmm@1.0", "gm-unet@9.9.9"]]}
+    (trial_copy / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert_clean_error(run_cli("benchmark", "run", trial_copy / "spec.yaml", "--no-progress"),
+                       "report.compare names model(s) not in this benchmark: gm-unet@9.9.9")
+    spec["report"] = {"equivalence_margin": -1}
+    (trial_copy / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert_clean_error(run_cli("benchmark", "run", trial_copy / "spec.yaml"), "spec.yaml", "equivalence_margin")
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"

@@ -186,7 +186,7 @@ def calibration_plot(table: pd.DataFrame, unit: str = "ml") -> bytes:
     return _png(fig)
 
 
-def comparison_plot(comparison: pd.DataFrame, unit: str = "ml") -> bytes:
+def comparison_plot(comparison: pd.DataFrame, unit: str = "ml", margin: float | None = None) -> bytes:
     """Paired difference in absolute error (second - first version) per site, with CIs, one panel per pair."""
     plt = _pyplot()
     pairs = list(dict.fromkeys(zip(comparison["model_a"], comparison["model_b"])))
@@ -203,6 +203,9 @@ def comparison_plot(comparison: pd.DataFrame, unit: str = "ml") -> bytes:
                                                     [row["ci_high"] - row["difference"]]],
                         fmt="s" if row["level"] == "overall" else "o", ms=3.5, color=colour, capsize=2)
         ax.axvline(0, color="grey", lw=0.8, ls="--")
+        if margin:
+            for edge in (-margin, margin):
+                ax.axvline(edge, color="grey", lw=0.8, ls=":")
         ax.set_yticks(range(len(part)), part["level"].astype(str))
         ax.invert_yaxis()
         ax.set_xlabel(f"|error| {b} - |error| {a} ({unit}), 95% CI")

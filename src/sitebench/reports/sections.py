@@ -22,6 +22,8 @@ from sitebench.reports.content import ReportContent
 from sitebench.reports.lock import LOCK_FILE
 
 METRIC_NAMES = ("mae", "bias", "rmse", "pearson_r", "dice")
+COMPARISON_SHOWN = ("level", "n_pairs", "mean_a", "mean_b", "difference", "ci_low", "ci_high", "p", "p_wilcoxon",
+                    "p_tost", "p_holm", "equivalent_holm")
 
 
 # --------------------------------------------------------------------------- page primitives
@@ -326,8 +328,12 @@ def _comparison(c: ReportContent) -> str:
     body = _p("Absolute error of two versions on the same scans (difference = second − first; negative "
               "favours the second). Per site and overall: paired-t 95% CI, Wilcoxon signed-rank p and, with "
               "a margin, paired TOST.")
-    body += _img(figures.comparison_plot(table, c.unit), "Paired difference in absolute error per site, 95% CI")
-    body += _table(table)
+    body += _img(figures.comparison_plot(table, c.unit, c.plan.comparison_margin),
+                 "Paired difference in absolute error per site, 95% CI (dotted: the equivalence margin)")
+    for (a, b), part in table.groupby(["model_a", "model_b"], sort=False):
+        body += f"<h3>{html.escape(b)} − {html.escape(a)}</h3>"
+        body += _table(part[[col for col in COMPARISON_SHOWN if col in part]])
+    body += "<p class='meta'>Every column (one-sided p-values, TOST intervals) is in tables/comparison.csv.</p>"
     if not auc.empty:
         ep = c.plan.endpoint
         body += (f"<h3>Discrimination of {html.escape(ep.column)} = {html.escape(ep.positive)} "
