@@ -245,3 +245,30 @@ def test_a_scan_without_a_reference_is_left_out_of_every_analysis_not_a_crash(bu
     assert pairs == 23
     calibration = evaluation.calibration.set_index(["model_key", "stratum"]).loc[("gm-unet@1.0.0", "overall")]
     assert calibration["n_scans"] == 23 and calibration["slope"] == calibration["slope"]  # estimated, not NaN
+
+
+def test_a_report_locked_in_the_earlier_layout_still_verifies(tmp_path):
+    """Reports are verified years later: a sitebench.lock/v1 lock (before the in-toto layout) keeps working."""
+    from sitebench.provenance import sha256_file, sha256_json
+
+    folder = tmp_path / "reports" / "old" / "v001"
+    folder.mkdir(parents=True)
+    (folder / "report.html").write_text("<html>old</html>")
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"weights")
+    lock = {"schema": "sitebench.lock/v1", "report": {"name": "old", "version": 1}, "locked_utc": "2026-11-01",
+            "subjects": [{"name": "report.html", "path": "report.html",
+                          "digest": {"sha256": sha256_file(folder / "report.html")}}],
+            "materials": [{"name": "weights m@1", "path": "../../../model.pt",
+                           "digest": {"sha256": sha256_file(weights)}}],
+            "code_version": {}, "packages": {}, "seeds": {}}
+    lock["lock_sha256"] = sha256_json(lock)
+    (folder / "lock.json").write_text(json.dumps(lock))
+    ok = run_cli("report", "verify", folder)
+    assert ok.returncode == 0 and "3 hashes match" in ok.stdout  # the lock and its two files, ok.stdout + ok.stderr
+    weights.write_bytes(b"weightz")
+    changed = run_cli("report", "verify", folder)
+    assert changed.returncode == 1 and "weights m@1 (../../../model.pt) changed" in changed.stdout
+    lock["seeds"] = {"seed": 1}  # an edited lock no longer matches its own hash
+    (folder / "lock.json").write_text(json.dumps(lock))
+    assert "lock.json changed" in run_cli("report", "verify", folder).stdout

@@ -76,9 +76,27 @@ def read_lock(report_dir: Path) -> dict[str, Any]:
     if not lock_path.exists():
         raise SitebenchError(f"no {LOCK_FILE} here; not a sitebench report", report_dir)
     try:
-        return json.loads(lock_path.read_text())
+        statement = json.loads(lock_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise SitebenchError(f"{LOCK_FILE} is not valid JSON (changed)", lock_path) from None
+    return _from_legacy(statement) if statement.get("schema") == LEGACY_SCHEMA else statement
+
+
+LEGACY_SCHEMA = "sitebench.lock/v1"  # before the in-toto layout: subjects/materials with paths, lock_sha256
+
+
+def _from_legacy(lock: dict[str, Any]) -> dict[str, Any]:
+    """An earlier ``sitebench.lock/v1`` lock in the Statement layout, so reports locked then still verify."""
+    claimed = lock.pop("lock_sha256", None)
+    intact = claimed == sha256_json(lock)
+    predicate = {k: v for k, v in lock.items() if k not in ("schema", "subjects", "materials")}
+    predicate["materials"] = [{"name": e["name"], "uri": e["path"], "digest": e["digest"]}
+                              for e in lock.get("materials", [])]
+    statement = {"_type": STATEMENT_TYPE, "predicateType": LEGACY_SCHEMA, "predicate": predicate,
+                 "subject": [{"name": e["path"], "digest": e["digest"], "annotations": {"role": e["name"]}}
+                             for e in lock.get("subjects", [])]}
+    predicate["statement_sha256"] = sha256_json(statement) if intact else None
+    return statement
 
 
 def locked_files(statement: dict[str, Any]) -> list[tuple[str, str, str]]:
