@@ -200,16 +200,14 @@ def report_content(run: BenchmarkRun, evaluation: Evaluation, notes: list[str], 
             for scan_id, file in zip(absolute["scan_id"], absolute[column]):
                 if isinstance(file, str) and file:
                     materials[f"{kind} {scan_id}"] = Path(file)
-    content = ReportContent(
-        name=spec.name, title=f"Validation report: {spec.name}", evaluation=evaluation,
-        plan=analysis_plan(spec), models=[_lineage(c, registered) for c in run.models],
+    return ReportContent(
+        name=spec.name, title=f"Validation report: {spec.name}", evaluation=evaluation, models=[_lineage(c, registered) for c in run.models],
         predictions=run.predictions, reference=spec.reference, materials=materials,
         seeds={"benchmark_seed": spec.seed, "bootstrap": spec.bootstrap, "reference": spec.reference,
                "spec_sha256": spec.fingerprint()},
         findings=notes, truth=_truth_summary(truth), intended_use=spec.report.intended_use,
         population=spec.report.population, limitations=list(spec.report.limitations),
         qc=qc_summary(run.manifest.table, spec.report.qc_store))
-    return content
 
 
 def _lineage(card: Any, registered: dict[str, str]) -> dict[str, Any]:

@@ -6,19 +6,17 @@ writes a new version and never touches an old one.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from sitebench.errors import SitebenchError
 from sitebench.provenance import utc_now
+from sitebench.reports.content import ReportContent
 from sitebench.reports.lock import LOCK_FILE, write_lock
 from sitebench.reports.pdf import render_pdf
-from sitebench.reports.content import ReportContent
 from sitebench.reports.sections import render_html
-from sitebench.stratification.evaluation import evaluation_csv, result_csv
+from sitebench.stratification.evaluation import evaluation_csv
 
 REPORT_FILE = "report.html"
 
@@ -71,12 +69,10 @@ def build_report(content: ReportContent, root: str | Path) -> Report:
         path = tables_dir / f"{name}.csv"
         path.write_text(text)
         subjects[f"table:{name}"] = path
-    for name, frame in ev.result_tables().items():
-        path = tables_dir / f"{name}.csv"
-        path.write_bytes(result_csv(frame))
-        subjects[f"table:{name}"] = path
-    (tables_dir / "mixed_models.json").write_text(json.dumps(ev.mixed, indent=2, sort_keys=True))
-    subjects["table:mixed_models"] = tables_dir / "mixed_models.json"
+    for file_name, data in ev.result_files().items():
+        path = tables_dir / file_name
+        path.write_bytes(data)
+        subjects[f"table:{path.stem}"] = path
     if content.qc is not None and content.qc.available:
         content.qc.table.to_csv(tables_dir / "qc_by_site.csv", index=False)
         subjects["table:qc_by_site"] = tables_dir / "qc_by_site.csv"
@@ -87,7 +83,7 @@ def build_report(content: ReportContent, root: str | Path) -> Report:
     report_path.write_text(html_text, encoding="utf-8")
     pdf_path = render_pdf(report_path, report_dir / "report.pdf")
     subjects = {"report.html": report_path, "report.pdf": pdf_path, **subjects}
-    analysis = {"plan": content.plan.to_dict(), "reference": content.reference, "model_keys": keys,
+    analysis = {"plan": ev.plan.to_dict(), "reference": content.reference, "model_keys": keys,
                 "unit": content.unit}
     lock_path = write_lock(report_dir, subjects, {k: Path(v) for k, v in content.materials.items()},
                            {"name": content.name, "title": content.title, "version": version,

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from sitebench.reports.qc_summary import QCSummary
-from sitebench.stratification.evaluation import AnalysisPlan, Evaluation
+from sitebench.stratification.evaluation import Evaluation
 
 
 @dataclass
@@ -18,8 +18,7 @@ class ReportContent:
 
     name: str
     title: str
-    evaluation: Evaluation  # every result table, derived from evaluation.table
-    plan: AnalysisPlan  # the pre-specified analysis, locked so a recompute can re-derive the results
+    evaluation: Evaluation  # every result table, and the pre-specified plan they were derived with
     models: list[dict[str, Any]]  # model cards with lineage
     predictions: pd.DataFrame  # the runner's predictions the evaluation table was built from
     reference: str  # manifest column holding the reference value

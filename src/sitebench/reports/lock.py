@@ -23,6 +23,7 @@ from sitebench.provenance import code_version, package_versions, sha256_file, sh
 LOCK_FILE = "lock.json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://sitebench.dev/validation-report/v1"
+LEGACY_SCHEMA = "sitebench.lock/v1"  # before the in-toto layout: subjects/materials with paths, lock_sha256
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -82,9 +83,6 @@ def read_lock(report_dir: Path) -> dict[str, Any]:
     return _from_legacy(statement) if statement.get("schema") == LEGACY_SCHEMA else statement
 
 
-LEGACY_SCHEMA = "sitebench.lock/v1"  # before the in-toto layout: subjects/materials with paths, lock_sha256
-
-
 def _from_legacy(lock: dict[str, Any]) -> dict[str, Any]:
     """An earlier ``sitebench.lock/v1`` lock in the Statement layout, so reports locked then still verify."""
     claimed = lock.pop("lock_sha256", None)
@@ -108,12 +106,9 @@ def locked_files(statement: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def subject_path(statement: dict[str, Any], role: str) -> str | None:
-    """Where the subject with this role sits in the report folder."""
-    for s in statement.get("subject", []):
-        if (s.get("annotations") or {}).get("role") == role:
-            return s["name"]
-    return None
+def locked_subject(statement: dict[str, Any], role: str) -> dict[str, Any] | None:
+    """The subject (its ``name`` is its path in the report folder, with its ``digest``) that has this role."""
+    return next((s for s in statement.get("subject", []) if (s.get("annotations") or {}).get("role") == role), None)
 
 
 @dataclass

@@ -14,7 +14,6 @@ numbers are what this code makes of the locked inputs.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +22,9 @@ import pandas as pd
 from sitebench.datasets.manifest import read_manifest
 from sitebench.errors import SitebenchError
 from sitebench.provenance import sha256_bytes
-from sitebench.reports.lock import read_lock, subject_path
+from sitebench.reports.lock import locked_files, locked_subject, read_lock
 from sitebench.stratification.evaluation import (AnalysisPlan, evaluate_models, evaluation_csv, evaluation_table,
-                                                 read_evaluation_csv, result_csv)
+                                                 read_evaluation_csv)
 
 DATA_MANIFEST = "data manifest"
 
@@ -34,13 +33,6 @@ DATA_MANIFEST = "data manifest"
 class Recomputation:
     checked: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-
-
-def _locked_digest(statement: dict, role: str) -> str | None:
-    for s in statement.get("subject", []):
-        if (s.get("annotations") or {}).get("role") == role:
-            return s["digest"]["sha256"]
-    return None
 
 
 def _first_difference(locked: bytes, recomputed: bytes) -> str:
@@ -58,20 +50,20 @@ def recompute_report(report_dir: Path) -> Recomputation:
     if "plan" not in analysis:
         raise SitebenchError("this report's lock has no analysis plan; it predates --recompute", report_dir)
     result = Recomputation()
-    where = {role: subject_path(statement, role) for role in ("table:evaluation", "table:predictions")}
-    if not all(where.values()):
+    evaluation_entry, predictions_entry = (locked_subject(statement, role)
+                                           for role in ("table:evaluation", "table:predictions"))
+    if evaluation_entry is None or predictions_entry is None:
         raise SitebenchError("the lock lists no evaluation or predictions table", report_dir)
-    evaluation_file = report_dir / where["table:evaluation"]
-    locked_evaluation = evaluation_file.read_bytes()
+    locked_evaluation = (report_dir / evaluation_entry["name"]).read_bytes()
 
-    manifest_entry = next((m for m in statement["predicate"].get("materials", []) if m["name"] == DATA_MANIFEST), None)
-    if manifest_entry is None:
+    manifest_uri = next((uri for role, uri, _ in locked_files(statement) if role == DATA_MANIFEST), None)
+    if manifest_uri is None:
         result.problems.append("recompute: the lock names no data manifest, so the evaluation table cannot be rebuilt")
     else:
-        manifest_path = Path(manifest_entry["uri"])
+        manifest_path = Path(manifest_uri)
         manifest_path = manifest_path if manifest_path.is_absolute() else report_dir / manifest_path
         manifest = read_manifest(manifest_path, check_files=False, check_hashes=False)
-        predictions = pd.read_csv(report_dir / where["table:predictions"],
+        predictions = pd.read_csv(report_dir / predictions_entry["name"],
                                   dtype={"scan_id": str, "model_key": str, "weights_sha256": str,
                                          "image_sha256": str})
         rebuilt = evaluation_csv(evaluation_table(predictions, manifest.table, analysis["reference"])).encode()
@@ -82,17 +74,15 @@ def recompute_report(report_dir: Path) -> Recomputation:
 
     table = read_evaluation_csv(io.StringIO(locked_evaluation.decode()))
     evaluation = evaluate_models(table, AnalysisPlan.from_dict(analysis["plan"]), analysis.get("model_keys"))
-    outputs = {f"table:{name}": result_csv(frame) for name, frame in evaluation.result_tables().items()}
-    outputs["table:mixed_models"] = json.dumps(evaluation.mixed, indent=2, sort_keys=True).encode()
-    for role, data in outputs.items():
-        digest = _locked_digest(statement, role)
-        name = role.split(":", 1)[1]
-        if digest is None:
+    for file_name, data in evaluation.result_files().items():
+        name = Path(file_name).stem
+        entry = locked_subject(statement, f"table:{name}")
+        if entry is None:
             result.problems.append(f"recompute: {name} is not in the lock")
             continue
         result.checked.append(name)
-        if sha256_bytes(data) != digest:
-            locked = (report_dir / subject_path(statement, role)).read_bytes()
+        if sha256_bytes(data) != entry["digest"]["sha256"]:
+            locked = (report_dir / entry["name"]).read_bytes()
             result.problems.append(f"recompute: {name} differs from the locked table "
                                    f"({_first_difference(locked, data)})")
     return result

@@ -20,6 +20,7 @@ from sitebench.provenance import code_version, package_versions, utc_now
 from sitebench.reports import figures
 from sitebench.reports.content import ReportContent
 from sitebench.reports.lock import LOCK_FILE
+from sitebench.stratification.evaluation import variance_shares
 
 METRIC_NAMES = ("mae", "bias", "rmse", "pearson_r", "dice")
 COMPARISON_SHOWN = ("level", "n_pairs", "mean_a", "mean_b", "difference", "ci_low", "ci_high", "p", "p_wilcoxon",
@@ -217,7 +218,7 @@ def _qc(c: ReportContent) -> str:
 
 
 def _methods(c: ReportContent) -> str:
-    plan = c.plan
+    plan = c.evaluation.plan
     body = _p(f"Pre-specified analysis (locked in {LOCK_FILE}, re-derivable with `sitebench report verify "
               f"--recompute`): strata {', '.join(plan.strata)}; {plan.bootstrap} bootstrap replicates, seed "
               f"{plan.seed}; alpha {plan.alpha}; equivalence margin "
@@ -268,7 +269,7 @@ def _calibration(c: ReportContent) -> str:
 
 
 def _variance(c: ReportContent) -> str:
-    shares = c.evaluation.result_tables()["variance_components"]
+    shares = variance_shares(c.evaluation.mixed)
     body = _img(figures.variance_components_plot(shares), "Share of variance by component")
     body += _table(shares)
     for m in c.evaluation.mixed:
@@ -303,7 +304,7 @@ def _upgrade(c: ReportContent) -> str:
 
 
 def _equivalence(c: ReportContent) -> str:
-    table, margin = c.evaluation.equivalence, c.plan.equivalence_margin
+    table, margin = c.evaluation.equivalence, c.evaluation.plan.equivalence_margin
     if margin is None or table.empty:
         body = _p("No equivalence margin was pre-specified (report.equivalence_margin in the spec), so no "
                   "equivalence decision is made.")
@@ -314,8 +315,8 @@ def _equivalence(c: ReportContent) -> str:
         decisions.append({"model": key, "margin": margin, "decision (intersection–union)": verdict,
                           "sites equivalent (Holm)": f"{int(part['equivalent_holm'].sum())} of {len(part)}"})
     body = _p(f"Is each site's mean error within ±{margin:g} {c.unit} of the other sites'? Two one-sided "
-              f"tests per site at alpha {c.plan.alpha}; a site is equivalent when its "
-              f"{100 * (1 - 2 * c.plan.alpha):g}% CI lies inside the margin.")
+              f"tests per site at alpha {c.evaluation.plan.alpha}; a site is equivalent when its "
+              f"{100 * (1 - 2 * c.evaluation.plan.alpha):g}% CI lies inside the margin.")
     body += _table(pd.DataFrame(decisions)) + _table(table.drop(columns=["all_within_margin"]))
     return _section("results-equivalence", "11. Equivalence decisions", body)
 
@@ -328,14 +329,14 @@ def _comparison(c: ReportContent) -> str:
     body = _p("Absolute error of two versions on the same scans (difference = second − first; negative "
               "favours the second). Per site and overall: paired-t 95% CI, Wilcoxon signed-rank p and, with "
               "a margin, paired TOST.")
-    body += _img(figures.comparison_plot(table, c.unit, c.plan.comparison_margin),
+    body += _img(figures.comparison_plot(table, c.unit, c.evaluation.plan.comparison_margin),
                  "Paired difference in absolute error per site, 95% CI (dotted: the equivalence margin)")
     for (a, b), part in table.groupby(["model_a", "model_b"], sort=False):
         body += f"<h3>{html.escape(b)} − {html.escape(a)}</h3>"
         body += _table(part[[col for col in COMPARISON_SHOWN if col in part]])
     body += "<p class='meta'>Every column (one-sided p-values, TOST intervals) is in tables/comparison.csv.</p>"
     if not auc.empty:
-        ep = c.plan.endpoint
+        ep = c.evaluation.plan.endpoint
         body += (f"<h3>Discrimination of {html.escape(ep.column)} = {html.escape(ep.positive)} "
                  "(paired DeLong)</h3>") + _table(auc)
     return _section("comparison", "12. Model versions side by side", body)

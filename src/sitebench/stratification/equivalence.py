@@ -23,6 +23,7 @@ from scipy import stats
 
 from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable
+from sitebench.stratification.validation import check_margin
 
 __all__ = ["SiteEquivalence", "site_equivalence", "holm"]
 
@@ -90,10 +91,7 @@ def site_equivalence(table: pd.DataFrame, value: str, site: str, margin: float,
     for column in (value, site):
         if column not in table.columns:
             raise SitebenchError(f"no column '{column}' (have: {', '.join(map(str, table.columns))})")
-    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin > 0):
-        raise SitebenchError(f"margin must be a positive number, got {margin!r}")
-    if not 0 < alpha < 0.5:
-        raise SitebenchError(f"alpha must be in (0, 0.5), got {alpha!r}")
+    margin, alpha = check_margin(margin, alpha)
     values = pd.to_numeric(table[value], errors="coerce")
     if values.isna().any():
         raise SitebenchError(f"column '{value}' has {int(values.isna().sum())} missing or non-numeric value(s)")

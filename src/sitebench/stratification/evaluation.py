@@ -11,6 +11,7 @@ analyses need, the reference value, the prediction and the error (prediction - r
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ class Evaluation:
     """Every number the report shows; each table tidy, one row per model (and stratum) and quantity."""
 
     table: pd.DataFrame
+    plan: AnalysisPlan
     metrics: pd.DataFrame
     mixed: list[dict[str, Any]]
     upgrade: pd.DataFrame
@@ -106,6 +108,12 @@ class Evaluation:
             "comparison": self.comparison,
             "discrimination": self.discrimination,
         }
+
+    def result_files(self) -> dict[str, bytes]:
+        """Every locked result file's bytes, by file name: what a report writes and a recompute compares."""
+        files = {f"{stem}.csv": result_csv(frame) for stem, frame in self.result_tables().items()}
+        files["mixed_models.json"] = json.dumps(self.mixed, indent=2, sort_keys=True).encode()
+        return files
 
 
 # --------------------------------------------------------------------------- the table
@@ -185,7 +193,7 @@ def evaluate_models(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[st
     first = table[table[MODEL_KEY] == model_keys[0]].reset_index(drop=True)
     mixed.append({MODEL_KEY: REFERENCE_KEY, **fit_scanner_effects(first, REFERENCE).to_dict()})
     comparison, discrimination = compare_versions(table, plan)
-    return Evaluation(table=table, metrics=pd.concat(metric_frames, ignore_index=True), mixed=jsonable(mixed),
+    return Evaluation(table=table, plan=plan, metrics=pd.concat(metric_frames, ignore_index=True), mixed=jsonable(mixed),
                       upgrade=pd.concat(upgrades, ignore_index=True),
                       calibration=pd.concat(calibrations, ignore_index=True),
                       harmonization=pd.concat(harmonized, ignore_index=True),

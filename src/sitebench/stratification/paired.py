@@ -36,7 +36,7 @@ from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable
 from sitebench.stratification.classification import _binary, delong
 from sitebench.stratification.equivalence import holm
-from sitebench.stratification.validation import check_alpha
+from sitebench.stratification.validation import check_alpha, check_margin
 
 __all__ = ["PairedAUC", "PairedComparison", "paired_auc", "paired_comparison"]
 
@@ -227,12 +227,7 @@ def paired_comparison(table: pd.DataFrame, *, model: str, a: Any, b: Any, value:
     """
     alpha = check_alpha(alpha)
     if margin is not None:
-        if isinstance(margin, bool) or not (isinstance(margin, (int, float)) and math.isfinite(margin)
-                                            and margin > 0):
-            raise SitebenchError(f"margin must be a positive number, got {margin!r}")
-        if alpha >= 0.5:
-            raise SitebenchError(f"alpha must be below 0.5 for TOST (a {100 * (1 - 2 * alpha):g}% CI), got {alpha!r}")
-        margin = float(margin)
+        margin, alpha = check_margin(margin, alpha)
     paired, notes = _pair(table, model, a, b, scan, [value], [by] if by is not None else [])
     result = PairedComparison(value=value, model=model, a=a, b=b, by=by, margin=margin, alpha=alpha, notes=notes)
     xa, xb = paired[f"{value}_a"].to_numpy(float), paired[f"{value}_b"].to_numpy(float)
