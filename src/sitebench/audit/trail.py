@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sitebench.durable import fsync_dir
 from sitebench.errors import SitebenchError
 from sitebench.provenance import canonical_json, jsonable, sha256_json, utc_now
 
@@ -177,7 +178,7 @@ class AuditTrail:
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         return record
 
     def _last_record(self, handle) -> AuditRecord | None:
@@ -319,16 +320,3 @@ def _required_text(value: Any, name: str, path: Path) -> str:
     if not isinstance(value, str) or not value.strip():
         raise SitebenchError(f"audit record '{name}' must be non-empty text", path)
     return value
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)

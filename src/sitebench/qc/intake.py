@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sitebench.audit import AuditTrail
 from sitebench.config import load_yaml, parse_config
+from sitebench.durable import fsync_dir
 from sitebench.errors import SitebenchError
 from sitebench.provenance import sha256_bytes
 from sitebench.qc import dicom_params  # noqa: F401 - same reason (check_bytes imports it lazily)
@@ -139,19 +140,11 @@ class ObjectStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return sha, str(rel)
 
     def path(self, rel: str) -> Path:
         return self.root / rel
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the service
