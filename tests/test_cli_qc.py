@@ -24,7 +24,7 @@ def run_cli(*args):
 def test_inspect_draft_lock_check(tmp_path):
     inspect = run_cli("qc", "inspect", T1, "--json")
     assert inspect.returncode == 0, inspect.stderr
-    (record,) = [json.loads(line) for line in inspect.stdout.splitlines()]
+    (record,) = json.loads(inspect.stdout)  # one document: a list with one record per series
     assert record["n_files"] == 196 and record["Manufacturer"] == "GE" and record["MRAcquisitionType"] == "3D"
     first = pydicom.dcmread(next(T1.iterdir()), stop_before_pixels=True)
     for keyword in ("PatientName", "PatientID"):
@@ -42,7 +42,9 @@ def test_inspect_draft_lock_check(tmp_path):
     lock = run_cli("qc", "protocol", "lock", draft, "--who", "A. Physicist", "--why", "qualification",
                    "--lock-dir", tmp_path / "locked", "--json", "--audit", trail)
     assert lock.returncode == 0, lock.stderr
-    audit = json.loads(lock.stdout.splitlines()[-1])
+    locked_info = json.loads(lock.stdout)
+    assert locked_info["created"] and len(locked_info["content_sha256"]) == 64
+    audit = locked_info["audit_record"]
     assert audit["who"] == "A. Physicist" and audit["what"] == "protocol locked"
     locked = tmp_path / "locked" / "ge-t1w.v1.locked.yaml"
     assert run_cli("audit", "verify", trail).returncode == 0

@@ -123,7 +123,10 @@ def test_icc_cli_on_shrout_fleiss(tmp_path):
     pd.DataFrame(rows).to_csv(path, index=False)
     result = run_cli("stats", "icc", path, "--targets", "target", "--raters", "judge", "--ratings", "rating", "--json")
     assert result.returncode == 0, result.stderr
-    forms = {f["form"]: f["icc"] for f in json.loads(result.stdout)["forms"]}
+    document = json.loads(result.stdout)
+    assert isinstance(document, list)  # the documented shape: a list of forms
+    assert set(document[0]) >= {"form", "icc", "ci_low", "ci_high", "F", "df1", "df2", "p"}
+    forms = {f["form"]: f["icc"] for f in document}
     published = {"ICC(1,1)": .17, "ICC(A,1)": .29, "ICC(C,1)": .71, "ICC(1,k)": .44, "ICC(A,k)": .62, "ICC(C,k)": .91}
     assert forms == pytest.approx(published, abs=0.006)
 

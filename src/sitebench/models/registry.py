@@ -222,6 +222,27 @@ def promote_model_version(name: str, version: str, alias: str, tracking_uri: str
     return info
 
 
+def version_rows(tracking_uri: str | None) -> list[dict[str, Any]]:
+    """Every registered version with its aliases, weight hash and report lock hash, by name then number.
+
+    One row per version, so a reviewer sees at a glance which weights @validated points at
+    and which report it rests on.
+    """
+    client = registry_client(tracking_uri)
+    rows = []
+    for registered in client.search_registered_models():
+        aliases: dict[str, list[str]] = {}
+        for alias, number in (registered.aliases or {}).items():
+            aliases.setdefault(str(number), []).append(alias)
+        for version in client.search_model_versions(f"name='{registered.name}'"):
+            rows.append({"name": registered.name, "version": str(version.version),
+                         "aliases": sorted(aliases.get(str(version.version), [])),
+                         "weights_sha256": version.tags.get(WEIGHTS_TAG),
+                         "report_lock_sha256": version.tags.get(REPORT_TAG)})
+    rows.sort(key=lambda r: (r["name"], int(r["version"])))
+    return rows
+
+
 def _approved_report(model_version, report: str | Path | None, public_keys: list[str | Path]) -> dict[str, Any]:
     from sitebench.reports.lock import LOCK_FILE, locked_files, read_lock, verify_report
     from sitebench.reports.signing import read_signoffs

@@ -1,0 +1,86 @@
+"""``sitebench models list | register | versions | promote``: model versions and the MLflow registry."""
+
+from __future__ import annotations
+
+import argparse
+
+from sitebench.cli._common import add_json, add_tracking_uri, print_json
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from sitebench.models.registry import BUILTIN_DIR, builtin_bundles, load_model
+
+    print("classical            gm-tissue-gmm (three-class GMM tissue classification)")
+    for name in builtin_bundles():
+        model = load_model(f"builtin:{name}")
+        training = model.card.extra.get("training", {})
+        print(f"builtin:{name:<12} {model.card.key:<16} sha256 {model.card.weights_sha256[:16]}…  "
+              f"trained on {training.get('vendor', '?')}, augmentation={training.get('augmentation')}")
+    print(f"(bundles in {BUILTIN_DIR})")
+    return 0
+
+
+def cmd_models_register(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from sitebench.models.registry import load_model, register_model_version, resolve_model, write_classical_spec
+
+    resolved = resolve_model(args.reference)
+    model = load_model(resolved)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = resolved.location or str(write_classical_spec(tmp, model))
+        version = register_model_version(model, files, args.name, args.alias, args.tracking_uri)
+    print(f"{args.name} version {version}: {model.card.key}, weights sha256 {model.card.weights_sha256}"
+          + (f", alias @{args.alias}" if args.alias else ""))
+    return 0
+
+
+def cmd_models_versions(args: argparse.Namespace) -> int:
+    from sitebench.models.registry import version_rows
+
+    rows = version_rows(args.tracking_uri)
+    if args.json:
+        print_json(rows)
+        return 0
+    for r in rows:
+        print(f"{r['name']}/{r['version']:<4} {' '.join('@' + a for a in r['aliases']):<24} "
+              f"weights {str(r['weights_sha256'])[:12]}…  report {str(r['report_lock_sha256'] or '-')[:12]}")
+    return 0
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    from sitebench.models.registry import promote_model_version
+
+    info = promote_model_version(args.name, args.version, args.alias, args.tracking_uri, report=args.report,
+                                 public_keys=args.public_key)
+    extra = f" with report {info['report_dir']} ({info['signoffs']} valid sign-offs)" if "report_dir" in info else ""
+    print(f"{args.name}/{args.version} is now @{args.alias}{extra}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    models = sub.add_parser("models", help="model versions").add_subparsers(dest="action", metavar="ACTION",
+                                                                            required=True)
+    models.add_parser("list", help="list built-in model versions").set_defaults(func=cmd_models_list)
+    register = models.add_parser("register", help="register a model version in MLflow (weight hash as a tag)")
+    register.add_argument("reference", help="classical, builtin:NAME or a MONAI bundle folder")
+    register.add_argument("--name", required=True, help="registered model name")
+    register.add_argument("--alias", help="alias to point at this version, e.g. candidate")
+    add_tracking_uri(register, required=True)
+    register.set_defaults(func=cmd_models_register)
+    versions = models.add_parser("versions", help="registered versions with aliases, weight and report hashes")
+    add_tracking_uri(versions, required=True)
+    add_json(versions, "the list of versions")
+    versions.set_defaults(func=cmd_models_versions)
+    promote = models.add_parser("promote", help="point an alias at a version; @validated needs a signed report",
+                                description="Aliases other than 'validated' are set directly. 'validated' needs "
+                                            "--report: it must verify, carry a valid approval sign-off by one of "
+                                            "--public-key, and rest on this version's weights; it is then "
+                                            "attached to the version and its lock hash stored as a tag.")
+    promote.add_argument("name")
+    promote.add_argument("version")
+    promote.add_argument("--alias", required=True)
+    promote.add_argument("--report", help="validation report folder")
+    promote.add_argument("--public-key", action="append", help="signer public keys (.pub; repeatable)")
+    add_tracking_uri(promote, required=True)
+    promote.set_defaults(func=cmd_models_promote)

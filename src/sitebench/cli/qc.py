@@ -1,0 +1,211 @@
+"""``sitebench qc ...``: upload-time QC of DICOM series (inspect, protocols, check, serve, status)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sitebench.cli._common import EXIT_VERIFY_FAILED, add_json, print_json, print_result
+from sitebench.errors import SitebenchError
+
+
+def _one_series(path: str, series_uid: str | None):
+    from sitebench.qc.dicom_params import read_series
+
+    series = read_series(path)
+    if series_uid:
+        series = [s for s in series if s.series_uid == series_uid]
+    if len(series) != 1:
+        raise SitebenchError(f"holds {len(series)} matching series; name one with --series-uid", path)
+    return series[0]
+
+
+def cmd_qc_inspect(args: argparse.Namespace) -> int:
+    from sitebench.qc.dicom_params import read_series
+
+    records = [series.to_dict() for series in read_series(args.path)]
+    if args.json:
+        print_json(records)
+        return 0
+    for record in records:
+        print(f"{record['SeriesInstanceUID']} ({record['n_files']} files)")
+        for key, value in record.items():
+            if key not in ("SeriesInstanceUID", "n_files"):
+                print(f"  {key:<34} {value}")
+    return 0
+
+
+def cmd_qc_protocol_init(args: argparse.Namespace) -> int:
+    from sitebench.qc.protocol import draft_protocol
+
+    series = _one_series(args.series, args.series_uid)
+    protocol = draft_protocol(series.parameters, args.name, args.description or "")
+    out = Path(args.out)
+    if out.exists():
+        raise SitebenchError("exists already; a protocol is never overwritten", out)
+    protocol.save(out)
+    print(f"{out}: draft protocol '{protocol.name}' v{protocol.version} with {len(protocol.parameters)} rules; "
+          "review it, then lock it with: sitebench qc protocol lock")
+    return 0
+
+
+def cmd_qc_protocol_lock(args: argparse.Namespace) -> int:
+    from sitebench.qc.protocol import lock_protocol
+
+    locked = lock_protocol(args.protocol, who=args.who, why=args.why, lock_dir=args.lock_dir)
+    if args.audit and locked.created:
+        from sitebench.audit import AuditTrail
+
+        record = dict(locked.audit_record)
+        AuditTrail(args.audit).append(who=record.pop("who"), what=record.pop("what"), why=record.pop("why", ""),
+                                      subject=f"protocol {record.get('protocol')} v{record.get('version')}",
+                                      details=record)
+    if args.json:
+        print_json({"path": str(locked.path), "created": locked.created, "content_sha256": locked.content_sha256,
+                    "audit_record": locked.audit_record})
+        return 0
+    state = "locked" if locked.created else "already locked (identical content)"
+    print(f"{locked.path}: {state}, content sha256 {locked.content_sha256}")
+    return 0
+
+
+def cmd_qc_check(args: argparse.Namespace) -> int:
+    from sitebench.qc.dicom_params import dicom_files
+    from sitebench.qc.gate import Gate
+    from sitebench.qc.protocol import load_protocol
+
+    gate = Gate([load_protocol(args.protocol)], image_quality=args.iqm, require_locked=False, match=False)
+    outcomes = gate.check_files(dicom_files(args.path), site=args.site)
+    if args.json:
+        print_json([o.to_dict() for o in outcomes])
+    else:
+        for outcome in outcomes:
+            print(outcome.summary())
+    return EXIT_VERIFY_FAILED if any(o.status == "fail" for o in outcomes) else 0
+
+
+def cmd_qc_serve(args: argparse.Namespace) -> int:
+    from sitebench.qc.intake import load_intake_config, serve
+
+    config = load_intake_config(args.config)
+    updates = {}
+    if args.dicom_port is not None and config.dicom is not None:
+        updates["dicom"] = config.dicom.model_copy(update={"port": args.dicom_port})
+    if args.http_port is not None and config.http is not None:
+        updates["http"] = config.http.model_copy(update={"port": args.http_port})
+    serve(config.model_copy(update=updates))
+    return 0
+
+
+def _qc_records(store: str, database: str | None):
+    from sitebench.qc.records import QCRecords, database_url
+
+    if database is None and not (Path(store) / "qc.db").exists():
+        raise SitebenchError("no QC database here (qc.db); give the intake store or --database URL", store)
+    return QCRecords(database_url(store, database))
+
+
+def cmd_qc_manifest(args: argparse.Namespace) -> int:
+    from sitebench.qc.to_manifest import verdicts_to_manifest
+
+    statuses = ("pass", "warn", "fail", "undetermined") if args.include_failed else ("pass", "warn")
+    manifest = verdicts_to_manifest(_qc_records(args.store, args.database), args.store, args.out, statuses)
+    print(f"{args.out}: {len(manifest)} checked series ({', '.join(statuses)}), NIfTI under "
+          f"{Path(args.out).parent / 'images'}")
+    return 0
+
+
+def cmd_qc_status(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    rows = _qc_records(args.store, args.database).site_status()
+    if args.json:
+        print_json([{**asdict(r), "rescan_rate": r.rescan_rate} for r in rows])
+        return 0
+    head = f"{'site':<10}{'series':>7}{'pass':>6}{'warn':>6}{'fail':>6}{'undet':>6}{'unmatch':>8}" \
+           f"{'open dev':>9}{'drift':>6}{'rescan':>8}{'rejected':>9}"
+    print(head)
+    for r in rows:
+        print(f"{r.site:<10}{r.series:>7}{r.passed:>6}{r.warned:>6}{r.failed:>6}{r.undetermined:>6}"
+              f"{r.unmatched:>8}{r.open_deviations:>9}{r.drift_events:>6}{100 * r.rescan_rate:>7.1f}%"
+              f"{r.rejected_files:>9}")
+    if not rows:
+        print("(no series checked yet)")
+    return 0
+
+
+def cmd_qc_iqm(args: argparse.Namespace) -> int:
+    from sitebench.qc.image_quality import image_quality_nifti
+
+    print_result(image_quality_nifti(args.image, labels_path=args.labels), args.json)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    qc = sub.add_parser("qc", help="upload-time QC of DICOM series").add_subparsers(dest="action", metavar="ACTION",
+                                                                                  required=True)
+    inspect = qc.add_parser("inspect", help="acquisition parameters per series (BIDS keys and units)",
+                            description="Read DICOM headers (classic and enhanced MR) and print one record per "
+                                        "series with BIDS sidecar key names and units. Patient identifiers are "
+                                        "reported by attribute name only, never by value.")
+    inspect.add_argument("path", help="DICOM file or folder (recursive)")
+    add_json(inspect, "a list with one record per series")
+    inspect.set_defaults(func=cmd_qc_inspect)
+    check = qc.add_parser("check", help="check series offline against a protocol",
+                          description="Verdict per series: pass, warn, fail or undetermined, with every "
+                                      "deviation. Exit 1 if any series fails.")
+    check.add_argument("path", help="DICOM file or folder")
+    check.add_argument("--protocol", required=True, help="protocol YAML (locked or draft)")
+    check.add_argument("--site", default="offline", help="site name for drift and image-quality history")
+    check.add_argument("--iqm", action="store_true", help="also compute image-quality metrics and thresholds")
+    add_json(check, "a list with one verdict per series")
+    check.set_defaults(func=cmd_qc_check)
+    serve_cmd = qc.add_parser("serve", help="run the upload-time gate: DICOM C-STORE, STOW-RS, watched folder",
+                              description="Receive series (DICOM Storage SCP with an AE title per site, "
+                                          "DICOMweb STOW-RS upload, a watched folder), store every file "
+                                          "content-addressed before acknowledging it, and give each series its "
+                                          "verdict once it has been quiet. Runs until interrupted.")
+    serve_cmd.add_argument("--config", required=True, help="intake YAML (see configs/qc_intake.yaml)")
+    serve_cmd.add_argument("--dicom-port", type=int, help="override the DICOM port")
+    serve_cmd.add_argument("--http-port", type=int, help="override the HTTP port")
+    serve_cmd.set_defaults(func=cmd_qc_serve)
+    status = qc.add_parser("status", help="per-site table: verdicts, open deviations, drift, re-scan rate",
+                           description="Counts of pass/warn/fail/undetermined/unmatched series (latest verdict "
+                                       "each), open deviations, drift events, the re-scan rate and rejected files.")
+    status.add_argument("--store", default="qc-store", help="intake store folder (holds qc.db)")
+    status.add_argument("--database", help="SQLAlchemy URL instead of the store's SQLite file")
+    add_json(status, "a list with one row per site")
+    status.set_defaults(func=cmd_qc_status)
+    to_manifest = qc.add_parser("manifest", help="checked series into a scan manifest (NIfTI + QC columns)",
+                                description="One NIfTI and one manifest row per series whose latest verdict is "
+                                            "pass or warn, with qc_status, qc_protocol, qc_deviations and "
+                                            "qc_<metric> columns, for `sitebench benchmark run`.")
+    to_manifest.add_argument("--store", default="qc-store", help="intake store folder")
+    to_manifest.add_argument("--database", help="SQLAlchemy URL instead of the store's SQLite file")
+    to_manifest.add_argument("--out", required=True, help="manifest to write (.csv, .tsv or .parquet)")
+    to_manifest.add_argument("--include-failed", action="store_true", help="also fail and undetermined series")
+    to_manifest.set_defaults(func=cmd_qc_manifest)
+    iqm = qc.add_parser("iqm", help="image-quality metrics of a volume (MRIQC definitions)",
+                        description="SNR, CNR, CJV, EFC, FBER, FWHM, a QI1-style artefact fraction and WM2MAX "
+                                    "on a NIfTI volume; tissues from --labels or a 3-class mixture.")
+    iqm.add_argument("image", help="NIfTI volume")
+    iqm.add_argument("--labels", help="label map (1 CSF, 2 GM, 3 WM)")
+    add_json(iqm, "the metrics")
+    iqm.set_defaults(func=cmd_qc_iqm)
+    proto = qc.add_parser("protocol", help="draft and lock acquisition protocols").add_subparsers(
+        dest="protocol_action", metavar="ACTION", required=True)
+    init = proto.add_parser("init", help="draft a protocol from a reference series")
+    init.add_argument("series", help="DICOM folder of the reference series")
+    init.add_argument("--out", required=True, help="protocol YAML to write (never overwritten)")
+    init.add_argument("--name", default="t1w-3d", help="protocol name (default t1w-3d)")
+    init.add_argument("--description")
+    init.add_argument("--series-uid", help="which series, when the folder holds several")
+    init.set_defaults(func=cmd_qc_protocol_init)
+    lock = proto.add_parser("lock", help="lock a protocol version (immutable; a change is a new version)")
+    lock.add_argument("protocol", help="protocol YAML")
+    lock.add_argument("--who", required=True, help="who locks it")
+    lock.add_argument("--why", required=True, help="why")
+    lock.add_argument("--lock-dir", required=True, help="folder of locked protocols")
+    add_json(lock, "the locked file, its hash and the audit record")
+    lock.add_argument("--audit", help="append the lock to this audit trail (JSON lines)")
+    lock.set_defaults(func=cmd_qc_protocol_lock)
