@@ -20,6 +20,39 @@ class Prediction:
     segmentation: np.ndarray | None = None  # boolean mask on the input grid
 
 
+@dataclass(frozen=True)
+class Training:
+    """How a model version was trained, as its bundle records it; typed so reports never dig in a dict."""
+
+    vendor: str | None = None  # the only scanner vendor the training scans came from, if one
+    augmentation: bool = False  # cross-vendor contrast augmentation
+    n_scans: int | None = None
+    seed: int | None = None
+    iterations: int | None = None
+    final_loss: float | None = None
+    trained_utc: str | None = None
+    code_commit: str | None = None  # git commit of the training code
+    packages: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_metadata(cls, data: dict[str, Any] | None) -> Training | None:
+        """Read a bundle's ``metadata.json`` ``sitebench.training`` block; None when it has none."""
+        if not data:
+            return None
+        scans = data.get("scans", data.get("n_scans"))
+        return cls(vendor=data.get("vendor"), augmentation=bool(data.get("augmentation", False)),
+                   n_scans=int(scans) if scans is not None else None, seed=data.get("seed"),
+                   iterations=data.get("iterations"), final_loss=data.get("final_loss"),
+                   trained_utc=data.get("trained_utc"),
+                   code_commit=(data.get("code_version") or {}).get("git_commit", data.get("code_commit")),
+                   packages=dict(data.get("packages") or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vendor": self.vendor, "augmentation": self.augmentation, "n_scans": self.n_scans,
+                "seed": self.seed, "iterations": self.iterations, "final_loss": self.final_loss,
+                "trained_utc": self.trained_utc, "code_commit": self.code_commit, "packages": dict(self.packages)}
+
+
 @dataclass
 class ModelCard:
     """Identity of a model version; the weight hash is what makes a result resumable and auditable."""
@@ -31,6 +64,7 @@ class ModelCard:
     source: str
     outputs: tuple[str, ...] = ("gm_volume_ml",)
     extra: dict[str, Any] = field(default_factory=dict)
+    training: Training | None = None  # None: not trained (classical) or not recorded
 
     @property
     def key(self) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from sitebench.errors import SitebenchError
-from sitebench.models.base import IMAGE_KEY, BiomarkerModel, ModelCard, Prediction, voxel_volume_ml
+from sitebench.models.base import IMAGE_KEY, BiomarkerModel, ModelCard, Prediction, Training, voxel_volume_ml
 from sitebench.provenance import sha256_file
 
 WEIGHTS_RELPATH = Path("models") / "model.pt"
@@ -68,6 +68,7 @@ class BundleSegmentationModel(BiomarkerModel):
         self.card = ModelCard(name=name or meta.get("name", self.bundle_dir.name),
                               version=str(meta.get("version", "0")), weights_sha256=actual,
                               kind="monai-bundle", source=str(self.bundle_dir),
+                              training=Training.from_metadata((meta.get("sitebench") or {}).get("training")),
                               extra={"training": (meta.get("sitebench") or {}).get("training", {}),
                                      "description": meta.get("description", ""),
                                      "changelog": meta.get("changelog", {})})
