@@ -1,0 +1,249 @@
+"""The report's first page: every pre-specified decision, read off the :class:`Evaluation`, in plain words.
+
+Nothing here computes a statistic: each number is a cell of a locked result table (or of the
+mixed-model record), so the summary page and ``tables/*.csv`` cannot disagree. The function is
+pure (no HTML), so a test can check the decisions without rendering a report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pandas as pd
+
+from sitebench.reports.tables import fmt_ci, fmt_p, fmt_value
+from sitebench.stratification.evaluation import ERROR, MODEL_KEY, Evaluation
+
+__all__ = ["Decision", "decisions", "MET", "NOT_MET"]
+
+MET, NOT_MET = "met", "not met"
+UPGRADE_TERM = "software_upgraded"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One pre-specified question and its answer, as a sentence a reader can check against a table."""
+
+    topic: str  # "Equivalence across sites", "Version comparison", ...
+    model: str  # the model version (or "B vs A") the decision is about
+    claim: str  # what is claimed, in words
+    criterion: str  # the pre-specified margin / alpha / test
+    result: str  # "met", "not met", or a plain finding ("no change shown")
+    estimate: float | None = None
+    ci: tuple[float, float] | None = None
+    ci_label: str = "95% CI"
+    detail: str = ""
+    section: str = ""  # the report section that shows the table behind it
+    unit: str = ""  # the estimate's unit ("" for an AUC difference)
+    kind: str = "num"  # how the estimate is rounded (see reports.tables.fmt_value)
+
+    @property
+    def met(self) -> bool | None:
+        """True/False for a decision against a pre-specified margin, None for a finding."""
+        return {MET: True, NOT_MET: False}.get(self.result)
+
+    def number(self) -> str:
+        """The estimate with its CI, e.g. ``-7.5 ml (90% CI -10.9 to -4.4)``."""
+        kind, unit = self.kind, self.unit
+        if self.estimate is None or pd.isna(self.estimate):
+            return "not estimable"
+        text = f"{fmt_value(self.estimate, kind)}{' ' + unit if unit else ''}"
+        if self.ci is not None and not any(pd.isna(v) for v in self.ci):
+            low, high = fmt_ci(*self.ci, kind=kind)[1:-1].split(", ")
+            text += f" ({self.ci_label} {low} to {high})"
+        elif self.ci is not None:
+            text += f" ({self.ci_label} not estimable)"
+        return text
+
+
+def decisions(evaluation: Evaluation, unit: str = "ml") -> list[Decision]:
+    """Each pre-specified decision of ``evaluation``, in the order the summary page lists them."""
+    out: list[Decision] = []
+    models = list(dict.fromkeys(evaluation.table[MODEL_KEY]))
+    out += _equivalence(evaluation, models, unit)
+    out += _comparisons(evaluation, unit)
+    out += _upgrade(evaluation, models, unit)
+    out += _worst_sites(evaluation, models, unit)
+    return [replace(d, unit=unit) if d.kind == "num" else d for d in out]
+
+
+def _equivalence(ev: Evaluation, models: list[str], unit: str) -> list[Decision]:
+    margin, alpha = ev.plan.equivalence_margin, ev.plan.alpha
+    if margin is None or ev.equivalence.empty:
+        return [Decision("Equivalence across sites", "all versions", "Every site's mean error is within a margin "
+                         "of the other sites'.", "no margin pre-specified", "not assessed",
+                         detail="No equivalence margin was pre-specified, so no equivalence decision is made.",
+                         section="results-equivalence")]
+    level = f"{100 * (1 - 2 * alpha):g}% CI"
+    out = []
+    for key in models:
+        part = ev.equivalence[ev.equivalence[MODEL_KEY] == key]
+        if part.empty:
+            continue
+        met = _true(part["all_within_margin"].iloc[0])
+        failing = part[~part["equivalent_holm"].map(_true)]
+        worst = part.loc[part["difference"].abs().idxmax()] if part["difference"].notna().any() else part.iloc[0]
+        if failing.empty:
+            detail = f"All {len(part)} sites within ±{margin:g} {unit} after Holm adjustment."
+        else:
+            detail = (f"Not shown within ±{margin:g} {unit} (Holm): " + ", ".join(
+                f"{r.site} ({fmt_value(r.difference)} {unit}, p {fmt_p(r.p_holm)})" for r in failing.itertuples())
+                + f"; {len(part) - len(failing)} of {len(part)} sites within.")
+        out.append(Decision(
+            "Equivalence across sites", key,
+            f"Every site's mean error is within ±{margin:g} {unit} of the other sites'.",
+            f"±{margin:g} {unit}; two one-sided tests per site at alpha {alpha:g}; all sites by intersection–union",
+            MET if met else NOT_MET, estimate=_f(worst["difference"]), ci=(_f(worst["ci_low"]), _f(worst["ci_high"])),
+            ci_label=level, detail=f"Largest site difference: {worst['site']}. {detail}",
+            section="results-equivalence"))
+    return out
+
+
+def _comparisons(ev: Evaluation, unit: str) -> list[Decision]:
+    out: list[Decision] = []
+    table, auc, plan = ev.comparison, ev.discrimination, ev.plan
+    if table.empty:
+        return out
+    margin, alpha = plan.comparison_margin, plan.alpha
+    for (a, b), part in table.groupby(["model_a", "model_b"], sort=False):
+        pair = f"{b} vs {a}"
+        overall = part[part["level"] == "overall"]
+        sites = part[part["level"] != "overall"]
+        row = overall.iloc[0] if len(overall) else part.iloc[-1]
+        if margin is not None:
+            met = _true(row["equivalent"])
+            within = int(sites["equivalent_holm"].map(_true).sum())
+            every = bool(len(sites)) and bool((sites["estimable"].map(_true) & sites["equivalent"].map(_true)).all())
+            out.append(Decision(
+                "Version comparison", pair,
+                f"{b}'s absolute error is within ±{margin:g} {unit} of {a}'s on the same scans.",
+                f"±{margin:g} {unit}; paired two one-sided tests at alpha {alpha:g}",
+                MET if met else NOT_MET, estimate=_f(row["difference"]),
+                ci=(_f(row["tost_ci_low"]), _f(row["tost_ci_high"])), ci_label=f"{100 * (1 - 2 * alpha):g}% CI",
+                detail=(f"Difference = {b} − {a} in mean absolute error over {int(row['n_pairs'])} paired scans "
+                        f"(negative favours {b}); p (TOST) {fmt_p(row['p_tost'])}. Per site: {within} of "
+                        f"{len(sites)} within the margin after Holm; every site within: "
+                        f"{'yes' if every else 'no'}."),
+                section="comparison"))
+        else:
+            shown = _f(row["ci_low"]) is not None and not (row["ci_low"] <= 0 <= row["ci_high"])
+            out.append(Decision(
+                "Version comparison", pair, f"{b} and {a} differ in absolute error on the same scans.",
+                f"paired t-test at alpha {alpha:g} (no equivalence margin pre-specified)",
+                "difference shown" if shown else "no difference shown", estimate=_f(row["difference"]),
+                ci=(_f(row["ci_low"]), _f(row["ci_high"])),
+                detail=f"p {fmt_p(row['p'])}, Wilcoxon p {fmt_p(row['p_wilcoxon'])}.", section="comparison"))
+        if not auc.empty and plan.endpoint is not None:
+            rows = auc[(auc["model_a"] == a) & (auc["model_b"] == b)]
+            rows = rows[rows["level"] == "overall"] if (rows["level"] == "overall").any() else rows
+            if rows.empty:
+                continue
+            r = rows.iloc[0]
+            ep = plan.endpoint
+            ok = str(r.get("status", "ok")) == "ok"
+            shown = ok and _f(r["p"]) is not None and float(r["p"]) < alpha
+            out.append(Decision(
+                "Endpoint discrimination", pair,
+                f"Does {b} discriminate {ep.column} = {ep.positive} differently from {a} (AUC)?",
+                f"paired DeLong test at alpha {alpha:g}",
+                ("difference shown" if shown else "no difference shown") if ok else "not estimable",
+                estimate=_f(r["difference"]) if ok else None, ci=(_f(r["ci_low"]), _f(r["ci_high"])), kind="auc",
+                detail=(f"AUC {fmt_value(r['auc_a'], 'auc')} ({a}) and {fmt_value(r['auc_b'], 'auc')} ({b}) "
+                        f"over {int(r['n'])} scans; p {fmt_p(r['p'])}." if ok else
+                        f"Not estimable: {r.get('reason', '')}"),
+                section="comparison"))
+    return out
+
+
+def _upgrade(ev: Evaluation, models: list[str], unit: str) -> list[Decision]:
+    out: list[Decision] = []
+    alpha = ev.plan.alpha
+    if ev.upgrade.empty:
+        return [Decision("Software upgrade", "all versions", "The scanner software change shifts the error.",
+                         "within-site Welch test", "not assessed",
+                         detail="No site changed its scanner software during this study.", section="results-upgrade")]
+    for key in models:
+        for r in ev.upgrade[ev.upgrade[MODEL_KEY] == key].itertuples(index=False):
+            d = r._asdict()
+            ci = (_f(d.get("ci_low")), _f(d.get("ci_high")))
+            out.append(Decision(
+                "Software upgrade", key,
+                f"Did the error change after the scanner software change at site {d['site']}?",
+                "within-site Welch 95% CI of after − before",
+                _change(ci), estimate=_f(d["difference"]), ci=ci,
+                detail=(f"{int(d['n_before'])} scans before, {int(d['n_after'])} after"
+                        + (f"; {d['note']}" if isinstance(d.get("note"), str) and d["note"] else "") + "."),
+                section="results-upgrade"))
+        term = _mixed_term(ev.mixed, key, ERROR, UPGRADE_TERM)
+        if term is not None:
+            ci = (_f(term.get("ci_low")), _f(term.get("ci_high")))
+            df = term.get("df")
+            out.append(Decision(
+                "Software upgrade", key, "Across all sites, did the error change after a scanner software "
+                                         "change (mixed model)?",
+                "upgrade term of the mixed model of the error, 95% CI", _change(ci), estimate=_f(term.get("estimate")),
+                ci=ci, detail=f"p {fmt_p(term.get('p'))}" + (f", {fmt_value(df, 'ratio')} df" if _f(df) is not None
+                                                             else "") + ".",
+                section="results-variance"))
+    return out
+
+
+def _worst_sites(ev: Evaluation, models: list[str], unit: str) -> list[Decision]:
+    """Per model, the site a reader should look at first: failing equivalence first, then the largest bias."""
+    out = []
+    metrics = ev.metrics
+    bias = metrics[(metrics["stratum"] == "site") & (metrics["metric"] == "bias")]
+    margin = ev.plan.equivalence_margin
+    for key in models:
+        part = bias[(bias[MODEL_KEY] == key) & bias["estimable"].map(_true) & bias["estimate"].notna()]
+        if part.empty:
+            continue
+        eq = ev.equivalence[ev.equivalence[MODEL_KEY] == key] if not ev.equivalence.empty else pd.DataFrame()
+        failing = set(eq.loc[~eq["equivalent_holm"].map(_true), "site"]) if len(eq) else set()
+        candidates = part[part["level"].isin(failing)] if failing else part
+        if candidates.empty:
+            candidates = part
+        row = candidates.loc[candidates["estimate"].astype(float).abs().idxmax()]
+        site = row["level"]
+        if margin is not None and len(eq):
+            result = f"{site}: not shown within ±{margin:g} {unit}" if site in failing else f"{site}: within margin"
+        else:
+            result = str(site)
+        out.append(Decision(
+            "Worst site", key, "Which site should a reader look at first?",
+            "the largest |mean error| among sites not shown equivalent (else among all sites)", result,
+            estimate=_f(row["estimate"]), ci=(_f(row["ci_low"]), _f(row["ci_high"])),
+            detail=f"Mean error (model − reference) at {site} over {int(row['n_scans'])} scans, bootstrap 95% CI.",
+            section="results-strata"))
+    return out
+
+
+def _mixed_term(mixed: list[dict[str, Any]], key: str, response: str, term: str) -> dict[str, Any] | None:
+    for fit in mixed:
+        if fit.get(MODEL_KEY) == key and fit.get("response") == response:
+            return (fit.get("fixed_effects") or {}).get(term)
+    return None
+
+
+def _change(ci: tuple[float | None, float | None]) -> str:
+    low, high = ci
+    if low is None or high is None:
+        return "not estimable"
+    return "no change shown" if low <= 0 <= high else "changed"
+
+
+def _f(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if pd.isna(v) else v
+
+
+def _true(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value) and not pd.isna(value)
