@@ -64,11 +64,11 @@ def test_reference_files_present():
 def test_matches_reference(path: Path, data: np.ndarray):
     s = _settings(path.name)
     model = ComBat(parametric=s["parametric"], empirical_bayes=s["empirical_bayes"], mean_only=s["mean_only"],
-                   ref_batch=s["ref_batch"], conv=s["conv"])
+                   ref_batch=s["ref_batch"], conv=s["conv"], categorical=["gender"] if s["adjusted"] else ())
     if s["adjusted"]:
-        out = model.fit_transform(data, BATCH, GENDER, categorical=["gender"])
+        out = model.fit_transform(data, batch=BATCH, covariates=GENDER)
     else:
-        out = model.fit_transform(data, BATCH)
+        out = model.fit_transform(data, batch=BATCH)
     expected = _read(path)
     assert out.shape == expected.shape == (10, 200)
     assert np.abs(out - expected).max() <= TOLERANCE
@@ -78,9 +78,9 @@ def test_matches_reference(path: Path, data: np.ndarray):
 
 @pytest.mark.parametrize("path", SCENARIO2, ids=lambda p: p.stem)
 def test_fit_then_apply_scenario2(path: Path, data: np.ndarray):
-    model = ComBat().fit(data, BATCH, GENDER, categorical=["gender"])
+    model = ComBat(categorical=["gender"]).fit(data, batch=BATCH, covariates=GENDER)
     rows = [0, 1, 5, 6]  # V1, V2, V6, V7
-    out = model.transform(data[rows], [1, 1, 2, 2])
+    out = model.transform(data[rows], batch=[1, 1, 2, 2])
     expected = _read(path)
     assert out.shape == expected.shape == (4, 200)
     assert np.abs(out - expected).max() <= TOLERANCE
@@ -90,20 +90,21 @@ def test_fit_then_apply_scenario2(path: Path, data: np.ndarray):
 @pytest.mark.parametrize("ref_batch", [None, 1])
 @pytest.mark.parametrize("parametric", [True, False])
 def test_transform_with_covariates_reproduces_fit_transform(data, ref_batch, parametric):
-    model = ComBat(parametric=parametric, ref_batch=ref_batch)
-    fitted = model.fit_transform(data, BATCH, GENDER, categorical=["gender"])
-    again = model.transform(data, BATCH, GENDER)
+    model = ComBat(parametric=parametric, ref_batch=ref_batch, categorical=["gender"])
+    fitted = model.fit_transform(data, batch=BATCH, covariates=GENDER)
+    again = model.transform(data, batch=BATCH, covariates=GENDER)
     np.testing.assert_allclose(again, fitted, atol=1e-10, rtol=0)
 
 
 def test_dataframe_in_dataframe_out_and_attributes(data):
     frame = pd.DataFrame(data, index=[f"s{i}" for i in range(10)], columns=[f"f{j}" for j in range(200)])
     labels = ["A"] * 5 + ["B"] * 5
-    model = ComBat()
-    out = model.fit_transform(frame, labels, GENDER.set_axis(frame.index), categorical=["gender"])
+    model = ComBat(categorical=["gender"])
+    out = model.fit_transform(frame, batch=labels, covariates=GENDER.set_axis(frame.index))
     assert isinstance(out, pd.DataFrame)
     assert out.index.equals(frame.index) and out.columns.equals(frame.columns)
-    np.testing.assert_allclose(out.to_numpy(), ComBat().fit_transform(data, BATCH, GENDER, categorical=["gender"]),
+    np.testing.assert_allclose(out.to_numpy(), ComBat(categorical=["gender"]).fit_transform(
+                                   data, batch=BATCH, covariates=GENDER),
                                atol=1e-12, rtol=0)
     assert list(model.batches_) == ["A", "B"]
     assert model.gamma_star_.shape == model.delta_star_.shape == (2, 200)
@@ -111,9 +112,42 @@ def test_dataframe_in_dataframe_out_and_attributes(data):
     assert model.beta_.shape == (1, 200)
 
 
+def test_options_in_init_so_clone_and_pipeline_work(data):
+    """scikit-learn conventions: clone copies the options, not the fit; a Pipeline fits it with the rest."""
+    from sklearn.base import clone
+    from sklearn.linear_model import LinearRegression
+    from sklearn.pipeline import Pipeline
+
+    model = ComBat(batch="scanner", categorical=["gender"], parametric=False, ref_batch=1)
+    model.fit(data, batch=BATCH, covariates=GENDER)
+    copy = clone(model)
+    assert copy.get_params() == model.get_params() and copy.get_params()["categorical"] == ["gender"]
+    assert not hasattr(copy, "gamma_star_") and hasattr(model, "gamma_star_")
+
+    # one table in: batch and covariate columns are read from it, the other columns harmonized
+    table = pd.DataFrame(data[:, :20], columns=[f"f{j}" for j in range(20)])
+    table["scanner"], table["gender"] = BATCH, GENDER["gender"].to_numpy()
+    direct = ComBat(categorical=["gender"]).fit_transform(data[:, :20], batch=BATCH, covariates=GENDER)
+    combat = ComBat(batch="scanner", categorical=["gender"])
+    from_table = combat.fit_transform(table)
+    assert list(from_table.columns) == [f"f{j}" for j in range(20)]
+    assert list(combat.get_feature_names_out()) == list(from_table.columns)
+    np.testing.assert_allclose(from_table.to_numpy(), direct, atol=1e-12, rtol=0)
+
+    target = data[:, 20] + np.asarray(BATCH)  # anything to regress on
+    pipe = Pipeline([("combat", ComBat(batch="scanner", categorical=["gender"])), ("ols", LinearRegression())])
+    pipe.fit(table, target)
+    expected = LinearRegression().fit(direct, target).predict(direct)
+    np.testing.assert_allclose(pipe.predict(table), expected, atol=1e-8)
+    np.testing.assert_allclose(clone(pipe).fit(table, target).predict(table), expected, atol=1e-8)
+    with pytest.raises(SitebenchError) as excinfo:
+        ComBat(batch="site").fit(table)
+    assert "no column(s) site" in _message(excinfo)
+
+
 def test_site_variance_share_drops_after_harmonization(data):
     before = site_variance_share(data, BATCH)
-    after = site_variance_share(ComBat().fit_transform(data, BATCH), BATCH)
+    after = site_variance_share(ComBat().fit_transform(data, batch=BATCH), BATCH)
     # one-way ANOVA R^2 by hand for one feature
     y = data[:, 0]
     groups = [y[:5], y[5:]]
@@ -131,15 +165,15 @@ def _message(excinfo) -> str:
 
 
 def test_unseen_batch_in_transform(data):
-    model = ComBat().fit(data, BATCH)
+    model = ComBat().fit(data, batch=BATCH)
     with pytest.raises(SitebenchError) as excinfo:
-        model.transform(data[:2], [1, 3])
+        model.transform(data[:2], batch=[1, 3])
     assert "unseen batch 3: ComBat can only harmonize batches it was fitted on" in _message(excinfo)
 
 
 def test_single_sample_batch(data):
     with pytest.raises(SitebenchError) as excinfo:
-        ComBat().fit(data, [1] * 5 + [2] * 4 + ["X"])
+        ComBat().fit(data, batch=[1] * 5 + [2] * 4 + ["X"])
     assert "batch 'X' has 1 sample; ComBat needs at least 2 per batch" in _message(excinfo)
 
 
@@ -148,7 +182,7 @@ def test_non_finite_features(data, bad):
     x = data.copy()
     x[3, 7] = bad
     with pytest.raises(SitebenchError) as excinfo:
-        ComBat().fit(x, BATCH)
+        ComBat().fit(x, batch=BATCH)
     assert "NaN/inf" in _message(excinfo)
 
 
@@ -156,32 +190,32 @@ def test_zero_variance_feature_is_named(data):
     frame = pd.DataFrame(data, columns=[f"f{j}" for j in range(200)])
     frame["f42"] = 3.0
     with pytest.raises(SitebenchError) as excinfo:
-        ComBat().fit(frame, BATCH)
+        ComBat().fit(frame, batch=BATCH)
     assert "'f42'" in _message(excinfo) and "zero variance" in _message(excinfo)
 
 
 def test_ref_batch_not_present(data):
     with pytest.raises(SitebenchError) as excinfo:
-        ComBat(ref_batch=7).fit(data, BATCH)
+        ComBat(ref_batch=7).fit(data, batch=BATCH)
     assert "ref_batch 7" in _message(excinfo)
 
 
 def test_mismatched_lengths(data):
     with pytest.raises(SitebenchError) as excinfo:
-        ComBat().fit(data, BATCH[:-1])
+        ComBat().fit(data, batch=BATCH[:-1])
     assert "9 labels" in _message(excinfo)
     with pytest.raises(SitebenchError) as excinfo:
-        ComBat().fit(data, BATCH, GENDER.iloc[:8], categorical=["gender"])
+        ComBat(categorical=["gender"]).fit(data, batch=BATCH, covariates=GENDER.iloc[:8])
     assert "8 rows" in _message(excinfo)
-    model = ComBat().fit(data, BATCH)
+    model = ComBat().fit(data, batch=BATCH)
     with pytest.raises(SitebenchError) as excinfo:
-        model.transform(data[:, :10], BATCH)
+        model.transform(data[:, :10], batch=BATCH)
     assert "fitted on 200" in _message(excinfo)
 
 
 def test_covariate_confounded_with_batch(data):
     with pytest.raises(SitebenchError) as excinfo:
-        ComBat().fit(data, BATCH, pd.DataFrame({"site": BATCH}), categorical=["site"])
+        ComBat(categorical=["site"]).fit(data, batch=BATCH, covariates=pd.DataFrame({"site": BATCH}))
     assert "singular" in _message(excinfo)
 
 
@@ -199,7 +233,8 @@ def test_efficacy_report_site_share_falls_and_covariates_are_kept():
     features = pd.DataFrame({f"v{j}": 50 - 0.2 * age + 2.0 * (sex == "M") + np.vectorize(shift.get)(site)
                              + np.vectorize(scale.get)(site) * rng.normal(0, 2, len(site)) for j in range(5)})
     covariates = pd.DataFrame({"age": age, "sex": sex})
-    harmonized = ComBat().fit_transform(features, site, covariates, categorical=["sex"], continuous=["age"])
+    harmonized = ComBat(categorical=["sex"], continuous=["age"]).fit_transform(features, batch=site,
+                                                                               covariates=covariates)
     report = combat_efficacy(features, harmonized, site, covariates)
     summary = report.to_dict()
     assert summary["median_site_share_before"] > 0.2 and summary["median_site_share_after"] < 0.02

@@ -15,30 +15,18 @@ if TYPE_CHECKING:
 
 
 def cmd_stats_combat(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from sitebench.stratification import ComBat
-    from sitebench.stratification.combat import combat_efficacy
+    from sitebench.stratification.combat import ComBat, harmonize_table
 
     table = _stats_table(args.table)
-    try:
-        _columns(table, args.batch, *args.features, *args.categorical, *args.continuous)
-        covariates = table[args.categorical + args.continuous] if args.categorical or args.continuous else None
-        features = table[args.features].apply(pd.to_numeric, errors="coerce")
-        batch = table[args.batch].astype(str).tolist()
-        model = ComBat(parametric=not args.nonparametric, empirical_bayes=not args.no_eb,
-                       mean_only=args.mean_only, ref_batch=args.ref_batch)
-        harmonized = model.fit_transform(features, batch, covariates, categorical=args.categorical,
-                                         continuous=args.continuous)
-    except SitebenchError as exc:
-        raise SitebenchError(str(exc), args.table) from None
-    out = table.copy()
-    out[args.features] = harmonized
+    model = ComBat(batch=args.batch, features=args.features, categorical=args.categorical,
+                   continuous=args.continuous, parametric=not args.nonparametric, empirical_bayes=not args.no_eb,
+                   mean_only=args.mean_only, ref_batch=args.ref_batch)
+    with errors_name(args.table):
+        out, efficacy = harmonize_table(table, model)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out.to_csv(args.out, index=False)
-    efficacy = combat_efficacy(features, out[args.features], batch, covariates)
     print(f"{args.out}: {len(out)} rows, {len(args.features)} features harmonized across "
-          f"{table[args.batch].nunique()} batches")
+          f"{len(model.batches_)} batches")
     print(efficacy.summary())
     if args.efficacy_json:
         Path(args.efficacy_json).write_text(json.dumps(efficacy.to_dict(), indent=2))

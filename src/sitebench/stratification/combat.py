@@ -24,10 +24,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
 
 from sitebench.errors import SitebenchError
 
-__all__ = ["ComBat", "CombatEfficacy", "combat_efficacy", "site_variance_share"]
+__all__ = ["ComBat", "CombatEfficacy", "combat_efficacy", "harmonize_table", "site_variance_share"]
 
 #: Convergence tolerance of the parametric EB iteration (the published ``conv = 0.0001``).
 CONVERGENCE = 1e-4
@@ -99,22 +101,53 @@ def _check_covariates(covariates: pd.DataFrame | None, n: int) -> None:
         raise SitebenchError(f"covariates have {len(covariates)} rows but features have {n} samples")
 
 
-class ComBat:
-    """ComBat batch (site/scanner) harmonization, scikit-learn style: samples are rows.
+class ComBat(TransformerMixin, BaseEstimator):
+    """ComBat batch (site/scanner) harmonization as a scikit-learn transformer: samples are rows.
+
+    Every model option is set here, so ``sklearn.base.clone`` and ``Pipeline`` work:
+    ``batch`` names the batch column and ``categorical`` / ``continuous`` the covariates
+    whose effects are kept, all read from the table ``X`` given to ``fit``/``transform``;
+    ``features`` the columns to harmonize (default: every other column). Arrays work too,
+    with ``batch=`` (labels) and ``covariates=`` (a frame) passed to ``fit``/``transform``.
 
     ``parametric`` picks the EB prior, ``empirical_bayes=False`` uses the raw per-batch estimates,
     ``mean_only`` removes location effects only, ``ref_batch`` keeps that batch's data unchanged
     and maps the other batches onto it. ``conv`` is the parametric EB stop tolerance: 1e-4 as in
-    R/Python (sva, neuroCombat); the authors' Matlab version uses 1e-3.
+    R/Python (sva, neuroCombat); the authors' Matlab version uses 1e-3. Fitted attributes end in ``_``.
     """
 
-    def __init__(self, *, parametric: bool = True, empirical_bayes: bool = True, mean_only: bool = False,
-                 ref_batch: Any = None, conv: float = CONVERGENCE) -> None:
+    def __init__(self, *, batch: str = "site", categorical: Sequence[str] = (), continuous: Sequence[str] = (),
+                 features: Sequence[str] | None = None, parametric: bool = True, empirical_bayes: bool = True,
+                 mean_only: bool = False, ref_batch: Any = None, conv: float = CONVERGENCE) -> None:
+        self.batch = batch
+        self.categorical = categorical
+        self.continuous = continuous
+        self.features = features
         self.parametric = parametric
         self.empirical_bayes = empirical_bayes
         self.mean_only = mean_only
         self.ref_batch = ref_batch
         self.conv = conv
+
+    # ------------------------------------------------------------------ inputs
+    def _inputs(self, X: pd.DataFrame | np.ndarray, batch: Sequence | None,
+                covariates: pd.DataFrame | None) -> tuple[Any, Sequence, pd.DataFrame | None]:
+        """(features, batch labels, covariates): from the table ``X``, or as given with ``batch=``."""
+        named = [*self.categorical, *self.continuous]
+        if batch is not None:
+            features = X[list(self.features)] if self.features is not None and isinstance(X, pd.DataFrame) else X
+            return features, batch, covariates
+        if not isinstance(X, pd.DataFrame):
+            raise SitebenchError("ComBat on an array needs the batch labels: fit(X, batch=...)")
+        if covariates is not None:
+            raise SitebenchError("covariates= goes with batch=; otherwise ComBat reads them from the table")
+        missing = [c for c in [self.batch, *named, *(self.features or ())] if c not in X.columns]
+        if missing:
+            raise SitebenchError(f"no column(s) {', '.join(map(str, missing))} "
+                                 f"(have: {', '.join(map(str, X.columns))})")
+        features = (X[list(self.features)] if self.features is not None
+                    else X.drop(columns=[self.batch, *named]))
+        return features, X[self.batch], (X[named] if named else None)
 
     # ------------------------------------------------------------------ design
     def _covariate_design(self, covariates: pd.DataFrame, n: int) -> np.ndarray:
@@ -158,25 +191,31 @@ class ComBat:
         return codes
 
     # ------------------------------------------------------------------ fit
-    def fit(self, features: pd.DataFrame | np.ndarray, batch: Sequence, covariates: pd.DataFrame | None = None,
-            categorical: Sequence[str] = (), continuous: Sequence[str] = ()) -> "ComBat":
+    def fit(self, X: pd.DataFrame | np.ndarray, y: Any = None, *, batch: Sequence | None = None,
+            covariates: pd.DataFrame | None = None) -> "ComBat":
         """Estimate grand mean, pooled variance, covariate effects and EB batch effects.
 
-        With ``covariates`` but no ``categorical``/``continuous`` names, every column is used:
-        numeric columns as continuous, the others as categorical.
+        ``y`` is ignored (it is there so that ``Pipeline`` can pass it). With ``covariates=``
+        but no ``categorical``/``continuous`` names, every covariate column is used: numeric
+        columns as continuous, the others as categorical.
         """
-        self._fit(features, batch, covariates, categorical, continuous)
+        self._fit(*self._inputs(X, batch, covariates))
         return self
 
-    def fit_transform(self, features: pd.DataFrame | np.ndarray, batch: Sequence,
-                      covariates: pd.DataFrame | None = None, categorical: Sequence[str] = (),
-                      continuous: Sequence[str] = ()) -> np.ndarray | pd.DataFrame:
+    def fit_transform(self, X: pd.DataFrame | np.ndarray, y: Any = None, *, batch: Sequence | None = None,
+                      covariates: pd.DataFrame | None = None) -> np.ndarray | pd.DataFrame:
         """Fit and harmonize the same samples (the covariate effects of these samples are kept)."""
-        out = self._fit(features, batch, covariates, categorical, continuous)
-        return self._wrap(features, out)
+        features, labels, covariates = self._inputs(X, batch, covariates)
+        return self._wrap(features, self._fit(features, labels, covariates))
 
-    def _fit(self, features: Any, batch: Sequence, covariates: pd.DataFrame | None,
-             categorical: Sequence[str], continuous: Sequence[str]) -> np.ndarray:
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        """The harmonized columns, as scikit-learn's ``set_output`` and ``Pipeline`` ask."""
+        check_is_fitted(self, "gamma_star_")
+        names = getattr(self, "feature_names_in_", None)
+        return np.asarray(names if names is not None else [f"x{j}" for j in range(self.n_features_in_)],
+                          dtype=object)
+
+    def _fit(self, features: Any, batch: Sequence, covariates: pd.DataFrame | None) -> np.ndarray:
         x = _as_matrix(features)
         n, p = x.shape
         labels = _as_labels(batch, n)
@@ -208,7 +247,7 @@ class ComBat:
         self.ref_index_ = ref
 
         # covariates
-        categorical, continuous = list(categorical), list(continuous)
+        categorical, continuous = list(self.categorical), list(self.continuous)
         if covariates is not None and not categorical and not continuous:
             for name in covariates.columns:
                 numeric = pd.api.types.is_numeric_dtype(covariates[name]) and not pd.api.types.is_bool_dtype(
@@ -308,7 +347,7 @@ class ComBat:
         adjusted += mean
         return adjusted
 
-    def transform(self, features: pd.DataFrame | np.ndarray, batch: Sequence,
+    def transform(self, X: pd.DataFrame | np.ndarray, *, batch: Sequence | None = None,
                   covariates: pd.DataFrame | None = None) -> np.ndarray | pd.DataFrame:
         """Apply the fitted estimates to (possibly new) samples of batches seen in fit.
 
@@ -318,6 +357,7 @@ class ComBat:
         """
         if not hasattr(self, "gamma_star_"):
             raise SitebenchError("ComBat is not fitted yet: call fit() first")
+        features, batch, covariates = self._inputs(X, batch, covariates)
         x = _as_matrix(features)
         n, p = x.shape
         if p != self.n_features_in_:
@@ -505,3 +545,26 @@ def combat_efficacy(before: pd.DataFrame, after: pd.DataFrame, batch: Sequence,
                                 "ci_low_before": low, "ci_high_before": high, "estimate_after": estimate_after,
                                 "preserved": low <= estimate_after <= high})
     return result
+
+
+def harmonize_table(table: pd.DataFrame, model: ComBat) -> tuple[pd.DataFrame, CombatEfficacy]:
+    """Harmonize ``model.features`` of a one-row-per-scan table; the same rows come back, and the efficacy.
+
+    What ``sitebench stats combat`` does: batch labels are read as text (so ``ref_batch="1"``
+    names site 1 whether the column holds numbers or not), feature values that are not numbers
+    become NaN (and ComBat names the first), covariates are ``model.categorical`` and
+    ``model.continuous``. The efficacy says whether site effects went and covariate effects stayed.
+    """
+    if not model.features:
+        raise SitebenchError("name the feature columns to harmonize (ComBat(features=[...]))")
+    named = [*model.categorical, *model.continuous]
+    missing = [c for c in [model.batch, *model.features, *named] if c not in table.columns]
+    if missing:
+        raise SitebenchError(f"no column(s) {', '.join(map(str, missing))} "
+                             f"(have: {', '.join(map(str, table.columns))})")
+    features = table[list(model.features)].apply(pd.to_numeric, errors="coerce")
+    batch = table[model.batch].astype(str).tolist()
+    covariates = table[named] if named else None
+    out = table.copy()
+    out[list(model.features)] = model.fit_transform(features, batch=batch, covariates=covariates)
+    return out, combat_efficacy(features, out[list(model.features)], batch, covariates)

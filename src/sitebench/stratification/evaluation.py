@@ -260,7 +260,7 @@ def harmonization_effect(part: pd.DataFrame, key: str, notes: list[str]) -> pd.D
         notes.append(f"{key}: harmonization not estimable (a site has fewer than 2 scans)")
         return pd.DataFrame([{MODEL_KEY: key, "feature": PREDICTION, "note": "not estimable"}])
     cov = part[covariates] if covariates else None
-    after = ComBat(empirical_bayes=False).fit_transform(features, part[mf.SITE].to_numpy(), cov)
+    after = ComBat(empirical_bayes=False).fit_transform(features, batch=part[mf.SITE].to_numpy(), covariates=cov)
     frame = combat_efficacy(features, after, part[mf.SITE].to_numpy(), cov).to_frame()
     frame.insert(0, MODEL_KEY, key)
     return frame
