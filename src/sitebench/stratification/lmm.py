@@ -23,8 +23,15 @@ Two engines evaluate the criterion, both from sufficient statistics computed onc
   block of ``M`` is diagonal and is eliminated, the Schur complement of the others is
   factored densely (small) or with scipy.sparse's LU (large).
 
-Fixed-effect p-values and CIs are Wald z (lme4 reports none). Variance components get
-profile-likelihood CIs on the SD scale, like lme4's ``confint(method = "profile")``.
+Fixed-effect tests and CIs use t with Satterthwaite degrees of freedom by default, computed
+as lmerTest does (Kuznetsova, Brockhoff & Christensen 2017, J Stat Softw 82(13)):
+``df = 2 (L C L')^2 / (g' A g)`` with ``C = cov(beta)`` as a function of the variance
+parameters, ``g`` its gradient and ``A = 2 H^-1`` from the Hessian of the (REML) deviance;
+components estimated at zero are left out, as lmerTest's boundary handling does.
+``ddf="wald"`` gives Wald z (infinite df). Convergence is judged like lme4's
+``checkConv``: the gradient scaled by the Cholesky factor of the Hessian (tolerance 2e-3).
+Variance components get profile-likelihood CIs on the SD scale, like lme4's
+``confint(method = "profile")``.
 """
 
 from __future__ import annotations
@@ -42,16 +49,30 @@ from scipy.sparse import linalg as splinalg
 
 from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable
+from sitebench.stratification.validation import check_alpha
 
-__all__ = ["LmmResult", "LrtResult", "fit_lmm", "lrt"]
+__all__ = ["ENGINE_ID", "DDF_METHODS", "LmmResult", "LrtResult", "fit_lmm", "lrt"]
 
+#: The engine and the version of its numbers, recorded in analysis plans; bump whenever results change.
+ENGINE_ID = "sitebench.lmm/2"
+#: Denominator degrees of freedom for fixed-effect tests: lmerTest's Satterthwaite, or Wald z (df = inf).
+DDF_METHODS: tuple[str, ...] = ("satterthwaite", "wald")
 DEFAULT_OPTIMIZERS: tuple[str, ...] = ("L-BFGS-B", "Nelder-Mead", "Powell")
-FIXED_COLUMNS: tuple[str, ...] = ("term", "estimate", "se", "ci_low", "ci_high", "z", "p")
+FIXED_COLUMNS: tuple[str, ...] = ("term", "estimate", "se", "df", "statistic", "ci_low", "ci_high", "p")
 RESIDUAL = "residual"
 #: Bounds of the optimized log variance ratios log(s_k^2 / s^2).
 LOG_RATIO_BOUNDS: tuple[float, float] = (-30.0, 20.0)
-#: Largest projected gradient of the criterion (per unit log ratio) counted as converged.
+#: lme4's checkConv tolerance (check.conv.grad): max over parameters of min(|scaled gradient|, |gradient|).
 GRADIENT_TOL = 2e-3
+#: lme4's check.conv.hess tolerance: Hessian eigenvalues below -tol, or a max/min ratio above 1/tol.
+HESSIAN_TOL = 1e-6
+#: lme4's isSingular tolerance on theta (random-effect SD relative to the residual SD).
+SINGULAR_TOL = 1e-4
+#: Step (theta scale) of lme4's finite-difference gradient and Hessian for checkConv (deriv12).
+CHECK_STEP = 1e-4
+#: Step (log variance scale) of the Richardson-extrapolated derivatives behind Satterthwaite's df: large
+#: enough that rounding in the criterion (sparse engine) stays below 1e-5 of the df, error O(h^4).
+SATTERTHWAITE_STEP = 1e-2
 #: Components whose variance ratio ends below this are refitted at exactly zero (boundary).
 ZERO_TRY_RATIO = 1e-4
 #: A zero-variance refit is kept when its criterion is at most this much worse (numerical ties).
@@ -96,11 +117,13 @@ class LmmResult:
     n_obs: int
     n_levels: dict[str, int]
     engine: str
-    confidence: float
+    alpha: float
+    ddf: str = "satterthwaite"
     notes: list[str] = field(default_factory=list)
     _criterion: Any = field(default=None, repr=False, compare=False)
     _psi: Any = field(default=None, repr=False, compare=False)
     _profile_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _satterthwaite: Any = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ views
 
@@ -120,18 +143,29 @@ class LmmResult:
         return {k: math.sqrt(v) for k, v in self.variance_components.items()}
 
     @property
+    def confidence(self) -> float:
+        """Coverage of the intervals, ``1 - alpha`` (the old name)."""
+        return 1.0 - self.alpha
+
+    @property
+    def df(self) -> pd.Series:
+        """Denominator degrees of freedom by term (inf for Wald z)."""
+        return pd.Series(self.fixed_effects["df"].to_numpy(), index=self.fixed_effects["term"])
+
+    @property
     def boundary(self) -> bool:
         """Whether any random-effect variance is estimated as exactly 0."""
         return any(self.diagnostics["boundary"].values())
 
     def to_frame(self) -> pd.DataFrame:
-        """Tidy fixed effects: term, estimate, se, ci_low, ci_high, z, p."""
+        """Tidy fixed effects: term, estimate, se, df, statistic (t, or z when df is inf), ci_low, ci_high, p."""
         return self.fixed_effects.copy()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable record (plain types, NaN as None)."""
         fixed = {
-            str(row["term"]): {key: jsonable(row[key]) for key in ("estimate", "se", "ci_low", "ci_high", "p")}
+            str(row["term"]): {key: jsonable(row[key])
+                               for key in ("estimate", "se", "df", "statistic", "ci_low", "ci_high", "p")}
             for _, row in self.fixed_effects.iterrows()
         }
         return {
@@ -141,7 +175,8 @@ class LmmResult:
             "crossed": list(self.crossed),
             "fixed_effects": fixed,
             "fixed_effects_z": {str(t): jsonable(z) for t, z in zip(self.fixed_effects["term"],
-                                                                    self.fixed_effects["z"])},
+                                                                    self.fixed_effects["statistic"])},
+            "ddf": self.ddf,
             "variance_components": {k: jsonable(v) for k, v in self.variance_components.items()},
             "sd_components": {k: jsonable(v) for k, v in self.sd_components.items()},
             "variance_share": {k: jsonable(v) for k, v in self.variance_share.items()},
@@ -156,13 +191,15 @@ class LmmResult:
             "n_obs": int(self.n_obs),
             "n_levels": {k: int(v) for k, v in self.n_levels.items()},
             "engine": self.engine,
+            "engine_id": ENGINE_ID,
+            "alpha": float(self.alpha),
             "confidence": float(self.confidence),
             "notes": list(self.notes),
         }
 
     def summary(self) -> str:
         """Readable report: fit status, random effects (variance and SD), fixed effects, notes."""
-        pct = f"{self.confidence * 100:g}%"
+        pct = f"{(1.0 - self.alpha) * 100:g}%"
         random_terms = [f"(1 | {self.groups})"] + [f"(1 | {self.groups}:{v})" for v in self.vc] \
             + [f"(1 | {c})" for c in self.crossed]
         lines = [
@@ -173,7 +210,8 @@ class LmmResult:
             + ", ".join(f"{k}: {v} levels" for k, v in self.n_levels.items()),
             f"{'REML criterion' if self.reml else 'deviance'} {-2 * self.loglik:.4f}, "
             f"log-likelihood {self.loglik:.4f}; optimizer {self.optimizer}, "
-            f"converged {self.converged} (gradient {self.diagnostics['gradient_norm']:.2g})",
+            f"converged {self.converged} (lme4 scaled gradient "
+            f"{self.diagnostics['max_scaled_gradient']:.2g}, tol {GRADIENT_TOL:g})",
             "",
             "Random effects:",
             f"  {'component':<22} {'variance':>12} {'std.dev.':>12} {'share':>8}",
@@ -182,19 +220,55 @@ class LmmResult:
             flag = "  (boundary)" if self.diagnostics["boundary"].get(name) else ""
             lines.append(f"  {name:<22} {value:>12.5g} {math.sqrt(value):>12.5g} "
                          f"{self.variance_share[name]:>8.1%}{flag}")
-        lines += ["", f"Fixed effects (Wald z {pct} CIs and p-values; lme4 reports no p-values):",
-                  f"  {'term':<28} {'estimate':>11} {'se':>10} {pct + ' CI':>25} {'z':>8} {'p':>9}"]
+        how = ("t tests with Satterthwaite degrees of freedom (lmerTest's method)" if self.ddf == "satterthwaite"
+               else "Wald z (infinite degrees of freedom)")
+        stat = "t" if self.ddf == "satterthwaite" else "z"
+        lines += ["", f"Fixed effects ({pct} CIs and p-values from {how}):",
+                  f"  {'term':<28} {'estimate':>11} {'se':>10} {'df':>8} {pct + ' CI':>25} {stat:>8} {'p':>9}"]
         for _, row in self.fixed_effects.iterrows():
             ci = f"[{row['ci_low']:.5g}, {row['ci_high']:.5g}]"
-            lines.append(f"  {str(row['term']):<28} {row['estimate']:>11.5g} {row['se']:>10.4g} "
-                         f"{ci:>25} {row['z']:>8.3f} {row['p']:>9.3g}")
+            df = f"{row['df']:.2f}" if math.isfinite(row["df"]) else "inf"
+            lines.append(f"  {str(row['term']):<28} {row['estimate']:>11.5g} {row['se']:>10.4g} {df:>8} "
+                         f"{ci:>25} {row['statistic']:>8.3f} {row['p']:>9.3g}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
+    def contrast(self, weights: Sequence[float] | Mapping[str, float], *, alpha: float | None = None,
+                 ddf: str | None = None) -> dict[str, Any]:
+        """Estimate, SE, df, t (or z), CI and p of ``L beta`` for one contrast vector ``L``.
+
+        ``weights`` is one number per fixed effect, or a mapping term -> weight (others 0).
+        Satterthwaite's df for a contrast is ``2 (L C L')^2 / (g' A g)`` with
+        ``g_i = L (dC/d theta_i) L'`` (lmerTest's ``contest1D``).
+        """
+        alpha = self.alpha if alpha is None else check_alpha(alpha)
+        ddf = self.ddf if ddf is None else _ddf_name(ddf)
+        terms = list(self.fixed_effects["term"])
+        if isinstance(weights, Mapping):
+            unknown = [t for t in weights if t not in terms]
+            if unknown:
+                raise SitebenchError(f"no fixed effect {unknown[0]!r} (have: {', '.join(terms)})")
+            vector = np.array([float(weights.get(t, 0.0)) for t in terms])
+        else:
+            vector = np.asarray(weights, dtype=float).ravel()
+            if vector.size != len(terms):
+                raise SitebenchError(f"a contrast needs {len(terms)} weights (one per fixed effect), "
+                                     f"got {vector.size}")
+        if not np.any(vector):
+            raise SitebenchError("a contrast needs at least one non-zero weight")
+        if ddf == "satterthwaite" and self._satterthwaite is None:
+            raise SitebenchError("this fit has no Satterthwaite information (fitted with ddf='wald')")
+        cov = self.cov_fixed.to_numpy()
+        estimate = float(vector @ self.fe_params.to_numpy())
+        var = float(vector @ cov @ vector)
+        df = _satterthwaite_df(self._satterthwaite, vector) if ddf == "satterthwaite" else math.inf
+        row = _test_row(estimate, math.sqrt(var) if var > 0 else math.nan, df, alpha)
+        return {"estimate": estimate, **row, "ddf": ddf, "alpha": alpha}
+
     # ------------------------------------------------------------------ variance CIs
 
-    def profile_ci(self, level: float = 0.95, components: Sequence[str] | None = None,
-                   criterion: str = "ml") -> pd.DataFrame:
+    def profile_ci(self, alpha: float = 0.05, components: Sequence[str] | None = None,
+                   criterion: str = "ml", *, level: float | None = None) -> pd.DataFrame:
         """Profile-likelihood CIs of the SDs of the variance components (lme4's method="profile").
 
         For each component the deviance is minimized over all other parameters with
@@ -202,10 +276,13 @@ class LmmResult:
         its minimum. A lower limit of 0 means the profile never rises that far towards
         zero. ``criterion="ml"`` (default) profiles the ML deviance even for a REML fit,
         as lme4 does (lme4 issue #838); ``criterion="reml"`` profiles the REML criterion
-        of a REML fit.
+        of a REML fit. ``level`` (the old name, = 1 - alpha) is still accepted.
         """
-        if not 0 < level < 1:
-            raise SitebenchError(f"level must be between 0 and 1, got {level!r}")
+        if level is not None:
+            if not 0 < level < 1:
+                raise SitebenchError(f"level must be between 0 and 1, got {level!r}")
+            alpha = 1.0 - float(level)
+        level = 1.0 - check_alpha(alpha)
         if criterion not in ("ml", "reml"):
             raise SitebenchError(f"criterion must be 'ml' or 'reml', got {criterion!r}")
         if criterion == "reml" and not self.reml:
@@ -261,8 +338,9 @@ class LrtResult:
 
 def fit_lmm(table: pd.DataFrame, formula: str, groups: str, vc: Sequence[str] | Mapping[str, str] = (),
             crossed: Sequence[str] | Mapping[str, str] = (), reml: bool = True,
-            optimizers: Sequence[str] = DEFAULT_OPTIMIZERS, *, confidence: float = 0.95,
-            engine: str = "auto") -> LmmResult:
+            optimizers: Sequence[str] = DEFAULT_OPTIMIZERS, *, alpha: float = 0.05,
+            ddf: str = "satterthwaite", engine: str = "auto",
+            confidence: float | None = None) -> LmmResult:
     """Fit ``formula`` with random intercepts for ``groups``, nested ``vc`` and ``crossed`` factors.
 
     ``formula`` is a patsy fixed-effects formula (``"y ~ age + C(vendor)"``). ``vc``
@@ -270,13 +348,29 @@ def fit_lmm(table: pd.DataFrame, formula: str, groups: str, vc: Sequence[str] | 
     statsmodels, a label is taken within its group); ``crossed`` names columns whose
     levels are shared across groups (a subject scanned at several sites). Either may
     be a mapping ``component name -> column``. Optimizers are tried in order until one
-    converges; ``engine`` is ``"auto"``, ``"nested"`` or ``"sparse"``.
+    converges; ``engine`` is ``"auto"``, ``"nested"`` or ``"sparse"``. CIs are ``1 - alpha``;
+    ``ddf`` is ``"satterthwaite"`` (t tests, lmerTest's df) or ``"wald"`` (z tests).
+    ``confidence`` (the old name, = 1 - alpha) is still accepted.
+
+    A random factor whose levels are entirely explained by fixed effects (``y ~ C(vendor)``
+    with ``groups="vendor"``) has no estimable variance: that is an error, not a fit.
     """
-    if not 0 < confidence < 1:
-        raise SitebenchError(f"confidence must be between 0 and 1, got {confidence!r}")
+    if confidence is not None:
+        if not 0 < confidence < 1:
+            raise SitebenchError(f"confidence must be between 0 and 1, got {confidence!r}")
+        alpha = 1.0 - float(confidence)
+    alpha = check_alpha(alpha)
+    ddf = _ddf_name(ddf)
     methods = _optimizer_names(optimizers)
     with _single_thread():
-        return _fit_lmm(table, formula, groups, vc, crossed, bool(reml), methods, confidence, engine)
+        return _fit_lmm(table, formula, groups, vc, crossed, bool(reml), methods, alpha, ddf, engine)
+
+
+def _ddf_name(ddf: str) -> str:
+    key = str(ddf).lower()
+    if key not in DDF_METHODS:
+        raise SitebenchError(f"ddf must be one of {', '.join(DDF_METHODS)}, got {ddf!r}")
+    return key
 
 
 _THREADPOOLS: list[Any] = []
@@ -300,7 +394,7 @@ def _single_thread() -> Any:
 
 
 def _fit_lmm(table: pd.DataFrame, formula: str, groups: str, vc: Any, crossed: Any, reml: bool,
-             methods: list[str], confidence: float, engine: str) -> LmmResult:
+             methods: list[str], alpha: float, ddf: str, engine: str) -> LmmResult:
     data = _prepare(table, formula, groups, vc, crossed)
     if engine not in ("auto", "nested", "sparse"):
         raise SitebenchError(f"engine must be 'auto', 'nested' or 'sparse', got {engine!r}")
@@ -312,16 +406,17 @@ def _fit_lmm(table: pd.DataFrame, formula: str, groups: str, vc: Any, crossed: A
     else:
         eng = _NestedEngine(data.zaug, data.factors, chain)
     criterion = _Criterion(eng, data.n, data.p, bool(reml))
-    return _fit(criterion, data, methods, confidence)
+    return _fit(criterion, data, methods, alpha, ddf)
 
 
 def lrt(table: pd.DataFrame, full_formula: str, reduced_formula: str, groups: str,
         vc: Sequence[str] | Mapping[str, str] = (), crossed: Sequence[str] | Mapping[str, str] = (),
         optimizers: Sequence[str] = DEFAULT_OPTIMIZERS, *, engine: str = "auto") -> LrtResult:
     """ML likelihood-ratio test for dropping a block of fixed effects (both models refitted by ML)."""
-    full = fit_lmm(table, full_formula, groups, vc, crossed, reml=False, optimizers=optimizers, engine=engine)
+    full = fit_lmm(table, full_formula, groups, vc, crossed, reml=False, optimizers=optimizers, engine=engine,
+                   ddf="wald")
     reduced = fit_lmm(table, reduced_formula, groups, vc, crossed, reml=False, optimizers=optimizers,
-                      engine=engine)
+                      engine=engine, ddf="wald")
     full_terms, reduced_terms = list(full.fixed_effects["term"]), list(reduced.fixed_effects["term"])
     extra = [t for t in reduced_terms if t not in full_terms]
     if extra:
@@ -521,9 +616,50 @@ def _prepare(table: Any, formula: str, groups: str, vc: Any, crossed: Any) -> _D
             if a.size == b.size and len(np.unique(a.codes.astype(np.int64) * b.size + b.codes)) == a.size:
                 raise SitebenchError(f"'{b.name}' has one level per level of '{a.name}': their variances "
                                      f"cannot be separated")
+    notes.extend(_identifiability(x, names, factors))
     return _Data(formula=formula, y_name=y_name, names=names, zaug=np.column_stack([x, y]),
                  factors=factors, vc_names=tuple(n for n, _ in vc_map),
                  crossed_names=tuple(n for n, _ in crossed_map), n=n, p=p, notes=notes)
+
+
+def _rank(x: np.ndarray) -> int:
+    """Numerical rank by the same pivoted-QR rule as :func:`_full_rank_columns`."""
+    return len(_full_rank_columns(x)) if x.size and np.any(x) else 0
+
+
+def _identifiability(x: np.ndarray, names: list[str], factors: list[_Factor]) -> list[str]:
+    """Raise when a random factor's levels are explained by the fixed effects; note partial confounding.
+
+    The between-level contrasts of factor k left to estimate its variance number
+    ``d = rank([X, Z_k]) - rank(X) = q_k + rank(X - Z_k means) - rank(X)`` (the column
+    space of ``[X, Z_k]`` is that of ``[X_within, Z_k]``). ``d = 0``: ``Z_k`` lies in the
+    span of ``X``, the variance is not identifiable at all (lme4 would return an arbitrary
+    value). ``d < q_k - 1``: fixed effects constant within the factor's levels (vendor per
+    site) absorb some contrasts; the variance rests on the ``d`` that remain.
+    """
+    notes: list[str] = []
+    p = x.shape[1]
+    for factor in factors:
+        counts = np.bincount(factor.codes, minlength=factor.size).astype(float)
+        means = np.column_stack([np.bincount(factor.codes, weights=x[:, j], minlength=factor.size)
+                                 for j in range(p)]) / counts[:, None]
+        within = x - means[factor.codes]
+        d = factor.size + _rank(within) - p
+        scale = np.maximum(np.abs(x).max(axis=0), 1.0)
+        between = [names[j] for j in range(p) if names[j] != "Intercept"
+                   and np.abs(within[:, j]).max() <= 1e-10 * scale[j]]
+        terms = ", ".join(between) if between else "the fixed effects"
+        if d <= 0:
+            raise SitebenchError(f"the '{factor.name}' variance cannot be estimated: {terms} "
+                                 f"{'is' if len(between) == 1 else 'are'} constant within each level of "
+                                 f"'{factor.column}' and explain all differences between its levels; drop "
+                                 f"{'it' if len(between) == 1 else 'them'} or the random effect")
+        absorbed = factor.size - 1 - d
+        if absorbed > 0:
+            notes.append(f"'{factor.name}' variance rests on {d} between-level contrast(s): {absorbed} of the "
+                         f"{factor.size - 1} are explained by {terms} (constant within each "
+                         f"'{factor.column}')" + ("; it is barely identifiable" if d < 3 else ""))
+    return notes
 
 
 def _full_rank_columns(x: np.ndarray) -> list[int]:
@@ -854,21 +990,42 @@ def _projected_norm(grad: np.ndarray, x: np.ndarray, bounds: Sequence[tuple[floa
 def _minimize(fun: Callable[[np.ndarray], float], x0: np.ndarray, method: str,
               bounds: Sequence[tuple[float, float]]) -> optimize.OptimizeResult:
     x0 = np.clip(np.asarray(x0, dtype=float), [b[0] for b in bounds], [b[1] for b in bounds])
+    history: list[float] = []
+
+    def callback(intermediate_result: optimize.OptimizeResult) -> None:
+        history.append(float(intermediate_result.fun))
+
     if method == "L-BFGS-B":
-        return optimize.minimize(fun, x0, method="L-BFGS-B", jac=lambda x: _gradient(fun, x), bounds=bounds,
-                                 options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-8})
-    if method == "Nelder-Mead":
-        return optimize.minimize(fun, x0, method="Nelder-Mead", bounds=bounds,
-                                 options={"maxiter": 5000, "maxfev": 5000, "xatol": 1e-7, "fatol": 1e-9,
-                                          "adaptive": len(x0) > 2})
-    return optimize.minimize(fun, x0, method="Powell", bounds=bounds,
-                             options={"maxiter": 20000, "xtol": 1e-10, "ftol": 1e-14})
+        res = optimize.minimize(fun, x0, method="L-BFGS-B", jac=lambda x: _gradient(fun, x), bounds=bounds,
+                                callback=callback, options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-8})
+    elif method == "Nelder-Mead":
+        res = optimize.minimize(fun, x0, method="Nelder-Mead", bounds=bounds, callback=callback,
+                                options={"maxiter": 5000, "maxfev": 5000, "xatol": 1e-7, "fatol": 1e-9,
+                                         "adaptive": len(x0) > 2})
+    else:
+        res = optimize.minimize(fun, x0, method="Powell", bounds=bounds, callback=callback,
+                                options={"maxiter": 20000, "xtol": 1e-10, "ftol": 1e-14})
+    res.history = history
+    return res
+
+
+def _last_step_change(history: Sequence[float]) -> float | None:
+    """Relative change of the criterion over the optimizer's last iteration."""
+    values = [v for v in history if math.isfinite(v)]
+    if len(values) < 2:
+        return None
+    return abs(values[-2] - values[-1]) / max(abs(values[-1]), 1e-300)
 
 
 def _run_optimizers(fun: Callable[[np.ndarray], float], x0: np.ndarray, methods: Sequence[str],
-                    bounds: Sequence[tuple[float, float]], stage: str
+                    bounds: Sequence[tuple[float, float]], stage: str,
+                    accept: Callable[[np.ndarray], bool] | None = None,
                     ) -> tuple[np.ndarray, float, str | None, bool, list[dict[str, Any]]]:
-    """Try the optimizers in order until one converges; else keep the best point found."""
+    """Try the optimizers in order until one converges; else keep the best point found.
+
+    Converged means ``accept(x)`` (the fit's lme4 scaled-gradient check), or without it a
+    projected raw gradient below ``GRADIENT_TOL``.
+    """
     attempts: list[dict[str, Any]] = []
     best_x, best_f, best_method, converged = np.asarray(x0, float), fun(np.asarray(x0, float)), None, False
     if len(x0) == 0:
@@ -886,11 +1043,15 @@ def _run_optimizers(fun: Callable[[np.ndarray], float], x0: np.ndarray, methods:
             continue
         x, f = np.asarray(res.x, dtype=float), float(res.fun)
         gnorm = _projected_norm(_gradient(fun, x), x, bounds) if math.isfinite(f) else math.inf
-        ok = math.isfinite(f) and gnorm < GRADIENT_TOL
+        if accept is None:
+            ok = math.isfinite(f) and gnorm < GRADIENT_TOL
+        else:
+            ok = math.isfinite(f) and bool(accept(x))
         attempts.append({"stage": stage, "optimizer": method, "success": bool(res.success), "converged": ok,
                          "message": str(res.message), "nfev": int(getattr(res, "nfev", 0) or 0),
                          "deviance": f if math.isfinite(f) else None,
                          "gradient_norm": gnorm if math.isfinite(gnorm) else None,
+                         "last_step_rel_change": _last_step_change(getattr(res, "history", ())),
                          "seconds": time.perf_counter() - began})
         if ok:
             return x, f, method, True, attempts
@@ -901,7 +1062,7 @@ def _run_optimizers(fun: Callable[[np.ndarray], float], x0: np.ndarray, methods:
     return best_x, best_f, best_method, converged, attempts
 
 
-def _fit(criterion: _Criterion, data: _Data, methods: list[str], confidence: float) -> LmmResult:
+def _fit(criterion: _Criterion, data: _Data, methods: list[str], alpha: float, ddf: str) -> LmmResult:
     k = len(data.factors)
     names = [f.name for f in data.factors]
     bounds_all = [LOG_RATIO_BOUNDS] * k
@@ -915,9 +1076,12 @@ def _fit(criterion: _Criterion, data: _Data, methods: list[str], confidence: flo
     def objective(free: np.ndarray) -> Callable[[np.ndarray], float]:
         return lambda phi: criterion.deviance(expand(phi, free))
 
+    def accept(free: np.ndarray) -> Callable[[np.ndarray], bool]:
+        return lambda phi: bool(_lme4_check(criterion, expand(phi, free), free)["ok"])
+
     free = ~zero
     phi, dev, optimizer, converged, attempts = _run_optimizers(
-        objective(free), np.zeros(k), methods, bounds_all, "fit")
+        objective(free), np.zeros(k), methods, bounds_all, "fit", accept(free))
     if not math.isfinite(dev):
         detail = "; ".join(f"{a['optimizer']}: {a['message']}" for a in attempts)
         raise SitebenchError(f"the mixed model could not be fitted with any optimizer ({detail})")
@@ -933,7 +1097,7 @@ def _fit(criterion: _Criterion, data: _Data, methods: list[str], confidence: flo
         start = np.log(psi[trial_free])
         t_phi, t_dev, t_opt, t_conv, t_attempts = _run_optimizers(
             objective(trial_free), start, methods, [LOG_RATIO_BOUNDS] * int(trial_free.sum()),
-            f"boundary refit ({names[index]} = 0)")
+            f"boundary refit ({names[index]} = 0)", accept(trial_free))
         accepted = math.isfinite(t_dev) and t_dev <= dev + ZERO_ACCEPT_TOL
         refits.append({"component": names[index], "ratio_before": float(psi[index]), "deviance_before": dev,
                        "deviance_at_zero": t_dev, "accepted": accepted})
@@ -952,14 +1116,14 @@ def _fit(criterion: _Criterion, data: _Data, methods: list[str], confidence: flo
     phi_free = np.log(psi[free])
     grad = _gradient(fun, phi_free) if free.any() else np.zeros(0)
     gnorm = _projected_norm(grad, phi_free, [LOG_RATIO_BOUNDS] * int(free.sum()))
+    check = _lme4_check(criterion, psi, free)
     # One-sided slope of the criterion in the variance ratio at each zero component (>= 0 at an optimum).
     zero_slopes: dict[str, float] = {}
     for index in np.flatnonzero(~free):
         bumped = psi.copy()
         bumped[index] = 1e-7
         zero_slopes[names[index]] = (criterion.deviance(bumped) - state.deviance) / 1e-7
-    converged = bool(converged and gnorm < GRADIENT_TOL
-                     and all(s > -GRADIENT_TOL for s in zero_slopes.values()))
+    converged = bool(check["ok"] and all(s > -GRADIENT_TOL for s in zero_slopes.values()))
 
     sigma2 = state.sigma2
     variances = {name: float(psi[i] * sigma2) for i, name in enumerate(names)}
@@ -968,24 +1132,40 @@ def _fit(criterion: _Criterion, data: _Data, methods: list[str], confidence: flo
     share = {key: value / total for key, value in variances.items()}
     at_upper = [names[i] for i in range(k) if free[i] and math.log(psi[i]) >= LOG_RATIO_BOUNDS[1] - 1e-6]
 
-    # Fixed effects: Wald z with cov = s^2 (X'V^-1 X)^-1.
+    # Fixed effects: cov = s^2 (X'V^-1 X)^-1; t with Satterthwaite's df, or Wald z.
     p = criterion.p
     inv_lower = linalg.solve_triangular(state.chol_x, np.eye(p), lower=True)
     cov = sigma2 * (inv_lower.T @ inv_lower)
     se = np.sqrt(np.diag(cov))
-    z_crit = float(stats.norm.ppf(0.5 + confidence / 2.0))
-    z = state.beta / se
-    fixed = pd.DataFrame({"term": data.names, "estimate": state.beta, "se": se,
-                          "ci_low": state.beta - z_crit * se, "ci_high": state.beta + z_crit * se,
-                          "z": z, "p": 2.0 * stats.norm.sf(np.abs(z))}, columns=list(FIXED_COLUMNS))
+    notes = list(data.notes)
+    satt, satt_problem = _satterthwaite_setup(criterion, psi, sigma2, free, names, cov)
+    if ddf == "satterthwaite":
+        if satt is None:
+            notes.append(f"Satterthwaite df not available ({satt_problem}); Wald z used instead")
+            df = np.full(p, math.inf)
+        else:
+            df = np.array([_satterthwaite_df(satt, np.eye(p)[j]) for j in range(p)])
+            bad = ~np.isfinite(df)
+            if bad.any():
+                notes.append("Satterthwaite df not available for " + ", ".join(np.array(data.names)[bad])
+                             + "; Wald z used for them")
+                df[bad] = math.inf
+    else:
+        df = np.full(p, math.inf)
+    rows = [_test_row(float(b), float(e), float(d), alpha) for b, e, d in zip(state.beta, se, df)]
+    fixed = pd.DataFrame({"term": data.names, "estimate": state.beta, **{key: [r[key] for r in rows] for key in
+                                                                        ("se", "df", "statistic", "ci_low",
+                                                                         "ci_high", "p")}},
+                         columns=list(FIXED_COLUMNS))
 
     blups = criterion.engine.blups(psi, state.beta)
     random_effects = {f.name: pd.Series(blups[i], index=pd.Index(f.labels, name=f.column), name=f.name)
                       for i, f in enumerate(data.factors)}
 
-    notes = list(data.notes)
     if not converged:
-        notes.append("no optimizer met the gradient tolerance; the best point found is reported")
+        notes.append(f"no optimizer met lme4's scaled-gradient tolerance ({GRADIENT_TOL:g}; max "
+                     f"{check['max_scaled_gradient']:.3g}); the best point found is reported")
+    notes.extend(check["messages"])
     for name in names:
         if not free[names.index(name)]:
             notes.append(f"'{name}' variance estimated as 0 (boundary): fixed effects are those of the "
@@ -995,9 +1175,21 @@ def _fit(criterion: _Criterion, data: _Data, methods: list[str], confidence: flo
     if at_upper:
         notes.append(f"variance ratio at its upper bound for: {', '.join(at_upper)}")
 
+    last_fit = [a for a in attempts if a.get("optimizer") == optimizer and a.get("deviance") is not None]
     diagnostics = {
         "gradient_norm": gnorm,
         "gradient": {names[i]: float(g) for i, g in zip(np.flatnonzero(free), grad)},
+        "max_scaled_gradient": check["max_scaled_gradient"],
+        "scaled_gradient": check["scaled_gradient"],
+        "theta_gradient": check["gradient"],
+        "hessian_eigenvalues": check["hessian_eigenvalues"],
+        "gradient_tol": GRADIENT_TOL,
+        "singular": check["singular"],
+        "singular_tol": SINGULAR_TOL,
+        "last_step_rel_change": last_fit[-1]["last_step_rel_change"] if last_fit else None,
+        "convergence_messages": check["messages"],
+        "ddf": ddf,
+        "satterthwaite_problem": satt_problem,
         "zero_slopes": zero_slopes,
         "boundary": {name: bool(not free[i]) for i, name in enumerate(names)},
         "near_boundary": {name: bool(share[name] < BOUNDARY_SHARE) for name in names},
@@ -1017,8 +1209,177 @@ def _fit(criterion: _Criterion, data: _Data, methods: list[str], confidence: flo
         reml=criterion.reml, converged=converged, optimizer=optimizer, attempts=attempts,
         diagnostics=diagnostics, random_effects=random_effects, n_obs=data.n,
         n_levels={f.name: f.size for f in data.factors}, engine=criterion.engine.kind,
-        confidence=float(confidence), notes=notes, _criterion=criterion, _psi=psi.copy(),
+        alpha=float(alpha), ddf=ddf, notes=notes, _criterion=criterion, _psi=psi.copy(),
+        _satterthwaite=satt,
     )
+
+
+# =========================================================================== inference
+
+
+def _test_row(estimate: float, se: float, df: float, alpha: float) -> dict[str, float]:
+    """SE, df, t (z when df is inf), the 1 - alpha CI and the two-sided p of one estimate."""
+    if not (math.isfinite(se) and se > 0):
+        return {"se": math.nan, "df": df, "statistic": math.nan, "ci_low": math.nan, "ci_high": math.nan,
+                "p": math.nan}
+    stat = estimate / se
+    if math.isfinite(df):
+        q, p = float(stats.t.ppf(1.0 - alpha / 2.0, df)), float(2.0 * stats.t.sf(abs(stat), df))
+    else:
+        q, p = float(stats.norm.ppf(1.0 - alpha / 2.0)), float(2.0 * stats.norm.sf(abs(stat)))
+    return {"se": se, "df": df, "statistic": stat, "ci_low": estimate - q * se, "ci_high": estimate + q * se,
+            "p": p}
+
+
+def _fd_hessian(f: Callable[[np.ndarray], float], x: np.ndarray, h: float) -> np.ndarray:
+    """Central second differences with step h."""
+    k = len(x)
+    out = np.zeros((k, k))
+    f0 = f(x)
+    eye = np.eye(k) * h
+    for i in range(k):
+        out[i, i] = (f(x + eye[i]) - 2.0 * f0 + f(x - eye[i])) / (h * h)
+        for j in range(i):
+            out[i, j] = out[j, i] = (f(x + eye[i] + eye[j]) - f(x + eye[i] - eye[j]) - f(x - eye[i] + eye[j])
+                                     + f(x - eye[i] - eye[j])) / (4.0 * h * h)
+    return out
+
+
+def _richardson(estimate: Callable[[float], Any], h: float) -> Any:
+    """One Richardson step on a central difference: (4 D(h/2) - D(h)) / 3 (error O(h^4))."""
+    coarse, fine = estimate(h), estimate(h / 2.0)
+    if isinstance(coarse, list):
+        return [(4.0 * b - a) / 3.0 for a, b in zip(coarse, fine)]
+    return (4.0 * fine - coarse) / 3.0
+
+
+@dataclass
+class _SatterthwaiteParts:
+    """What Satterthwaite's df of any contrast needs: C, dC/d theta_i and A = 2 H^-1."""
+
+    cov: np.ndarray
+    jacobian: list[np.ndarray]
+    acov: np.ndarray
+    parameters: list[str]
+
+
+def _satterthwaite_setup(criterion: _Criterion, psi: np.ndarray, sigma2: float, free: np.ndarray,
+                         names: list[str], cov: np.ndarray) -> tuple[_SatterthwaiteParts | None, str | None]:
+    """Hessian of the (REML) deviance and Jacobian of cov(beta) in the variance parameters.
+
+    Parameters are the log variances of the non-zero components and of the residual
+    (Kuznetsova et al. 2017 use SDs; df is the same in any parameterisation at the
+    optimum). Components at zero are left out, as on lmerTest's boundary. Derivatives
+    are Richardson-extrapolated central differences.
+    """
+    index = np.flatnonzero(free)
+    p = criterion.p
+    x0 = np.concatenate([np.log(psi[index] * sigma2), [math.log(sigma2)]])
+
+    def unpack(x: np.ndarray) -> tuple[np.ndarray, float]:
+        s2 = math.exp(x[-1])
+        ratios = psi.copy()
+        ratios[index] = np.exp(x[:-1]) / s2
+        return ratios, s2
+
+    def deviance(x: np.ndarray) -> float:
+        ratios, s2 = unpack(x)
+        return criterion.deviance_at(ratios, s2)
+
+    def cov_beta(x: np.ndarray) -> np.ndarray:
+        ratios, s2 = unpack(x)
+        parts = criterion._parts(ratios)
+        if parts is None:
+            raise linalg.LinAlgError("criterion not finite")
+        inv = linalg.solve_triangular(parts[3][:p, :p], np.eye(p), lower=True)
+        return s2 * (inv.T @ inv)
+
+    def jacobian(h: float) -> list[np.ndarray]:
+        eye = np.eye(len(x0)) * h
+        return [(cov_beta(x0 + eye[i]) - cov_beta(x0 - eye[i])) / (2.0 * h) for i in range(len(x0))]
+
+    try:
+        hessian = _richardson(lambda h: _fd_hessian(deviance, x0, h), SATTERTHWAITE_STEP)
+        jac = _richardson(jacobian, SATTERTHWAITE_STEP)
+    except (linalg.LinAlgError, ValueError, FloatingPointError):
+        return None, "the deviance could not be differentiated at the estimate"
+    if not np.all(np.isfinite(hessian)):
+        return None, "the deviance could not be differentiated at the estimate"
+    hessian = (hessian + hessian.T) / 2.0
+    eigen = np.linalg.eigvalsh(hessian)
+    if eigen.min() <= 1e-8 * max(abs(eigen.max()), 1e-300):
+        return None, "the Hessian of the deviance in the variance parameters is singular"
+    acov = 2.0 * np.linalg.inv(hessian)
+    labels = [names[i] for i in index] + [RESIDUAL]
+    return _SatterthwaiteParts(cov=cov, jacobian=jac, acov=acov, parameters=labels), None
+
+
+def _satterthwaite_df(parts: _SatterthwaiteParts, vector: np.ndarray) -> float:
+    """lmerTest's contest1D: 2 (L C L')^2 / (g' A g), g_i = L dC/d theta_i L'."""
+    var = float(vector @ parts.cov @ vector)
+    grad = np.array([float(vector @ j @ vector) for j in parts.jacobian])
+    denom = float(grad @ parts.acov @ grad)
+    if not (denom > 0 and var > 0):
+        return math.nan
+    return 2.0 * var * var / denom
+
+
+def _lme4_check(criterion: _Criterion, psi: np.ndarray, free: np.ndarray) -> dict[str, Any]:
+    """lme4's checkConv on the optimized parameters theta (relative SDs) of the non-zero components.
+
+    Gradient and Hessian of the profiled criterion by central differences (lme4's
+    ``deriv12``, step 1e-4); converged when ``max(min(|solve(chol(H), g)|, |g|)) < 2e-3``.
+    The Hessian check (``check.conv.hess``, tol 1e-6) and the singular-fit check
+    (``isSingular``, any theta < 1e-4) are reported as messages.
+    """
+    index = np.flatnonzero(free)
+    theta_all = np.sqrt(psi)
+    singular = bool(np.any(theta_all < SINGULAR_TOL))
+    out: dict[str, Any] = {"ok": True, "gradient": [], "scaled_gradient": [], "max_scaled_gradient": 0.0,
+                           "hessian_eigenvalues": [], "singular": singular, "messages": []}
+    if singular:
+        out["messages"].append("boundary (singular) fit: a random-effect SD is below "
+                               f"{SINGULAR_TOL:g} of the residual SD")
+    if not index.size:
+        return out
+    theta = theta_all[index]
+
+    def fun(t: np.ndarray) -> float:
+        ratios = psi.copy()
+        ratios[index] = t * t
+        return criterion.deviance(ratios)
+
+    h = CHECK_STEP
+    eye = np.eye(len(theta)) * h
+    grad = np.array([(fun(theta + eye[i]) - fun(theta - eye[i])) / (2.0 * h) for i in range(len(theta))])
+    hess = _fd_hessian(fun, theta, h)
+    out["gradient"] = [float(g) for g in grad]
+    if not (np.all(np.isfinite(grad)) and np.all(np.isfinite(hess))):
+        out.update(ok=False, max_scaled_gradient=math.inf)
+        out["messages"].append("unable to evaluate the gradient of the criterion")
+        return out
+    try:
+        upper = linalg.cholesky(hess, lower=False)
+        scaled = linalg.solve_triangular(upper, grad, lower=False)
+    except (linalg.LinAlgError, ValueError):
+        scaled = None
+    if scaled is None:
+        # lme4: "unable to evaluate scaled gradient"; fall back to the raw gradient.
+        worst = float(np.max(np.abs(grad)))
+        out["messages"].append("unable to evaluate the scaled gradient (Hessian not positive definite)")
+    else:
+        out["scaled_gradient"] = [float(g) for g in scaled]
+        worst = float(np.max(np.minimum(np.abs(scaled), np.abs(grad))))
+    out["max_scaled_gradient"] = worst
+    out["ok"] = bool(worst < GRADIENT_TOL)
+    eigen = np.linalg.eigvalsh((hess + hess.T) / 2.0)
+    out["hessian_eigenvalues"] = [float(e) for e in eigen]
+    if eigen.min() < -HESSIAN_TOL:
+        out["messages"].append(f"degenerate Hessian with {int((eigen < -HESSIAN_TOL).sum())} negative "
+                               "eigenvalue(s)")
+    elif eigen.min() <= 0 or eigen.max() / eigen.min() > 1.0 / HESSIAN_TOL:
+        out["messages"].append("model is nearly unidentifiable: very large eigenvalue ratio of the Hessian")
+    return out
 
 
 # =========================================================================== profile CIs
