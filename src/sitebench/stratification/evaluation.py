@@ -24,6 +24,7 @@ from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable
 from sitebench.stratification.combat import ComBat, combat_efficacy
 from sitebench.stratification.equivalence import site_equivalence
+from sitebench.stratification.lmm import ENGINE_ID
 from sitebench.stratification.metrics import stratum_metrics
 from sitebench.stratification.mixed import fit_scanner_effects, upgrade_effect
 
@@ -41,6 +42,8 @@ EVALUATION_COLUMNS = (mf.SCAN_ID, mf.SUBJECT_ID, MODEL_KEY, mf.SITE, mf.SCANNER_
                       REFERENCE, PREDICTION, ERROR, "dice")
 _TEXT = (mf.SCAN_ID, mf.SUBJECT_ID, MODEL_KEY, mf.SITE, mf.SCANNER_ID, mf.VENDOR, mf.SCANNER_MODEL,
          mf.SOFTWARE_VERSION, mf.ACQUISITION_DATE, mf.SEX, mf.GROUP)
+#: The engine named by plans locked before AnalysisPlan recorded one.
+LEGACY_MIXED_MODEL_ENGINE = "statsmodels.MixedLM"
 #: Covariates adjusted for in harmonization (those present).
 COVARIATES = (mf.AGE, mf.SEX, mf.GROUP)
 
@@ -66,6 +69,10 @@ class AnalysisPlan:
     comparison_margin: float | None = None
     endpoint: Endpoint | None = None
     alpha: float = 0.05
+    #: The mixed-model engine and version of its numbers (plans written before it existed: statsmodels).
+    mixed_model_engine: str = ENGINE_ID
+    #: Denominator df of the mixed-model fixed-effect tests: "satterthwaite" or "wald" (z).
+    df_method: str = "satterthwaite"
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(asdict(self))
@@ -73,6 +80,9 @@ class AnalysisPlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AnalysisPlan":
         data = dict(data)
+        if "mixed_model_engine" not in data:  # locked before the engine was recorded: statsmodels, Wald z
+            data["mixed_model_engine"] = LEGACY_MIXED_MODEL_ENGINE
+            data.setdefault("df_method", "wald")
         if data.get("endpoint"):
             data["endpoint"] = Endpoint(**data["endpoint"])
         return cls(**data)
@@ -177,7 +187,7 @@ def evaluate_models(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[st
         metrics.insert(0, MODEL_KEY, key)
         metric_frames.append(metrics)
         for response in (ERROR, PREDICTION):
-            mixed.append({MODEL_KEY: key, **fit_scanner_effects(part, response).to_dict()})
+            mixed.append({MODEL_KEY: key, **fit_scanner_effects(part, response, ddf=plan.df_method).to_dict()})
         complete = part.dropna(subset=[REFERENCE, PREDICTION]).reset_index(drop=True)  # as the metrics do
         up = upgrade_effect(complete, ERROR).to_frame()
         up.insert(0, MODEL_KEY, key)
@@ -191,7 +201,7 @@ def evaluate_models(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[st
             frame["all_within_margin"] = eq.all_within_margin
             equivalences.append(frame)
     first = table[table[MODEL_KEY] == model_keys[0]].reset_index(drop=True)
-    mixed.append({MODEL_KEY: REFERENCE_KEY, **fit_scanner_effects(first, REFERENCE).to_dict()})
+    mixed.append({MODEL_KEY: REFERENCE_KEY, **fit_scanner_effects(first, REFERENCE, ddf=plan.df_method).to_dict()})
     comparison, discrimination = compare_versions(table, plan)
     return Evaluation(table=table, plan=plan, metrics=pd.concat(metric_frames, ignore_index=True), mixed=jsonable(mixed),
                       upgrade=pd.concat(upgrades, ignore_index=True),

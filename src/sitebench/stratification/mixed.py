@@ -2,16 +2,17 @@
 
 Vendor and software upgrade are fixed effects (they are what a sponsor could act
 on); site and scanner-within-site are random effects whose variances say how much
-of the biomarker is scanner noise. statsmodels' MixedLM is fitted with several
-optimizers because single optimizers fail silently on these data, and fits on the
-variance boundary are checked against OLS (statsmodels issue #10239).
+of the biomarker is scanner noise. The model is fitted by sitebench's own REML engine
+(:func:`sitebench.stratification.lmm.fit_lmm`, checked against lme4 and lmerTest): this
+module only chooses the terms the data can support and words the result for a report.
+Fixed effects get t tests with Satterthwaite degrees of freedom (Kuznetsova et al. 2017,
+lmerTest) unless ``ddf="wald"``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -30,19 +31,15 @@ from sitebench.datasets.manifest import (
 )
 from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable
+from sitebench.stratification.lmm import BOUNDARY_SHARE, DEFAULT_OPTIMIZERS, ENGINE_ID, fit_lmm
+from sitebench.stratification.validation import check_alpha
 
 DEFAULT_FIXED: tuple[str, ...] = ("C(vendor)", SOFTWARE_UPGRADED, "age", "C(sex)", "C(group)")
-DEFAULT_OPTIMIZERS: tuple[str, ...] = ("lbfgs", "bfgs", "powell", "nm")
-#: A variance component below this share of the total variance is "on the boundary".
-BOUNDARY_SHARE = 1e-4
-#: Largest |mixed - reference| fixed-effect difference, in reference SEs, counted as agreement.
-BOUNDARY_TOLERANCE_SE = 0.05
-FIXED_COLUMNS: tuple[str, ...] = ("term", "estimate", "se", "ci_low", "ci_high", "p")
+FIXED_COLUMNS: tuple[str, ...] = ("term", "estimate", "se", "df", "ci_low", "ci_high", "p")
 UPGRADE_COLUMNS: tuple[str, ...] = (
     "site", "n_before", "n_after", "mean_before", "mean_after", "difference",
     "se", "df", "ci_low", "ci_high", "p", "note",
 )
-_Z95 = float(stats.norm.ppf(0.975))
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -68,9 +65,13 @@ class ScannerEffects:
     n_dropped: int
     dropped_terms: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ddf: str = "satterthwaite"
+    alpha: float = 0.05
+    engine: str = ENGINE_ID
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
-        """The fixed-effects table: term, estimate, se, ci_low, ci_high, p."""
+        """The fixed-effects table: term, estimate, se, df (inf = Wald z), ci_low, ci_high, p."""
         return self.fixed_effects.copy()
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,27 +99,35 @@ class ScannerEffects:
             "n_dropped": int(self.n_dropped),
             "dropped_terms": list(self.dropped_terms),
             "notes": list(self.notes),
+            "engine": self.engine,
+            "ddf": self.ddf,
+            "alpha": float(self.alpha),
+            "diagnostics": jsonable(self.diagnostics),
         }
 
     def summary(self) -> str:
         """Readable report: model, fit status, fixed effects, variance components, notes."""
+        pct = f"{(1.0 - self.alpha) * 100:g}%"
         lines = [
-            f"Mixed model ({'REML' if self.reml else 'ML'}): {self.formula}",
+            f"Mixed model ({'REML' if self.reml else 'ML'}, {self.engine}): {self.formula}",
             f"{self.n_obs} scans, {self.n_sites} sites"
             + (f", {self.n_scanners} scanners" if self.n_scanners is not None else "")
             + (f"; {self.n_dropped} scans dropped (missing values)" if self.n_dropped else ""),
             f"optimizer {self.optimizer}, converged {self.converged}, log-likelihood "
             + (f"{self.loglik:.3f}" if self.loglik is not None else "n/a")
             + (", variance on the boundary" if self.boundary else ""),
+            "CIs and p-values: " + ("t with Satterthwaite degrees of freedom" if self.ddf == "satterthwaite"
+                                    else "Wald z"),
             "",
-            f"{'term':<28} {'estimate':>10} {'se':>9} {'95% CI':>23} {'p':>9}",
+            f"{'term':<28} {'estimate':>10} {'se':>9} {'df':>8} {pct + ' CI':>23} {'p':>9}",
         ]
         for _, row in self.fixed_effects.iterrows():
             ci = (f"[{row['ci_low']:.4g}, {row['ci_high']:.4g}]"
                   if pd.notna(row["ci_low"]) else "n/a")
             p = f"{row['p']:.3g}" if pd.notna(row["p"]) else "n/a"
             se = f"{row['se']:.4g}" if pd.notna(row["se"]) else "n/a"
-            lines.append(f"{str(row['term']):<28} {row['estimate']:>10.4g} {se:>9} {ci:>23} {p:>9}")
+            df = f"{row['df']:.1f}" if pd.notna(row["df"]) and math.isfinite(row["df"]) else "inf"
+            lines.append(f"{str(row['term']):<28} {row['estimate']:>10.4g} {se:>9} {df:>8} {ci:>23} {p:>9}")
         lines += ["", f"{'variance component':<20} {'variance':>10} {'share':>8}"]
         for name, value in self.variance_components.items():
             share = self.variance_share.get(name)
@@ -134,9 +143,14 @@ class UpgradeEffect:
 
     response: str
     site_column: str
-    confidence: float
+    alpha: float
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def confidence(self) -> float:
+        """Coverage of the intervals, ``1 - alpha`` (the old name)."""
+        return 1.0 - self.alpha
 
     def to_frame(self) -> pd.DataFrame:
         """One row per site with scans both before and after its upgrade."""
@@ -150,6 +164,7 @@ class UpgradeEffect:
         return {
             "response": self.response,
             "site_column": self.site_column,
+            "alpha": float(self.alpha),
             "confidence": float(self.confidence),
             "sites": [{k: jsonable(row[k]) for k in UPGRADE_COLUMNS} for row in self.rows],
             "notes": list(self.notes),
@@ -157,7 +172,7 @@ class UpgradeEffect:
 
     def summary(self) -> str:
         """Readable table of before/after means and the Welch CI of the difference."""
-        pct = f"{self.confidence * 100:g}%"
+        pct = f"{(1.0 - self.alpha) * 100:g}%"
         lines = [f"Software upgrade effect on '{self.response}' within {self.site_column} "
                  f"(after - before, Welch {pct} CI)"]
         if not self.rows:
@@ -179,16 +194,16 @@ def fit_scanner_effects(table: pd.DataFrame, response: str, *,
                         fixed: Sequence[str] = DEFAULT_FIXED,
                         site: str = SITE, scanner: str | None = SCANNER_ID,
                         reml: bool = True,
-                        optimizers: Sequence[str] = DEFAULT_OPTIMIZERS) -> ScannerEffects:
-    """Fit ``response ~ fixed + (1 | site) + (1 | site:scanner)`` and report effects and variances.
+                        optimizers: Sequence[str] = DEFAULT_OPTIMIZERS,
+                        ddf: str = "satterthwaite", alpha: float = 0.05) -> ScannerEffects:
+    """Fit ``response ~ fixed + (1 | site) [+ (1 | site:scanner)]`` and report effects and variances.
 
     Fixed terms that name missing, empty or constant columns, or that are collinear
-    with earlier terms, are dropped with a note. Every optimizer is tried and the
-    converged fit with the highest log-likelihood is kept. When a variance lands on
-    zero the fixed effects are checked against the model without that component.
+    with earlier terms, are dropped with a note. The scanner component is fitted when
+    some site has more than one scanner. :func:`fit_lmm` does the fit (optimizer
+    fallbacks, exact-zero boundary refits, lme4's convergence check, Satterthwaite df).
     """
-    import statsmodels.formula.api as smf
-
+    alpha = check_alpha(alpha)
     if isinstance(fixed, str):
         fixed = (fixed,)
     if isinstance(optimizers, str):
@@ -280,83 +295,60 @@ def fit_scanner_effects(table: pd.DataFrame, response: str, *,
     rhs = " + ".join(kept) if kept else "1"
     formula = f"{_quote(response)} ~ {rhs}"
     shown = f"{response} ~ {' + '.join(kept) if kept else '1'} + (1 | {site})"
-    vc_formula = None
+    vc = {"scanner": scanner} if has_vc else {}
     if has_vc:
-        vc_formula = {"scanner": f"0 + C({_quote(scanner)})"}
         shown += f" + (1 | {site}:{scanner})"
 
-    model = smf.mixedlm(formula, data, groups=data[site], re_formula="1", vc_formula=vc_formula)
-    result, attempts, optimizer = _fit_best(model, reml, optimizers)
-    converged = bool(result.converged)
-    if not converged:
-        notes.append("no optimizer converged; the fit with the highest log-likelihood is reported")
-
-    names = list(result.fe_params.index)
-    fe = np.asarray(result.fe_params, dtype=float)
-    with np.errstate(invalid="ignore"):  # a singular covariance gives NaN SEs, reported below as not available
-        se = np.asarray(result.bse_fe, dtype=float)[: len(fe)]
-    scale = float(result.scale)
-    site_var = float(np.asarray(result.cov_re)[0, 0])
-    scanner_var = float(np.asarray(result.vcomp)[0]) if has_vc else None
-    loglik = float(result.llf)
-
-    total = site_var + (scanner_var or 0.0) + scale
-    on_boundary = [name for name, value in (("site", site_var), ("scanner", scanner_var))
-                   if value is not None and value < BOUNDARY_SHARE * total]
-    boundary_check: dict[str, Any] | None = None
-    if on_boundary:
-        reference = _boundary_reference(smf, formula, data, site, scanner, has_vc, on_boundary,
-                                        reml, optimizers)
-        boundary_check, replace = _check_boundary(model, names, fe, site_var, scanner_var, scale,
-                                                  reference, has_vc)
-        boundary_check["components"] = on_boundary
-        if replace:
-            fe, se = reference["fe"], reference["se"]
-            site_var, scale = reference["site"], reference["residual"]
-            if has_vc:
-                scanner_var = reference["scanner"]
-            loglik = boundary_check["loglik_reference"]
-            notes.append(f"fixed effects at the variance boundary disagreed with {reference['label']} "
-                         f"(max {boundary_check['max_abs_diff_se']:.3g} SE); its estimates are used")
-        notes.append(f"{' and '.join(on_boundary)} variance estimated as ~0 (boundary)")
-
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = fe / se
-    fixed_table = pd.DataFrame({
-        "term": names,
-        "estimate": fe,
-        "se": np.where(se > 0, se, np.nan),
-        "ci_low": fe - _Z95 * se,
-        "ci_high": fe + _Z95 * se,
-        "p": 2.0 * stats.norm.sf(np.abs(z)),
-    }, columns=list(FIXED_COLUMNS))
-    bad_se = ~(np.isfinite(se) & (se > 0))
+    fit = fit_lmm(data, formula, site, vc=vc, reml=reml, optimizers=optimizers, ddf=ddf, alpha=alpha)
+    notes.extend(fit.notes)
+    fixed_table = fit.to_frame()[list(FIXED_COLUMNS)]
+    bad_se = ~(np.isfinite(fixed_table["se"]) & (fixed_table["se"] > 0))
     fixed_table.loc[bad_se, ["se", "ci_low", "ci_high", "p"]] = np.nan
     if bad_se.any():
-        notes.append("standard error not available for: " + ", ".join(np.array(names)[bad_se]))
+        notes.append("standard error not available for: " + ", ".join(fixed_table.loc[bad_se, "term"]))
 
-    components: dict[str, float | None] = {"site": site_var, "scanner": scanner_var, "residual": scale}
+    fitted = fit.variance_components
+    components: dict[str, float | None] = {"site": fitted[site], "scanner": fitted["scanner"] if has_vc else None,
+                                           "residual": fitted["residual"]}
     total = sum(v for v in components.values() if v is not None)
     share = {k: (v / total if v is not None and total > 0 else None) for k, v in components.items()}
+    on_boundary = [name for name in ("site", "scanner")
+                   if components[name] is not None and share[name] is not None and share[name] < BOUNDARY_SHARE]
+    boundary_check: dict[str, Any] | None = None
+    if on_boundary:
+        exact = [name for name, key in (("site", site), ("scanner", "scanner"))
+                 if fit.diagnostics["boundary"].get(key)]
+        boundary_check = {"components": on_boundary, "exact_zero": exact,
+                          "method": "components at ~0 refitted at exactly 0 and kept when the criterion is "
+                                    "no worse (the fixed effects are then those of the model without them)",
+                          "refits": fit.diagnostics["boundary_refits"]}
 
+    diagnostics = {key: fit.diagnostics[key] for key in (
+        "max_scaled_gradient", "scaled_gradient", "gradient_tol", "last_step_rel_change", "singular",
+        "hessian_eigenvalues", "gradient_norm", "zero_slopes", "convergence_messages", "satterthwaite_problem")}
     return ScannerEffects(
-        response=response, formula=shown, fixed_effects=fixed_table,
-        variance_components=components, variance_share=share, loglik=loglik, reml=bool(reml),
-        converged=converged, optimizer=optimizer, attempts=attempts,
+        response=response, formula=shown, fixed_effects=fixed_table.reset_index(drop=True),
+        variance_components=components, variance_share=share, loglik=float(fit.loglik), reml=bool(reml),
+        converged=bool(fit.converged), optimizer=fit.optimizer, attempts=fit.attempts,
         boundary=bool(on_boundary), boundary_check=boundary_check, n_obs=n_obs, n_sites=n_sites,
         n_scanners=n_scanners, n_dropped=n_dropped, dropped_terms=dropped_terms, notes=notes,
+        ddf=fit.ddf, alpha=alpha, engine=ENGINE_ID, diagnostics=diagnostics,
     )
 
 
-def upgrade_effect(table: pd.DataFrame, response: str, site_column: str = SITE, *,
-                   confidence: float = 0.95) -> UpgradeEffect:
+def upgrade_effect(table: pd.DataFrame, response: str, site_column: str = SITE, alpha: float = 0.05, *,
+                   confidence: float | None = None) -> UpgradeEffect:
     """Within each site, compare scans after a software upgrade with those before (Welch).
 
     A within-site before/after difference is free of the between-site variation
-    that dominates the mixed model, so it is the direct check of an upgrade.
+    that dominates the mixed model, so it is the direct check of an upgrade. Welch CIs are
+    ``1 - alpha``; ``confidence`` (the old name, = 1 - alpha) is still accepted.
     """
-    if not 0 < confidence < 1:
-        raise SitebenchError(f"confidence must be between 0 and 1, got {confidence!r}")
+    if confidence is not None:
+        if not 0 < confidence < 1:
+            raise SitebenchError(f"confidence must be between 0 and 1, got {confidence!r}")
+        alpha = 1.0 - float(confidence)
+    alpha = check_alpha(alpha)
     for column in (response, site_column):
         if column not in table.columns:
             raise SitebenchError(f"column '{column}' not in the table")
@@ -377,7 +369,7 @@ def upgrade_effect(table: pd.DataFrame, response: str, site_column: str = SITE, 
     frame = pd.DataFrame({"site": data[site_column].to_numpy()[keep], "y": y[keep], "up": flag[keep]})
 
     rows: list[dict[str, Any]] = []
-    quantile = 1.0 - (1.0 - confidence) / 2.0
+    quantile = 1.0 - alpha / 2.0
     for site_name, group in sorted(frame.groupby("site"), key=lambda item: str(item[0])):
         before = group.loc[group["up"] == 0, "y"].to_numpy()
         after = group.loc[group["up"] == 1, "y"].to_numpy()
@@ -405,7 +397,7 @@ def upgrade_effect(table: pd.DataFrame, response: str, site_column: str = SITE, 
         rows.append(row)
     if not rows:
         notes.append("no site has scans both before and after a software upgrade")
-    return UpgradeEffect(response=response, site_column=site_column, confidence=float(confidence),
+    return UpgradeEffect(response=response, site_column=site_column, alpha=alpha,
                          rows=rows, notes=notes)
 
 
@@ -433,121 +425,3 @@ def _adds_rank(data: pd.DataFrame, kept: list[str], term: str) -> bool:
     except Exception as exc:  # patsy raises many types for a bad term
         raise SitebenchError(f"cannot build fixed term '{term}' ({exc.__class__.__name__}: {exc})") from None
     return int(np.linalg.matrix_rank(design)) == design.shape[1]
-
-
-def _fit_best(model: Any, reml: bool, optimizers: Sequence[str]) -> tuple[Any, list[dict[str, Any]], str]:
-    """Fit with each optimizer; keep the converged fit with the highest log-likelihood."""
-    attempts: list[dict[str, Any]] = []
-    fits: list[tuple[str, Any]] = []
-    for optimizer in optimizers:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                result = model.fit(reml=reml, method=[optimizer])
-                loglik = float(result.llf)
-                ok = bool(result.converged) and math.isfinite(loglik)
-            except Exception as exc:  # record any optimizer failure and try the next one
-                attempts.append({"optimizer": optimizer, "converged": False, "loglik": None,
-                                 "warning": f"error: {exc.__class__.__name__}: {exc}"})
-                continue
-        text = "; ".join(dict.fromkeys(" ".join(str(w.message).split()) for w in caught)) or None
-        attempts.append({"optimizer": optimizer, "converged": ok,
-                         "loglik": loglik if math.isfinite(loglik) else None, "warning": text})
-        if math.isfinite(loglik):
-            fits.append((optimizer, result))
-    if not fits:
-        detail = "; ".join(f"{a['optimizer']}: {a['warning']}" for a in attempts)
-        raise SitebenchError(f"mixed model could not be fitted with any optimizer ({detail})")
-    converged = [(o, r) for o, r in fits if r.converged]
-    pool = converged or fits
-    optimizer, best = max(pool, key=lambda item: float(item[1].llf))
-    return best, attempts, optimizer
-
-
-def _boundary_reference(smf: Any, formula: str, data: pd.DataFrame, site: str, scanner: str | None,
-                        has_vc: bool, on_boundary: list[str], reml: bool,
-                        optimizers: Sequence[str]) -> dict[str, Any]:
-    """Fit the model without the zero variance component(s): OLS, or one random intercept."""
-    site_zero = "site" in on_boundary
-    scanner_zero = "scanner" in on_boundary or not has_vc
-    if site_zero and scanner_zero:
-        fit = smf.ols(formula, data).fit()
-        df_resid = float(fit.df_resid)
-        residual = float(fit.ssr / (df_resid if reml else fit.nobs))
-        se = np.asarray(fit.bse, dtype=float) * (1.0 if reml else math.sqrt(df_resid / fit.nobs))
-        return {"label": "OLS", "fe": np.asarray(fit.params, dtype=float), "se": se,
-                "names": list(fit.params.index), "site": 0.0, "scanner": 0.0, "residual": residual}
-    if site_zero:
-        groups = data[site].astype(str) + "\x00" + data[scanner].astype(str)
-        label = "a random intercept per scanner (site variance 0)"
-    else:
-        groups = data[site]
-        label = "a random intercept per site (scanner variance 0)"
-    model = smf.mixedlm(formula, data, groups=groups, re_formula="1")
-    fit, _, _ = _fit_best(model, reml, optimizers)
-    var = float(np.asarray(fit.cov_re)[0, 0])
-    with np.errstate(invalid="ignore"):
-        se = np.asarray(fit.bse_fe, dtype=float)[: len(fit.fe_params)]
-    return {"label": label, "fe": np.asarray(fit.fe_params, dtype=float), "se": se,
-            "names": list(fit.fe_params.index),
-            "site": 0.0 if site_zero else var, "scanner": var if site_zero else 0.0,
-            "residual": float(fit.scale)}
-
-
-def _check_boundary(model: Any, names: list[str], fe: np.ndarray, site_var: float,
-                    scanner_var: float | None, scale: float, reference: dict[str, Any],
-                    has_vc: bool) -> tuple[dict[str, Any], bool]:
-    """Compare boundary fixed effects with the reference fit; say whether to use the reference."""
-    if reference["names"] != names:
-        raise SitebenchError("internal: reference model has different fixed-effect terms")
-    ref_fe, ref_se = reference["fe"], reference["se"]
-    unit = np.where(np.isfinite(ref_se) & (ref_se > 0), ref_se, np.maximum(np.abs(ref_fe), 1.0))
-    diff = np.abs(fe - ref_fe) / unit
-    max_diff = float(np.nanmax(diff)) if diff.size else 0.0
-    check: dict[str, Any] = {
-        "reference": reference["label"],
-        "max_abs_diff_se": max_diff,
-        "worst_term": names[int(np.nanargmax(diff))] if diff.size else None,
-        "tolerance_se": BOUNDARY_TOLERANCE_SE,
-        "agree": bool(max_diff <= BOUNDARY_TOLERANCE_SE),
-        "loglik_fit": None,
-        "loglik_reference": None,
-        "action": "kept mixed-model estimates",
-    }
-    if check["agree"]:
-        return check, False
-    # Both candidates evaluated in the full model, same floor on zero variances.
-    ll_fit = _loglike_at(model, fe, site_var, scanner_var, scale, has_vc)
-    ll_ref = _loglike_at(model, ref_fe, reference["site"], reference["scanner"],
-                         reference["residual"], has_vc)
-    check["loglik_fit"], check["loglik_reference"] = ll_fit, ll_ref
-    better = math.isfinite(ll_ref) and (not math.isfinite(ll_fit)
-                                        or ll_ref >= ll_fit - 1e-6 * max(1.0, abs(ll_fit)))
-    if better:
-        check["action"] = "used reference estimates"
-    else:
-        check["action"] = "kept mixed-model estimates (higher log-likelihood than reference)"
-    return check, better
-
-
-def _loglike_at(model: Any, fe: np.ndarray, site_var: float, scanner_var: float | None,
-                scale: float, has_vc: bool) -> float:
-    """The model's (REML or ML) log-likelihood at given fixed effects and variances."""
-    from statsmodels.regression.mixed_linear_model import MixedLMParams
-
-    floor = 1e-8
-    params = MixedLMParams.from_components(
-        fe_params=np.asarray(fe, dtype=float),
-        cov_re=np.array([[max(site_var / scale, floor)]]),
-        vcomp=np.array([max((scanner_var or 0.0) / scale, floor)]) if has_vc else None,
-    )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return float(model.loglike(params, profile_fe=False))
-    except (np.linalg.LinAlgError, ValueError, FloatingPointError):
-        return float("nan")
-
-
-
-
