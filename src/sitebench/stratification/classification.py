@@ -35,8 +35,8 @@ import pandas as pd
 from scipy import stats
 
 from sitebench.errors import SitebenchError
-from sitebench.stratification.validation import check_alpha
 from sitebench.provenance import jsonable
+from sitebench.stratification.validation import as_numeric, check_alpha, fmt_number
 
 __all__ = [
     "CalibrationResult",
@@ -104,27 +104,16 @@ def _binary(values: Any, name: str) -> np.ndarray:
 
 
 def _numeric(values: Any, name: str) -> np.ndarray:
+    """Scores or values with no missing entry (ROC and calibration need every one)."""
     series = _values(values, name)
     if len(series) == 0:
         raise SitebenchError(f"{name} is empty")
     _missing(series, name)
-    try:
-        array = pd.to_numeric(series, errors="raise").to_numpy(dtype=np.float64)
-    except (TypeError, ValueError):
-        bad = next(v for v in series if not _is_number(v))
-        raise SitebenchError(f"{name} must be numeric; found {bad!r}") from None
+    array = as_numeric(series, name)
     if np.isnan(array).any():
         first = int(np.flatnonzero(np.isnan(array))[0])
         raise SitebenchError(f"{name} has missing (NaN) value(s), first at position {first}")
     return array
-
-
-def _is_number(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _same_length(first: np.ndarray, first_name: str, other: np.ndarray, other_name: str) -> None:
@@ -143,10 +132,6 @@ def _two_classes(truth: np.ndarray, name: str = "truth") -> None:
 def _num(value: Any) -> float | None:
     """float, or None when missing / not finite (for to_dict)."""
     return jsonable(value) if value is not None else None
-
-
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "n/e" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def _fmt_ci(low: float | None, high: float | None, digits: int = 3) -> str:
@@ -255,14 +240,14 @@ class DeLongResult:
         pct = f"{(1 - self.alpha) * 100:g}%"
         lines = [
             f"AUC (DeLong, larger score = positive): {self.n_positive} positive, {self.n_negative} negative",
-            f"  AUC  {_fmt(self.auc)} {pct} CI {_fmt_ci(self.ci_low, self.ci_high)}",
+            f"  AUC  {fmt_number(self.auc, '.3f')} {pct} CI {_fmt_ci(self.ci_low, self.ci_high)}",
         ]
         if self.paired:
-            lines.append(f"  AUC2 {_fmt(self.auc2)} {pct} CI {_fmt_ci(self.auc2_ci_low, self.auc2_ci_high)}")
+            lines.append(f"  AUC2 {fmt_number(self.auc2, '.3f')} {pct} CI {_fmt_ci(self.auc2_ci_low, self.auc2_ci_high)}")
             lines.append(
-                f"  paired DeLong test: difference {_fmt(self.difference, 4)} {pct} CI "
+                f"  paired DeLong test: difference {fmt_number(self.difference, '.4f')} {pct} CI "
                 f"{_fmt_ci(self.difference_ci_low, self.difference_ci_high, 4)}, "
-                f"z = {_fmt(self.z, 3)}, p = {_fmt_p(self.p)}")
+                f"z = {fmt_number(self.z, '.3f')}, p = {_fmt_p(self.p)}")
         if self.se is None:
             lines.append("  note: the DeLong variance needs at least 2 positives and 2 negatives")
         return "\n".join(lines)
@@ -378,9 +363,9 @@ class SensitivitySpecificityResult:
         pct = f"{(1 - self.alpha) * 100:g}%"
         return "\n".join([
             f"TP {self.tp}  FN {self.fn}  TN {self.tn}  FP {self.fp}",
-            f"  sensitivity {_fmt(self.sensitivity)} ({self.tp}/{self.n_positive}) {pct} Clopper-Pearson CI "
+            f"  sensitivity {fmt_number(self.sensitivity, '.3f')} ({self.tp}/{self.n_positive}) {pct} Clopper-Pearson CI "
             f"{_fmt_ci(self.sensitivity_ci_low, self.sensitivity_ci_high)}",
-            f"  specificity {_fmt(self.specificity)} ({self.tn}/{self.n_negative}) {pct} Clopper-Pearson CI "
+            f"  specificity {fmt_number(self.specificity, '.3f')} ({self.tn}/{self.n_negative}) {pct} Clopper-Pearson CI "
             f"{_fmt_ci(self.specificity_ci_low, self.specificity_ci_high)}",
         ])
 

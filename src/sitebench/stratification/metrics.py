@@ -18,6 +18,7 @@ import pandas as pd
 from sitebench.datasets.manifest import DEFAULT_STRATA, SITE, SUBJECT_ID
 from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable
+from sitebench.stratification.validation import as_numeric
 
 #: Metric names in the order they are reported.
 METRICS: tuple[str, ...] = ("mae", "bias", "rmse", "pearson_r", "dice")
@@ -154,8 +155,8 @@ def stratum_metrics(table: pd.DataFrame, *, prediction: str, reference: str,
 
     notes: list[str] = []
     data = table.reset_index(drop=True)
-    x_all = _numeric(data[prediction], prediction)
-    y_all = _numeric(data[reference], reference)
+    x_all = as_numeric(data[prediction], f"column '{prediction}'")
+    y_all = as_numeric(data[reference], f"column '{reference}'")
     keep = np.isfinite(x_all) & np.isfinite(y_all)
     n_dropped = int((~keep).sum())
     if n_dropped:
@@ -169,7 +170,7 @@ def stratum_metrics(table: pd.DataFrame, *, prediction: str, reference: str,
     d = np.full(n, np.nan)
     use_dice = False
     if dice is not None and dice in data.columns:
-        d = _numeric(data[dice], dice)
+        d = as_numeric(data[dice], f"column '{dice}'")
         use_dice = bool(np.isfinite(d).any())
         if not use_dice:
             notes.append(f"Dice column '{dice}' has no values; Dice not reported")
@@ -229,13 +230,6 @@ def stratum_metrics(table: pd.DataFrame, *, prediction: str, reference: str,
         min_scans=int(min_scans), resampling=resampling, n_scans=n, n_dropped=n_dropped,
         rows=rows, notes=notes,
     )
-
-
-def _numeric(values: pd.Series, name: str) -> np.ndarray:
-    try:
-        return pd.to_numeric(values, errors="raise").to_numpy(dtype=float, na_value=np.nan)
-    except (TypeError, ValueError):
-        raise SitebenchError(f"column '{name}' is not numeric") from None
 
 
 def _clusters(sites: pd.Series, subjects: pd.Series | None) -> tuple[np.ndarray, str]:

@@ -36,7 +36,7 @@ from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable
 from sitebench.stratification.classification import _binary, delong
 from sitebench.stratification.equivalence import holm
-from sitebench.stratification.validation import check_alpha, check_margin
+from sitebench.stratification.validation import check_alpha, check_margin, fmt_number
 
 __all__ = ["PairedAUC", "PairedComparison", "paired_auc", "paired_comparison"]
 
@@ -47,10 +47,6 @@ COLUMNS = ("level", "n_pairs", "mean_a", "mean_b", "difference", "sd_difference"
            "equivalent", "equivalent_holm", "estimable")
 AUC_COLUMNS = ("level", "n", "n_positive", "n_negative", "auc_a", "auc_b", "difference", "se", "ci_low",
                "ci_high", "z", "p", "status", "reason")
-
-
-def _fmt(x: float | None, spec: str = ".4g") -> str:
-    return "n/e" if x is None or not math.isfinite(x) else format(x, spec)
 
 
 def _numeric_frame(rows: list[dict[str, Any]], columns: tuple[str, ...], keep: tuple[str, ...]) -> pd.DataFrame:
@@ -172,16 +168,16 @@ class PairedComparison:
                  f"{'level':<12}{'n':>6}{'diff':>11}{pct + ' CI':>24}{'p':>10}{'p Wilcox':>10}"
                  + (f"{'p TOST':>10}{'p Holm':>10}" if self.margin is not None else "")]
         for r in self.rows:
-            ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
-            line = (f"{str(r['level']):<12}{r['n_pairs']:>6}{_fmt(r['difference']):>11}{ci:>24}"
-                    f"{_fmt(r['p'], '.3g'):>10}{_fmt(r['p_wilcoxon'], '.3g'):>10}")
+            ci = f"[{fmt_number(r['ci_low'])}, {fmt_number(r['ci_high'])}]"
+            line = (f"{str(r['level']):<12}{r['n_pairs']:>6}{fmt_number(r['difference']):>11}{ci:>24}"
+                    f"{fmt_number(r['p'], '.3g'):>10}{fmt_number(r['p_wilcoxon'], '.3g'):>10}")
             if self.margin is not None:
-                line += f"{_fmt(r['p_tost'], '.3g'):>10}{_fmt(r['p_holm'], '.3g'):>10}"
+                line += f"{fmt_number(r['p_tost'], '.3g'):>10}{fmt_number(r['p_holm'], '.3g'):>10}"
             lines.append(line)
         if self.margin is not None:
             lines.append(f"every {'level' if self.by else 'scan set'} within ±{self.margin:g} (TOST at "
                          f"{self.alpha:g}): {'YES' if self.all_within_margin else 'NO'} (intersection-union "
-                         f"p = {_fmt(self.p_intersection_union, '.3g')})")
+                         f"p = {fmt_number(self.p_intersection_union, '.3g')})")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -270,9 +266,9 @@ class PairedAUC:
         lines = [f"Paired DeLong test of AUC ('{self.score}' for '{self.truth}'): {self.b!r} - {self.a!r}",
                  f"{'level':<12}{'n':>6}{'AUC a':>8}{'AUC b':>8}{'diff':>9}{pct + ' CI':>22}{'p':>10}"]
         for r in self.rows:
-            ci = f"[{_fmt(r['ci_low'], '.3f')}, {_fmt(r['ci_high'], '.3f')}]"
-            lines.append(f"{str(r['level']):<12}{r['n']:>6}{_fmt(r['auc_a'], '.3f'):>8}{_fmt(r['auc_b'], '.3f'):>8}"
-                         f"{_fmt(r['difference'], '.3f'):>9}{ci:>22}{_fmt(r['p'], '.3g'):>10}"
+            ci = f"[{fmt_number(r['ci_low'], '.3f')}, {fmt_number(r['ci_high'], '.3f')}]"
+            lines.append(f"{str(r['level']):<12}{r['n']:>6}{fmt_number(r['auc_a'], '.3f'):>8}{fmt_number(r['auc_b'], '.3f'):>8}"
+                         f"{fmt_number(r['difference'], '.3f'):>9}{ci:>22}{fmt_number(r['p'], '.3g'):>10}"
                          + ("" if r["status"] == "ok" else f"  {r['status']}: {r['reason']}"))
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)

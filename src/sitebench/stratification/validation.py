@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
+
+import numpy as np
 
 from sitebench.errors import SitebenchError
 
-__all__ = ["check_alpha", "check_margin"]
+__all__ = ["as_numeric", "check_alpha", "check_margin", "fmt_number"]
 
 
 def check_alpha(alpha: float) -> float:
@@ -27,3 +30,37 @@ def check_margin(margin: float, alpha: float) -> tuple[float, float]:
     if not 0 < alpha < 0.5:
         raise SitebenchError(f"alpha must be in (0, 0.5) for TOST (a {100 * (1 - 2 * alpha):g}% CI), got {alpha!r}")
     return float(margin), float(alpha)
+
+
+def as_numeric(values: Any, name: str) -> np.ndarray:
+    """The values as float64, missing values as NaN; a non-number is one error naming it.
+
+    Each statistic then applies its own missing-value rule (metrics drop NaN per
+    analysis; agreement and ROC analyses refuse them), but the wording for text in a
+    numeric column is the same everywhere.
+    """
+    import pandas as pd
+
+    series = values if isinstance(values, pd.Series) else pd.Series(np.asarray(values, dtype=object))
+    try:
+        return pd.to_numeric(series, errors="raise").to_numpy(dtype=np.float64, na_value=np.nan)
+    except (TypeError, ValueError):
+        bad = next((v for v in series if not _is_number(v)), None)
+        raise SitebenchError(f"{name} must be numeric; found {bad!r}") from None
+
+
+def fmt_number(value: float | None, spec: str = ".4g", missing: str = "n/e") -> str:
+    """A number for a summary() table; ``missing`` ("not estimable") for None, NaN or inf."""
+    if value is None or not math.isfinite(float(value)):
+        return missing
+    return format(value, spec)
+
+
+def _is_number(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
