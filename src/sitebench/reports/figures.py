@@ -1,19 +1,25 @@
-"""Report figures, each a function of tidy tables that returns PNG bytes.
+"""Report figures, each a function of tidy tables that draws on matplotlib axes and returns the Figure.
 
-They take the same tables the report prints, so a reader can always find the
-numbers behind a picture.
+Like nilearn's plotting functions, each takes ``ax=None`` (one panel) or ``axes=None`` (one
+panel per model version or site): give axes to place the plot in a figure of your own, or
+leave it out for a new figure. Encoding (PNG for the report) belongs to the caller, which
+also closes the figure. They take the same tables the report prints, so a reader can always
+find the numbers behind a picture.
 """
 
 from __future__ import annotations
 
-import io
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
+__all__ = ["forest_plot", "equivalence_plot", "bland_altman", "upgrade_plot", "variance_components_plot",
+           "vendor_transfer_plot", "calibration_plot", "comparison_plot", "pyplot"]
 
-def _pyplot():
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (reports render without a display), with the report's style."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,24 +30,35 @@ def _pyplot():
     return plt
 
 
-def _png(fig: Any) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight", metadata={"Software": None})
-    _pyplot().close(fig)
-    return buffer.getvalue()
+def _axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """The given axes and its figure, or a new figure with one axes."""
+    if ax is not None:
+        return ax.figure, ax
+    fig, ax = pyplot().subplots(figsize=figsize)
+    return fig, ax
+
+
+def _axes_row(axes: Sequence[Any] | None, n: int, figsize: tuple[float, float], sharey: bool = False) -> tuple[Any, list]:
+    """``n`` panels in a row: the given ones (at least ``n``) or a new figure."""
+    if axes is not None:
+        axes = list(np.ravel(axes))
+        if len(axes) < n:
+            raise ValueError(f"this plot needs {n} axes, got {len(axes)}")
+        return axes[0].figure, axes[:n]
+    fig, grid = pyplot().subplots(1, max(1, n), figsize=figsize, sharey=sharey, squeeze=False)
+    return fig, list(grid[0])
 
 
 COLOURS = ["#1b6ca8", "#d1495b", "#2e933c", "#edae49", "#6c4f70"]
 
 
-def forest_plot(rows: pd.DataFrame, metric: str = "bias", stratum: str = "site",
-                unit: str = "ml") -> bytes:
+def forest_plot(rows: pd.DataFrame, metric: str = "bias", stratum: str = "site", unit: str = "ml",
+                ax: Any = None) -> Any:
     """Per-level estimate with CI, one marker per model; not-estimable levels are marked, not drawn."""
-    plt = _pyplot()
     data = rows[(rows["metric"] == metric) & (rows["stratum"] == stratum)]
     levels = sorted(data["level"].unique())
     models = list(dict.fromkeys(data["model_key"]))
-    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(levels) + 1.4))
+    fig, ax = _axes(ax, (7.5, 0.32 * len(levels) + 1.4))
     offsets = np.linspace(-0.25, 0.25, len(models)) if len(models) > 1 else [0.0]
     for k, model in enumerate(models):
         part = data[data["model_key"] == model].set_index("level")
@@ -62,23 +79,55 @@ def forest_plot(rows: pd.DataFrame, metric: str = "bias", stratum: str = "site",
     ax.set_yticks(range(len(levels)), levels)
     ax.invert_yaxis()
     ax.set_xlabel(f"{metric} ({unit}), 95% CI")
-    ax.set_title(f"{metric.replace('_', ' ').capitalize()} by {stratum}")
+    ax.set_title(f"{metric.replace('_', ' ').capitalize()} by {stratum.replace('_', ' ')}")
     ax.legend(loc="best", fontsize=7, frameon=False)
-    return _png(fig)
+    return fig
 
 
-def _panels_per_model(table: pd.DataFrame, width: float) -> tuple[Any, Any, list[tuple[Any, str, pd.DataFrame]], list]:
+def equivalence_plot(equivalence: pd.DataFrame, margin: float, unit: str = "ml", alpha: float = 0.05,
+                     ax: Any = None) -> Any:
+    """Each site's mean error minus the other sites', with its (1 - 2 alpha) CI, inside the shaded ±margin band.
+
+    The picture of the TOST decision: a site is shown equivalent when its interval lies inside the band.
+    """
+    sites = sorted(equivalence["site"].astype(str).unique())
+    models = list(dict.fromkeys(equivalence["model_key"]))
+    fig, ax = _axes(ax, (7.5, 0.32 * len(sites) + 1.6))
+    ax.axvspan(-margin, margin, color="#2e933c", alpha=0.10, lw=0, label=f"±{margin:g} {unit} margin")
+    offsets = np.linspace(-0.25, 0.25, len(models)) if len(models) > 1 else [0.0]
+    for k, model in enumerate(models):
+        part = equivalence[equivalence["model_key"] == model].assign(site=lambda f: f["site"].astype(str))
+        part = part.set_index("site")
+        for i, site in enumerate(sites):
+            if site not in part.index or pd.isna(part.loc[site, "difference"]):
+                continue
+            row = part.loc[site]
+            inside = bool(row["ci_low"] > -margin and row["ci_high"] < margin)
+            ax.errorbar(row["difference"], i + offsets[k], xerr=[[row["difference"] - row["ci_low"]],
+                                                                 [row["ci_high"] - row["difference"]]],
+                        fmt="o" if inside else "x", ms=4, color=COLOURS[k % 5], capsize=2,
+                        label=model if i == 0 else None)
+    ax.axvline(0, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(range(len(sites)), sites)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"site mean error − other sites' ({unit}), {100 * (1 - 2 * alpha):g}% CI")
+    ax.set_title("Equivalence of sites (o: inside the margin, x: not shown)")
+    ax.legend(loc="best", fontsize=7, frameon=False)
+    return fig
+
+
+def _panels_per_model(table: pd.DataFrame, width: float, axes: Sequence[Any] | None
+                      ) -> tuple[Any, list, list[tuple[Any, str, pd.DataFrame]], list]:
     """One panel per model version, sharing the y axis; vendors coloured alike in every panel."""
-    plt = _pyplot()
     models = list(dict.fromkeys(table["model_key"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(width * len(models), 3.2), sharey=True, squeeze=False)
-    panels = [(ax, model, table[table["model_key"] == model]) for ax, model in zip(axes[0], models)]
+    fig, axes = _axes_row(axes, len(models), (width * len(models), 3.2), sharey=True)
+    panels = [(ax, model, table[table["model_key"] == model]) for ax, model in zip(axes, models)]
     return fig, axes, panels, sorted(table["vendor"].unique())
 
 
-def bland_altman(table: pd.DataFrame, unit: str = "ml") -> bytes:
+def bland_altman(table: pd.DataFrame, unit: str = "ml", axes: Sequence[Any] | None = None) -> Any:
     """Difference vs mean per model, with bias and 95% limits of agreement."""
-    fig, axes, panels, vendors = _panels_per_model(table, 3.6)
+    fig, axes, panels, vendors = _panels_per_model(table, 3.6, axes)
     for ax, model, part in panels:
         mean = (part["prediction"] + part["reference"]) / 2
         diff = part["prediction"] - part["reference"]
@@ -90,18 +139,18 @@ def bland_altman(table: pd.DataFrame, unit: str = "ml") -> bytes:
             ax.axhline(value, color="black", lw=0.8, ls=style)
         ax.set_title(model, fontsize=9)
         ax.set_xlabel(f"mean of model and reference ({unit})")
-    axes[0][0].set_ylabel(f"model - reference ({unit})")
-    axes[0][0].legend(fontsize=7, frameon=False)
-    return _png(fig)
+    axes[0].set_ylabel(f"model - reference ({unit})")
+    axes[0].legend(fontsize=7, frameon=False)
+    return fig
 
 
-def upgrade_plot(table: pd.DataFrame, upgraded_column: str = "software_upgraded", unit: str = "ml") -> bytes:
-    """Error before and after a software change, at each site that had one, per model."""
-    plt = _pyplot()
+def upgrade_plot(table: pd.DataFrame, upgraded_column: str = "software_upgraded", unit: str = "ml",
+                 axes: Sequence[Any] | None = None) -> Any:
+    """Error before and after a software change, at each site that had one, per model (one panel per site)."""
     sites = sorted(table.loc[table[upgraded_column] == 1, "site"].unique())
     models = list(dict.fromkeys(table["model_key"]))
-    fig, axes = plt.subplots(1, max(1, len(sites)), figsize=(4.5 * max(1, len(sites)), 3.2), squeeze=False)
-    for ax, site in zip(axes[0], sites or [None]):
+    fig, axes = _axes_row(axes, max(1, len(sites)), (4.5 * max(1, len(sites)), 3.2))
+    for ax, site in zip(axes, sites or [None]):
         if site is None:
             ax.text(0.5, 0.5, "no software change in this trial", ha="center", transform=ax.transAxes)
             continue
@@ -121,14 +170,13 @@ def upgrade_plot(table: pd.DataFrame, upgraded_column: str = "software_upgraded"
         ax.axhline(0, color="grey", lw=0.8, ls="--")
         ax.set_ylabel(f"error ({unit})")
         ax.set_title(f"site {site}: {' -> '.join(versions)}", fontsize=9)
-    return _png(fig)
+    return fig
 
 
-def variance_components_plot(shares: pd.DataFrame) -> bytes:
+def variance_components_plot(shares: pd.DataFrame, ax: Any = None) -> Any:
     """Stacked share of variance (site, scanner, residual) per model and response."""
-    plt = _pyplot()
     labels = [f"{r.model_key}\n{r.response}" for r in shares.itertuples()]
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(labels)), 3.2))
+    fig, ax = _axes(ax, (max(4.5, 1.3 * len(labels)), 3.2))
     bottom = np.zeros(len(shares))
     for k, component in enumerate(("site", "scanner", "residual")):
         values = shares[component].fillna(0).to_numpy(dtype=float)
@@ -139,16 +187,15 @@ def variance_components_plot(shares: pd.DataFrame) -> bytes:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Variance components (REML)")
-    return _png(fig)
+    return fig
 
 
-def vendor_transfer_plot(rows: pd.DataFrame, metric: str = "mae", unit: str = "ml") -> bytes:
+def vendor_transfer_plot(rows: pd.DataFrame, metric: str = "mae", unit: str = "ml", ax: Any = None) -> Any:
     """Error per vendor per model: does a model trained on one vendor hold at the others?"""
-    plt = _pyplot()
     data = rows[(rows["metric"] == metric) & (rows["stratum"] == "vendor")]
     vendors = sorted(data["level"].unique())
     models = list(dict.fromkeys(data["model_key"]))
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    fig, ax = _axes(ax, (6.5, 3.2))
     width = 0.8 / max(1, len(models))
     for k, model in enumerate(models):
         part = data[data["model_key"] == model].set_index("level").reindex(vendors)
@@ -163,12 +210,12 @@ def vendor_transfer_plot(rows: pd.DataFrame, metric: str = "mae", unit: str = "m
     ax.set_ylabel(f"{label} ({unit}), 95% CI" if unit != label else f"{label}, 95% CI")
     ax.set_title(f"{label} by vendor")
     ax.legend(fontsize=7, frameon=False)
-    return _png(fig)
+    return fig
 
 
-def calibration_plot(table: pd.DataFrame, unit: str = "ml") -> bytes:
+def calibration_plot(table: pd.DataFrame, unit: str = "ml", axes: Sequence[Any] | None = None) -> Any:
     """Reference against prediction per model, with the identity line and the fitted line."""
-    fig, axes, panels, vendors = _panels_per_model(table, 3.4)
+    fig, axes, panels, vendors = _panels_per_model(table, 3.4, axes)
     for ax, model, part in panels:
         x, y = part["prediction"].to_numpy(float), part["reference"].to_numpy(float)
         for v, vendor in enumerate(vendors):
@@ -181,18 +228,18 @@ def calibration_plot(table: pd.DataFrame, unit: str = "ml") -> bytes:
             ax.plot(span, intercept + slope * span, color="black", lw=1.0, label=f"fit, slope {slope:.2f}")
         ax.set_title(model, fontsize=9)
         ax.set_xlabel(f"prediction ({unit})")
-    axes[0][0].set_ylabel(f"reference ({unit})")
-    axes[0][0].legend(fontsize=6, frameon=False)
-    return _png(fig)
+    axes[0].set_ylabel(f"reference ({unit})")
+    axes[0].legend(fontsize=6, frameon=False)
+    return fig
 
 
-def comparison_plot(comparison: pd.DataFrame, unit: str = "ml", margin: float | None = None) -> bytes:
+def comparison_plot(comparison: pd.DataFrame, unit: str = "ml", margin: float | None = None,
+                    axes: Sequence[Any] | None = None) -> Any:
     """Paired difference in absolute error (second - first version) per site, with CIs, one panel per pair."""
-    plt = _pyplot()
     pairs = list(dict.fromkeys(zip(comparison["model_a"], comparison["model_b"])))
     n_levels = comparison.groupby(["model_a", "model_b"]).size().max()
-    fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 0.3 * n_levels + 1.4), squeeze=False)
-    for ax, (a, b) in zip(axes[0], pairs):
+    fig, axes = _axes_row(axes, len(pairs), (5.5 * len(pairs), 0.3 * n_levels + 1.4))
+    for ax, (a, b) in zip(axes, pairs):
         part = comparison[(comparison["model_a"] == a) & (comparison["model_b"] == b)].reset_index(drop=True)
         for i, row in part.iterrows():
             colour = "black" if row["level"] == "overall" else COLOURS[0]
@@ -210,4 +257,4 @@ def comparison_plot(comparison: pd.DataFrame, unit: str = "ml", margin: float | 
         ax.invert_yaxis()
         ax.set_xlabel(f"|error| {b} - |error| {a} ({unit}), 95% CI")
         ax.set_title(f"{b} vs {a}", fontsize=9)
-    return _png(fig)
+    return fig

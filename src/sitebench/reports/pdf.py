@@ -13,15 +13,25 @@ from sitebench.errors import SitebenchError
 __all__ = ["render_pdf"]
 
 PAGE_CSS = """
-@page { size: A4 landscape; margin: 14mm 12mm 16mm 12mm;
-        @bottom-right { content: "page " counter(page) " of " counter(pages); font-size: 8pt; } }
-body { font-size: 9pt; }
-img { max-width: 100%; }
-table { font-size: 6.5pt; max-width: 100%; }
-td, th { padding: 1px 3px; }
-table.checklist td { text-align: left; }
-h2 { break-after: avoid; }
-figure { break-inside: avoid; }
+@page { size: A4 landscape; margin: 12mm 12mm 14mm 12mm;
+        @bottom-right { content: "page " counter(page) " of " counter(pages); font-size: 7pt; } }
+body { font-size: 8.5pt; }
+h1 { font-size: 15pt; margin: 0 0 .2em 0; }
+h2 { font-size: 12pt; margin: 1.2em 0 .4em 0; break-after: avoid; }
+h3 { font-size: 9.5pt; margin: .8em 0 .3em 0; break-after: avoid; }
+.meta { font-size: 7pt; }
+code { font-size: 7pt; }
+img { max-width: 100%; max-height: 92mm; }
+figure { break-inside: avoid; margin: .6em 0; }
+figcaption { font-size: 7.5pt; max-width: 200mm; }
+table { font-size: 7.5pt; max-width: 100%; }
+td, th { padding: 1px 4px; }
+tr { break-inside: avoid; }
+section#summary { break-after: page; }
+section#summary h2 { margin-top: .5em; }
+section#summary p { margin: .25em 0; }
+table.decisions { font-size: 7.5pt; width: 100%; margin-top: .3em; }
+.glossary { font-size: 6.5pt; columns: 3; column-gap: 6mm; }
 """
 
 

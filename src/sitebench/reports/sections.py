@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 from functools import lru_cache
 from importlib import resources
@@ -20,60 +21,100 @@ from sitebench.provenance import code_version, package_versions, utc_now
 from sitebench.reports import figures
 from sitebench.reports.content import ReportContent
 from sitebench.reports.lock import LOCK_FILE
+from sitebench.reports.summary import Decision, decisions
+from sitebench.reports.tables import (CI, COLUMNS, MAX_COLUMNS, fmt_ci, fmt_p, fmt_value, readable, response_label,
+                                      term_label)
 from sitebench.stratification.evaluation import variance_shares
 
 METRIC_NAMES = ("mae", "bias", "rmse", "pearson_r", "dice")
-COMPARISON_SHOWN = ("level", "n_pairs", "mean_a", "mean_b", "difference", "ci_low", "ci_high", "p", "p_wilcoxon",
-                    "p_tost", "p_holm", "equivalent_holm")
 
 
 # --------------------------------------------------------------------------- page primitives
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"/>' \
-           f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+def _png(fig: Any) -> bytes:
+    """Encode a figure as PNG for embedding, then close it (a report draws dozens of figures)."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", bbox_inches="tight", metadata={"Software": None})
+    finally:
+        figures.pyplot().close(fig)
+    return buffer.getvalue()
 
 
-def _table(frame: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
-    def fmt(value: Any) -> str:
-        if value is None or (isinstance(value, float) and pd.isna(value)):
-            return "n.e."
-        if isinstance(value, float):
-            return floatfmt.format(value)
-        return html.escape(str(value))
+def _figure(fig: Any, alt: str, caption: str) -> str:
+    """A figure with its caption: the caption says what the reader should look for."""
+    data = base64.b64encode(_png(fig)).decode()
+    return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"/>'
+            f"<figcaption><b>{html.escape(alt)}.</b> {html.escape(caption)}</figcaption></figure>")
 
+
+def _html_table(frame: pd.DataFrame, css_class: str = "") -> str:
+    """An already readable frame (text cells, human headers) as an HTML table."""
+    if len(frame.columns) > MAX_COLUMNS:
+        raise ValueError(f"a report table shows at most {MAX_COLUMNS} columns, got {len(frame.columns)}")
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in row) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
                    for row in frame.itertuples(index=False))
-    return f'<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    cls = f" class='{css_class}'" if css_class else ""
+    return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _table(frame: pd.DataFrame, columns: list[str | CI] | None = None, unit: str = "",
+           headers: dict[str, str] | None = None, kinds: dict[str, str] | None = None, css_class: str = "") -> str:
+    """A result table as a reader sees it: chosen columns, human headers with units, rounded cells."""
+    return _html_table(readable(frame, columns, unit, headers, kinds), css_class)
+
+
+#: Screen styles; sizes are under ``@media screen`` so that the PDF's page styles (``pdf.PAGE_CSS``) govern print.
 CSS = """
-body{font-family:DejaVu Sans,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;color:#222;font-size:14px}
-h1{font-size:1.6em;margin-bottom:0}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:.6em 0;font-size:12px}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
-th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}figure{margin:1em 0}img{max-width:100%}
-figcaption{font-size:12px;color:#555}.meta{color:#555;font-size:12px}.finding{background:#f6f8fa;border-left:4px solid #1b6ca8;padding:.4em .8em;margin:.4em 0}
-code{font-size:11px}
+body{font-family:DejaVu Sans,Helvetica,Arial,sans-serif;color:#222}
+h2{border-bottom:1px solid #ccc;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;text-align:right}
+th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}figure{margin:1em 0}
+figcaption{color:#444}.meta{color:#555}
+.finding{background:#f6f8fa;border-left:4px solid #1b6ca8;padding:.4em .8em;margin:.4em 0}
+td{overflow-wrap:anywhere}
+table.decisions td,table.decisions th{text-align:left;vertical-align:top}
+table.decisions td.met{color:#1d6b2a;font-weight:bold}table.decisions td.not-met{color:#a3271f;font-weight:bold}
+table.decisions tr.topic td{background:#f6f8fa}
+table.text td,table.text th,table.checklist td{text-align:left;vertical-align:top}
+.glossary p{margin:0 0 .2em 0;break-inside:avoid}
+@media screen{
+body{max-width:1100px;margin:2em auto;font-size:14px}h1{font-size:1.6em;margin-bottom:0}h2{margin-top:2em}
+table{font-size:12px}td,th{padding:2px 6px}img{max-width:100%}figcaption{font-size:12px;max-width:60em}
+.meta{font-size:12px}code{font-size:11px}.glossary{columns:2;font-size:11px}}
 """
 
+#: How each agreement metric reads in a table, and how its cells are rounded.
+METRIC_LABELS: dict[str, tuple[str, str]] = {
+    "mae": ("MAE ({unit})", "num"), "bias": ("Bias ({unit})", "num"), "rmse": ("RMSE ({unit})", "num"),
+    "pearson_r": ("Pearson r", "ratio"), "dice": ("Dice", "auc")}
 
-def _pivot_metrics(metrics: pd.DataFrame, stratum: str, metric_names: tuple[str, ...]) -> pd.DataFrame:
+
+def _pivot_metrics(metrics: pd.DataFrame, stratum: str, metric_names: tuple[str, ...], unit: str) -> pd.DataFrame:
+    """One row per model and level, one ``estimate [95% CI]`` column per metric, human headers."""
     rows = metrics[(metrics["stratum"] == stratum) & metrics["metric"].isin(metric_names)].copy()
 
     def cell(r: pd.Series) -> str:
+        kind = METRIC_LABELS.get(r["metric"], ("", "num"))[1]
         if not r["estimable"] or pd.isna(r["estimate"]):
             return "n.e."
         if pd.isna(r["ci_low"]):
-            return f"{r['estimate']:.3g}"
-        return f"{r['estimate']:.3g} [{r['ci_low']:.3g}, {r['ci_high']:.3g}]"
+            return fmt_value(r["estimate"], kind)
+        return f"{fmt_value(r['estimate'], kind)} {fmt_ci(r['ci_low'], r['ci_high'], kind)}"
 
-    rows["value"] = rows.apply(cell, axis=1)
+    rows["value"] = rows.apply(cell, axis=1) if len(rows) else pd.Series(dtype=str)
     wide = rows.pivot_table(index=["model_key", "level", "n_scans"], columns="metric", values="value",
                             aggfunc="first").reset_index()
     wide.columns.name = None
-    return wide[["model_key", "level", "n_scans"] + [m for m in metric_names if m in wide]]
+    shown = [m for m in metric_names if m in wide]
+    level = {"vendor": "Vendor", "site": "Site", "software_version": "Software version", "overall": "Level"}
+    out = readable(wide, ["model_key", "level", "n_scans"], unit, {"level": level.get(stratum, "Level")})
+    for m in shown:
+        label = METRIC_LABELS.get(m, (m, "num"))[0].replace("{unit}", unit)
+        out[f"{label}, 95% CI"] = wide[m].fillna("n.e.").to_numpy()
+    return out
 
 
 # --------------------------------------------------------------------------- sections
@@ -142,6 +183,52 @@ def _p(text: str) -> str:
     return f"<p>{html.escape(text)}</p>"
 
 
+def _summary(c: ReportContent) -> str:
+    """The first page: intended use and every pre-specified decision with its number (from ``summary``).
+
+    Decisions sharing a question and criterion are one group: the question once, then a row per version.
+    """
+    ev = c.evaluation
+    plan = ev.plan
+    body = (f"<p><b>Intended use.</b> {html.escape(c.intended_use)}</p>" if c.intended_use
+            else _p("Intended use: not stated in the benchmark spec (report.intended_use)."))
+    scans = ev.table.drop_duplicates("scan_id")
+    models = list(dict.fromkeys(ev.table["model_key"]))
+    body += _p(f"{len(models)} model versions ({', '.join(models)}) on {len(scans)} scans from "
+               f"{scans['site'].nunique()} sites and {scans['vendor'].nunique()} scanner vendors, against the "
+               f"reference {c.reference}; errors are model − reference. Every decision was pre-specified "
+               f"(alpha {plan.alpha:g}).")
+    rows, group = [], None
+    for d in decisions(ev, c.unit):
+        if (d.topic, d.claim, d.criterion) != group:
+            group = (d.topic, d.claim, d.criterion)
+            link = f" <a href='#{d.section}'>→ details</a>" if d.section else ""
+            rows.append(f"<tr class='topic'><td colspan='4'><b>{html.escape(d.topic)}.</b> {html.escape(d.claim)} "
+                        f"<i>Pre-specified: {html.escape(d.criterion)}.</i>{link}</td></tr>")
+        cls = {True: "met", False: "not-met"}.get(d.met, "")
+        rows.append(f"<tr><td>{html.escape(d.model)}</td><td class='{cls}'>{html.escape(_result_word(d))}</td>"
+                    f"<td>{html.escape(d.number())}</td><td>{html.escape(d.detail)}</td></tr>")
+    body += ("<table class='decisions'><colgroup><col style='width:16%'/><col style='width:11%'/>"
+             "<col style='width:22%'/><col style='width:51%'/></colgroup><thead><tr><th>Model version</th>"
+             "<th>Result</th><th>Estimate (CI)</th><th>Detail</th></tr></thead><tbody>" + "".join(rows) +
+             "</tbody></table>")
+    body += ("<p class='meta'>Met / not met: the claim against its pre-specified margin. Equivalence intervals "
+             f"are {100 * (1 - 2 * plan.alpha):g}% (two one-sided tests at alpha {plan.alpha:g}); other intervals "
+             "95%. Every number is a cell of a locked table in tables/ (see the appendix).</p>")
+    return _section("summary", "Summary of pre-specified decisions", body)
+
+
+def _result_word(d: Decision) -> str:
+    return {True: "Met", False: "Not met"}.get(d.met, d.result[:1].upper() + d.result[1:])
+
+
+def _findings(c: ReportContent) -> str:
+    if not c.findings:
+        return ""
+    return "<section id='findings'><h2>Key findings</h2>" + "".join(
+        f"<div class='finding'>{html.escape(f)}</div>" for f in c.findings) + "</section>"
+
+
 def _intended_use(c: ReportContent) -> str:
     body = _p(c.intended_use) if c.intended_use else _p("Not stated in the benchmark spec (report.intended_use).")
     if c.population:
@@ -157,13 +244,16 @@ def _models(c: ReportContent) -> str:
     rows = []
     for m in c.models:
         training = m.get("training") or {}
-        rows.append({"model": m["key"], "kind": m["kind"], "source": m.get("source", "-"),
-                     "trained on": training.get("vendor", "-"),
-                     "augmentation": training.get("augmentation", "-"),
-                     "training scans": training.get("scans", "-"),
-                     "training code": str((training.get("code_version") or {}).get("git_commit", "-"))[:12],
-                     "weights SHA-256": m["weights_sha256"], "registry": m.get("registered", "-")})
-    body = _table(pd.DataFrame(rows))
+        trained = [str(training["vendor"])] if training.get("vendor") else []
+        if training.get("scans"):
+            trained.append(f"{training['scans']} scans")
+        if training.get("augmentation"):
+            trained.append(f"augmentation: {training['augmentation']}")
+        rows.append({"Model version": m["key"], "Kind": m["kind"], "Source": m.get("source", "-"),
+                     "Trained on": ", ".join(trained) or "-",
+                     "Training code (git)": str((training.get("code_version") or {}).get("git_commit", "-"))[:12],
+                     "Weights SHA-256": m["weights_sha256"], "Registry": m.get("registered", "-")})
+    body = _html_table(pd.DataFrame(rows), "text")
     lineage = []
     for m in c.models:
         changes = "; ".join(f"{v}: {t}" for v, t in (m.get("changelog") or {}).items())
@@ -193,13 +283,15 @@ def _data(c: ReportContent) -> str:
     body += "<h3>Scans per site, vendor, scanner model and software version</h3>" + _table(counts)
     chars = {}
     if "age" in scans:
-        chars["age, mean (SD)"] = scans.groupby("site")["age"].agg(lambda a: f"{a.mean():.1f} ({a.std():.1f})")
+        chars["Age (years), mean (SD)"] = scans.groupby("site")["age"].agg(
+            lambda a: f"{a.mean():.1f} ({a.std():.1f})")
     for column in ("sex", "group"):
         if column in scans:
-            chars[column] = scans.groupby("site")[column].agg(
+            chars[column.capitalize()] = scans.groupby("site")[column].agg(
                 lambda v: ", ".join(f"{k} {n}" for k, n in v.value_counts().sort_index().items()))
     if chars:
-        body += "<h3>Participant characteristics per site</h3>" + _table(pd.DataFrame(chars).reset_index())
+        frame = pd.DataFrame(chars).reset_index().rename(columns={"site": "Site"})
+        body += "<h3>Participant characteristics per site</h3>" + _html_table(frame)
     body += _qc(c)
     return _section("data", "3. Data provenance", body)
 
@@ -210,18 +302,28 @@ def _qc(c: ReportContent) -> str:
         source = c.qc.source if c.qc is not None else "none supplied"
         return body + _p(f"Source: {source}.") + "</section>"
     body += _p(f"Source: {c.qc.source}. Counts are of series checked against the locked acquisition "
-               "protocol; open deviations are those not resolved by a later passing re-scan.")
+               "protocol; open deviations are those not resolved by a later passing re-scan. Every column is in "
+               "tables/qc_by_site.csv.")
     table = c.qc.table.copy()
-    if "rescan_rate" in table:
-        table["rescan_rate"] = table["rescan_rate"].map(lambda r: "-" if pd.isna(r) else f"{100 * r:.1f}%")
-    return body + _table(table) + "</section>"
+
+    def joined(*names: str) -> pd.Series:
+        present = [n for n in names if n in table]
+        return table[present].apply(lambda r: " / ".join(fmt_value(v, "int") for v in r), axis=1) if present \
+            else pd.Series(["-"] * len(table))
+
+    table["verdicts"] = joined("passed", "warned", "failed")
+    table["not_judged"] = joined("undetermined", "unmatched")
+    body += _table(table, ["site", "series", "verdicts", "not_judged", "open_deviations", "drift_events",
+                           "rescan_rate", "rejected_files"],
+                   headers={"verdicts": "Passed / warned / failed", "not_judged": "Undetermined / no protocol"})
+    return body + "</section>"
 
 
 def _methods(c: ReportContent) -> str:
     plan = c.evaluation.plan
     body = _p(f"Pre-specified analysis (locked in {LOCK_FILE}, re-derivable with `sitebench report verify "
-              f"--recompute`): strata {', '.join(plan.strata)}; {plan.bootstrap} bootstrap replicates, seed "
-              f"{plan.seed}; alpha {plan.alpha}; equivalence margin "
+              f"--recompute`): strata {', '.join(s.replace('_', ' ') for s in plan.strata)}; {plan.bootstrap} "
+              f"bootstrap replicates, seed {plan.seed}; alpha {plan.alpha}; equivalence margin "
               f"{plan.equivalence_margin if plan.equivalence_margin is not None else 'not pre-specified'} {c.unit}; "
               f"comparison margin {plan.comparison_margin if plan.comparison_margin is not None else 'none'} "
               f"{c.unit}.")
@@ -232,61 +334,129 @@ def _methods(c: ReportContent) -> str:
     body += _p(f"Missing data: scans without a reference value or a prediction are left out of that model's "
                f"analyses, not imputed; left out: {dropped}. Sample size: the trial's scans as they are; "
                "strata too small to estimate are marked n.e. (not estimable), never filled in.")
-    body += _table(pd.DataFrame(list(METHODS), columns=["statistic", "how", "reference"]))
+    body += _html_table(pd.DataFrame(list(METHODS), columns=["Statistic", "How it is computed here", "Reference"]),
+                        "text")
     return _section("methods", "4. Methods", body)
 
 
 def _strata(c: ReportContent) -> str:
     metrics, unit = c.evaluation.metrics, c.unit
     body = ("<p>How each model version does at each vendor (a model trained on one vendor shows here whether "
-            "it transfers), then bias per site with 95% CIs. n.e.: not estimable.</p>")
-    body += _img(figures.vendor_transfer_plot(metrics, "mae", unit), "Mean absolute error by vendor")
+            "it transfers), then bias per site with 95% CIs. MAE: mean absolute error; bias: mean error "
+            "(model − reference); RMSE: root mean squared error. n.e.: not estimable.</p>")
+    body += _figure(figures.vendor_transfer_plot(metrics, "mae", unit), "Mean absolute error by vendor",
+                    "Each bar is one version's mean absolute error at one vendor, with its 95% CI. A version that "
+                    "transfers across vendors has bars of similar height; a bar well above the others marks a "
+                    "vendor that version does not handle.")
     if "dice" in set(metrics["metric"]):
-        body += _img(figures.vendor_transfer_plot(metrics, "dice", "Dice"), "Dice by vendor")
-    body += _table(_pivot_metrics(metrics, "vendor", METRIC_NAMES))
-    body += _img(figures.forest_plot(metrics, "bias", "site", unit), "Per-site bias, 95% CI")
-    body += _table(_pivot_metrics(metrics, "site", METRIC_NAMES))
+        body += _figure(figures.vendor_transfer_plot(metrics, "dice", "Dice"), "Dice by vendor",
+                        "Each bar is one version's mean Dice overlap with the reference segmentation at one vendor "
+                        "(1 is perfect), with its 95% CI; a lower bar marks a vendor where the segmentation "
+                        "degrades.")
+    body += _html_table(_pivot_metrics(metrics, "vendor", METRIC_NAMES, unit))
+    body += _figure(figures.forest_plot(metrics, "bias", "site", unit), "Bias per site",
+                    "Each point is one version's mean error (model − reference) at a site, with its 95% CI. Points "
+                    "right of the dashed zero line over-estimate, left under-estimate; an interval that does not "
+                    "cross zero is a site bias, and points far from the others mark a site that differs.")
+    body += _html_table(_pivot_metrics(metrics, "site", METRIC_NAMES, unit))
     if "software_version" in set(metrics["stratum"]):
-        body += "<h3>By scanner software version</h3>" + _table(_pivot_metrics(metrics, "software_version",
-                                                                              METRIC_NAMES))
+        body += "<h3>By scanner software version</h3>" + _html_table(
+            _pivot_metrics(metrics, "software_version", METRIC_NAMES, unit))
     return _section("results-strata", "5. Performance per site, vendor and software version", body)
 
 
 def _agreement(c: ReportContent) -> str:
-    body = _img(figures.bland_altman(c.evaluation.table, c.unit),
-                "Bland–Altman: difference vs mean, bias and 95% limits")
-    body += _table(_pivot_metrics(c.evaluation.metrics, "overall", METRIC_NAMES))
+    body = _figure(figures.bland_altman(c.evaluation.table, c.unit), "Bland–Altman agreement",
+                   "Each point is a scan: its difference (model − reference) against the mean of the two, coloured "
+                   "by vendor; one panel per version. The solid line is the mean bias and the dashed lines the 95% "
+                   "limits of agreement. A sloping cloud means the error grows with the volume; one vendor's points "
+                   "away from the others mean a vendor effect.")
+    body += _html_table(_pivot_metrics(c.evaluation.metrics, "overall", METRIC_NAMES, c.unit))
     return _section("results-agreement", "6. Agreement with the reference (Bland–Altman)", body)
 
 
 def _calibration(c: ReportContent) -> str:
-    table = c.evaluation.calibration
+    table = c.evaluation.calibration.copy()
     body = _p("Slope 1 and intercept 0 mean the model's number can be read at face value; a slope below 1 "
               "means the model spreads values out more than the reference does.")
-    body += _img(figures.calibration_plot(c.evaluation.table, c.unit), "Reference against prediction")
-    body += _table(table)
+    body += _figure(figures.calibration_plot(c.evaluation.table, c.unit), "Reference against model output",
+                    "Each point is a scan, coloured by vendor; one panel per version. Points on the dashed identity "
+                    "line are read at face value; a solid fitted line flatter than the identity (slope below 1) "
+                    "means the model spreads values out, a line shifted up or down a constant offset.")
+    if "level" in table and "stratum" in table:
+        table["level"] = [("all vendors" if s == "overall" else lv) for s, lv in zip(table["stratum"], table["level"])]
+    body += _table(table, ["model_key", "level", "n_scans", "calibration_in_the_large",
+                           "slope", CI("slope_ci_low", "slope_ci_high", "Slope 95% CI"), "r_squared", "note"],
+                   c.unit, {"level": "Vendor"})
     return _section("results-calibration", "7. Calibration", body)
 
 
 def _variance(c: ReportContent) -> str:
-    shares = variance_shares(c.evaluation.mixed)
-    body = _img(figures.variance_components_plot(shares), "Share of variance by component")
-    body += _table(shares)
-    for m in c.evaluation.mixed:
-        fe = pd.DataFrame([{"term": t, **v} for t, v in m["fixed_effects"].items()])
-        body += (f"<h3>{html.escape(m['model_key'])} — response: {html.escape(m['response'])}</h3>"
-                 f"<p class='meta'>{html.escape(m.get('formula', ''))}; converged={m.get('converged')}, "
-                 f"optimizer={html.escape(str(m.get('optimizer')))}, n={m.get('n_obs')}, "
-                 f"boundary={m.get('boundary')}</p>") + _table(fe)
+    shares = variance_shares(c.evaluation.mixed).rename(
+        columns={"site": "site_share", "scanner": "scanner_share", "residual": "residual_share"})
+    shares["response"] = shares["response"].map(response_label)
+    body = _p("How much of the biomarker's variation comes from the site and the scanner, by a linear mixed model "
+              "(REML) of each version's error, of its output, and of the reference itself (the reference fit shows "
+              "the biology and site mix a faithful biomarker reproduces). Variances are in tables/"
+              "variance_components.csv, every fixed effect in tables/fixed_effects.csv.")
+    body += _figure(figures.variance_components_plot(shares.rename(columns={
+        "site_share": "site", "scanner_share": "scanner", "residual_share": "residual"})),
+        "Share of variance by component",
+        "Each bar splits the variance of one fit into the share between sites, between scanners within a site, "
+        "and left scan to scan. A large site or scanner share in an error bar means where a scan was acquired "
+        "changes the version's error.")
+    body += _table(shares, ["model_key", "response", "site_share", "scanner_share", "residual_share", "converged",
+                            "boundary"])
+    if c.evaluation.mixed:
+        formula = c.evaluation.mixed[0].get("formula", "")
+        body += (f"<p class='meta'>Model: <code>{html.escape(formula)}</code> (shown for the first fit; each "
+                 "response takes its own left-hand side). Estimates in " + html.escape(c.unit) +
+                 ", Wald 95% CIs.</p>")
+    for key in dict.fromkeys(m["model_key"] for m in c.evaluation.mixed):
+        fits = [m for m in c.evaluation.mixed if m["model_key"] == key]
+        body += f"<h3>Fixed effects: {html.escape(key)}</h3>" + _fixed_effects_table(fits, c.unit)
+        notes = [f"{response_label(m['response'])}: {'converged' if m.get('converged') else 'NOT converged'}, "
+                 f"optimizer {m.get('optimizer')}, {m.get('n_obs')} scans"
+                 f"{', a variance component at zero (boundary)' if m.get('boundary') else ''}" for m in fits]
+        body += f"<p class='meta'>{html.escape('; '.join(notes))}.</p>"
     return _section("results-variance", "8. Scanner effects (variance components)", body)
 
 
+def _fixed_effects_table(fits: list[dict[str, Any]], unit: str) -> str:
+    """One row per term, per response an ``estimate [95% CI]`` and a p column (and df where the engine gives it)."""
+    terms = list(dict.fromkeys(t for m in fits for t in m["fixed_effects"]))
+    has_df = any("df" in v for m in fits for v in m["fixed_effects"].values())
+    rows = []
+    for term in terms:
+        row = {"Term": term_label(term)}
+        for m in fits:
+            e = m["fixed_effects"].get(term) or {}
+            label = response_label(m["response"])
+            estimate = fmt_value(e.get("estimate"))
+            row[f"{label}: estimate ({unit}), 95% CI"] = (f"{estimate} {fmt_ci(e.get('ci_low'), e.get('ci_high'))}"
+                                                          if estimate != "n.e." else "n.e.")
+            if has_df:
+                row[f"{label}: df"] = fmt_value(e.get("df"), "ratio")
+            row[f"{label}: p"] = fmt_p(e.get("p"))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if len(frame.columns) > MAX_COLUMNS:  # many responses: one table per response instead
+        return "".join(_fixed_effects_table([m], unit) for m in fits)
+    return _html_table(frame)
+
+
 def _harmonization(c: ReportContent) -> str:
-    table = c.evaluation.harmonization
+    table = c.evaluation.harmonization.copy()
     body = _p("Would ComBat harmonization across sites remove the site effect on the model's output without "
               "removing the biological effects the trial measures? Site share of variance before and after, "
               "and each covariate's effect before and after (preserved = inside its original 95% CI).")
-    body += _table(table)
+    if "term" in table:
+        table["term"] = table["term"].map(lambda t: t if pd.isna(t) else str(t).replace("_", " "))
+    body += _table(table, ["model_key", "term", "site_share_before", "site_share_after", "estimate_before",
+                           CI("ci_low_before", "ci_high_before", "95% CI before"), "estimate_after", "preserved"],
+                   c.unit, {"term": "Covariate"})
+    if "note" in table and table["note"].notna().any():
+        body += _table(table[table["note"].notna()], ["model_key", "note"])
     for note in c.evaluation.notes:
         body += f"<p class='meta'>{html.escape(note)}</p>"
     return _section("results-harmonization", "9. Effect of harmonization", body)
@@ -294,10 +464,20 @@ def _harmonization(c: ReportContent) -> str:
 
 def _upgrade(c: ReportContent) -> str:
     body = _p("Within each site whose scanner software changed during the study: error before vs after "
-              "(Welch 95% CI), and the same effect as the software_upgraded term of the mixed model above.")
-    body += _img(figures.upgrade_plot(c.evaluation.table, unit=c.unit), "Error before and after the software change")
-    if len(c.evaluation.upgrade):
-        body += _table(c.evaluation.upgrade)
+              "(Welch 95% CI), and the same effect as the software-upgrade term of the mixed model (section 8).")
+    body += _figure(figures.upgrade_plot(c.evaluation.table, unit=c.unit), "Error before and after the software change",
+                    "Each point is a scan's error (model − reference) at a site whose scanner software changed, "
+                    "before and after the change, per version; black bars are the means. A jump between the "
+                    "before and after bars of a version is the upgrade's effect on that version.")
+    upgrade = c.evaluation.upgrade.copy()
+    if len(upgrade):
+        upgrade["before_after"] = [f"{fmt_value(b, 'int')} / {fmt_value(a, 'int')}"
+                                   for b, a in zip(upgrade["n_before"], upgrade["n_after"])]
+        body += _table(upgrade, ["model_key", "site", "before_after", "mean_before", "mean_after", "difference",
+                                 CI("ci_low", "ci_high"), "p"], c.unit, {"before_after": "Scans before / after"})
+        notes = upgrade["note"].dropna().unique() if "note" in upgrade else []
+        for note in notes:
+            body += f"<p class='meta'>n.e.: {html.escape(str(note))}.</p>"
     else:
         body += _p("No site changed its scanner software during this study.")
     return _section("results-upgrade", "10. Effect of the scanner software upgrade", body)
@@ -309,36 +489,77 @@ def _equivalence(c: ReportContent) -> str:
         body = _p("No equivalence margin was pre-specified (report.equivalence_margin in the spec), so no "
                   "equivalence decision is made.")
         return _section("results-equivalence", "11. Equivalence decisions", body)
-    decisions = []
-    for key, part in table.groupby("model_key", sort=False):
-        verdict = "every site within" if bool(part["all_within_margin"].iloc[0]) else "not shown for every site"
-        decisions.append({"model": key, "margin": margin, "decision (intersection–union)": verdict,
-                          "sites equivalent (Holm)": f"{int(part['equivalent_holm'].sum())} of {len(part)}"})
+    alpha = c.evaluation.plan.alpha
+    level = f"{100 * (1 - 2 * alpha):g}% CI"
     body = _p(f"Is each site's mean error within ±{margin:g} {c.unit} of the other sites'? Two one-sided "
-              f"tests per site at alpha {c.evaluation.plan.alpha}; a site is equivalent when its "
-              f"{100 * (1 - 2 * c.evaluation.plan.alpha):g}% CI lies inside the margin.")
-    body += _table(pd.DataFrame(decisions)) + _table(table.drop(columns=["all_within_margin"]))
+              f"tests per site at alpha {alpha}; a site is equivalent when its {level} lies inside the margin. "
+              "Every site within (intersection–union) is the pre-specified claim; claims about single sites are "
+              "Holm-adjusted.")
+    body += _figure(figures.equivalence_plot(table, margin, c.unit, alpha), "Equivalence of sites",
+                    f"Each point is a site's mean error minus the other sites', with its {level}, one colour per "
+                    f"version. Sites whose interval leaves the shaded ±{margin:g} {c.unit} band (marked x) are not "
+                    "shown to be within the equivalence margin.")
+    decided = []
+    for key, part in table.groupby("model_key", sort=False):
+        within = bool(str(part["all_within_margin"].iloc[0]).lower() in ("true", "1"))
+        decided.append({"model_key": key, "every": within,
+                        "sites": f"{int(part['equivalent_holm'].astype(str).str.lower().isin(['true', '1']).sum())} "
+                                 f"of {len(part)}"})
+    body += _table(pd.DataFrame(decided), ["model_key", "every", "sites"],
+                   headers={"every": f"Every site within ±{margin:g} {c.unit}? (intersection–union)",
+                            "sites": "Sites within (Holm)"}, kinds={"every": "bool"})
+    for key, part in table.groupby("model_key", sort=False):
+        body += f"<h3>{html.escape(key)}</h3>" + _table(
+            part, ["site", "n_site", "mean_site", "difference", CI("ci_low", "ci_high", level), "p_tost", "p_holm",
+                   "equivalent_holm"], c.unit,
+            {"difference": f"Difference from other sites ({c.unit})",
+             "equivalent_holm": f"Within ±{margin:g} {c.unit}? (Holm)"})
     return _section("results-equivalence", "11. Equivalence decisions", body)
 
 
 def _comparison(c: ReportContent) -> str:
-    table, auc = c.evaluation.comparison, c.evaluation.discrimination
+    table, auc, plan = c.evaluation.comparison, c.evaluation.discrimination, c.evaluation.plan
     if table.empty:
         body = _p("No pair of model versions was named for comparison (report.compare in the spec).")
         return _section("comparison", "12. Model versions side by side", body)
+    margin = plan.comparison_margin
     body = _p("Absolute error of two versions on the same scans (difference = second − first; negative "
               "favours the second). Per site and overall: paired-t 95% CI, Wilcoxon signed-rank p and, with "
-              "a margin, paired TOST.")
-    body += _img(figures.comparison_plot(table, c.unit, c.evaluation.plan.comparison_margin),
-                 "Paired difference in absolute error per site, 95% CI (dotted: the equivalence margin)")
+              "a margin, paired TOST (per site Holm-adjusted).")
+    body += _figure(figures.comparison_plot(table, c.unit, margin), "Paired difference in absolute error",
+                    "Each point is the mean paired difference in absolute error (second − first version) at a site, "
+                    "with its 95% CI; the square is all scans. Left of the dashed zero line favours the second "
+                    "version" + (f"; dotted lines are the ±{margin:g} {c.unit} comparison margin, and an interval "
+                                 "inside them shows the versions equivalent there." if margin else "."))
     for (a, b), part in table.groupby(["model_a", "model_b"], sort=False):
-        body += f"<h3>{html.escape(b)} − {html.escape(a)}</h3>"
-        body += _table(part[[col for col in COMPARISON_SHOWN if col in part]])
-    body += "<p class='meta'>Every column (one-sided p-values, TOST intervals) is in tables/comparison.csv.</p>"
-    if not auc.empty:
-        ep = c.evaluation.plan.endpoint
+        part = part.copy()
+        overall = part["level"] == "overall"
+        part["level"] = part["level"].where(~overall, "all scans")
+        columns: list[str | CI] = ["level", "n_pairs", "mean_a", "mean_b", "difference", CI("ci_low", "ci_high"),
+                                   "p_wilcoxon"]
+        headers = {"level": "Site", "mean_a": f"Mean |error|, {a} ({c.unit})",
+                   "mean_b": f"Mean |error|, {b} ({c.unit})"}
+        if margin is not None:
+            part["within"] = part["equivalent_holm"].where(~overall, part["equivalent"])
+            columns.append("within")
+            headers["within"] = f"Within ±{margin:g} {c.unit}? (sites: Holm)"
+        body += f"<h3>{html.escape(b)} − {html.escape(a)}</h3>" + _table(part, columns, c.unit, headers,
+                                                                          {"within": "bool"})
+    body += ("<p class='meta'>Every column (paired-t and one-sided p-values, TOST intervals) is in "
+             "tables/comparison.csv.</p>")
+    if not auc.empty and plan.endpoint is not None:
+        ep = plan.endpoint
         body += (f"<h3>Discrimination of {html.escape(ep.column)} = {html.escape(ep.positive)} "
-                 "(paired DeLong)</h3>") + _table(auc)
+                 "(paired DeLong)</h3>")
+        for (a, b), part in auc.groupby(["model_a", "model_b"], sort=False):
+            part = part.copy()
+            part["level"] = part["level"].where(part["level"] != "overall", "all scans")
+            part["cases"] = [f"{fmt_value(p, 'int')} / {fmt_value(n, 'int')}"
+                             for p, n in zip(part["n_positive"], part["n_negative"])]
+            body += _table(part, ["level", "cases", "auc_a", "auc_b", "difference", CI("ci_low", "ci_high"), "p",
+                                  "status"], "",
+                           {"level": "Scans", "cases": "With / without endpoint", "auc_a": f"AUC, {a}",
+                            "auc_b": f"AUC, {b}", "difference": f"AUC difference ({b} − {a})"})
     return _section("comparison", "12. Model versions side by side", body)
 
 
@@ -383,22 +604,84 @@ def _checklist(c: ReportContent) -> str:
                         if where != "not-addressed" else f"not in this report: {html.escape(item.get('reason', ''))}")
             rows.append(f"<tr><td>{html.escape(item['id'])}</td><td>{html.escape(item['topic'])}</td>"
                         f"<td>{html.escape(item['item'])}</td><td>{answered}</td></tr>")
-        body += (f"<h3>{html.escape(guideline['title'])}</h3><table class='checklist'><thead><tr><th>item</th>"
-                 "<th>topic</th><th>asks for</th><th>answered in</th></tr></thead><tbody>" + "".join(rows) +
+        body += (f"<h3>{html.escape(guideline['title'])}</h3><table class='checklist'><thead><tr><th>Item</th>"
+                 "<th>Topic</th><th>Asks for</th><th>Answered in</th></tr></thead><tbody>" + "".join(rows) +
                  "</tbody></table>")
     return _section("checklist", "14. Reporting checklist (TRIPOD+AI, CLAIM 2024)", body)
 
 
 def _provenance(c: ReportContent) -> str:
     per_scan = [k for k in c.materials if k.startswith(("image ", "label "))]
-    listed = [{"input": k, "path": str(v)} for k, v in c.materials.items() if k not in per_scan]
+    listed = [{"Input": k, "Path": str(v)} for k, v in c.materials.items() if k not in per_scan]
     if per_scan:
-        listed.append({"input": f"{len(per_scan)} image and label files",
-                       "path": "each hashed in lock.json (materials 'image <scan_id>', 'label <scan_id>')"})
-    body = _table(pd.DataFrame(listed))
-    body += f"<p class='meta'>seeds: {html.escape(json.dumps(c.seeds))}</p>"
-    body += _table(pd.DataFrame(sorted(package_versions().items()), columns=["package", "version"]))
+        listed.append({"Input": f"{len(per_scan)} image and label files",
+                       "Path": "each hashed in lock.json (materials 'image <scan_id>', 'label <scan_id>')"})
+    body = _html_table(pd.DataFrame(listed), "text")
+    body += f"<p class='meta'>Seeds: {html.escape(json.dumps(c.seeds))}</p>"
+    packages = ", ".join(f"{name} {version}" for name, version in sorted(package_versions().items()))
+    body += f"<p class='meta'>Software: {html.escape(packages)}.</p>"
     return _section("provenance", "15. Provenance", body)
+
+
+#: What each locked table holds, for the appendix (file name -> description).
+TABLE_FILES: dict[str, str] = {
+    "predictions.csv": "each model version's raw output per scan, with the weights and image hashes it came from",
+    "evaluation.csv": "one row per scan and model version: the manifest columns the analyses use, reference, "
+                      "prediction and error; every other table is re-derived from it",
+    "metrics_by_stratum.csv": "MAE, bias, RMSE, Pearson r and Dice with bootstrap 95% CIs, overall and per site, "
+                              "vendor and software version (sections 5–6)",
+    "fixed_effects.csv": "every fixed effect of every mixed model (section 8)",
+    "variance_components.csv": "variance components and their shares per mixed model (section 8)",
+    "upgrade_effect.csv": "within-site error before and after each software change (section 10)",
+    "calibration.csv": "calibration slope, intercept and calibration-in-the-large, overall and per vendor "
+                       "(section 7)",
+    "harmonization.csv": "site share of variance and covariate effects before and after ComBat (section 9)",
+    "equivalence.csv": "per-site two one-sided tests against the other sites, with Holm adjustment (section 11)",
+    "comparison.csv": "paired comparison of two versions' absolute error per site and overall (section 12)",
+    "discrimination.csv": "paired DeLong test of the endpoint AUC (section 12)",
+    "qc_by_site.csv": "upload-time QC gate counts per site (section 3)",
+    "mixed_models.json": "every mixed-model fit in full: formula, optimizer, convergence, boundary check",
+}
+
+
+def _locked_tables(c: ReportContent) -> list[tuple[str, str, str, list[str]]]:
+    """(file, what it holds, rows, columns) of each file in tables/, as ``build`` writes them."""
+    from sitebench.reports.build import PREDICTION_COLUMNS  # build imports this module; its list is the one used
+
+    ev = c.evaluation
+    keys = set(ev.table["model_key"])
+    predictions = c.predictions[c.predictions["model_key"].isin(keys)]
+    frames: dict[str, pd.DataFrame] = {
+        "predictions.csv": predictions[[col for col in PREDICTION_COLUMNS if col in predictions]],
+        "evaluation.csv": ev.table,
+        **{f"{stem}.csv": frame for stem, frame in ev.result_tables().items()}}
+    if c.qc is not None and c.qc.available:
+        frames["qc_by_site.csv"] = c.qc.table
+    out = [(name, TABLE_FILES.get(name, ""), str(len(frame)), [str(col) for col in frame.columns])
+           for name, frame in frames.items()]
+    out.append(("mixed_models.json", TABLE_FILES["mixed_models.json"], f"{len(ev.mixed)} fits", []))
+    return out
+
+
+def _appendix(c: ReportContent) -> str:
+    body = _p("The report shows the columns a reader needs, rounded; the locked tables beside it in tables/ hold "
+              "every column at full precision (they are what lock.json hashes and what `sitebench report verify "
+              "--recompute` re-derives). The glossary says what each column name means.")
+    tables = _locked_tables(c)
+    rows = [{"File": f"tables/{name}", "What it holds": what, "Rows": rows,
+             "Columns": f"{len(cols)}: {', '.join(cols)}" if cols else "-"} for name, what, rows, cols in tables]
+    body += _html_table(pd.DataFrame(rows), "text")
+    used = list(dict.fromkeys(col for _, _, _, cols in tables for col in cols))
+    entries = []
+    for name in used:
+        column = COLUMNS.get(name)
+        if column is None:
+            continue
+        label = column.header.replace("{unit}", c.unit)
+        meaning = f"{label}: {column.meaning}" if column.meaning else label
+        entries.append(f"<p><code>{html.escape(name)}</code> — {html.escape(meaning)}</p>")
+    body += "<h3>Column glossary</h3><div class='glossary'>" + "".join(entries) + "</div>"
+    return _section("appendix-tables", "Appendix: locked tables", body)
 
 
 def _signatures(c: ReportContent) -> str:
@@ -406,13 +689,16 @@ def _signatures(c: ReportContent) -> str:
             "Ed25519 signatures over the SHA-256 of this report's <code>lock.json</code>, which hashes this "
             "document and everything listed above. They are kept in <code>signatures.json</code>; check them "
             "with <code>sitebench report verify REPORT --public-key KEY.pub</code>.</p>")
-    body += _table(pd.DataFrame([{"meaning": m, "printed name": "", "date and time (UTC)": "",
-                                  "signature": "see signatures.json"} for m in ("authorship", "review", "approval")]))
+    body += _html_table(pd.DataFrame([{"Meaning": m, "Printed name": "", "Date and time (UTC)": "",
+                                       "Signature": "see signatures.json"} for m in ("authorship", "review",
+                                                                                     "approval")]))
     return _section("signatures", "Signature block", body)
 
 
 #: (id, title, builder) in reading order; the checklist links to these ids.
 SECTIONS: tuple[tuple[str, str, Callable[[ReportContent], str]], ...] = (
+    ("summary", "Summary of pre-specified decisions", _summary),
+    ("findings", "Key findings", _findings),
     ("intended-use", "1. Intended use", _intended_use),
     ("models", "2. Model versions and lineage", _models),
     ("data", "3. Data provenance", _data),
@@ -430,14 +716,17 @@ SECTIONS: tuple[tuple[str, str, Callable[[ReportContent], str]], ...] = (
     ("limitations", "13. Limitations", _limitations),
     ("checklist", "14. Reporting checklist", _checklist),
     ("provenance", "15. Provenance", _provenance),
+    ("appendix-tables", "Appendix: locked tables", _appendix),
     ("signatures", "Signature block", _signatures),
     ("title", "Title and version", lambda c: ""),
-    ("findings", "Key findings", lambda c: ""),
 )
 
 
 def render_html(content: ReportContent, version: int, supersedes: str | None = None) -> str:
-    """The whole report as one self-contained HTML page (figures embedded as PNG data URIs)."""
+    """The whole report as one self-contained HTML page (figures embedded as PNG data URIs).
+
+    The title and the summary of decisions make the first page; everything else follows.
+    """
     versions = code_version()
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(content.title)} "
              f"v{version:03d}</title><style>{CSS}</style></head><body>",
@@ -451,9 +740,6 @@ def render_html(content: ReportContent, version: int, supersedes: str | None = N
         parts.append(f"<p class='meta'>This version supersedes <b>{supersedes}</b> of the same report, which "
                      "is kept unchanged.</p>")
     parts.append("</section>")
-    if content.findings:
-        parts.append("<section id='findings'><h2>Key findings</h2>" + "".join(
-            f"<div class='finding'>{html.escape(f)}</div>" for f in content.findings) + "</section>")
     parts += [builder(content) for _, _, builder in SECTIONS]
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p)

@@ -85,17 +85,17 @@ def _equivalence(ev: Evaluation, models: list[str], unit: str) -> list[Decision]
         failing = part[~part["equivalent_holm"].map(_true)]
         worst = part.loc[part["difference"].abs().idxmax()] if part["difference"].notna().any() else part.iloc[0]
         if failing.empty:
-            detail = f"All {len(part)} sites within ±{margin:g} {unit} after Holm adjustment."
+            detail = f"All {len(part)} sites within ±{margin:g} {unit} (Holm)."
         else:
-            detail = (f"Not shown within ±{margin:g} {unit} (Holm): " + ", ".join(
-                f"{r.site} ({fmt_value(r.difference)} {unit}, p {fmt_p(r.p_holm)})" for r in failing.itertuples())
-                + f"; {len(part) - len(failing)} of {len(part)} sites within.")
+            detail = (f"{len(part) - len(failing)} of {len(part)} sites within ±{margin:g} {unit} (Holm); not "
+                      f"shown: {', '.join(str(s) for s in failing['site'])}.")
         out.append(Decision(
             "Equivalence across sites", key,
             f"Every site's mean error is within ±{margin:g} {unit} of the other sites'.",
             f"±{margin:g} {unit}; two one-sided tests per site at alpha {alpha:g}; all sites by intersection–union",
             MET if met else NOT_MET, estimate=_f(worst["difference"]), ci=(_f(worst["ci_low"]), _f(worst["ci_high"])),
-            ci_label=level, detail=f"Largest site difference: {worst['site']}. {detail}",
+            ci_label=level, detail=f"Estimate: the largest site difference from the other sites ({worst['site']}). "
+                                   f"{detail}",
             section="results-equivalence"))
     return out
 
@@ -158,34 +158,32 @@ def _comparisons(ev: Evaluation, unit: str) -> list[Decision]:
 
 def _upgrade(ev: Evaluation, models: list[str], unit: str) -> list[Decision]:
     out: list[Decision] = []
-    alpha = ev.plan.alpha
     if ev.upgrade.empty:
-        return [Decision("Software upgrade", "all versions", "The scanner software change shifts the error.",
+        return [Decision("Software upgrade", "all versions", "Did the error change after a scanner software change?",
                          "within-site Welch test", "not assessed",
                          detail="No site changed its scanner software during this study.", section="results-upgrade")]
+    sites = ev.upgrade.sort_values("site", kind="stable")
+    for r in sites.itertuples(index=False):  # one group per upgraded site, a row per version
+        d = r._asdict()
+        ci = (_f(d.get("ci_low")), _f(d.get("ci_high")))
+        out.append(Decision(
+            "Software upgrade", str(d[MODEL_KEY]),
+            f"Did the error change after the scanner software change at site {d['site']}?",
+            "within-site Welch 95% CI of after − before", _change(ci), estimate=_f(d["difference"]), ci=ci,
+            detail=(f"{int(d['n_before'])} scans before, {int(d['n_after'])} after"
+                    + (f"; {d['note']}" if isinstance(d.get("note"), str) and d["note"] else "") + "."),
+            section="results-upgrade"))
     for key in models:
-        for r in ev.upgrade[ev.upgrade[MODEL_KEY] == key].itertuples(index=False):
-            d = r._asdict()
-            ci = (_f(d.get("ci_low")), _f(d.get("ci_high")))
-            out.append(Decision(
-                "Software upgrade", key,
-                f"Did the error change after the scanner software change at site {d['site']}?",
-                "within-site Welch 95% CI of after − before",
-                _change(ci), estimate=_f(d["difference"]), ci=ci,
-                detail=(f"{int(d['n_before'])} scans before, {int(d['n_after'])} after"
-                        + (f"; {d['note']}" if isinstance(d.get("note"), str) and d["note"] else "") + "."),
-                section="results-upgrade"))
         term = _mixed_term(ev.mixed, key, ERROR, UPGRADE_TERM)
-        if term is not None:
-            ci = (_f(term.get("ci_low")), _f(term.get("ci_high")))
-            df = term.get("df")
-            out.append(Decision(
-                "Software upgrade", key, "Across all sites, did the error change after a scanner software "
-                                         "change (mixed model)?",
-                "upgrade term of the mixed model of the error, 95% CI", _change(ci), estimate=_f(term.get("estimate")),
-                ci=ci, detail=f"p {fmt_p(term.get('p'))}" + (f", {fmt_value(df, 'ratio')} df" if _f(df) is not None
-                                                             else "") + ".",
-                section="results-variance"))
+        if term is None:
+            continue
+        ci = (_f(term.get("ci_low")), _f(term.get("ci_high")))
+        df = _f(term.get("df"))
+        out.append(Decision(
+            "Software upgrade", key, "Across all sites, did the error change after a scanner software change?",
+            "upgrade term of the mixed model of the error, 95% CI", _change(ci), estimate=_f(term.get("estimate")),
+            ci=ci, detail=f"p {fmt_p(term.get('p'))}" + (f", {fmt_value(df, 'ratio')} df" if df is not None else "")
+            + ".", section="results-variance"))
     return out
 
 

@@ -204,13 +204,13 @@ def header(name: str, unit: str = "") -> str:
 
 
 def readable(frame: pd.DataFrame, columns: Sequence[str | CI] | None = None, unit: str = "",
-             headers: dict[str, str] | None = None) -> pd.DataFrame:
+             headers: dict[str, str] | None = None, kinds: dict[str, str] | None = None) -> pd.DataFrame:
     """``frame``'s chosen columns as formatted text under human headers (CIs combined into one column).
 
-    ``headers`` overrides the registry for this table (e.g. "Within ±50 ml?"). At most
+    ``headers`` (and ``kinds``) override the registry for this table (e.g. "Within ±50 ml?"). At most
     :data:`MAX_COLUMNS` columns: a wider choice is a bug in the section, not a reader's problem.
     """
-    headers = headers or {}
+    headers, kinds = headers or {}, kinds or {}
     chosen = list(columns) if columns is not None else list(frame.columns)
     chosen = [c for c in chosen if (c.low in frame and c.high in frame if isinstance(c, CI) else c in frame)]
     if len(chosen) > MAX_COLUMNS:
@@ -222,7 +222,7 @@ def readable(frame: pd.DataFrame, columns: Sequence[str | CI] | None = None, uni
             title = headers.get(c.low, c.label if not unit or kind != "num" else f"{c.label} ({unit})")
             out[title] = [fmt_ci(lo, hi, kind) for lo, hi in zip(frame[c.low], frame[c.high])]
         else:
-            kind = COLUMNS.get(c, Column("", "text")).kind
+            kind = kinds.get(c, COLUMNS.get(c, Column("", "text")).kind)
             out[headers.get(c, header(c, unit))] = [fmt_value(v, kind) for v in frame[c]]
     return pd.DataFrame(out, index=range(len(frame)))
 
