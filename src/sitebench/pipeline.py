@@ -21,9 +21,11 @@ from sitebench.datasets import manifest as mf
 from sitebench.datasets.simulator import (REFERENCE_COLUMN, SimulatedTrial, TrialConfig, load_trial_config,
                                           simulate_trial)
 from sitebench.errors import SitebenchError
+from sitebench.models.base import Training
 from sitebench.reports import Report, ReportContent, build_report
+from sitebench.reports.findings import findings as report_findings
 from sitebench.reports.qc_summary import qc_summary
-from sitebench.stratification.evaluation import REFERENCE_KEY, AnalysisPlan, Endpoint, Evaluation, evaluate_models
+from sitebench.stratification.evaluation import AnalysisPlan, Endpoint, Evaluation, evaluate_models, evaluation_table
 
 
 def analysis_plan(spec: BenchmarkSpec) -> AnalysisPlan:
@@ -37,95 +39,24 @@ def analysis_plan(spec: BenchmarkSpec) -> AnalysisPlan:
 
 
 def evaluate(run: BenchmarkRun) -> Evaluation:
-    """Every number of the report for every model version, from the canonical evaluation table."""
+    """Every number of the report for every model version, from the canonical evaluation table.
+
+    The join of predictions to the manifest happens here, not in the runner: benchmarks and
+    stratification are both middle-floor rooms and do not import each other.
+    """
     keys = [card.key for card in run.models]
     plan = analysis_plan(run.spec)
     unknown = [k for pair in plan.compare for k in pair if k not in keys]
     if unknown:
         raise SitebenchError(f"report.compare names model(s) not in this benchmark: {', '.join(unknown)} "
                              f"(have: {', '.join(keys)})")
-    return evaluate_models(run.evaluation_table(), plan, keys)
-
-
-def _metric(metrics: pd.DataFrame, model: str, stratum: str, level: str, metric: str) -> pd.Series | None:
-    rows = metrics[(metrics["model_key"] == model) & (metrics["stratum"] == stratum) &
-                   (metrics["level"].astype(str) == str(level)) & (metrics["metric"] == metric)]
-    if rows.empty or not bool(rows["estimable"].iloc[0]):
-        return None
-    return rows.iloc[0]
-
-
-def _fmt(row: pd.Series | None) -> str:
-    if row is None:
-        return "not estimable"
-    if pd.isna(row["ci_low"]):
-        return f"{row['estimate']:.3g}"
-    return f"{row['estimate']:.3g} [{row['ci_low']:.3g}, {row['ci_high']:.3g}]"
+    table = evaluation_table(run.predictions, run.manifest.table, run.spec.reference)
+    return evaluate_models(table, plan, keys)
 
 
 def findings(run: BenchmarkRun, evaluation: Evaluation) -> list[str]:
-    """Plain sentences read off this run's own numbers (nothing here is written in advance)."""
-    metrics = evaluation.metrics
-    vendors = sorted(evaluation.table[mf.VENDOR].unique())
-    notes = []
-    for card in run.models:
-        per_vendor = ", ".join(f"{v} {_fmt(_metric(metrics, card.key, 'vendor', v, 'mae'))}" for v in vendors)
-        trained = card.extra.get("training", {}).get("vendor")
-        lead = f"{card.key}" + (f" (trained on {trained} only"
-                                f"{', with cross-vendor augmentation' if card.extra['training'].get('augmentation') else ''})"
-                                if trained else "")
-        notes.append(f"{lead}: MAE by vendor (ml, 95% CI): {per_vendor}.")
-    trained_models = [c for c in run.models if c.extra.get("training", {}).get("vendor")]
-    if len(trained_models) >= 2:
-        base = next((c for c in trained_models if not c.extra["training"].get("augmentation")), None)
-        aug = next((c for c in trained_models if c.extra["training"].get("augmentation")), None)
-        if base and aug:
-            home = base.extra["training"]["vendor"]
-            for v in vendors:
-                if v == home:
-                    continue
-                a, b = _metric(metrics, base.key, "vendor", v, "mae"), _metric(metrics, aug.key, "vendor", v, "mae")
-                if a is None or b is None:
-                    continue
-                verdict = "lower" if b["estimate"] < a["estimate"] else "higher"
-                separated = b["ci_high"] < a["ci_low"] or b["ci_low"] > a["ci_high"]
-                notes.append(f"At {v} (unseen in training), the augmented {aug.key} has {verdict} MAE than "
-                             f"{base.key}: {b['estimate']:.3g} vs {a['estimate']:.3g} ml"
-                             f"{' (CIs do not overlap)' if separated else ' (CIs overlap)'}.")
-    for row in evaluation.upgrade.itertuples(index=False):
-        row_d = row._asdict()
-        if row_d.get("difference") is None or pd.isna(row_d.get("difference")):
-            continue
-        ci = (f"95% CI {row_d['ci_low']:.3g} to {row_d['ci_high']:.3g}" if not pd.isna(row_d.get("ci_low"))
-              else "CI not estimable with so few scans")
-        notes.append(f"{row_d['model_key']} at site {row_d['site']}: error changed by {row_d['difference']:.3g} ml "
-                     f"after the software change ({row_d['n_before']} scans before, {row_d['n_after']} after; {ci}).")
-    notes += _covariate_findings(evaluation.mixed)
-    worst = metrics[(metrics["stratum"] == "site") & (metrics["metric"] == "bias") & metrics["estimable"]]
-    if not worst.empty:
-        row = worst.loc[worst["estimate"].astype(float).abs().idxmax()]
-        notes.append(f"Largest site bias: {row['model_key']} at site {row['level']}, {_fmt(row)} ml.")
-    return notes
-
-
-def _covariate_findings(mixed: list[dict[str, Any]]) -> list[str]:
-    """Does each model reproduce the reference's covariate effects (age, group)? Read off the mixed fits."""
-    reference = next((m for m in mixed if m["model_key"] == REFERENCE_KEY), None)
-    if reference is None:
-        return []
-    notes = []
-    for term, effect in reference["fixed_effects"].items():
-        if not (term == mf.AGE or term.startswith(f"C({mf.GROUP})")):
-            continue
-        parts = [f"reference {effect['estimate']:.3g} [{effect['ci_low']:.3g}, {effect['ci_high']:.3g}]"]
-        for fit in mixed:
-            if fit["response"] == "prediction" and term in fit["fixed_effects"]:
-                e = fit["fixed_effects"][term]
-                inside = e["ci_low"] <= effect["estimate"] <= e["ci_high"]
-                parts.append(f"{fit['model_key']} {e['estimate']:.3g} [{e['ci_low']:.3g}, {e['ci_high']:.3g}]"
-                             f"{'' if inside else ' (misses the reference value)'}")
-        notes.append(f"Effect of {term} on the biomarker (ml, mixed model, 95% CI): " + "; ".join(parts) + ".")
-    return notes
+    """The report's findings for this run (the sentences themselves live in :mod:`sitebench.reports.findings`)."""
+    return report_findings(run.models, evaluation)
 
 
 @dataclass
@@ -207,7 +138,24 @@ def report_content(run: BenchmarkRun, evaluation: Evaluation, notes: list[str], 
                "spec_sha256": spec.fingerprint()},
         findings=notes, truth=_truth_summary(truth), intended_use=spec.report.intended_use,
         population=spec.report.population, limitations=list(spec.report.limitations),
-        qc=qc_summary(run.manifest.table, spec.report.qc_store))
+        qc=qc_summary(run.manifest.table, *_qc_gate_rows(spec.report.qc_store)))
+
+
+def _qc_gate_rows(qc_store: str | None) -> tuple[list[Any] | None, str]:
+    """The QC gate's per-site rows from its store (a folder holding qc.db, or a database URL), and where from."""
+    if not qc_store:
+        return None, ""
+    from sitebench.qc.records import QCRecords, database_url
+
+    if "://" not in qc_store and not (Path(qc_store) / "qc.db").exists():
+        raise SitebenchError("report.qc_store: no QC gate store here (expected qc.db)", qc_store)
+    url = qc_store if "://" in qc_store else database_url(Path(qc_store))
+    records = QCRecords(url)
+    try:
+        rows = records.site_status()
+    finally:
+        records.engine.dispose()
+    return rows, (qc_store if "://" not in qc_store else qc_store.split("://", 1)[0] + " database")
 
 
 def _lineage(card: Any, registered: dict[str, str]) -> dict[str, Any]:
@@ -215,7 +163,18 @@ def _lineage(card: Any, registered: dict[str, str]) -> dict[str, Any]:
     return {"key": card.key, "name": card.name, "version": card.version, "kind": card.kind,
             "weights_sha256": card.weights_sha256, "source": card.source,
             "description": card.extra.get("description", ""), "changelog": card.extra.get("changelog", {}),
-            "training": card.extra.get("training", {}), "registered": registered.get(card.key, "-")}
+            "training": _training(card.training), "registered": registered.get(card.key, "-")}
+
+
+def _training(training: Training | None) -> dict[str, Any]:
+    """The typed training record for the report's lineage table.
+
+    ``scans`` and ``code_version`` repeat ``n_scans`` and ``code_commit`` under the bundle
+    metadata's names until the sections read the typed names.
+    """
+    if training is None:
+        return {}
+    return {**training.to_dict(), "scans": training.n_scans, "code_version": {"git_commit": training.code_commit}}
 
 
 def _truth_summary(truth: dict[str, Any] | None) -> dict[str, Any] | None:

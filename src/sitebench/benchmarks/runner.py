@@ -178,12 +178,6 @@ class BenchmarkRun:
     seconds: float
     notes: list[str] = field(default_factory=list)
 
-    def evaluation_table(self) -> pd.DataFrame:
-        """Predictions joined to the manifest: one row per scan and model, with ``error``."""
-        from sitebench.stratification.evaluation import evaluation_table
-
-        return evaluation_table(self.predictions, self.manifest.table, self.spec.reference)
-
     def summary(self) -> str:
         lines = [f"benchmark '{self.spec.name}': {len(self.manifest)} scans x {len(self.models)} models; "
                  f"{self.computed} scored, {self.reused} reused, {self.seconds:.1f} s",

@@ -190,36 +190,7 @@ def register_model_version(model: BiomarkerModel, files: str | Path, name: str, 
     return str(version)
 
 
-#: Aliases a version only gets with a verified report carrying a valid approval sign-off.
-PROTECTED_ALIASES = frozenset({"validated"})
-REPORT_TAG = "sitebench.report_lock_sha256"
-
-
-def promote_model_version(name: str, version: str, alias: str, tracking_uri: str | None,
-                          report: str | Path | None = None, public_keys: list[str | Path] | None = None) -> dict:
-    """Point ``alias`` at a registered version; ``validated`` needs a verified, approved report.
-
-    For a protected alias the report must verify (every hash, and every sign-off against
-    ``public_keys``), carry at least one valid ``approval`` sign-off, and list this
-    version's weights among its materials. The report folder is then attached to the
-    version's run as an artifact and its lock hash stored as a version tag.
-    """
-    from mlflow.exceptions import MlflowException
-
-    client = registry_client(tracking_uri)
-    try:
-        model_version = client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        raise SitebenchError(f"no registered version {name}/{version} ({exc.message.splitlines()[0]})") from None
-    info: dict[str, Any] = {"name": name, "version": str(version), "alias": alias}
-    if alias in PROTECTED_ALIASES:
-        info.update(_approved_report(model_version, report, public_keys or []))
-        client.log_artifacts(model_version.run_id, str(info["report_dir"]),
-                             artifact_path=f"validation_report/{Path(info['report_dir']).name}")
-        client.set_model_version_tag(name, str(version), REPORT_TAG, info["lock_sha256"])
-        info["report_dir"] = str(info["report_dir"])
-    client.set_registered_model_alias(name, alias, str(version))
-    return info
+REPORT_TAG = "sitebench.report_lock_sha256"  # set by sitebench.promotion on @validated
 
 
 def version_rows(tracking_uri: str | None) -> list[dict[str, Any]]:
@@ -243,25 +214,11 @@ def version_rows(tracking_uri: str | None) -> list[dict[str, Any]]:
     return rows
 
 
-def _approved_report(model_version, report: str | Path | None, public_keys: list[str | Path]) -> dict[str, Any]:
-    from sitebench.reports.lock import LOCK_FILE, locked_files, read_lock, verify_report
-    from sitebench.reports.signing import read_signoffs
+def __getattr__(name: str) -> Any:
+    """``promote_model_version`` moved to :mod:`sitebench.promotion` (it needs the reports package,
+    which the registry must not import); the old name keeps working for callers not yet moved."""
+    if name in ("promote_model_version", "PROTECTED_ALIASES"):
+        from sitebench import promotion  # layering: temporary, see tests/test_layering.py TEMPORARY
 
-    where = f"{model_version.name}/{model_version.version}"
-    if report is None:
-        raise SitebenchError(f"promoting {where} to a protected alias needs --report: a verified, signed "
-                             "validation report")
-    if not public_keys:
-        raise SitebenchError("promotion needs --public-key: the keys whose sign-offs count")
-    check = verify_report(report, public_keys=public_keys)
-    if not check.ok:
-        raise SitebenchError("report does not verify: " + "; ".join(check.problems), report)
-    report_dir = check.report_dir
-    if not any(s.get("meaning") == "approval" for s in read_signoffs(report_dir)):
-        raise SitebenchError("report carries no approval sign-off (only authorship/review)", report_dir)
-    weights = model_version.tags.get(WEIGHTS_TAG)
-    digests = {digest for _, _, digest in locked_files(read_lock(report_dir))}
-    if not weights or weights not in digests:
-        raise SitebenchError(f"report does not rest on {where}'s weights (sha256 {str(weights)[:12]}…)", report_dir)
-    return {"report_dir": report_dir, "lock_sha256": sha256_file(report_dir / LOCK_FILE),
-            "signoffs": check.signoffs}
+        return getattr(promotion, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,6 +2,6 @@
 
 from sitebench.reports.content import ReportContent
 from sitebench.reports.build import Report, build_report
-from sitebench.reports.lock import Verification, verify_report
+from sitebench.reports.verify import EXIT_CODES, Verification, verify_report
 
-__all__ = ["Report", "ReportContent", "Verification", "build_report", "verify_report"]
+__all__ = ["EXIT_CODES", "Report", "ReportContent", "Verification", "build_report", "verify_report"]

@@ -1,19 +1,20 @@
-"""The lock: SHA-256 of everything a report depends on, and its verification.
+"""The lock: SHA-256 of everything a report depends on.
 
 ``lock.json`` sits beside ``report.html``. It is an in-toto Statement (v1): its
 ``subject`` lists the report's own files (HTML, PDF, result tables) and its
 ``predicate`` what they rest on (materials: model weights, spec, data manifest,
 every image and label file), the code version, package versions, seeds and the
 analysis plan. The statement carries the hash of its own canonical content, so an
-edited byte anywhere, lock included, fails ``verify``. Sign-offs (``signing.py``)
-sign the lock's SHA-256; they come on top of this and do not replace it.
+edited byte anywhere, lock included, fails ``verify`` (:mod:`sitebench.reports.verify`).
+Sign-offs (``signing.py``) sign the lock's SHA-256; they come on top of this and do not
+replace it. This module writes and reads locks only: it imports nothing else of the
+reports package, so everything else may import it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,83 +110,3 @@ def locked_files(statement: dict[str, Any]) -> list[tuple[str, str, str]]:
 def locked_subject(statement: dict[str, Any], role: str) -> dict[str, Any] | None:
     """The subject (its ``name`` is its path in the report folder, with its ``digest``) that has this role."""
     return next((s for s in statement.get("subject", []) if (s.get("annotations") or {}).get("role") == role), None)
-
-
-@dataclass
-class Verification:
-    """Outcome of ``report verify``: every check made, and every problem found."""
-
-    report_dir: Path
-    checked: int = 0
-    problems: list[str] = field(default_factory=list)
-    report: dict[str, Any] = field(default_factory=dict)
-    signoffs: int = 0  # valid sign-offs, when keys were given
-    recomputed: list[str] = field(default_factory=list)  # result tables re-derived and matched
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def summary(self) -> str:
-        head = f"{self.report_dir}: "
-        if self.ok:
-            signed = f", {self.signoffs} valid sign-off(s)" if self.signoffs else ""
-            if self.recomputed:
-                signed += f", {len(self.recomputed)} result tables re-derived and identical"
-            return head + (f"OK, {self.checked} hashes match{signed} (report {self.report.get('name')} "
-                           f"v{self.report.get('version')})")
-        return head + "FAILED: " + "; ".join(self.problems)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"report_dir": str(self.report_dir), "ok": self.ok, "checked": self.checked,
-                "signoffs": self.signoffs, "recomputed": self.recomputed, "problems": self.problems,
-                "report": self.report}
-
-
-def verify_report(path: str | Path, public_keys: list[str | Path] | None = None,
-                  recompute: bool = False) -> Verification:
-    """Check the lock's own hash and every file it lists; a report folder or its lock/html file.
-
-    With ``public_keys``, every sign-off must also be a valid Ed25519 signature by one of
-    them over this very lock (see :mod:`sitebench.reports.signing`). With ``recompute``, the
-    results are re-derived from the locked inputs and compared (see :mod:`sitebench.reports.recompute`).
-    """
-    path = Path(path)
-    report_dir = path if path.is_dir() else path.parent
-    if not (report_dir / LOCK_FILE).exists():
-        raise SitebenchError(f"no {LOCK_FILE} here; not a sitebench report", report_dir)
-    try:
-        statement = read_lock(report_dir)
-    except SitebenchError:
-        result = Verification(report_dir)
-        result.problems.append(f"{LOCK_FILE} is not valid JSON (changed)")
-        return result
-    predicate = statement.get("predicate") if isinstance(statement.get("predicate"), dict) else {}
-    result = Verification(report_dir, report=predicate.get("report", {}))
-    claimed = predicate.pop("statement_sha256", None)
-    if statement.get("_type") != STATEMENT_TYPE or claimed != sha256_json(statement):
-        result.problems.append(f"{LOCK_FILE} changed (its content no longer matches its own hash)")
-    result.checked += 1
-    for role, where, digest in locked_files(statement):
-        target = Path(where)
-        target = target if target.is_absolute() else report_dir / target
-        result.checked += 1
-        if not target.exists():
-            result.problems.append(f"{role} ({where}) is missing")
-        elif sha256_file(target) != digest:
-            result.problems.append(f"{role} ({where}) changed")
-    if public_keys:
-        from sitebench.reports.signing import verify_signoffs
-
-        valid, problems = verify_signoffs(report_dir, list(public_keys))
-        result.checked += valid + len(problems)
-        result.signoffs = valid
-        result.problems.extend(problems)
-    if recompute:
-        from sitebench.reports.recompute import recompute_report
-
-        again = recompute_report(report_dir)
-        result.recomputed = again.checked
-        result.checked += len(again.checked)
-        result.problems.extend(again.problems)
-    return result

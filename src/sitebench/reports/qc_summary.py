@@ -1,20 +1,21 @@
 """The upload-time QC gate's summary per site, for the report's data-provenance section.
 
-Two sources, in order: the gate's own records (``sitebench qc serve`` store, via
-``QCRecords.site_status``), or the ``qc_status`` / ``qc_deviations`` columns that
-``sitebench qc manifest`` writes into the data manifest. A trial with neither gets an
-explicit statement, never an empty table that reads like "no problems".
+Two sources, in order: the gate's own per-site rows (``QCRecords.site_status()`` of a
+``sitebench qc serve`` store, which the pipeline opens and passes in: reports reads
+results, it does not open the gate's database), or the ``qc_status`` / ``qc_deviations``
+columns that ``sitebench qc manifest`` writes into the data manifest. A trial with
+neither gets an explicit statement, never an empty table that reads like "no problems".
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any
 
 import pandas as pd
 
 from sitebench.datasets import manifest as mf
-from sitebench.errors import SitebenchError
 
 COLUMNS = ("site", "series", "passed", "warned", "failed", "undetermined", "unmatched", "open_deviations",
            "drift_events", "rescan_rate", "rejected_files")
@@ -30,18 +31,24 @@ class QCSummary:
         return not self.table.empty
 
 
-def qc_summary(manifest: pd.DataFrame, qc_store: str | None = None) -> QCSummary:
-    """Per-site verdict counts, deviations, re-scan rate and drift events, from the best source at hand."""
-    if qc_store:
-        from sitebench.qc.records import QCRecords, database_url
+def _row(status: Any) -> dict[str, Any]:
+    """One gate row (a ``SiteStatus`` or a mapping) as a plain dict, with its derived re-scan rate."""
+    row = asdict(status) if is_dataclass(status) and not isinstance(status, type) else dict(status)
+    if "rescan_rate" not in row:
+        row["rescan_rate"] = getattr(status, "rescan_rate", None)
+    return row
 
-        if "://" not in qc_store and not (Path(qc_store) / "qc.db").exists():
-            raise SitebenchError("report.qc_store: no QC gate store here (expected qc.db)", qc_store)
-        url = qc_store if "://" in qc_store else database_url(Path(qc_store))
-        rows = [{**asdict(r), "rescan_rate": r.rescan_rate} for r in QCRecords(url).site_status()]
-        where = qc_store if "://" not in qc_store else qc_store.split("://", 1)[0] + " database"
-        return QCSummary(f"the upload-time QC gate's records ({where})",
-                         pd.DataFrame(rows, columns=list(COLUMNS)))
+
+def qc_summary(manifest: pd.DataFrame, site_status: Iterable[Any] | None = None,
+               gate: str = "the QC gate store") -> QCSummary:
+    """Per-site verdict counts, deviations, re-scan rate and drift events, from the best source at hand.
+
+    ``site_status`` are the gate's own per-site rows (``QCRecords.site_status()``) and ``gate``
+    says where they came from; without them the manifest's QC columns are used.
+    """
+    if site_status is not None:
+        rows = [_row(r) for r in site_status]
+        return QCSummary(f"the upload-time QC gate's records ({gate})", pd.DataFrame(rows, columns=list(COLUMNS)))
     if "qc_status" in manifest:
         status = manifest["qc_status"].astype(str).str.lower()
         frame = pd.DataFrame({"site": manifest[mf.SITE].astype(str), "status": status,

@@ -9,6 +9,12 @@ Two steps, each compared byte for byte with what the lock holds:
 
 The hashes alone show nothing changed since locking; the recompute shows the locked
 numbers are what this code makes of the locked inputs.
+
+When the mixed-model tables differ and the locked plan names another mixed-model engine
+than this code's, the difference is reported as that engine change (``engine_changes``),
+not as a bare mismatch; every other table must still reproduce. A data manifest that is
+not available here (a report copied away from its materials) skips step 1 and says so
+(``not_done``).
 """
 
 from __future__ import annotations
@@ -22,17 +28,30 @@ import pandas as pd
 from sitebench.datasets.manifest import read_manifest
 from sitebench.errors import SitebenchError
 from sitebench.provenance import sha256_bytes
+from sitebench.reports.integrity import find_material
 from sitebench.reports.lock import locked_files, locked_subject, read_lock
 from sitebench.stratification.evaluation import (AnalysisPlan, evaluate_models, evaluation_csv, evaluation_table,
                                                  read_evaluation_csv)
 
 DATA_MANIFEST = "data manifest"
+#: The result files a mixed-model fit writes, and the engine a plan locked before it named one used.
+MIXED_MODEL_TABLES = ("fixed_effects", "variance_components", "mixed_models")
+LEGACY_MIXED_MODEL_ENGINE = "statsmodels.MixedLM"
 
 
 @dataclass
 class Recomputation:
-    checked: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)  # re-derived and identical
     problems: list[str] = field(default_factory=list)
+    engine_changes: list[str] = field(default_factory=list)  # mixed-model tables differing with the engine
+    not_done: list[str] = field(default_factory=list)  # steps skipped: an input is not available here
+
+
+def mixed_model_engines(plan: dict) -> tuple[str, str]:
+    """(engine the locked plan was fitted with, engine this code fits with); read defensively."""
+    locked = str(plan.get("mixed_model_engine") or LEGACY_MIXED_MODEL_ENGINE)
+    current = str(getattr(AnalysisPlan(), "mixed_model_engine", None) or LEGACY_MIXED_MODEL_ENGINE)
+    return locked, current
 
 
 def _first_difference(locked: bytes, recomputed: bytes) -> str:
@@ -43,8 +62,11 @@ def _first_difference(locked: bytes, recomputed: bytes) -> str:
     return f"{len(old)} locked lines, {len(new)} recomputed"
 
 
-def recompute_report(report_dir: Path) -> Recomputation:
-    """Rebuild the evaluation table and every result table; list what does not match."""
+def recompute_report(report_dir: Path, materials_dir: Path | None = None) -> Recomputation:
+    """Rebuild the evaluation table and every result table; list what does not match.
+
+    ``materials_dir`` is where to look for the data manifest when it is not where the lock recorded it.
+    """
     statement = read_lock(report_dir)
     analysis = statement.get("predicate", {}).get("analysis") or {}
     if "plan" not in analysis:
@@ -57,11 +79,13 @@ def recompute_report(report_dir: Path) -> Recomputation:
     locked_evaluation = (report_dir / evaluation_entry["name"]).read_bytes()
 
     manifest_uri = next((uri for role, uri, _ in locked_files(statement) if role == DATA_MANIFEST), None)
+    manifest_path = find_material(report_dir, manifest_uri, materials_dir) if manifest_uri else None
     if manifest_uri is None:
         result.problems.append("recompute: the lock names no data manifest, so the evaluation table cannot be rebuilt")
+    elif manifest_path is None:
+        result.not_done.append(f"the data manifest ({manifest_uri}) is not available here, so the evaluation "
+                               "table was not rebuilt from the predictions (give --materials DIR)")
     else:
-        manifest_path = Path(manifest_uri)
-        manifest_path = manifest_path if manifest_path.is_absolute() else report_dir / manifest_path
         manifest = read_manifest(manifest_path, check_files=False, check_hashes=False)
         predictions = pd.read_csv(report_dir / predictions_entry["name"],
                                   dtype={"scan_id": str, "model_key": str, "weights_sha256": str,
@@ -74,15 +98,24 @@ def recompute_report(report_dir: Path) -> Recomputation:
 
     table = read_evaluation_csv(io.StringIO(locked_evaluation.decode()))
     evaluation = evaluate_models(table, AnalysisPlan.from_dict(analysis["plan"]), analysis.get("model_keys"))
+    locked_engine, current_engine = mixed_model_engines(analysis["plan"])
+    differing_mixed = []
     for file_name, data in evaluation.result_files().items():
         name = Path(file_name).stem
         entry = locked_subject(statement, f"table:{name}")
         if entry is None:
             result.problems.append(f"recompute: {name} is not in the lock")
             continue
-        result.checked.append(name)
-        if sha256_bytes(data) != entry["digest"]["sha256"]:
-            locked = (report_dir / entry["name"]).read_bytes()
-            result.problems.append(f"recompute: {name} differs from the locked table "
-                                   f"({_first_difference(locked, data)})")
+        if sha256_bytes(data) == entry["digest"]["sha256"]:
+            result.checked.append(name)
+            continue
+        if name in MIXED_MODEL_TABLES and locked_engine != current_engine:
+            differing_mixed.append(name)
+            continue
+        locked = (report_dir / entry["name"]).read_bytes()
+        result.problems.append(f"recompute: {name} differs from the locked table "
+                               f"({_first_difference(locked, data)})")
+    if differing_mixed:
+        result.engine_changes.append(f"mixed-model tables differ ({', '.join(differing_mixed)}): locked with "
+                                     f"{locked_engine}, recomputed with {current_engine}")
     return result

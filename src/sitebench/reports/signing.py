@@ -25,6 +25,8 @@ from typing import Any
 
 from sitebench.errors import SitebenchError
 from sitebench.provenance import canonical_json, sha256_bytes, sha256_file, utc_now
+from sitebench.reports.integrity import check_materials, check_subjects, statement_intact
+from sitebench.reports.lock import LOCK_FILE, read_lock
 
 __all__ = ["MEANINGS", "SignOff", "generate_key", "key_fingerprint", "load_public_key", "read_signoffs", "sign_report",
            "verify_signoffs"]
@@ -116,8 +118,8 @@ def load_public_key(path: Path):
 def _report_dir(path: str | Path) -> Path:
     path = Path(path)
     report_dir = path if path.is_dir() else path.parent
-    if not (report_dir / "lock.json").exists():
-        raise SitebenchError("no lock.json here; not a sitebench report", report_dir)
+    if not (report_dir / LOCK_FILE).exists():
+        raise SitebenchError(f"no {LOCK_FILE} here; not a sitebench report", report_dir)
     return report_dir
 
 
@@ -136,22 +138,24 @@ def read_signoffs(report_dir: Path) -> list[dict[str, Any]]:
 
 def sign_report(path: str | Path, key_path: str | Path, signer: str, meaning: str,
                 passphrase: bytes | None = None) -> SignOff:
-    """Add one sign-off to a locked report (the report must verify first: nobody signs a changed report)."""
-    from sitebench.reports.lock import verify_report
+    """Add one sign-off to a locked report (its files must verify first: nobody signs a changed report).
 
+    Materials not available here (a copy of the report) do not stop a sign-off; a material
+    found here with another hash does.
+    """
     report_dir = _report_dir(path)
     signer = " ".join(str(signer).split())
     if not signer:
         raise SitebenchError("a sign-off needs the signer's printed name")
     if meaning not in MEANINGS:
         raise SitebenchError(f"meaning must be one of {', '.join(MEANINGS)}, got {meaning!r}")
-    check = verify_report(report_dir)
-    if not check.ok:
-        raise SitebenchError("refusing to sign a report that fails verification: " + "; ".join(check.problems),
-                             report_dir)
+    problems = _integrity_problems(report_dir)
+    if problems:
+        raise SitebenchError("refusing to sign a report that fails verification: " + "; ".join(problems[:3])
+                             + (f"; … and {len(problems) - 3} more" if len(problems) > 3 else ""), report_dir)
     key = _load_private(Path(key_path), passphrase)
     unsigned = SignOff(signer=signer, meaning=meaning, signed_utc=utc_now(),
-                       lock_sha256=sha256_file(report_dir / "lock.json"),
+                       lock_sha256=sha256_file(report_dir / LOCK_FILE),
                        key_fingerprint=key_fingerprint(key.public_key()), signature="")
     signature = key.sign(canonical_json(unsigned.statement()))
     signoff = SignOff(**{**unsigned.__dict__, "signature": base64.b64encode(signature).decode()})
@@ -163,12 +167,23 @@ def sign_report(path: str | Path, key_path: str | Path, signer: str, meaning: st
     return signoff
 
 
+def _integrity_problems(report_dir: Path) -> list[str]:
+    """What does not match in the report's lock, its own files, and the materials found here."""
+    try:
+        statement = read_lock(report_dir)
+    except SitebenchError as exc:
+        return [str(exc)]
+    problems = [] if statement_intact(statement) else [f"{LOCK_FILE} changed (its content no longer matches its own hash)"]
+    checks = check_subjects(report_dir, statement) + check_materials(report_dir, statement)
+    return problems + [c.describe() for c in checks if c.failed]
+
+
 def verify_signoffs(report_dir: Path, public_keys: list[str | Path]) -> tuple[int, list[str]]:
     """(valid sign-offs, problems): each must be signed by one of the given keys and bound to this lock."""
     from cryptography.exceptions import InvalidSignature
 
     keys = {key_fingerprint(k): k for k in (load_public_key(Path(p)) for p in public_keys)}
-    lock_sha = sha256_file(report_dir / "lock.json")
+    lock_sha = sha256_file(report_dir / LOCK_FILE)
     valid, problems = 0, []
     signoffs = read_signoffs(report_dir)
     if not signoffs:

@@ -1,0 +1,222 @@
+"""The rooms of DESIGN.md import one way only; this test keeps the promise true.
+
+Every import of every module is read with ``ast`` (top-level and inside functions;
+``import x``, ``from x import y`` and relative imports) and checked against one rule
+table. A second test proves the checker can fail: it feeds it a synthetic package with a
+deliberately wrong import and asserts the message names the file, the line and the rule.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "src" / "sitebench"
+
+#: Who may import whom. Keys are rooms (the first part below ``sitebench``); values are the rooms
+#: they may import besides themselves and the basement. Anything not listed is forbidden.
+#: Shared helpers every room may import; they import only each other. "" is ``sitebench/__init__``.
+BASEMENT = {"", "errors", "provenance", "config", "results", "durable"}
+RULES: dict[str, set[str]] = {
+    # ground floor: imports nothing else of ours
+    "datasets": set(),
+    "models": set(),
+    "audit": set(),
+    # middle floor: the ground only, never each other
+    "qc": {"datasets", "models", "audit"},
+    "benchmarks": {"datasets", "models", "audit"},
+    "stratification": {"datasets", "models", "audit"},
+    # top: reads results, hashes files (and re-runs only through benchmarks)
+    "reports": {"datasets", "models", "audit", "qc", "benchmarks", "stratification"},
+    # promotion joins the registry and the validation report
+    "promotion": {"datasets", "models", "audit", "reports"},
+    # wiring: touches every room, but not the command line
+    "pipeline": {"datasets", "models", "audit", "qc", "benchmarks", "stratification", "reports", "promotion"},
+    # on top of everything; nothing imports it
+    "cli": {"datasets", "models", "audit", "qc", "benchmarks", "stratification", "reports", "promotion",
+            "pipeline"},
+}
+#: Modules of the reports package that must not import each other in a cycle.
+REPORTS_CORE = ("lock", "integrity", "verify", "recompute", "signing")
+
+#: Known, named exceptions, each with its reason and the condition that removes it.
+TEMPORARY: dict[tuple[str, str], str] = {
+    ("models/registry.py", "sitebench.promotion"):
+        "lazy re-export of promote_model_version for the command line until the cli package imports "
+        "sitebench.promotion directly",
+}
+
+
+@dataclass(frozen=True)
+class Import:
+    file: str  # relative to the package root
+    line: int
+    source: str  # importing module, dotted
+    target: str  # imported module, dotted (sitebench.* only)
+
+
+@dataclass(frozen=True)
+class Violation:
+    imp: Import
+    rule: str
+
+    def __str__(self) -> str:
+        return f"{self.imp.file}:{self.imp.line}: {self.imp.source} imports {self.imp.target}: {self.rule}"
+
+
+def module_name(root: Path, path: Path, package: str) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join([package, *parts])
+
+
+def read_imports(root: Path, package: str = "sitebench") -> list[Import]:
+    """Every import of ``package`` modules in every file under ``root``, at any depth of the code."""
+    files = sorted(root.rglob("*.py"))
+    modules = {module_name(root, f, package) for f in files}
+    found = []
+    for path in files:
+        source = module_name(root, path, package)
+        is_package = path.name == "__init__.py"
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):  # walks into functions, classes and conditionals too
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: resolve against this module's package
+                    base = source.split(".") if is_package else source.split(".")[:-1]
+                    base = base[: len(base) - (node.level - 1)]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                # ``from sitebench import promotion`` imports the submodule sitebench.promotion
+                targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module for a in node.names]
+            for target in dict.fromkeys(targets):
+                if target == package or target.startswith(package + "."):
+                    found.append(Import(str(path.relative_to(root)), node.lineno, source, target))
+    return found
+
+
+def room(module: str) -> str:
+    """The room of a dotted module: ``sitebench.reports.lock`` -> ``reports``; the package itself -> ``''``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def check(imports: list[Import], temporary: dict[tuple[str, str], str] | None = None) -> list[Violation]:
+    """Every import that breaks the rule table, the cli rule or the reports-core cycle rule."""
+    temporary = TEMPORARY if temporary is None else temporary
+    problems = []
+    for imp in imports:
+        source, target = room(imp.source), room(imp.target)
+        if (imp.file, imp.target) in temporary or source == target or target in BASEMENT:
+            continue
+        if target == "cli":
+            problems.append(Violation(imp, "nothing imports cli (it is on top)"))
+        elif source in BASEMENT:
+            problems.append(Violation(imp, f"basement module '{source or '__init__'}' imports no room"))
+        elif source not in RULES:
+            problems.append(Violation(imp, f"room '{source}' has no rule in RULES; add one"))
+        elif target not in RULES[source]:
+            allowed = ", ".join(sorted(RULES[source])) or "nothing else of ours"
+            problems.append(Violation(imp, f"'{source}' may import only {allowed}"))
+    return problems + reports_cycles(imports)
+
+
+def reports_cycles(imports: list[Import]) -> list[Violation]:
+    """An import between two core reports modules that closes a cycle (function-level imports included)."""
+    core = {f"sitebench.reports.{m}" for m in REPORTS_CORE}
+    edges: dict[str, set[str]] = {}
+    first: dict[tuple[str, str], Import] = {}
+    for imp in imports:
+        if imp.source in core and imp.target in core and imp.source != imp.target:
+            edges.setdefault(imp.source, set()).add(imp.target)
+            first.setdefault((imp.source, imp.target), imp)
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            node = todo.pop()
+            if node == goal:
+                return True
+            if node not in seen:
+                seen.add(node)
+                todo.extend(edges.get(node, ()))
+        return False
+
+    return [Violation(imp, f"import cycle in the reports package ({imp.target} leads back to {imp.source})")
+            for (a, b), imp in sorted(first.items()) if reaches(b, a)]
+
+
+def test_every_import_goes_one_way():
+    imports = read_imports(PACKAGE_ROOT)
+    assert len(imports) > 100, "the checker read too few imports; is the source tree where it should be?"
+    problems = check(imports)
+    print(f"\n{len(imports)} imports of sitebench modules in {len({i.file for i in imports})} files checked; "
+          f"{len(problems)} break the layering; temporary exceptions: {len(TEMPORARY)}")
+    for (file, target), why in TEMPORARY.items():
+        print(f"  temporary: {file} -> {target}: {why}")
+    assert not problems, "layering broken:\n" + "\n".join(map(str, problems))
+
+
+def test_nothing_imports_cli_and_the_reports_core_has_no_cycle():
+    imports = read_imports(PACKAGE_ROOT)
+    assert not [i for i in imports if room(i.target) == "cli" and room(i.source) != "cli"]
+    assert not reports_cycles(imports)
+    lock = [i for i in imports if i.source == "sitebench.reports.lock" and room(i.target) == "reports"]
+    assert not lock, f"lock.py must import nothing else of the reports package: {lock}"
+
+
+def test_each_temporary_exception_is_still_there():
+    """An exception nobody needs any more is removed from TEMPORARY, so it cannot hide a new import."""
+    imports = {(i.file, i.target) for i in read_imports(PACKAGE_ROOT)}
+    for key in TEMPORARY:
+        assert key in imports, f"TEMPORARY lists {key}, which no longer exists: remove it"
+
+
+WRONG_TREE = {
+    "__init__.py": "",
+    "errors.py": "class SitebenchError(Exception):\n    pass\n",
+    "models/__init__.py": "",
+    "models/registry.py": ("from sitebench.errors import SitebenchError\n\n\n"
+                           "def promote():\n    from sitebench.reports.lock import read_lock  # the old mistake\n"
+                           "    return read_lock\n"),
+    "benchmarks/__init__.py": "",
+    "benchmarks/runner.py": "from ..stratification import evaluation\n",
+    "stratification/__init__.py": "",
+    "stratification/evaluation.py": "import sitebench.datasets\n",
+    "datasets/__init__.py": "",
+    "reports/__init__.py": "",
+    "reports/lock.py": "def verify():\n    from . import signing\n",
+    "reports/signing.py": "from sitebench.reports import lock\n",
+    "pipeline.py": "from sitebench import cli\n",
+    "cli.py": "import sitebench.pipeline\n",
+}
+
+
+def test_the_checker_fails_on_a_wrong_import(tmp_path):
+    root = tmp_path / "sitebench"
+    for name, text in WRONG_TREE.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    problems = [str(p) for p in check(read_imports(root), temporary={})]
+    print("\n" + "\n".join(problems))
+    assert ("models/registry.py:5: sitebench.models.registry imports sitebench.reports.lock: "
+            "'models' may import only nothing else of ours") in problems
+    assert ("benchmarks/runner.py:1: sitebench.benchmarks.runner imports sitebench.stratification.evaluation: "
+            "'benchmarks' may import only audit, datasets, models") in problems
+    assert "pipeline.py:1: sitebench.pipeline imports sitebench.cli: nothing imports cli (it is on top)" in problems
+    assert sum("import cycle in the reports package" in p for p in problems) == 2
+    assert len(problems) == 5, problems
+
+
+@pytest.mark.parametrize("room_name", sorted(RULES))
+def test_the_rule_table_never_lets_a_lower_room_import_a_higher_one(room_name):
+    order = {"datasets": 0, "models": 0, "audit": 0, "qc": 1, "benchmarks": 1, "stratification": 1, "reports": 2,
+             "promotion": 3, "pipeline": 4, "cli": 5}
+    assert all(order[target] < order[room_name] for target in RULES[room_name])
