@@ -43,11 +43,8 @@ RULES: dict[str, set[str]] = {
 REPORTS_CORE = ("lock", "integrity", "verify", "recompute", "signing")
 
 #: Known, named exceptions, each with its reason and the condition that removes it.
-TEMPORARY: dict[tuple[str, str], str] = {
-    ("models/registry.py", "sitebench.promotion"):
-        "lazy re-export of promote_model_version for the command line until the cli package imports "
-        "sitebench.promotion directly",
-}
+#: ``{("models/registry.py", "sitebench.promotion"): "why, and until when"}``; keep it empty.
+TEMPORARY: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

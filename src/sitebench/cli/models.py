@@ -13,9 +13,10 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     print("classical            gm-tissue-gmm (three-class GMM tissue classification)")
     for name in builtin_bundles():
         model = load_model(f"builtin:{name}")
-        training = model.card.extra.get("training", {})
+        training = model.card.training
         print(f"builtin:{name:<12} {model.card.key:<16} sha256 {model.card.weights_sha256[:16]}…  "
-              f"trained on {training.get('vendor', '?')}, augmentation={training.get('augmentation')}")
+              f"trained on {training.vendor if training else '?'}, "
+              f"augmentation={training.augmentation if training else None}")
     print(f"(bundles in {BUILTIN_DIR})")
     return 0
 
@@ -49,10 +50,10 @@ def cmd_models_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_models_promote(args: argparse.Namespace) -> int:
-    from sitebench.models.registry import promote_model_version
+    from sitebench.promotion import promote_model_version
 
     info = promote_model_version(args.name, args.version, args.alias, args.tracking_uri, report=args.report,
-                                 public_keys=args.public_key)
+                                 public_keys=args.public_key, materials_dir=args.materials)
     extra = f" with report {info['report_dir']} ({info['signoffs']} valid sign-offs)" if "report_dir" in info else ""
     print(f"{args.name}/{args.version} is now @{args.alias}{extra}")
     return 0
@@ -82,5 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     promote.add_argument("--alias", required=True)
     promote.add_argument("--report", help="validation report folder")
     promote.add_argument("--public-key", action="append", help="signer public keys (.pub; repeatable)")
+    promote.add_argument("--materials", metavar="DIR",
+                         help="another copy of the report's materials, for a report away from them")
     add_tracking_uri(promote, required=True)
     promote.set_defaults(func=cmd_models_promote)

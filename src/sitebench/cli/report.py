@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 
-from sitebench.cli._common import EXIT_VERIFY_FAILED, add_json, print_result
+from sitebench.cli._common import add_json, print_result
 
 
 def cmd_report_verify(args: argparse.Namespace) -> int:
     from sitebench.reports import verify_report
 
-    result = verify_report(args.path, public_keys=args.public_key, recompute=args.recompute)
+    result = verify_report(args.path, public_keys=args.public_key, recompute=args.recompute,
+                           materials_dir=args.materials)
     print_result(result, args.json)
-    return 0 if result.ok else EXIT_VERIFY_FAILED
+    return result.exit_code
 
 
 def _passphrase() -> bytes | None:
@@ -43,15 +44,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     report = sub.add_parser("report", help="validation reports").add_subparsers(dest="action", metavar="ACTION",
                                                                                  required=True)
     verify = report.add_parser("verify", help="check every hash of a report",
-                               description="Exit 0 if the report and everything it rests on are unchanged, "
-                                           "1 otherwise.")
+                               description="Three answers: are the report's own files intact, are its "
+                                           "sign-offs valid (with --public-key), and which materials could "
+                                           "be checked here. Exit 0: all verified; 1: a report file, the "
+                                           "lock, a sign-off, a material found here or a recomputed table "
+                                           "does not match; 3: report intact (and signed) but some "
+                                           "materials are not available here (use --materials); 4: with "
+                                           "--recompute, only the mixed-model tables differ, because they "
+                                           "were locked with another mixed-model engine; 2: bad input.")
     verify.add_argument("path", help="report folder (or its report.html / lock.json)")
     verify.add_argument("--public-key", action="append", help="also require valid Ed25519 sign-offs by these "
                                                                "keys (.pub; repeatable)")
     verify.add_argument("--recompute", action="store_true",
                         help="also re-derive the evaluation table and every result table from the locked "
                              "predictions, data manifest and analysis plan, and compare them byte for byte")
-    add_json(verify, "the verification")
+    verify.add_argument("--materials", metavar="DIR",
+                        help="another copy of the materials (trial folder, weights): each material not found "
+                             "where the lock recorded it is looked for here by its recorded path, then by its "
+                             "trailing folders and file name")
+    add_json(verify, "the verification (every file, every problem)")
     verify.set_defaults(func=cmd_report_verify)
     keygen = report.add_parser("keygen", help="generate an Ed25519 signing key pair",
                                description="Writes OUT.key (0600; passphrase from $SITEBENCH_KEY_PASSPHRASE if "

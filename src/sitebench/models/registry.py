@@ -212,13 +212,3 @@ def version_rows(tracking_uri: str | None) -> list[dict[str, Any]]:
                          "report_lock_sha256": version.tags.get(REPORT_TAG)})
     rows.sort(key=lambda r: (r["name"], int(r["version"])))
     return rows
-
-
-def __getattr__(name: str) -> Any:
-    """``promote_model_version`` moved to :mod:`sitebench.promotion` (it needs the reports package,
-    which the registry must not import); the old name keeps working for callers not yet moved."""
-    if name in ("promote_model_version", "PROTECTED_ALIASES"):
-        from sitebench import promotion  # layering: temporary, see tests/test_layering.py TEMPORARY
-
-        return getattr(promotion, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
