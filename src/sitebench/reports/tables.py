@@ -55,6 +55,8 @@ COLUMNS: dict[str, Column] = {
     # counts
     "n_scans": Column("Scans", "int", "number of scans"),
     "scans": Column("Scans", "int", "number of scans"),
+    "n_subjects": Column("Subjects", "int", "number of participants"),
+    "n_sites": Column("Sites", "int", "number of sites"),
     "n_site": Column("Scans at site", "int", "scans at this site"),
     "n_rest": Column("Scans elsewhere", "int", "scans at all other sites"),
     "n_pairs": Column("Paired scans", "int", "scans scored by both versions"),
@@ -98,6 +100,10 @@ COLUMNS: dict[str, Column] = {
     "site_share_before": Column("Site share before", "percent", "share of variance explained by site, before"),
     "site_share_after": Column("Site share after", "percent", "share of variance explained by site, after"),
     "site_share": Column("Site share", "percent", "share of variance between sites"),
+    "scanner": Column("Scanner share", "percent", "in variance_components.csv: share of variance between scanners "
+                                                  "within site"),
+    "residual": Column("Residual share", "percent", "in variance_components.csv: share of variance left scan to "
+                                                    "scan"),
     "scanner_share": Column("Scanner share", "percent", "share of variance between scanners within site "
                                                         "(column 'scanner' of variance_components.csv)"),
     "residual_share": Column("Residual share", "percent", "share of variance left scan to scan (column "
