@@ -526,6 +526,58 @@ def test_metrology_reproducibility_matches_anova_table():
     assert res1.wsd is None and any("measured once" in note for note in res1.notes)
 
 
+def test_metrology_reml_equals_anova_on_a_balanced_design():
+    """With every ANOVA component positive, REML's variance components are the ANOVA ones."""
+    rng = np.random.default_rng(21)
+    table = simulate_sites(rng, 10, 6, 2, sd_site=1.5, sd_int=0.8, sd_within=1.0)
+    anova = metrology(table, "subject", "measured", replicate="replicate", site="site")
+    reml = metrology(table, "subject", "measured", replicate="replicate", site="site", reproducibility="reml")
+    assert min(anova.sigma2_site, anova.sigma2_interaction) > 0
+    for key in ("sigma2_site", "sigma2_interaction", "sigma2_within", "reproducibility_sd", "rdc"):
+        assert getattr(reml, key) == pytest.approx(getattr(anova, key), rel=1e-5), key
+    assert "REML" in reml.reproducibility_method and "method-of-moments" in anova.reproducibility_method
+    # the CIs differ in method (Satterthwaite on mean squares vs on the REML information) but agree roughly
+    assert reml.rdc_ci_low == pytest.approx(anova.rdc_ci_low, rel=0.15)
+    assert reml.rdc_ci_high == pytest.approx(anova.rdc_ci_high, rel=0.15)
+
+
+def unbalanced_traveling(seed: int = 8, n_subjects: int = 16, n_sites: int = 5) -> pd.DataFrame:
+    """Repeats at the home site (3 scans), one scan at each of the other sites: the usual traveling design."""
+    rng = np.random.default_rng(seed)
+    site = rng.normal(0, 1.5, n_sites)
+    rows = []
+    for i in range(n_subjects):
+        u, home = rng.normal(0, 3), i % n_sites
+        inter = rng.normal(0, 1.0, n_sites)
+        for j in range(n_sites):
+            for r in range(3 if j == home else 1):
+                rows.append((f"P{i:02d}", f"S{j}", r, round(50 + u + site[j] + inter[j] + rng.normal(0, 1.0), 8)))
+    return pd.DataFrame(rows, columns=["subject", "site", "replicate", "measured"])
+
+
+@pytest.mark.r_reference
+def test_metrology_reml_on_unbalanced_design_matches_lme4(tmp_path):
+    from conftest import require_rscript
+    from test_lmm import run_lme4
+
+    rscript = require_rscript("lme4")
+    table = unbalanced_traveling()
+    path = tmp_path / "traveling.csv"
+    table.to_csv(path, index=False)
+    table = pd.read_csv(path)
+    ref = run_lme4(rscript, path, "measured ~ 1 + (1 | subject) + (1 | site) + (1 | subject:site)", "TRUE")["reml"]
+    result = metrology(table, "subject", "measured", replicate="replicate", site="site")
+    assert "REML" in result.reproducibility_method and "unbalanced" in result.reproducibility_method
+    assert result.sigma2_site == pytest.approx(ref["var"]["site"], rel=1e-3)
+    assert result.sigma2_interaction > 0.1
+    assert result.sigma2_interaction == pytest.approx(ref["var"]["subject:site"], rel=1e-3)
+    assert result.sigma2_within == pytest.approx(ref["var"]["Residual"], rel=1e-3)
+    total = ref["var"]["site"] + ref["var"]["subject:site"] + ref["var"]["Residual"]
+    assert result.rdc == pytest.approx(RC_FACTOR * math.sqrt(total), rel=1e-3)
+    assert result.rdc_ci_low < result.rdc < result.rdc_ci_high
+    print(f"unbalanced traveling design: RDC {result.rdc:.4f} (lme4 components: {RC_FACTOR * math.sqrt(total):.4f})")
+
+
 def test_metrology_reproducibility_recovers_truth():
     rng = np.random.default_rng(1234)
     sd_site, sd_int, sd_within = 1.5, 0.5, 1.0
@@ -554,10 +606,12 @@ def test_metrology_not_estimable_pieces_are_none_with_notes():
     assert any("linearity not estimable" in n for n in res.notes)
     # Unbalanced and nested site designs: reproducibility None with a reason.
     sites = simulate_sites(rng, 6, 3, 2, 1.0, 0.3, 1.0)
-    unbalanced = metrology(sites.iloc[1:], "subject", "measured", site="site")
+    unbalanced = metrology(sites.iloc[1:], "subject", "measured", site="site", reproducibility="anova")
     assert unbalanced.rdc is None and any("balanced" in n for n in unbalanced.notes)
     holes = sites[~((sites["subject"] == "P0") & (sites["site"] == "S1"))]
-    assert any("empty" in n for n in metrology(holes, "subject", "measured", site="site").notes)
+    assert any("empty" in n for n in metrology(holes, "subject", "measured", site="site",
+                                               reproducibility="anova").notes)
+    assert metrology(holes, "subject", "measured", site="site").rdc is not None  # REML copes
     nested = sites.assign(subject=sites["subject"] + "-" + sites["site"])
     res = metrology(nested, "subject", "measured", site="site")
     assert res.rdc is None and any("one site only" in n for n in res.notes)

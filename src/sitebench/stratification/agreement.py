@@ -29,6 +29,7 @@ import pandas as pd
 from scipy import stats
 
 from sitebench.errors import SitebenchError
+from sitebench.stratification.lmm import ENGINE_ID, fit_lmm
 from sitebench.stratification.validation import check_alpha
 
 __all__ = [
@@ -719,7 +720,7 @@ def _chi2_variance_ci(var: float, df: float, alpha: float) -> tuple[float, float
 
 def metrology(table: pd.DataFrame, subject: str, value: str, reference: str | None = None,
               replicate: str | None = None, site: str | None = None,
-              alpha: float = 0.05) -> MetrologyResult:
+              alpha: float = 0.05, *, reproducibility: str = "auto") -> MetrologyResult:
     """Bias, linearity, repeatability and reproducibility of a QIB (Raunig et al. 2015).
 
     * ``reference`` (true value, constant within subject): bias = mean over subjects of
@@ -734,9 +735,19 @@ def metrology(table: pd.DataFrame, subject: str, value: str, reference: str | No
       sigma^2_site, sigma^2_subject x site and sigma^2_within; reproducibility variance =
       their untruncated sum (a positive combination of mean squares) with a Satterthwaite CI,
       RDC = 2.77 sqrt(reproducibility variance).
+    * ``site`` on an unbalanced design (the common one: repeats at one site, one scan at each
+      of the others) or with empty cells: REML variance components of
+      ``y ~ 1 + (1 | subject) + (1 | site) [+ (1 | subject:site)]`` from :func:`fit_lmm`;
+      reproducibility variance = sigma^2_site + sigma^2_subject x site + sigma^2_within, CI
+      chi-square with Satterthwaite's df ``2 V^2 / Var(V)`` (delta method on the REML
+      information). On a balanced design with positive components REML equals the ANOVA
+      estimates. ``reproducibility``: ``"auto"`` (ANOVA when balanced, else REML),
+      ``"anova"`` or ``"reml"``.
     ``replicate`` labels repeat measurements; a (subject, [site,] replicate) seen twice is an error.
     """
     alpha = check_alpha(alpha)
+    if reproducibility not in ("auto", "anova", "reml"):
+        raise SitebenchError(f"reproducibility must be 'auto', 'anova' or 'reml', got {reproducibility!r}")
     roles = [c for c in (subject, value, reference, replicate, site) if c is not None]
     _check_table(table, roles)
     y = _numeric(table, value)
@@ -847,7 +858,7 @@ def metrology(table: pd.DataFrame, subject: str, value: str, reference: str | No
     else:
         n_sites = len(g_levels)
         out.update(_reproducibility(y, s_codes, g_codes, list(s_levels), list(g_levels),
-                                    subject, site, alpha, notes))
+                                    subject, site, alpha, notes, reproducibility))
     return MetrologyResult(subject=subject, value=value, n_subjects=n_subj,
                            n_measurements=len(y), n_sites=n_sites, alpha=alpha,
                            notes=tuple(notes), **out)
@@ -855,23 +866,26 @@ def metrology(table: pd.DataFrame, subject: str, value: str, reference: str | No
 
 def _reproducibility(y: np.ndarray, s_codes: np.ndarray, g_codes: np.ndarray,
                      s_levels: Sequence[Any], g_levels: Sequence[Any], subject: str, site: str,
-                     alpha: float, notes: list[str]) -> dict[str, Any]:
-    """Balanced two-way crossed random-effects ANOVA (method of moments) across sites."""
+                     alpha: float, notes: list[str], method: str = "auto") -> dict[str, Any]:
+    """Reproducibility across sites: balanced ANOVA (method of moments), or REML components."""
     n, s = len(s_levels), len(g_levels)
     if s < 2:
         notes.append(f"reproducibility not estimable: only one {site}")
         return {}
     cell_n = np.zeros((n, s), dtype=int)
     np.add.at(cell_n, (s_codes, g_codes), 1)
+    if (cell_n > 0).sum(axis=1).max() < 2:
+        notes.append(f"reproducibility not estimable: each {subject} was measured at one "
+                     f"{site} only, so {site} and {subject} variance cannot be separated")
+        return {}
+    balanced = not (cell_n == 0).any() and cell_n.min() == cell_n.max()
+    if method == "reml" or (method == "auto" and not balanced):
+        return _reproducibility_reml(y, s_codes, g_codes, cell_n, subject, site, alpha, notes)
     if (cell_n == 0).any():
         i, j = np.argwhere(cell_n == 0)[0]
-        if (cell_n > 0).sum(axis=1).max() < 2:
-            notes.append(f"reproducibility not estimable: each {subject} was measured at one "
-                         f"{site} only, so {site} and {subject} variance cannot be separated")
-        else:
-            notes.append(f"reproducibility not estimable: {int((cell_n == 0).sum())} {subject} x "
-                         f"{site} cells are empty (e.g. {s_levels[i]!r} at {g_levels[j]!r}); the "
-                         "ANOVA estimator needs every subject measured at every site")
+        notes.append(f"reproducibility not estimable: {int((cell_n == 0).sum())} {subject} x "
+                     f"{site} cells are empty (e.g. {s_levels[i]!r} at {g_levels[j]!r}); the "
+                     "ANOVA estimator needs every subject measured at every site")
         return {}
     if cell_n.min() != cell_n.max():
         notes.append(f"reproducibility not estimable: unequal numbers of measurements per "
@@ -924,3 +938,45 @@ def _reproducibility(y: np.ndarray, s_codes: np.ndarray, g_codes: np.ndarray,
                rdc=RC_FACTOR * sd, rdc_ci_low=RC_FACTOR * math.sqrt(low),
                rdc_ci_high=RC_FACTOR * math.sqrt(high))
     return out
+
+
+def _reproducibility_reml(y: np.ndarray, s_codes: np.ndarray, g_codes: np.ndarray, cell_n: np.ndarray,
+                          subject: str, site: str, alpha: float, notes: list[str]) -> dict[str, Any]:
+    """REML variance components of y ~ 1 + (1|subject) + (1|site) [+ (1|subject:site)] (any design)."""
+    frame = pd.DataFrame({"s": s_codes, "g": g_codes, "y": y})
+    replicated = bool((cell_n >= 2).any())
+    vc = {"interaction": "g"} if replicated else {}
+    fit = fit_lmm(frame, "y ~ 1", "s", vc=vc, crossed={"site": "g"})
+    comps = fit.variance_components
+    out: dict[str, Any] = {"sigma2_site": comps["site"], "sigma2_within": comps["residual"]}
+    terms = f"(1 | {subject}) + (1 | {site})"
+    if replicated:
+        out["sigma2_interaction"] = comps["interaction"]
+        terms += f" + (1 | {subject}:{site})"
+    else:
+        notes.append(f"one measurement per {subject} and {site}: sigma2_within includes the "
+                     f"{subject} x {site} interaction (not separable without replicates)")
+    design = "balanced" if cell_n.min() == cell_n.max() else "unbalanced"
+    out["reproducibility_method"] = (f"REML variance components ({ENGINE_ID}) of y ~ 1 + {terms} on a "
+                                     f"{design} design ({int(cell_n.sum())} measurements, {cell_n.shape[0]} "
+                                     f"{subject} x {cell_n.shape[1]} {site}); Satterthwaite CI")
+    if not fit.converged:
+        notes.append("the REML fit of the reproducibility components did not meet lme4's convergence check")
+    names = ["site", "interaction", "residual"] if replicated else ["site", "residual"]
+    summed = fit.variance_sum(names)
+    total = summed["variance"]
+    if total <= 0:
+        notes.append("reproducibility variance is 0: no variation within subjects")
+        out.update(reproducibility_sd=0.0, rdc=0.0)
+        return out
+    sd = math.sqrt(total)
+    out.update(reproducibility_sd=sd, rdc=RC_FACTOR * sd)
+    if not math.isfinite(summed["df"]):
+        notes.append("reproducibility CI not estimable: the REML information matrix is singular")
+        return out
+    low, high = _chi2_variance_ci(total, summed["df"], alpha)
+    out.update(reproducibility_sd_ci_low=math.sqrt(low), reproducibility_sd_ci_high=math.sqrt(high),
+               reproducibility_df=float(summed["df"]), rdc_ci_low=RC_FACTOR * math.sqrt(low),
+               rdc_ci_high=RC_FACTOR * math.sqrt(high))
+    return out
+

@@ -265,6 +265,26 @@ class LmmResult:
         row = _test_row(estimate, math.sqrt(var) if var > 0 else math.nan, df, alpha)
         return {"estimate": estimate, **row, "ddf": ddf, "alpha": alpha}
 
+    def variance_sum(self, components: Sequence[str] | None = None) -> dict[str, float]:
+        """A sum of variance components with Satterthwaite's df, ``2 V^2 / Var(V)``.
+
+        ``Var(V)`` is the delta-method variance from ``A = 2 H^-1`` (the inverse Hessian of
+        the REML/ML deviance in the log variances, as for the fixed-effect df); components
+        at zero contribute nothing. Used for reproducibility variances (QIBA, Raunig et al.
+        2015) whose chi-square CI needs df. ``components`` default: all, residual included.
+        """
+        names = list(self.variance_components) if components is None else list(components)
+        unknown = [c for c in names if c not in self.variance_components]
+        if unknown:
+            raise SitebenchError(f"no variance component {unknown[0]!r} (have: {', '.join(self.variance_components)})")
+        total = float(sum(self.variance_components[c] for c in names))
+        parts = self._satterthwaite
+        if parts is None or total <= 0:
+            return {"variance": total, "df": math.nan}
+        grad = np.array([self.variance_components[c] if c in names else 0.0 for c in parts.parameters])
+        var = float(grad @ parts.acov @ grad)
+        return {"variance": total, "df": 2.0 * total * total / var if var > 0 else math.nan}
+
     # ------------------------------------------------------------------ variance CIs
 
     def profile_ci(self, alpha: float = 0.05, components: Sequence[str] | None = None,
