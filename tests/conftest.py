@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,29 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+#: Fixtures that bring an outside dependency; a test using one (directly or through another
+#: fixture) gets the marker, so `-m "not r_reference"` etc. select without a list to keep up to date.
+MARK_BY_FIXTURE = {"rscript": "r_reference", "postgres_url": "postgres"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, marker in MARK_BY_FIXTURE.items():
+            if fixture in item.fixturenames:
+                item.add_marker(marker)
+
+
+def run_cli(*args, cwd: str | Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 900) -> subprocess.CompletedProcess:
+    """The ``sitebench`` command as a user runs it: a fresh process, text output, exit code kept.
+
+    ``env`` adds to (never replaces) the environment; MLflow telemetry stays off.
+    """
+    return subprocess.run([sys.executable, "-m", "sitebench.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=timeout,
+                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})})
 
 
 @pytest.fixture(scope="session")

@@ -102,6 +102,7 @@ def _assert_matches(ours, ref: dict, diffs: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- DeLong vs pROC
+@pytest.mark.r_reference
 def test_delong_matches_proc_on_asah(asah, tmp_path):
     ours = delong(asah["truth"], asah["s100b"], asah["ndka"])
     ref = _proc(tmp_path, asah["truth"], asah["s100b"], asah["ndka"])
@@ -113,6 +114,7 @@ def test_delong_matches_proc_on_asah(asah, tmp_path):
     assert ours.p == pytest.approx(0.1643, abs=5e-5)
 
 
+@pytest.mark.r_reference
 def test_delong_single_score_matches_proc_on_asah(asah, tmp_path):
     ours = delong(asah["truth"], asah["ndka"], alpha=0.01)
     ref = _proc(tmp_path, asah["truth"], asah["ndka"], conf_level=0.99)
@@ -120,6 +122,7 @@ def test_delong_single_score_matches_proc_on_asah(asah, tmp_path):
     assert set(ours.to_dict()) == {"auc", "ci_low", "ci_high", "n_positive", "n_negative"}
 
 
+@pytest.mark.r_reference
 @pytest.mark.parametrize("seed", [11, 12])
 def test_delong_matches_proc_on_simulated_ties(seed, tmp_path):
     data = _simulated_ties(seed)
@@ -129,6 +132,7 @@ def test_delong_matches_proc_on_simulated_ties(seed, tmp_path):
     _assert_matches(ours, ref, {})
 
 
+@pytest.mark.r_reference
 def test_delong_matches_proc_with_clipped_ci_and_alpha(tmp_path):
     """Nearly separable small sample: the upper bound is clipped at 1 as in pROC; 90% intervals."""
     rng = np.random.default_rng(3)
@@ -141,6 +145,7 @@ def test_delong_matches_proc_with_clipped_ci_and_alpha(tmp_path):
     assert ours.ci_high == 1.0
 
 
+@pytest.mark.r_reference
 def test_delong_identical_scores_z_zero_as_proc(tmp_path):
     data = _simulated_ties(5, 60)
     ours = delong(data["truth"], data["s1"], data["s1"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -14,13 +13,8 @@ import pytest
 import yaml
 
 from sitebench.datasets import manifest as mf
+from conftest import run_cli
 
-SITEBENCH = [sys.executable, "-m", "sitebench.cli"]
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run(SITEBENCH + [str(a) for a in args], capture_output=True, text=True, cwd=cwd,
-                          timeout=900)
 
 
 def assert_clean_error(result, *needles):

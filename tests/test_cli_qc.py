@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import run_cli
 
 DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 T1 = DICOM / "dcm_qa_deident" / "In"
-SITEBENCH = [sys.executable, "-m", "sitebench.cli"]
 
 pytestmark = pytest.mark.skipif(not T1.exists(), reason="needs ../shared/data/dicom")
-
-
-def run_cli(*args):
-    return subprocess.run(SITEBENCH + [str(a) for a in args], capture_output=True, text=True, timeout=300)
 
 
 def test_inspect_draft_lock_check(tmp_path):

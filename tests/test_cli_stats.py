@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli
 
 COMBAT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "combat"
 needs_combat = pytest.mark.skipif(not COMBAT.exists(), reason="needs ../shared/data/combat")
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sitebench.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
 
 
 @pytest.fixture

@@ -96,6 +96,7 @@ def test_independent_reference_values_pinned():
     assert row["ci_low"] == pytest.approx(4 / 3 - 4.302652729911275 / 3, rel=1e-9)  # qt(.975, 2) * sd / sqrt(3)
 
 
+@pytest.mark.r_reference
 def test_paired_t_matches_r_t_test(tmp_path):
     rscript = require_rscript("stats")
     table = long_table(n=12, seed=5)

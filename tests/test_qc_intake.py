@@ -37,6 +37,7 @@ STORESCU = Path("/usr/bin/storescu")  # dcmtk's; pynetdicom installs a different
 SITE_AE = "S01_MR1"
 
 pytestmark = [
+    pytest.mark.dicom_net,  # storescu to a DICOM listener, STOW-RS over HTTP
     pytest.mark.skipif(not T1.exists(), reason="needs ../shared/data/dicom"),
     pytest.mark.skipif(not STORESCU.exists(), reason="needs dcmtk's /usr/bin/storescu (apt-get install dcmtk)"),
 ]

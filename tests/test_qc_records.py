@@ -19,7 +19,7 @@ def outcome(key: str, study: str, status: str, site: str = "S01", deviations=(),
                          deviations=list(deviations), checks=list(deviations), drift=list(drift))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def records(request, tmp_path) -> QCRecords:
     if request.param == "sqlite":
         return QCRecords(database_url(tmp_path))

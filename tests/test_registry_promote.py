@@ -4,21 +4,17 @@ verified report with a valid approval sign-off that rests on the version's own w
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 
 from sitebench.models.registry import BUILTIN_DIR
 from sitebench.reports.lock import write_lock
 from sitebench.reports.signing import generate_key, sign_report
+from conftest import run_cli as _run_cli
 
 
 def run_cli(cwd: Path, *args):
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    return subprocess.run([sys.executable, "-m", "sitebench.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd, env=env)
+    return _run_cli(*args, cwd=cwd, timeout=300)
 
 
 def locked_report(folder: Path, weights: Path) -> Path:

@@ -8,11 +8,8 @@ copied MONAI bundle as one model version and a real SQLite QC-gate store for the
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,12 +26,7 @@ from sitebench.reports.lock import PREDICATE_TYPE, STATEMENT_TYPE, locked_files,
 from sitebench.reports.qc_summary import qc_summary
 from sitebench.reports.sections import SECTIONS, checklists
 from sitebench.reports.signing import generate_key, sign_report
-
-
-def run_cli(*args):
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    return subprocess.run([sys.executable, "-m", "sitebench.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=env)
+from conftest import run_cli
 
 
 def _qc_store(folder: Path) -> Path:

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sitebench.reports.lock import write_lock
-
-
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "sitebench.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
+from conftest import run_cli
 
 
 @pytest.fixture

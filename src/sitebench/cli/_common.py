@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import warnings
@@ -38,6 +37,8 @@ QUIET_LOGGERS = ("mlflow", "alembic", "distributed", "monai", "monai.data.nvimgc
 
 def quiet_libraries() -> None:
     """Silence named library chatter (telemetry, known warnings, INFO loggers), nothing else."""
+    import logging  # not at the top: --help should not pay for it
+
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     for message, category in QUIET_WARNINGS:
