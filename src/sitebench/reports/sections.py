@@ -425,6 +425,7 @@ def _variance(c: ReportContent) -> str:
 def _fixed_effects_table(fits: list[dict[str, Any]], unit: str) -> str:
     """One row per term, per response an ``estimate [95% CI]`` and a p column (and df where the engine gives it)."""
     terms = list(dict.fromkeys(t for m in fits for t in m["fixed_effects"]))
+    terms.sort(key=lambda t: t != "Intercept")  # the intercept first, the rest as fitted
     has_df = any("df" in v for m in fits for v in m["fixed_effects"].values())
     rows = []
     for term in terms:
@@ -556,10 +557,11 @@ def _comparison(c: ReportContent) -> str:
             part["level"] = part["level"].where(part["level"] != "overall", "all scans")
             part["cases"] = [f"{fmt_value(p, 'int')} / {fmt_value(n, 'int')}"
                              for p, n in zip(part["n_positive"], part["n_negative"])]
-            body += _table(part, ["level", "cases", "auc_a", "auc_b", "difference", CI("ci_low", "ci_high"), "p",
-                                  "status"], "",
+            body += _table(part, ["level", "cases", "auc_a", "auc_b", "difference",
+                                  CI("ci_low", "ci_high", kind="auc"), "p", "status"], "",
                            {"level": "Scans", "cases": "With / without endpoint", "auc_a": f"AUC, {a}",
-                            "auc_b": f"AUC, {b}", "difference": f"AUC difference ({b} − {a})"})
+                            "auc_b": f"AUC, {b}", "difference": f"AUC difference ({b} − {a})"},
+                           {"difference": "auc"})
     return _section("comparison", "12. Model versions side by side", body)
 
 

@@ -163,6 +163,7 @@ class CI:
     low: str
     high: str
     label: str = "95% CI"
+    kind: str | None = None  # rounding; by default that of the ``low`` column
 
 
 def fmt_p(p: Any) -> str:
@@ -224,7 +225,7 @@ def readable(frame: pd.DataFrame, columns: Sequence[str | CI] | None = None, uni
     out: dict[str, list[str]] = {}
     for c in chosen:
         if isinstance(c, CI):
-            kind = COLUMNS.get(c.low, Column("", "num")).kind
+            kind = c.kind or COLUMNS.get(c.low, Column("", "num")).kind
             title = headers.get(c.low, c.label if not unit or kind != "num" else f"{c.label} ({unit})")
             out[title] = [fmt_ci(lo, hi, kind) for lo, hi in zip(frame[c.low], frame[c.high])]
         else:
