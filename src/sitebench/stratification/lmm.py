@@ -256,14 +256,18 @@ class LmmResult:
                                      f"got {vector.size}")
         if not np.any(vector):
             raise SitebenchError("a contrast needs at least one non-zero weight")
-        if ddf == "satterthwaite" and self._satterthwaite is None:
-            raise SitebenchError("this fit has no Satterthwaite information (fitted with ddf='wald')")
         cov = self.cov_fixed.to_numpy()
         estimate = float(vector @ self.fe_params.to_numpy())
         var = float(vector @ cov @ vector)
-        df = _satterthwaite_df(self._satterthwaite, vector) if ddf == "satterthwaite" else math.inf
+        note = None
+        df = math.inf
+        if ddf == "satterthwaite":
+            df = _satterthwaite_df(self._satterthwaite, vector) if self._satterthwaite is not None else math.nan
+            if not math.isfinite(df):
+                note = f"Satterthwaite df not available ({self.diagnostics.get('satterthwaite_problem')}); Wald z used"
+                df = math.inf
         row = _test_row(estimate, math.sqrt(var) if var > 0 else math.nan, df, alpha)
-        return {"estimate": estimate, **row, "ddf": ddf, "alpha": alpha}
+        return {"estimate": estimate, **row, "ddf": ddf, "alpha": alpha, "note": note}
 
     def variance_sum(self, components: Sequence[str] | None = None) -> dict[str, float]:
         """A sum of variance components with Satterthwaite's df, ``2 V^2 / Var(V)``.
@@ -281,7 +285,7 @@ class LmmResult:
         parts = self._satterthwaite
         if parts is None or total <= 0:
             return {"variance": total, "df": math.nan}
-        grad = np.array([self.variance_components[c] if c in names else 0.0 for c in parts.parameters])
+        grad = np.array([g if c in names else 0.0 for c, g in zip(parts.parameters, parts.variance_gradient)])
         var = float(grad @ parts.acov @ grad)
         return {"variance": total, "df": 2.0 * total * total / var if var > 0 else math.nan}
 
@@ -1281,25 +1285,30 @@ class _SatterthwaiteParts:
     jacobian: list[np.ndarray]
     acov: np.ndarray
     parameters: list[str]
+    variance_gradient: np.ndarray  # d variance_i / d parameter_i
 
 
 def _satterthwaite_setup(criterion: _Criterion, psi: np.ndarray, sigma2: float, free: np.ndarray,
                          names: list[str], cov: np.ndarray) -> tuple[_SatterthwaiteParts | None, str | None]:
     """Hessian of the (REML) deviance and Jacobian of cov(beta) in the variance parameters.
 
-    Parameters are the log variances of the non-zero components and of the residual
-    (Kuznetsova et al. 2017 use SDs; df is the same in any parameterisation at the
-    optimum). Components at zero are left out, as on lmerTest's boundary. Derivatives
-    are Richardson-extrapolated central differences.
+    Parameters are the SDs of the non-zero components and of the residual, as lmerTest's
+    "varpar" (Kuznetsova et al. 2017), each divided by a scale (its own value, at least a
+    tenth of the residual SD) so one relative step suits all; a linear rescaling leaves df
+    unchanged. Components at zero are left out, as on lmerTest's boundary. Derivatives are
+    Richardson-extrapolated central differences.
     """
     index = np.flatnonzero(free)
     p = criterion.p
-    x0 = np.concatenate([np.log(psi[index] * sigma2), [math.log(sigma2)]])
+    sd = np.concatenate([np.sqrt(psi[index] * sigma2), [math.sqrt(sigma2)]])
+    scale = np.maximum(sd, 0.1 * math.sqrt(sigma2))
+    x0 = sd / scale
 
     def unpack(x: np.ndarray) -> tuple[np.ndarray, float]:
-        s2 = math.exp(x[-1])
+        values = x * scale
+        s2 = float(values[-1] ** 2)
         ratios = psi.copy()
-        ratios[index] = np.exp(x[:-1]) / s2
+        ratios[index] = values[:-1] ** 2 / s2
         return ratios, s2
 
     def deviance(x: np.ndarray) -> float:
@@ -1331,7 +1340,8 @@ def _satterthwaite_setup(criterion: _Criterion, psi: np.ndarray, sigma2: float, 
         return None, "the Hessian of the deviance in the variance parameters is singular"
     acov = 2.0 * np.linalg.inv(hessian)
     labels = [names[i] for i in index] + [RESIDUAL]
-    return _SatterthwaiteParts(cov=cov, jacobian=jac, acov=acov, parameters=labels), None
+    return _SatterthwaiteParts(cov=cov, jacobian=jac, acov=acov, parameters=labels,
+                               variance_gradient=2.0 * sd * scale), None
 
 
 def _satterthwaite_df(parts: _SatterthwaiteParts, vector: np.ndarray) -> float:
