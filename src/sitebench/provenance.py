@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
-import subprocess
 from datetime import datetime, timezone
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +48,9 @@ def utc_now() -> str:
 
 
 def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str]:
+    import platform  # here, not at the top: every command imports this module for sha256_file
+    from importlib import metadata
+
     versions = {"python": platform.python_version()}
     for name in names:
         try:
@@ -68,6 +68,8 @@ def code_version(start: str | Path | None = None) -> dict[str, Any]:
 @lru_cache(maxsize=4)
 def _code_version(start: str | None) -> dict[str, Any]:
     """One pair of git calls per process: truth file, lock, report and MLflow all ask."""
+    import subprocess
+
     here = Path(start) if start else Path(__file__).resolve().parent
     info: dict[str, Any] = {"package_version": _own_version(), "git_commit": None, "git_dirty": None}
     try:
