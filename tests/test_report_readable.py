@@ -274,3 +274,12 @@ def test_tables_are_narrow_with_human_headers_and_every_figure_is_captioned(repo
                                                                                    "all_within_margin"]
     pages = subprocess.run(["pdfinfo", str(report / "report.pdf")], capture_output=True, text=True).stdout
     assert int(re.search(r"Pages:\s+(\d+)", pages).group(1)) < 25
+
+
+def test_a_plan_without_comparison_says_so_on_the_summary(evaluation):
+    from dataclasses import replace
+
+    bare = replace(evaluation, plan=replace(evaluation.plan, compare=[]), comparison=pd.DataFrame(),
+                   discrimination=pd.DataFrame())
+    found = [d for d in decisions(bare) if d.topic in ("Version comparison", "Endpoint discrimination")]
+    assert [d.result for d in found] == ["not assessed"] and "report.compare" in found[0].detail

@@ -196,7 +196,7 @@ def _summary(c: ReportContent) -> str:
     models = list(dict.fromkeys(ev.table["model_key"]))
     body += _p(f"{len(models)} model versions ({', '.join(models)}) on {len(scans)} scans from "
                f"{scans['site'].nunique()} sites and {scans['vendor'].nunique()} scanner vendors, against the "
-               f"reference {c.reference}; errors are model − reference. Every decision was pre-specified "
+               f"reference standard (manifest column {c.reference}); errors are model − reference. Every decision was pre-specified "
                f"(alpha {plan.alpha:g}).")
     rows, group = [], None
     for d in decisions(ev, c.unit):

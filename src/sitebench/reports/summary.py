@@ -104,7 +104,10 @@ def _comparisons(ev: Evaluation, unit: str) -> list[Decision]:
     out: list[Decision] = []
     table, auc, plan = ev.comparison, ev.discrimination, ev.plan
     if table.empty:
-        return out
+        return [Decision("Version comparison", "-", "Is a new version's error within a margin of the old one's?",
+                         "no pair of versions named for comparison", "not assessed",
+                         detail="The benchmark spec names no versions to compare (report.compare).",
+                         section="comparison")]
     margin, alpha = plan.comparison_margin, plan.alpha
     for (a, b), part in table.groupby(["model_a", "model_b"], sort=False):
         pair = f"{b} vs {a}"
