@@ -178,3 +178,19 @@ def test_tracking_uri_falls_back_to_the_environment(tmp_path):
     from_env = run_cli("models", "versions", "--json", env={"MLFLOW_TRACKING_URI": uri})
     assert from_env.returncode == 0, from_env.stderr
     assert json.loads(from_env.stdout) == [] and (tmp_path / "mlflow.db").exists()
+
+
+def test_analyses_return_the_one_result_protocol(tmp_path):
+    """Every stats analysis gives summary(), to_frame() and to_dict() (what print_result relies on)."""
+    from sitebench.results import Result
+    from sitebench.stratification.agreement import bland_altman, icc
+    from sitebench.stratification.equivalence import site_equivalence
+    from sitebench.stratification.lmm import fit_lmm
+
+    ratings, pefr, sites = (pd.read_csv(f(tmp_path)) for f in (_ratings, _agreement, _sites))
+    results = [icc(ratings, "target", "judge", "rating"), bland_altman(pefr, "wright", "mini"),
+               site_equivalence(sites, "abs_error", "site", 1.0), fit_lmm(sites, "y ~ age", "site")]
+    for result in results:
+        assert isinstance(result, Result), type(result).__name__
+        assert isinstance(result.to_frame(), pd.DataFrame) and result.summary()
+        json.dumps(result.to_dict())

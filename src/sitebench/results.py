@@ -14,17 +14,22 @@ if TYPE_CHECKING:  # pandas stays off the start-up path
 
 
 @runtime_checkable
-class Result(Protocol):
-    """An analysis result: a readable summary, a tidy frame and a JSON-able dict."""
+class Summarized(Protocol):
+    """What the command line prints: words, or one JSON document (verifications, QC records too)."""
 
     def summary(self) -> str:
         """A few lines a person reads."""
         ...
 
-    def to_frame(self) -> pd.DataFrame:
-        """The numbers as a tidy table, one row per estimate."""
-        ...
-
     def to_dict(self) -> Any:
         """The numbers as JSON-able data (dicts, lists, str, float, int, bool, None)."""
+        ...
+
+
+@runtime_checkable
+class Result(Summarized, Protocol):
+    """An analysis result: a readable summary, a tidy frame and a JSON-able dict."""
+
+    def to_frame(self) -> pd.DataFrame:
+        """The numbers as a tidy table, one row per estimate."""
         ...

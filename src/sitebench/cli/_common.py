@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from sitebench.errors import SitebenchError
 
 if TYPE_CHECKING:
-    from sitebench.results import Result
+    from sitebench.results import Summarized
 
 EXIT_USER_ERROR = 2
 EXIT_VERIFY_FAILED = 1
@@ -70,7 +70,7 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def print_result(result: Result, as_json: bool) -> None:
+def print_result(result: Summarized, as_json: bool) -> None:
     """A result's ``summary()``, or its ``to_dict()`` as one JSON document."""
     if as_json:
         print_json(result.to_dict())
