@@ -196,15 +196,16 @@ def _summary(c: ReportContent) -> str:
     models = list(dict.fromkeys(ev.table["model_key"]))
     body += _p(f"{len(models)} model versions ({', '.join(models)}) on {len(scans)} scans from "
                f"{scans['site'].nunique()} sites and {scans['vendor'].nunique()} scanner vendors, against the "
-               f"reference standard (manifest column {c.reference}); errors are model − reference. Every decision was pre-specified "
-               f"(alpha {plan.alpha:g}).")
+               f"reference standard (manifest column {c.reference}); errors are model − reference. Margins and tests were pre-specified "
+               f"(alpha {plan.alpha:g}) in the locked analysis plan.")
     rows, group = [], None
     for d in decisions(ev, c.unit):
         if (d.topic, d.claim, d.criterion) != group:
             group = (d.topic, d.claim, d.criterion)
             link = f" <a href='#{d.section}'>→ details</a>" if d.section else ""
             rows.append(f"<tr class='topic'><td colspan='4'><b>{html.escape(d.topic)}.</b> {html.escape(d.claim)} "
-                        f"<i>Pre-specified: {html.escape(d.criterion)}.</i>{link}</td></tr>")
+                        f"<i>{'Pre-specified' if d.prespecified else 'Chosen as'}: {html.escape(d.criterion)}.</i>{link}"
+                        "</td></tr>")
         cls = {True: "met", False: "not-met"}.get(d.met, "")
         rows.append(f"<tr><td>{html.escape(d.model)}</td><td class='{cls}'>{html.escape(_result_word(d))}</td>"
                     f"<td>{html.escape(d.number())}</td><td>{html.escape(d.detail)}</td></tr>")

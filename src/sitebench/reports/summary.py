@@ -36,6 +36,7 @@ class Decision:
     detail: str = ""
     section: str = ""  # the report section that shows the table behind it
     unit: str = ""  # the estimate's unit ("" for an AUC difference)
+    prespecified: bool = True  # False for a pointer chosen from the results (the worst site), not a planned test
     kind: str = "num"  # how the estimate is rounded (see reports.tables.fmt_value)
 
     @property
@@ -214,6 +215,7 @@ def _worst_sites(ev: Evaluation, models: list[str], unit: str) -> list[Decision]
         out.append(Decision(
             "Worst site", key, "Which site should a reader look at first?",
             "the largest |mean error| among sites not shown equivalent (else among all sites)", result,
+            prespecified=False,
             estimate=_f(row["estimate"]), ci=(_f(row["ci_low"]), _f(row["ci_high"])),
             detail=f"Mean error (model − reference) at {site} over {int(row['n_scans'])} scans, bootstrap 95% CI.",
             section="results-strata"))
