@@ -21,7 +21,7 @@ h2 { font-size: 12pt; margin: 1.2em 0 .4em 0; break-after: avoid; }
 h3 { font-size: 9.5pt; margin: .8em 0 .3em 0; break-after: avoid; }
 .meta { font-size: 7pt; }
 code { font-size: 7pt; }
-img { max-width: 100%; max-height: 92mm; }
+img { max-width: 100%; max-height: 170mm; }  /* a 20-site forest plot may take a page; never shrink it to a stamp */
 figure { break-inside: avoid; margin: .6em 0; }
 figcaption { font-size: 7.5pt; max-width: 200mm; }
 table { font-size: 7.5pt; max-width: 100%; }

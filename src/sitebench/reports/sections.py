@@ -79,7 +79,7 @@ table.decisions td,table.decisions th{text-align:left;vertical-align:top}
 table.decisions td.met{color:#1d6b2a;font-weight:bold}table.decisions td.not-met{color:#a3271f;font-weight:bold}
 table.decisions tr.topic td{background:#f6f8fa}
 table.text td,table.text th,table.checklist td{text-align:left;vertical-align:top}
-.glossary p{margin:0 0 .2em 0;break-inside:avoid}
+.glossary p{margin:0 0 .2em 0;break-inside:avoid}table.files td:first-child{white-space:nowrap}
 @media screen{
 body{max-width:1100px;margin:2em auto;font-size:14px}h1{font-size:1.6em;margin-bottom:0}h2{margin-top:2em}
 table{font-size:12px}td,th{padding:2px 6px}img{max-width:100%}figcaption{font-size:12px;max-width:60em}
@@ -673,7 +673,7 @@ def _appendix(c: ReportContent) -> str:
     tables = _locked_tables(c)
     rows = [{"File": f"tables/{name}", "What it holds": what, "Rows": rows,
              "Columns": f"{len(cols)}: {', '.join(cols)}" if cols else "-"} for name, what, rows, cols in tables]
-    body += _html_table(pd.DataFrame(rows), "text")
+    body += _html_table(pd.DataFrame(rows), "text files")
     used = list(dict.fromkeys(col for _, _, _, cols in tables for col in cols))
     entries = []
     for name in used:
