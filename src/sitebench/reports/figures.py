@@ -80,7 +80,7 @@ def forest_plot(rows: pd.DataFrame, metric: str = "bias", stratum: str = "site",
     ax.invert_yaxis()
     ax.set_xlabel(f"{metric} ({unit}), 95% CI")
     ax.set_title(f"{metric.replace('_', ' ').capitalize()} by {stratum.replace('_', ' ')}")
-    ax.legend(loc="best", fontsize=7, frameon=False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)  # off the points
     return fig
 
 
@@ -112,7 +112,7 @@ def equivalence_plot(equivalence: pd.DataFrame, margin: float, unit: str = "ml",
     ax.invert_yaxis()
     ax.set_xlabel(f"site mean error − other sites' ({unit}), {100 * (1 - 2 * alpha):g}% CI")
     ax.set_title("Equivalence of sites (o: inside the margin, x: not shown)")
-    ax.legend(loc="best", fontsize=7, frameon=False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     return fig
 
 
