@@ -73,3 +73,29 @@ def test_promoting_a_missing_version_is_one_line(tmp_path):
     result = run_cli(tmp_path, "models", "promote", "nothing", "7", "--alias", "candidate", "--tracking-uri", uri)
     assert result.returncode == 2 and "no registered version nothing/7" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_report_away_from_its_weights_promotes_with_materials(tmp_path):
+    """A report copied away from the weights it rests on is refused until --materials points at a copy of them."""
+    import shutil
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registered = run_cli(tmp_path, "models", "register", "builtin:gm_unet_v1", "--name", "gm-unet",
+                         "--tracking-uri", uri)
+    assert registered.returncode == 0, registered.stderr
+    key, pub = generate_key(tmp_path / "keys" / "qa")
+    weights = tmp_path / "site" / "gm_unet_v1" / "models" / "model.pt"
+    weights.parent.mkdir(parents=True)
+    shutil.copyfile(BUILTIN_DIR / "gm_unet_v1" / "models" / "model.pt", weights)
+    report = locked_report(tmp_path / "site" / "reports" / "v001", weights)
+    sign_report(report, key, "A. Approver", "approval")
+    away = tmp_path / "inbox" / "v001"
+    shutil.copytree(report, away)
+    shutil.move(tmp_path / "site", tmp_path / "archive")  # the weights are no longer where the lock says
+
+    refused = run_cli(tmp_path, "models", "promote", "gm-unet", "1", "--alias", "validated", "--report", away,
+                      "--public-key", pub, "--tracking-uri", uri)
+    assert refused.returncode == 2 and "not available here" in refused.stderr and "--materials" in refused.stderr
+    promoted = run_cli(tmp_path, "models", "promote", "gm-unet", "1", "--alias", "validated", "--report", away,
+                       "--public-key", pub, "--materials", tmp_path / "archive", "--tracking-uri", uri)
+    assert promoted.returncode == 0, promoted.stderr

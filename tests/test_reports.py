@@ -256,8 +256,8 @@ def test_a_report_locked_in_the_earlier_layout_still_verifies(tmp_path):
             "code_version": {}, "packages": {}, "seeds": {}}
     lock["lock_sha256"] = sha256_json(lock)
     (folder / "lock.json").write_text(json.dumps(lock))
-    ok = run_cli("report", "verify", folder)
-    assert ok.returncode == 0 and "3 hashes match" in ok.stdout  # the lock and its two files, ok.stdout + ok.stderr
+    ok = run_cli("report", "verify", folder, "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["checked"] == 3, ok.stdout + ok.stderr  # lock + two files
     weights.write_bytes(b"weightz")
     changed = run_cli("report", "verify", folder)
     assert changed.returncode == 1 and "weights m@1 (../../../model.pt) changed" in changed.stdout

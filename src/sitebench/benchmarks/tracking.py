@@ -119,7 +119,12 @@ def log_benchmark(run: BenchmarkRun, metrics: pd.DataFrame, store: TrackingStore
             mlflow.log_artifact(str(spec_path), artifact_path="spec")
         mlflow.log_artifact(str(run.predictions_path), artifact_path="predictions")
         for name, path in (extra_artifacts or {}).items():
-            mlflow.log_artifact(str(path), artifact_path=name)
+            # a folder (the locked report) keeps its own name under ``name``: report/v001/lock.json ...,
+            # logged file by file so every artifact store takes it, and verifiable once downloaded
+            if Path(path).is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=f"{name}/{Path(path).name}")
+            else:
+                mlflow.log_artifact(str(path), artifact_path=name)
         for card in run.models:
             model_rows = metrics[metrics["model_key"] == card.key]
             with mlflow.start_run(experiment_id=experiment_id, run_name=f"model {card.key}", nested=True):

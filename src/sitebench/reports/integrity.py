@@ -71,30 +71,44 @@ def check_subjects(report_dir: Path, statement: dict[str, Any]) -> list[FileChec
     return checks
 
 
-def find_material(report_dir: Path, where: str, materials_dir: Path | None = None) -> Path | None:
-    """The material's file: where the lock recorded it, else under ``materials_dir`` by its recorded path.
+def material_candidates(report_dir: Path, where: str, materials_dir: Path | None = None) -> list[Path]:
+    """Existing files that may be this material: where the lock recorded it, then under ``materials_dir``.
 
     Under ``materials_dir`` the recorded path is tried whole (without its leading ``..``), then
     with leading folders dropped one at a time down to the bare file name, so both the trial's
     parent folder and the trial folder itself serve as ``--materials``.
     """
     recorded = Path(where)
-    first = recorded if recorded.is_absolute() else report_dir / recorded
-    if first.is_file():
-        return first
-    if materials_dir is None:
-        return None
-    parts = [p for p in PurePath(where).parts if p not in ("..", ".") and not PurePath(p).anchor]
-    for start in range(len(parts)):
-        candidate = Path(materials_dir).joinpath(*parts[start:])
-        if candidate.is_file():
-            return candidate
-    return None
+    candidates = [recorded if recorded.is_absolute() else report_dir / recorded]
+    if materials_dir is not None:
+        parts = [p for p in PurePath(where).parts if p not in ("..", ".") and not PurePath(p).anchor]
+        candidates += [Path(materials_dir).joinpath(*parts[start:]) for start in range(len(parts))]
+    return [c for c in dict.fromkeys(candidates) if c.is_file()]
+
+
+def locate_material(report_dir: Path, where: str, digest: str, materials_dir: Path | None = None) -> FileCheck:
+    """The material's check: the first candidate with the locked hash; else CHANGED (naming the first
+    candidate found), or NOT_AVAILABLE when there is none."""
+    candidates = material_candidates(report_dir, where, materials_dir)
+    for candidate in candidates:
+        if sha256_file(candidate) == digest:
+            return FileCheck("", where, OK, str(candidate))
+    if candidates:
+        return FileCheck("", where, CHANGED, str(candidates[0]))
+    return FileCheck("", where, NOT_AVAILABLE)
+
+
+def find_material(report_dir: Path, where: str, digest: str, materials_dir: Path | None = None) -> Path | None:
+    """The file holding this material here (with its locked hash), or None."""
+    check = locate_material(report_dir, where, digest, materials_dir)
+    return Path(check.found) if check.status == OK and check.found else None
 
 
 def check_materials(report_dir: Path, statement: dict[str, Any],
                     materials_dir: Path | None = None) -> list[FileCheck]:
     """Every material the lock lists: ok, changed, or not available here."""
-    return [_check(m["name"], m["uri"], m["digest"]["sha256"], find_material(report_dir, m["uri"], materials_dir),
-                   NOT_AVAILABLE)
-            for m in (statement.get("predicate") or {}).get("materials", [])]
+    checks = []
+    for m in (statement.get("predicate") or {}).get("materials", []):
+        found = locate_material(report_dir, m["uri"], m["digest"]["sha256"], materials_dir)
+        checks.append(FileCheck(m["name"], m["uri"], found.status, found.found))
+    return checks

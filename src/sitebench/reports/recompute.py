@@ -78,13 +78,14 @@ def recompute_report(report_dir: Path, materials_dir: Path | None = None) -> Rec
         raise SitebenchError("the lock lists no evaluation or predictions table", report_dir)
     locked_evaluation = (report_dir / evaluation_entry["name"]).read_bytes()
 
-    manifest_uri = next((uri for role, uri, _ in locked_files(statement) if role == DATA_MANIFEST), None)
-    manifest_path = find_material(report_dir, manifest_uri, materials_dir) if manifest_uri else None
+    manifest_uri, manifest_digest = next(((uri, digest) for role, uri, digest in locked_files(statement)
+                                          if role == DATA_MANIFEST), (None, ""))
+    manifest_path = find_material(report_dir, manifest_uri, manifest_digest, materials_dir) if manifest_uri else None
     if manifest_uri is None:
         result.problems.append("recompute: the lock names no data manifest, so the evaluation table cannot be rebuilt")
     elif manifest_path is None:
-        result.not_done.append(f"the data manifest ({manifest_uri}) is not available here, so the evaluation "
-                               "table was not rebuilt from the predictions (give --materials DIR)")
+        result.not_done.append(f"the data manifest ({manifest_uri}) is not available here with its locked hash, "
+                               "so the evaluation table was not rebuilt from the predictions (give --materials DIR)")
     else:
         manifest = read_manifest(manifest_path, check_files=False, check_hashes=False)
         predictions = pd.read_csv(report_dir / predictions_entry["name"],
