@@ -26,11 +26,8 @@ EXIT_VERIFY_FAILED = 1
 # Warnings that third-party libraries print on every call and that say nothing about the
 # user's data; everything else (ours included) is still shown.
 QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
-    (r".*NvImgCodecPydicomReader.*", UserWarning),  # monai's optional GPU DICOM reader
-    (r".*pkg_resources is deprecated.*", UserWarning),  # mlflow / monai dependencies
-    (r".*Using the default Python logger.*", UserWarning),
-    (r".*Filesystem tracking backend.*", FutureWarning),  # mlflow 3
-    (r".*The filesystem tracking backend.*", FutureWarning),
+    (r".*NvImgCodecPydicomReader", UserWarning),  # monai: its optional GPU DICOM reader is absent
+    (r"The specified dataset source can be interpreted in multiple ways", UserWarning),  # mlflow log_input
 )
 QUIET_LOGGERS = ("mlflow", "alembic", "distributed", "monai", "monai.data.nvimgcodec_pydicom_plugin")
 
