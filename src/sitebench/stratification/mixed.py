@@ -90,7 +90,8 @@ class ScannerEffects:
             "reml": bool(self.reml),
             "converged": bool(self.converged),
             "optimizer": self.optimizer,
-            "attempts": [{k: jsonable(v) for k, v in a.items()} for a in self.attempts],
+            # Wall-clock seconds stay out: this record is locked and must re-derive byte for byte.
+            "attempts": [{k: jsonable(v) for k, v in a.items() if k != "seconds"} for a in self.attempts],
             "boundary": bool(self.boundary),
             "boundary_check": jsonable(self.boundary_check),
             "n_obs": int(self.n_obs),
