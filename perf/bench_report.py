@@ -44,7 +44,8 @@ def main() -> None:
     from sitebench.benchmarks.runner import run_benchmark
     from sitebench.benchmarks.spec import load_spec
     from sitebench.datasets.simulator import load_trial_config
-    from sitebench.pipeline import demo_spec, evaluate, findings, prepare_trial, report_content
+    from sitebench.pipeline import demo_spec, evaluate, prepare_trial, report_content
+    from sitebench.reports.findings import findings
     from sitebench.provenance import sha256_file
     from sitebench.reports import build_report, verify_report
     from sitebench.reports.pdf import render_pdf
@@ -70,7 +71,7 @@ def main() -> None:
             start = time.perf_counter()
             evaluation = evaluate(run)
             stats_s.append(time.perf_counter() - start)
-            content = report_content(run, evaluation, findings(run, evaluation), {}, spec_path=spec_path,
+            content = report_content(run, evaluation, findings(run.models, evaluation), {}, spec_path=spec_path,
                                      truth=None)
             start = time.perf_counter()
             built = build_report(content, reports_root)

@@ -44,11 +44,7 @@ REPORTS_CORE = ("lock", "integrity", "signing", "recompute", "verify")
 
 #: Known, named exceptions, each with its reason and the condition that removes it.
 #: ``{("file", "imported module"): "why, and what removes it"}``; keep it short.
-TEMPORARY: dict[tuple[str, str], str] = {
-    ("reports/sections.py", "sitebench.reports.build"):
-        "a function-level import of build.PREDICTION_COLUMNS closes build -> sections -> build; moving the "
-        "tuple into reports/content.py (imported by both) removes it",
-}
+TEMPORARY: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ def test_builtin_versions_ship_with_their_hashes():
         assert (shutil.disk_usage(bundle) and
                 sum(p.stat().st_size for p in __import__("pathlib").Path(bundle).rglob("*")) < 5_000_000)
     v1, v2 = (load_model(f"builtin:{n}").card for n in builtin_bundles())
-    assert v1.extra["training"]["augmentation"] is False and v2.extra["training"]["augmentation"] is True
-    assert v1.extra["training"]["vendor"] == v2.extra["training"]["vendor"] == "SIEMENS"
+    assert v1.training.augmentation is False and v2.training.augmentation is True
+    assert v1.training.vendor == v2.training.vendor == "SIEMENS"
 
 
 @pytest.mark.parametrize("reference", ["classical", "builtin:gm_unet_v1"])

@@ -18,7 +18,8 @@ import yaml
 from conftest import run_cli
 from sitebench.pipeline import run_pipeline
 from sitebench.reports.lock import read_lock, write_lock
-from sitebench.reports.recompute import LEGACY_MIXED_MODEL_ENGINE, mixed_model_engines
+from sitebench.reports.recompute import mixed_model_engines
+from sitebench.stratification.evaluation import LEGACY_MIXED_MODEL_ENGINE
 from sitebench.reports.signing import generate_key, sign_report
 from sitebench.reports.verify import EXIT_ENGINE_CHANGED, EXIT_FAILED, EXIT_MATERIALS_NOT_HERE, verify_report
 

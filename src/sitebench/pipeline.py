@@ -23,7 +23,7 @@ from sitebench.datasets.simulator import (REFERENCE_COLUMN, SimulatedTrial, Tria
 from sitebench.errors import SitebenchError
 from sitebench.models.base import Training
 from sitebench.reports import Report, ReportContent, build_report
-from sitebench.reports.findings import findings as report_findings
+from sitebench.reports.findings import findings
 from sitebench.reports.qc_summary import qc_summary
 from sitebench.stratification.evaluation import AnalysisPlan, Endpoint, Evaluation, evaluate_models, evaluation_table
 
@@ -52,11 +52,6 @@ def evaluate(run: BenchmarkRun) -> Evaluation:
                              f"(have: {', '.join(keys)})")
     table = evaluation_table(run.predictions, run.manifest.table, run.spec.reference)
     return evaluate_models(table, plan, keys)
-
-
-def findings(run: BenchmarkRun, evaluation: Evaluation) -> list[str]:
-    """The report's findings for this run (the sentences themselves live in :mod:`sitebench.reports.findings`)."""
-    return report_findings(run.models, evaluation)
 
 
 @dataclass
@@ -94,7 +89,7 @@ def run_pipeline(spec: BenchmarkSpec | str | Path, *, workers: int = 2, schedule
                         tracking_uri=store.tracking_uri)
     log("fitting per-stratum metrics and mixed models")
     evaluation = evaluate(run)
-    notes = findings(run, evaluation)
+    notes = findings(run.models, evaluation)
     registered = register_benchmark_models(run, store) if spec.mlflow.register_models else {}
     built = None
     if report:
@@ -167,14 +162,8 @@ def _lineage(card: Any, registered: dict[str, str]) -> dict[str, Any]:
 
 
 def _training(training: Training | None) -> dict[str, Any]:
-    """The typed training record for the report's lineage table.
-
-    ``scans`` and ``code_version`` repeat ``n_scans`` and ``code_commit`` under the bundle
-    metadata's names until the sections read the typed names.
-    """
-    if training is None:
-        return {}
-    return {**training.to_dict(), "scans": training.n_scans, "code_version": {"git_commit": training.code_commit}}
+    """The typed training record for the report's lineage table (empty for a model with none)."""
+    return training.to_dict() if training is not None else {}
 
 
 def _truth_summary(truth: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -69,8 +69,7 @@ class BundleSegmentationModel(BiomarkerModel):
                               version=str(meta.get("version", "0")), weights_sha256=actual,
                               kind="monai-bundle", source=str(self.bundle_dir),
                               training=Training.from_metadata((meta.get("sitebench") or {}).get("training")),
-                              extra={"training": (meta.get("sitebench") or {}).get("training", {}),
-                                     "description": meta.get("description", ""),
+                              extra={"description": meta.get("description", ""),
                                      "changelog": meta.get("changelog", {})})
 
     def predict(self, data: dict[str, Any]) -> Prediction:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sitebench.errors import SitebenchError
 from sitebench.provenance import utc_now
-from sitebench.reports.content import ReportContent
+from sitebench.reports.content import LOCKED_PREDICTION_COLUMNS, ReportContent
 from sitebench.reports.lock import LOCK_FILE, write_lock
 from sitebench.reports.pdf import render_pdf
 from sitebench.reports.sections import render_html
@@ -47,9 +47,6 @@ def next_report_dir(root: Path, name: str) -> tuple[Path, int]:
             version += 1
 
 
-PREDICTION_COLUMNS = ("scan_id", "model_key", "weights_sha256", "image_sha256", "prediction", "dice")
-
-
 def build_report(content: ReportContent, root: str | Path) -> Report:
     """Write ``report.html``, ``report.pdf``, their tables and ``lock.json`` into a new version folder."""
     root = Path(root)
@@ -62,7 +59,7 @@ def build_report(content: ReportContent, root: str | Path) -> Report:
     ev = content.evaluation
     keys = list(dict.fromkeys(ev.table["model_key"]))
     predictions = content.predictions[content.predictions["model_key"].isin(keys)]
-    predictions = predictions[[c for c in PREDICTION_COLUMNS if c in predictions]].sort_values(
+    predictions = predictions[[c for c in LOCKED_PREDICTION_COLUMNS if c in predictions]].sort_values(
         ["model_key", "scan_id"], kind="stable")
     subjects: dict[str, Path] = {}
     for name, text in (("predictions", evaluation_csv(predictions)), ("evaluation", evaluation_csv(ev.table))):

@@ -12,6 +12,12 @@ from sitebench.reports.qc_summary import QCSummary
 from sitebench.stratification.evaluation import Evaluation
 
 
+#: The runner's prediction columns a report locks (timings and model names are left out:
+#: they are in the MLflow run, and a rerun must give identical bytes).
+LOCKED_PREDICTION_COLUMNS: tuple[str, ...] = ("scan_id", "model_key", "weights_sha256", "image_sha256",
+                                              "prediction", "dice")
+
+
 @dataclass
 class ReportContent:
     """Everything a validation report shows; built by the pipeline from results objects."""

@@ -30,13 +30,12 @@ from sitebench.errors import SitebenchError
 from sitebench.provenance import sha256_bytes
 from sitebench.reports.integrity import find_material
 from sitebench.reports.lock import locked_files, locked_subject, read_lock
-from sitebench.stratification.evaluation import (AnalysisPlan, evaluate_models, evaluation_csv, evaluation_table,
-                                                 read_evaluation_csv)
+from sitebench.stratification.evaluation import (LEGACY_MIXED_MODEL_ENGINE, AnalysisPlan, evaluate_models,
+                                                 evaluation_csv, evaluation_table, read_evaluation_csv)
 
 DATA_MANIFEST = "data manifest"
-#: The result files a mixed-model fit writes, and the engine a plan locked before it named one used.
+#: The result files a mixed-model fit writes.
 MIXED_MODEL_TABLES = ("fixed_effects", "variance_components", "mixed_models")
-LEGACY_MIXED_MODEL_ENGINE = "statsmodels.MixedLM"
 
 
 @dataclass
@@ -50,7 +49,7 @@ class Recomputation:
 def mixed_model_engines(plan: dict) -> tuple[str, str]:
     """(engine the locked plan was fitted with, engine this code fits with); read defensively."""
     locked = str(plan.get("mixed_model_engine") or LEGACY_MIXED_MODEL_ENGINE)
-    current = str(getattr(AnalysisPlan(), "mixed_model_engine", None) or LEGACY_MIXED_MODEL_ENGINE)
+    current = AnalysisPlan().mixed_model_engine
     return locked, current
 
 

@@ -19,14 +19,14 @@ import yaml
 
 from sitebench.provenance import code_version, package_versions, utc_now
 from sitebench.reports import figures
-from sitebench.reports.content import ReportContent
+from sitebench.reports.content import LOCKED_PREDICTION_COLUMNS, ReportContent
 from sitebench.reports.lock import LOCK_FILE
 from sitebench.reports.summary import Decision, decisions
 from sitebench.reports.tables import (CI, COLUMNS, MAX_COLUMNS, fmt_ci, fmt_p, fmt_value, readable, response_label,
                                       term_label)
 from sitebench.stratification.evaluation import variance_shares
+from sitebench.stratification.metrics import METRICS
 
-METRIC_NAMES = ("mae", "bias", "rmse", "pearson_r", "dice")
 
 
 # --------------------------------------------------------------------------- page primitives
@@ -246,13 +246,13 @@ def _models(c: ReportContent) -> str:
     for m in c.models:
         training = m.get("training") or {}
         trained = [str(training["vendor"])] if training.get("vendor") else []
-        if training.get("scans"):
-            trained.append(f"{training['scans']} scans")
+        if training.get("n_scans"):
+            trained.append(f"{training['n_scans']} scans")
         if training.get("augmentation"):
             trained.append(f"augmentation: {training['augmentation']}")
         rows.append({"Model version": m["key"], "Kind": m["kind"], "Source": m.get("source", "-"),
                      "Trained on": ", ".join(trained) or "-",
-                     "Training code (git)": str((training.get("code_version") or {}).get("git_commit", "-"))[:12],
+                     "Training code (git)": str(training.get("code_commit") or "-")[:12],
                      "Weights SHA-256": m["weights_sha256"], "Registry": m.get("registered", "-")})
     body = _html_table(pd.DataFrame(rows), "text")
     lineage = []
@@ -354,15 +354,15 @@ def _strata(c: ReportContent) -> str:
                         "Each bar is one version's mean Dice overlap with the reference segmentation at one vendor "
                         "(1 is perfect), with its 95% CI; a lower bar marks a vendor where the segmentation "
                         "degrades.")
-    body += _html_table(_pivot_metrics(metrics, "vendor", METRIC_NAMES, unit))
+    body += _html_table(_pivot_metrics(metrics, "vendor", METRICS, unit))
     body += _figure(figures.forest_plot(metrics, "bias", "site", unit), "Bias per site",
                     "Each point is one version's mean error (model − reference) at a site, with its 95% CI. Points "
                     "right of the dashed zero line over-estimate, left under-estimate; an interval that does not "
                     "cross zero is a site bias, and points far from the others mark a site that differs.")
-    body += _html_table(_pivot_metrics(metrics, "site", METRIC_NAMES, unit))
+    body += _html_table(_pivot_metrics(metrics, "site", METRICS, unit))
     if "software_version" in set(metrics["stratum"]):
         body += "<h3>By scanner software version</h3>" + _html_table(
-            _pivot_metrics(metrics, "software_version", METRIC_NAMES, unit))
+            _pivot_metrics(metrics, "software_version", METRICS, unit))
     return _section("results-strata", "5. Performance per site, vendor and software version", body)
 
 
@@ -372,7 +372,7 @@ def _agreement(c: ReportContent) -> str:
                    "by vendor; one panel per version. The solid line is the mean bias and the dashed lines the 95% "
                    "limits of agreement. A sloping cloud means the error grows with the volume; one vendor's points "
                    "away from the others mean a vendor effect.")
-    body += _html_table(_pivot_metrics(c.evaluation.metrics, "overall", METRIC_NAMES, c.unit))
+    body += _html_table(_pivot_metrics(c.evaluation.metrics, "overall", METRICS, c.unit))
     return _section("results-agreement", "6. Agreement with the reference (Bland–Altman)", body)
 
 
@@ -649,13 +649,11 @@ TABLE_FILES: dict[str, str] = {
 
 def _locked_tables(c: ReportContent) -> list[tuple[str, str, str, list[str]]]:
     """(file, what it holds, rows, columns) of each file in tables/, as ``build`` writes them."""
-    from sitebench.reports.build import PREDICTION_COLUMNS  # build imports this module; its list is the one used
-
     ev = c.evaluation
     keys = set(ev.table["model_key"])
     predictions = c.predictions[c.predictions["model_key"].isin(keys)]
     frames: dict[str, pd.DataFrame] = {
-        "predictions.csv": predictions[[col for col in PREDICTION_COLUMNS if col in predictions]],
+        "predictions.csv": predictions[[col for col in LOCKED_PREDICTION_COLUMNS if col in predictions]],
         "evaluation.csv": ev.table,
         **{f"{stem}.csv": frame for stem, frame in ev.result_tables().items()}}
     if c.qc is not None and c.qc.available:
