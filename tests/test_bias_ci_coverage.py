@@ -4,6 +4,7 @@ the true bias in 93-97% of replicates (at least 200)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pandas as pd
 
 from sitebench.stratification import metrology, stratum_metrics
@@ -30,6 +31,7 @@ def test_metrology_bias_t_interval_covers_the_truth():
     assert 0.93 <= hits / REPLICATES <= 0.97, hits / REPLICATES
 
 
+@pytest.mark.slow
 def test_stratum_bias_bootstrap_within_site_covers_the_truth():
     """Sites add their own offsets. The within-site bootstrap keeps the trial's sites fixed, so its
     estimand is the bias at these sites: the true bias plus the mean of these sites' offsets."""

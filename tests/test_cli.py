@@ -67,6 +67,7 @@ def test_path_that_does_not_exist(trial_copy):
                        "images/nowhere.nii.gz", "does not exist")
 
 
+@pytest.mark.slow
 def test_corrupt_nifti_keeps_what_was_written(trial_copy):
     from sitebench.provenance import sha256_file
 
@@ -98,6 +99,7 @@ def test_unknown_spec_key(trial_copy):
     assert_clean_error(run_cli("benchmark", "run", trial_copy / "spec.yaml"), "spec.yaml", "unknown key 'refrence'")
 
 
+@pytest.mark.slow
 def test_comparison_naming_a_model_not_benchmarked(trial_copy):
     spec = yaml.safe_load((trial_copy / "spec.yaml").read_text())
     spec["report"] = {"compare": [["gm-tissue-gmm@1.0", "gm-unet@9.9.9"]]}

@@ -171,13 +171,18 @@ def test_stats_icc_json_is_the_list_of_forms(tmp_path):
     assert forms[2]["icc"] == pytest.approx(0.71, abs=0.006)  # ICC(C,1) = Shrout & Fleiss ICC(3,1)
 
 
-def test_tracking_uri_falls_back_to_the_environment(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    without = run_cli("models", "versions", env={"MLFLOW_TRACKING_URI": ""})
-    assert without.returncode == 2 and "--tracking-uri" in without.stderr
-    from_env = run_cli("models", "versions", "--json", env={"MLFLOW_TRACKING_URI": uri})
-    assert from_env.returncode == 0, from_env.stderr
-    assert json.loads(from_env.stdout) == [] and (tmp_path / "mlflow.db").exists()
+def test_tracking_uri_falls_back_to_the_environment(monkeypatch, capsys):
+    """One --tracking-uri option: MLFLOW_TRACKING_URI when not given; required where there is no default."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["models", "versions"])
+    assert "--tracking-uri" in capsys.readouterr().err
+    assert build_parser().parse_args(["demo"]).tracking_uri is None  # SQLite under the output folder
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    for command in (["models", "versions"], ["models", "promote", "m", "1", "--alias", "a"], ["demo"],
+                    ["benchmark", "run", "spec.yaml"], ["models", "register", "classical", "--name", "m"]):
+        assert build_parser().parse_args(command).tracking_uri == "sqlite:///elsewhere.db", command
+    assert build_parser().parse_args(["models", "versions", "--tracking-uri", "x"]).tracking_uri == "x"
 
 
 def test_analyses_return_the_one_result_protocol(tmp_path):

@@ -348,6 +348,7 @@ def test_zero_scanner_variance_gives_site_only_gls():
     assert both.loglik == pytest.approx(site_only.loglik, abs=1e-8)
 
 
+@pytest.mark.slow
 def test_wald_ci_coverage_of_a_fixed_effect():
     """1000 small trials with known effects: the 95% CI of age (within-site, ~110 df) covers the truth 93-97%."""
     rng = np.random.default_rng(20240611)

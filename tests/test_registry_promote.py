@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 
 from sitebench.models.registry import BUILTIN_DIR
 from sitebench.reports.lock import write_lock
@@ -26,6 +27,7 @@ def locked_report(folder: Path, weights: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_promotion_to_validated_needs_an_approved_report_on_these_weights(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     registered = run_cli(tmp_path, "models", "register", "builtin:gm_unet_v1", "--name", "gm-unet", "--alias",
@@ -75,6 +77,7 @@ def test_promoting_a_missing_version_is_one_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_report_away_from_its_weights_promotes_with_materials(tmp_path):
     """A report copied away from the weights it rests on is refused until --materials points at a copy of them."""
     import shutil

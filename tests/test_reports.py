@@ -28,6 +28,8 @@ from sitebench.reports.sections import SECTIONS, checklists
 from sitebench.reports.signing import generate_key, sign_report
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # builds and verifies whole reports (minutes)
+
 
 def _qc_store(folder: Path) -> Path:
     """A gate store with real rows: S01 failed then passed a re-scan, S02 warns with two deviations."""

@@ -67,6 +67,7 @@ def test_a_changed_image_is_rescored(trial_copy):
     assert again.computed == 1 and again.reused == 23
 
 
+@pytest.mark.slow
 def test_process_pool_and_dask_give_the_same_predictions(trial_copy):
     from distributed import LocalCluster
 

@@ -18,6 +18,8 @@ from sitebench.datasets import manifest as mf
 from sitebench.datasets.simulator import GM, WM, TrialConfig, simulate_trial
 from sitebench.stratification import fit_scanner_effects
 
+pytestmark = pytest.mark.slow  # simulates a trial and fits it end to end
+
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):

@@ -11,6 +11,8 @@ import pytest
 from sitebench.reports.lock import write_lock
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # end to end through the CLI: keygen, sign, verify
+
 
 @pytest.fixture
 def report(tmp_path) -> Path:

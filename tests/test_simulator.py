@@ -22,6 +22,7 @@ def test_manifest_validates_and_matches_files(small_trial):
     assert table[mf.SCAN_ID].is_unique
 
 
+@pytest.mark.slow
 def test_same_seed_same_images(small_trial, tmp_path):
     again = simulate_trial(TrialConfig(n_sites=6, scans_per_site=4, seed=7, workers=1), tmp_path / "again")
     assert list(again.manifest[mf.IMAGE_SHA256]) == list(small_trial.manifest[mf.IMAGE_SHA256])
@@ -66,6 +67,7 @@ def test_upgrade_changes_software_after_the_date(small_trial):
     assert (table[table.site != upgrade["site"]].software_upgraded == 0).all()
 
 
+@pytest.mark.slow
 def test_injected_age_and_group_effects_are_in_the_truth(tmp_path):
     """Regressing the true GM fraction on age and group recovers the injected coefficients."""
     config = TrialConfig(n_sites=2, scans_per_site=30, sessions_per_subject=1, seed=3, workers=2,

@@ -16,6 +16,8 @@ import yaml
 
 from sitebench.pipeline import run_pipeline
 
+pytestmark = pytest.mark.slow  # MLflow runs against a store and a tracking server
+
 
 def _spec(trial_dir: Path, tmp_path: Path) -> Path:
     spec = {"name": "tracked", "manifest": str(trial_dir / "manifest.csv"), "reference": "gm_volume_ml",
