@@ -23,6 +23,8 @@ from sitebench.stratification.evaluation import LEGACY_MIXED_MODEL_ENGINE
 from sitebench.reports.signing import generate_key, sign_report
 from sitebench.reports.verify import EXIT_ENGINE_CHANGED, EXIT_FAILED, EXIT_MATERIALS_NOT_HERE, verify_report
 
+pytestmark = pytest.mark.slow  # a whole demo, its MLflow copy and every verify answer (minutes)
+
 
 @pytest.fixture(scope="module")
 def logged(small_trial, tmp_path_factory):
