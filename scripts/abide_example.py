@@ -38,11 +38,10 @@ def main() -> int:
     table = load_abide_freesurfer()
     meta = ["subject_id", "site", "age", "sex", "diagnosis", "vendor", "scanner_model", "software_version"]
     features = [c for c in table.columns if c not in meta and table[c].std() > 0]
-    combat = ComBat(parametric=True, empirical_bayes=True)
+    combat = ComBat(categorical=["sex", "diagnosis"], continuous=["age"], parametric=True, empirical_bayes=True)
     harmonized = table.copy()
-    harmonized[features] = combat.fit_transform(table[features], table["site"].tolist(),
-                                                table[["age", "sex", "diagnosis"]],
-                                                categorical=["sex", "diagnosis"], continuous=["age"])
+    harmonized[features] = combat.fit_transform(table[features], batch=table["site"].tolist(),
+                                                covariates=table[["age", "sex", "diagnosis"]])
     share_before = pd.Series(site_variance_share(table[features], table["site"].tolist()), index=features)
     share_after = pd.Series(site_variance_share(harmonized[features], table["site"].tolist()), index=features)
     lines = [

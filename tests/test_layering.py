@@ -19,7 +19,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "src" / "sitebench"
 #: Who may import whom. Keys are rooms (the first part below ``sitebench``); values are the rooms
 #: they may import besides themselves and the basement. Anything not listed is forbidden.
 #: Shared helpers every room may import; they import only each other. "" is ``sitebench/__init__``.
-BASEMENT = {"", "errors", "provenance", "config", "results", "durable"}
+BASEMENT = {"", "errors", "provenance", "config", "results", "durable", "lazy"}
 RULES: dict[str, set[str]] = {
     # ground floor: imports nothing else of ours
     "datasets": set(),

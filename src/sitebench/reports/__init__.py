@@ -1,7 +1,14 @@
-"""Versioned, locked validation reports (reads results and hashes files; never runs a model)."""
+"""Versioned, locked validation reports (reads results and hashes files; never runs a model).
 
-from sitebench.reports.content import ReportContent
-from sitebench.reports.build import Report, build_report
-from sitebench.reports.verify import EXIT_CODES, Verification, verify_report
+Names load on first use, so ``report verify`` does not import the HTML and figure builders.
+"""
 
-__all__ = ["EXIT_CODES", "Report", "ReportContent", "Verification", "build_report", "verify_report"]
+from __future__ import annotations
+
+from sitebench.lazy import lazy_exports
+
+_WHERE = {"ReportContent": "content", "Report": "build", "build_report": "build",
+          "EXIT_CODES": "verify", "Verification": "verify", "verify_report": "verify"}
+
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())

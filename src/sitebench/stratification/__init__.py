@@ -1,51 +1,25 @@
 """Site, vendor and software-version stratified checks of a biomarker (tables in, results out).
 
 Imports only ``sitebench.datasets``, ``sitebench.errors`` and ``sitebench.provenance``.
+Names load on first use, so ``stats icc`` does not pay for scikit-learn (ComBat) or
+statsmodels (calibration).
 """
 
-from sitebench.stratification.agreement import bland_altman, icc, lins_ccc, metrology
-from sitebench.stratification.classification import (
-    calibration,
-    classification_by_stratum,
-    delong,
-    sensitivity_specificity,
-)
-from sitebench.stratification.combat import ComBat, site_variance_share
-from sitebench.stratification.equivalence import SiteEquivalence, site_equivalence
-from sitebench.stratification.lmm import LmmResult, fit_lmm, lrt
-from sitebench.stratification.metrics import StratumMetrics, stratum_metrics
-from sitebench.stratification.paired import PairedAUC, PairedComparison, paired_auc, paired_comparison
-from sitebench.stratification.mixed import (
-    ScannerEffects,
-    UpgradeEffect,
-    fit_scanner_effects,
-    upgrade_effect,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ComBat",
-    "LmmResult",
-    "ScannerEffects",
-    "SiteEquivalence",
-    "bland_altman",
-    "icc",
-    "lins_ccc",
-    "metrology",
-    "calibration",
-    "classification_by_stratum",
-    "delong",
-    "sensitivity_specificity",
-    "site_equivalence",
-    "StratumMetrics",
-    "UpgradeEffect",
-    "fit_lmm",
-    "fit_scanner_effects",
-    "lrt",
-    "PairedAUC",
-    "PairedComparison",
-    "paired_auc",
-    "paired_comparison",
-    "site_variance_share",
-    "stratum_metrics",
-    "upgrade_effect",
-]
+from sitebench.lazy import lazy_exports
+
+_WHERE = {
+    "bland_altman": "agreement", "icc": "agreement", "lins_ccc": "agreement", "metrology": "agreement",
+    "calibration": "classification", "classification_by_stratum": "classification", "delong": "classification",
+    "sensitivity_specificity": "classification",
+    "ComBat": "combat", "site_variance_share": "combat",
+    "SiteEquivalence": "equivalence", "site_equivalence": "equivalence",
+    "LmmResult": "lmm", "fit_lmm": "lmm", "lrt": "lmm",
+    "StratumMetrics": "metrics", "stratum_metrics": "metrics",
+    "PairedAUC": "paired", "PairedComparison": "paired", "paired_auc": "paired", "paired_comparison": "paired",
+    "ScannerEffects": "mixed", "UpgradeEffect": "mixed", "fit_scanner_effects": "mixed", "upgrade_effect": "mixed",
+}
+
+__all__ = sorted(_WHERE)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())
