@@ -156,3 +156,28 @@ def test_mixed_cli_json_keys(tmp_path):
     assert age["ci_low"] < -0.5 < age["ci_high"]
     one_site = run_cli("stats", "mixed", path, "--formula", "y ~ age", "--groups", "nope")
     assert one_site.returncode == 2 and "nope" in one_site.stderr and "Traceback" not in one_site.stderr
+
+
+def test_mixed_cli_between_site_effect_uses_satterthwaite_df_and_refuses_a_non_identifiable_model(tmp_path):
+    """A vendor effect that varies only between 10 sites: t on ~8 df (wider than Wald z); vendor as
+    both the fixed effect and the grouping factor is one line, exit 2."""
+    rng = np.random.default_rng(11)
+    sites = np.repeat([f"S{i:02d}" for i in range(10)], 12)
+    vendor = np.where(np.arange(120) // 12 % 3 == 0, "GE", "SIEMENS")
+    y = rng.normal(size=120) + np.repeat(rng.normal(size=10), 12) + 0.5 * (vendor == "GE")
+    path = tmp_path / "vendor.csv"
+    pd.DataFrame({"y": y, "site": sites, "vendor": vendor}).to_csv(path, index=False)
+    term = "C(vendor)[T.SIEMENS]"
+    fits = {}
+    for ddf in ("satterthwaite", "wald"):
+        result = run_cli("stats", "mixed", path, "--formula", "y ~ C(vendor)", "--groups", "site",
+                         "--ddf", ddf, "--json")
+        assert result.returncode == 0, result.stderr
+        fits[ddf] = json.loads(result.stdout)["fixed_effects"][term]
+    satt, wald = fits["satterthwaite"], fits["wald"]
+    assert 6 < satt["df"] < 10 and wald["df"] is None
+    assert satt["estimate"] == pytest.approx(wald["estimate"]) and satt["se"] == pytest.approx(wald["se"])
+    assert (satt["ci_high"] - satt["ci_low"]) > 1.1 * (wald["ci_high"] - wald["ci_low"])
+    bad = run_cli("stats", "mixed", path, "--formula", "y ~ C(vendor)", "--groups", "vendor")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "'vendor' variance cannot be estimated" in bad.stderr

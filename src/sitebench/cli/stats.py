@@ -95,7 +95,8 @@ def cmd_stats_mixed(args: argparse.Namespace) -> int:
     from sitebench.stratification.lmm import fit_lmm
 
     return _run_table_analysis(args, lambda t: fit_lmm(t, args.formula, args.groups, vc=args.vc or (),
-                                                       crossed=args.crossed or (), reml=not args.ml))
+                                                       crossed=args.crossed or (), reml=not args.ml,
+                                                       ddf=args.ddf, alpha=args.alpha))
 
 
 def _run_table_analysis(args: argparse.Namespace, analysis: Callable[[Any], Result],
@@ -167,13 +168,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     mixed = stats.add_parser("mixed", help="linear mixed model: fixed effects, variance components, BLUPs",
                              description="Random intercepts for --groups (site), nested --vc (scanner within "
                                          "site) and --crossed factors (traveling subjects); REML by default. "
-                                         "Checked against R's lme4.")
+                                         "Variance components checked against R's lme4; fixed-effect t tests "
+                                         "with Satterthwaite degrees of freedom checked against lmerTest.")
     mixed.add_argument("table")
     mixed.add_argument("--formula", required=True, help='fixed effects, e.g. "y ~ age + C(vendor)"')
     mixed.add_argument("--groups", required=True, help="top-level grouping column (site)")
     mixed.add_argument("--vc", nargs="*", help="columns nested in --groups (scanner)")
     mixed.add_argument("--crossed", nargs="*", help="columns crossed with --groups (subject)")
     mixed.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML (for LRTs)")
+    mixed.add_argument("--ddf", choices=("satterthwaite", "wald"), default="satterthwaite",
+                       help="degrees of freedom of the fixed-effect tests: Satterthwaite t (lmerTest's default), "
+                            "or Wald z (anti-conservative with few sites)")
+    mixed.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level of the CIs (default 0.05)")
     add_json(mixed)
     mixed.set_defaults(func=cmd_stats_mixed)
     icc_cmd = stats.add_parser("icc", help="ICC(1,1), ICC(A,1), ICC(C,1) and their k forms, with F-based CIs",

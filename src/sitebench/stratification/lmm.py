@@ -676,7 +676,7 @@ def _identifiability(x: np.ndarray, names: list[str], factors: list[_Factor]) ->
         if d <= 0:
             raise SitebenchError(f"the '{factor.name}' variance cannot be estimated: {terms} "
                                  f"{'is' if len(between) == 1 else 'are'} constant within each level of "
-                                 f"'{factor.column}' and explain all differences between its levels; drop "
+                                 f"'{factor.column}' and {'explains' if len(between) == 1 else 'explain'} all differences between its levels; drop "
                                  f"{'it' if len(between) == 1 else 'them'} or the random effect")
         absorbed = factor.size - 1 - d
         if absorbed > 0:
