@@ -6,11 +6,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sitebench.errors import SitebenchError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: an unknown (e.g. misspelt) key is an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

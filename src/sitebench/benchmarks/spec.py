@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from sitebench.config import load_yaml, parse_config
+from sitebench.config import StrictModel, load_yaml, parse_config
 from sitebench.datasets.manifest import DEFAULT_STRATA
 from sitebench.provenance import sha256_json
 
@@ -18,11 +18,7 @@ DEFAULT_TRANSFORMS: list[dict[str, dict[str, Any]]] = [
 ]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     """One model version to benchmark."""
 
     source: str = Field(description="'classical', 'builtin:NAME', a bundle dir, or models:/NAME@ALIAS")
@@ -32,13 +28,13 @@ class ModelSpec(_Strict):
     alias: str | None = Field(None, description="alias to set on the registered version")
 
 
-class MlflowSpec(_Strict):
+class MlflowSpec(StrictModel):
     tracking_uri: str | None = Field(None, description="default: SQLite store under the output folder")
     experiment: str = "sitebench"
     register_models: bool = True
 
 
-class EndpointSpec(_Strict):
+class EndpointSpec(StrictModel):
     """A binary endpoint the biomarker should separate (AUC, paired DeLong between versions)."""
 
     column: str = Field(description="manifest column, e.g. group")
@@ -46,7 +42,7 @@ class EndpointSpec(_Strict):
     higher_is_positive: bool = Field(True, description="false when a lower biomarker means the positive class")
 
 
-class ReportSpec(_Strict):
+class ReportSpec(StrictModel):
     """What the validation report says beyond the numbers, and its pre-specified decisions."""
 
     intended_use: str = Field(
@@ -66,7 +62,7 @@ class ReportSpec(_Strict):
     limitations: list[str] = Field(default_factory=list, description="study-specific limitations to add")
 
 
-class BenchmarkSpec(_Strict):
+class BenchmarkSpec(StrictModel):
     name: str
     manifest: str
     models: list[ModelSpec] = Field(min_length=1)

@@ -24,9 +24,10 @@ from typing import Any, Callable
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from scipy import ndimage
 
+from sitebench.config import StrictModel
 from sitebench.datasets import manifest as mf
 from sitebench.errors import SitebenchError
 from sitebench.provenance import code_version, package_versions, sha256_file, utc_now
@@ -36,17 +37,13 @@ BACKGROUND, CSF, GM, WM = 0, 1, 2, 3
 REFERENCE_COLUMN = "gm_volume_ml"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ScannerModel(_Strict):
+class ScannerModel(StrictModel):
     name: str
     software: str
     field_strength: float = 3.0
 
 
-class VendorProfile(_Strict):
+class VendorProfile(StrictModel):
     """Contrast and noise of one vendor's T1w sequence, WM intensity = 1."""
 
     name: str
@@ -57,19 +54,19 @@ class VendorProfile(_Strict):
     upgrade_software: str
 
 
-class UpgradeConfig(_Strict):
+class UpgradeConfig(StrictModel):
     site: str = "S01"
     at_fraction: float = Field(0.5, ge=0, le=1, description="when in the study period it happens")
     gm_shift: float = Field(0.05, description="added to GM/WM intensity ratio after the upgrade")
     noise_factor: float = Field(1.6, gt=0, description="noise sigma multiplier after the upgrade")
 
 
-class CoverageConfig(_Strict):
+class CoverageConfig(StrictModel):
     site: str = "S05"
     missing_superior_mm: float = Field(20.0, ge=0)
 
 
-class SubjectEffects(_Strict):
+class SubjectEffects(StrictModel):
     reference_age: float = 70.0
     age_per_year: float = Field(-0.005, description="fractional change in GM volume per year of age")
     patient: float = Field(-0.06, description="fractional GM volume change, patient vs control")
@@ -77,7 +74,7 @@ class SubjectEffects(_Strict):
     age_range: tuple[float, float] = (55.0, 85.0)
 
 
-class TrialConfig(_Strict):
+class TrialConfig(StrictModel):
     """Everything that defines a simulated trial; the seed makes it reproducible."""
 
     name: str = "simulated-trial"

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import pydicom  # noqa: F401 - imported before the worker threads start: concurrent first imports deadlock
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from sitebench.audit import AuditTrail
-from sitebench.config import load_yaml, parse_config
+from sitebench.config import StrictModel, load_yaml, parse_config
 from sitebench.durable import fsync_dir
 from sitebench.errors import SitebenchError
 from sitebench.provenance import sha256_bytes
@@ -54,30 +54,26 @@ KEEP_IN_QUEUE_BYTES = 32 * MB  # larger files are read back from the store by th
 
 
 # --------------------------------------------------------------------------- configuration
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
 
-class SiteConfig(_Strict):
+class SiteConfig(StrictModel):
     #: calling AE titles of this site's scanners / PACS: an association from any other title is refused
     ae_titles: list[str] = Field(default_factory=list)
 
 
-class DicomListener(_Strict):
+class DicomListener(StrictModel):
     host: str = "0.0.0.0"
     port: int = 11112
     ae_title: str = "SITEBENCH"
 
 
-class HttpListener(_Strict):
+class HttpListener(StrictModel):
     host: str = "127.0.0.1"
     port: int = 8042
 
 
-class IntakeConfig(_Strict):
+class IntakeConfig(StrictModel):
     store: Path
     database: str | None = None
     protocols: Path

@@ -87,9 +87,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import ValidationError, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
-from sitebench.config import load_yaml
+from sitebench.config import StrictModel, load_yaml
 from sitebench.errors import SitebenchError
 from sitebench.provenance import sha256_json, utc_now
 
@@ -106,10 +106,6 @@ Number = Union[StrictInt, StrictFloat]
 Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
 
 _EPS = 1e-9  # float slack on tolerance boundaries (0.9 + 0.05 must pass 0.95)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 # --------------------------------------------------------------------------- values
@@ -180,7 +176,7 @@ def _compile(pattern: str) -> str:
 # --------------------------------------------------------------------------- rules
 
 
-class _Rule(_Strict):
+class _Rule(StrictModel):
     severity: Severity = "fail"
 
     def describe(self) -> str:  # pragma: no cover - overridden
@@ -278,7 +274,7 @@ class RegexRule(_Rule):
         return re.fullmatch(self.pattern, _regex_text(observed)) is not None
 
 
-class RecordRule(_Strict):
+class RecordRule(StrictModel):
     kind: Literal["record"]
 
     def describe(self) -> str:
@@ -292,7 +288,7 @@ Rule = Annotated[Union[ExactRule, AbsRule, RelRule, RangeRule, OneOfRule, RegexR
 # --------------------------------------------------------------------------- protocol model
 
 
-class MatchRules(_Strict):
+class MatchRules(StrictModel):
     """Which incoming series are this protocol's type; every rule given must hold."""
 
     SeriesDescription: str | None = None
@@ -334,17 +330,17 @@ class MatchRules(_Strict):
         return True
 
 
-class Coverage(_Strict):
+class Coverage(StrictModel):
     min_mm: Annotated[float, Field(gt=0)]
     severity: Severity = "fail"
 
 
-class SliceGap(_Strict):
+class SliceGap(StrictModel):
     max_gap_mm: float
     severity: Severity = "fail"
 
 
-class OverrideWhen(_Strict):
+class OverrideWhen(StrictModel):
     Manufacturer: str | None = None
     ManufacturersModelName: str | None = None
     SoftwareVersions: str | None = None
@@ -369,7 +365,7 @@ class OverrideWhen(_Strict):
         return None if missing else True
 
 
-class Override(_Strict):
+class Override(StrictModel):
     when: OverrideWhen
     parameters: dict[str, Rule]
 
@@ -381,14 +377,14 @@ class Override(_Strict):
         return value
 
 
-class LockInfo(_Strict):
+class LockInfo(StrictModel):
     content_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     locked_by: str
     locked_utc: str
     reason: str
 
 
-class Protocol(_Strict):
+class Protocol(StrictModel):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     version: Annotated[int, Field(ge=1)]
     description: str = ""
