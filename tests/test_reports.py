@@ -266,3 +266,33 @@ def test_a_report_locked_in_the_earlier_layout_still_verifies(tmp_path):
     lock["seeds"] = {"seed": 1}  # an edited lock no longer matches its own hash
     (folder / "lock.json").write_text(json.dumps(lock))
     assert "lock.json changed" in run_cli("report", "verify", folder).stdout
+
+
+def test_report_mixed_models_are_the_stats_mixed_engine(built, tmp_path):
+    """Every mixed-model number in the locked report is what `sitebench stats mixed` gives on the same
+    rows: one engine (lmm), Satterthwaite df, the same variance components."""
+    tables = built["report"] / "tables"
+    evaluation = pd.read_csv(tables / "evaluation.csv")
+    locked = json.loads((tables / "mixed_models.json").read_text())
+    checked = 0
+    for fit in locked:
+        if fit["model_key"] == "reference" or fit["response"] != "error":
+            continue
+        fixed_part, *random_parts = fit["formula"].split(" + (1 | ")
+        columns = ["error", "site", "scanner_id", "vendor", "software_upgraded", "age", "sex", "group"]
+        rows = evaluation[evaluation["model_key"] == fit["model_key"]][columns].dropna()
+        assert len(rows) == fit["n_obs"]
+        path = tmp_path / f"{checked}.csv"
+        rows.to_csv(path, index=False)
+        vc = ["--vc", "scanner_id"] if any(p.startswith("site:scanner_id") for p in random_parts) else []
+        result = run_cli("stats", "mixed", path, "--formula", fixed_part, "--groups", "site", *vc, "--json")
+        assert result.returncode == 0, result.stderr
+        cli = json.loads(result.stdout)
+        assert cli["variance_components"]["site"] == pytest.approx(fit["variance_components"]["site"], rel=1e-6, abs=1e-9)
+        assert cli["variance_components"]["residual"] == pytest.approx(fit["variance_components"]["residual"], rel=1e-6)
+        for term, effect in fit["fixed_effects"].items():
+            assert effect["df"] is not None and effect["df"] > 0  # Satterthwaite t, not Wald z
+            for key in ("estimate", "se", "df", "p"):
+                assert cli["fixed_effects"][term][key] == pytest.approx(effect[key], rel=1e-5), (term, key)
+        checked += 1
+    assert checked == 3
