@@ -110,3 +110,12 @@ def locked_files(statement: dict[str, Any]) -> list[tuple[str, str, str]]:
 def locked_subject(statement: dict[str, Any], role: str) -> dict[str, Any] | None:
     """The subject (its ``name`` is its path in the report folder, with its ``digest``) that has this role."""
     return next((s for s in statement.get("subject", []) if (s.get("annotations") or {}).get("role") == role), None)
+
+
+def report_dir_of(path: str | Path) -> Path:
+    """The report folder for a folder or one of its files; a one-line error when it holds no lock."""
+    path = Path(path)
+    report_dir = path if path.is_dir() else path.parent
+    if not (report_dir / LOCK_FILE).exists():
+        raise SitebenchError(f"no {LOCK_FILE} here; not a sitebench report", report_dir)
+    return report_dir

@@ -26,7 +26,7 @@ from typing import Any
 from sitebench.errors import SitebenchError
 from sitebench.provenance import canonical_json, sha256_bytes, sha256_file, utc_now
 from sitebench.reports.integrity import check_materials, check_subjects, statement_intact
-from sitebench.reports.lock import LOCK_FILE, read_lock
+from sitebench.reports.lock import LOCK_FILE, read_lock, report_dir_of
 
 __all__ = ["MEANINGS", "SignOff", "generate_key", "key_fingerprint", "load_public_key", "read_signoffs", "sign_report",
            "verify_signoffs"]
@@ -115,14 +115,6 @@ def load_public_key(path: Path):
     return key
 
 
-def _report_dir(path: str | Path) -> Path:
-    path = Path(path)
-    report_dir = path if path.is_dir() else path.parent
-    if not (report_dir / LOCK_FILE).exists():
-        raise SitebenchError(f"no {LOCK_FILE} here; not a sitebench report", report_dir)
-    return report_dir
-
-
 def read_signoffs(report_dir: Path) -> list[dict[str, Any]]:
     path = report_dir / SIGNATURES_FILE
     if not path.exists():
@@ -143,7 +135,7 @@ def sign_report(path: str | Path, key_path: str | Path, signer: str, meaning: st
     Materials not available here (a copy of the report) do not stop a sign-off; a material
     found here with another hash does.
     """
-    report_dir = _report_dir(path)
+    report_dir = report_dir_of(path)
     signer = " ".join(str(signer).split())
     if not signer:
         raise SitebenchError("a sign-off needs the signer's printed name")

@@ -21,7 +21,7 @@ import pandas as pd
 
 from sitebench.errors import SitebenchError
 from sitebench.reports.integrity import NOT_AVAILABLE, FileCheck, check_materials, check_subjects, statement_intact
-from sitebench.reports.lock import LOCK_FILE, read_lock
+from sitebench.reports.lock import LOCK_FILE, read_lock, report_dir_of
 from sitebench.reports.recompute import recompute_report
 from sitebench.reports.signing import read_signoffs, verify_signoffs
 
@@ -172,15 +172,6 @@ class Verification:
         rows = [{"kind": "report file", **c.to_dict()} for c in self.files]
         rows += [{"kind": "material", **c.to_dict()} for c in self.materials]
         return pd.DataFrame(rows, columns=["kind", "role", "where", "status", "found"])
-
-
-def report_dir_of(path: str | Path) -> Path:
-    """The report folder for a folder or one of its files; a one-line error when it holds no lock."""
-    path = Path(path)
-    report_dir = path if path.is_dir() else path.parent
-    if not (report_dir / LOCK_FILE).exists():
-        raise SitebenchError(f"no {LOCK_FILE} here; not a sitebench report", report_dir)
-    return report_dir
 
 
 def verify_report(path: str | Path, public_keys: list[str | Path] | None = None, recompute: bool = False,
