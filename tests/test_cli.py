@@ -122,7 +122,7 @@ def test_demo_end_to_end(tmp_path):
 
     verify = run_cli("report", "verify", report_dir, "--recompute")
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert "result tables re-derived and identical" in verify.stdout
+    assert "tables re-derived and identical" in verify.stdout
 
     # the report says, from the run itself, how the single-vendor model transfers
     html = (report_dir / "report.html").read_text()

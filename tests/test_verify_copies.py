@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import run_cli
+from sitebench.models.registry import BUILTIN_DIR
 from sitebench.pipeline import run_pipeline
 from sitebench.reports.lock import read_lock, write_lock
 from sitebench.reports.recompute import mixed_model_engines
@@ -34,9 +35,14 @@ def logged(small_trial, tmp_path_factory):
     root = tmp_path_factory.mktemp("copies")
     trial = root / "trial"
     shutil.copytree(small_trial.out_dir, trial)
+    # The team's own bundles, kept beside the trial (as the materials an auditor is sent would be):
+    # every material then lies under `root`, wherever this test's folders are.
+    bundles = [root / "bundles" / name for name in ("gm_unet_v1", "gm_unet_v2")]
+    for bundle in bundles:
+        shutil.copytree(BUILTIN_DIR / bundle.name, bundle)
     spec = {"name": "travel", "manifest": str(trial / "manifest.csv"), "reference": "gm_volume_ml",
             "reference_segmentation": "label_path", "bootstrap": 50, "seed": 5, "results_dir": str(root / "results"),
-            "models": [{"source": "builtin:gm_unet_v1"}, {"source": "builtin:gm_unet_v2"}],
+            "models": [{"source": str(bundle)} for bundle in bundles],
             "mlflow": {"experiment": "travel", "register_models": False}}
     spec_path = root / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
@@ -76,10 +82,11 @@ def test_materials_elsewhere_are_found_by_their_recorded_path(logged):
     result = run_cli("report", "verify", logged["copy"], "--materials", logged["root"])  # the trial's parent
     assert result.returncode == 0, result.stdout + result.stderr
     assert "materials: 52 of 52 match" in result.stdout and "not available" not in result.stdout
-    # the trial folder itself: every image, label and the manifest; the spec lies beside it, not in it
+    # the trial folder itself: every image, label and the manifest; the spec and weights lie beside it
     trial_only = run_cli("report", "verify", logged["copy"], "--materials", logged["trial"])
     assert trial_only.returncode == EXIT_MATERIALS_NOT_HERE, trial_only.stdout
-    assert "materials not available here: 1 (benchmark spec)" in trial_only.stdout
+    assert "materials not available here: 3 (" in trial_only.stdout, trial_only.stdout
+    assert all(name in trial_only.stdout for name in ("benchmark spec", "weights gm-unet@1.0.0", "weights gm-unet@2.0.0"))
     # a changed image in that other copy of the materials fails and is named
     other = logged["root"] / "other_trial"
     shutil.copytree(logged["trial"], other)
