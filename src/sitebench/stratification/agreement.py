@@ -31,7 +31,7 @@ import pandas as pd
 from scipy import special
 
 from sitebench.errors import SitebenchError
-from sitebench.stratification.validation import check_alpha
+from sitebench.stratification.validation import as_numeric, check_alpha
 
 __all__ = [
     "ICC_FORMS",
@@ -104,10 +104,7 @@ def _row_label(table: pd.DataFrame, position: int) -> str:
 
 def _numeric(table: pd.DataFrame, column: str) -> np.ndarray:
     """The column as float64; NaN/inf and non-numbers are refused (these statistics need all values)."""
-    try:
-        values = pd.to_numeric(table[column], errors="raise").to_numpy(dtype=np.float64)
-    except (TypeError, ValueError):
-        raise SitebenchError(f"column '{column}' must be numeric") from None
+    values = as_numeric(table[column], f"column '{column}'")
     bad = ~np.isfinite(values)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])

@@ -32,7 +32,7 @@ from sitebench.datasets.manifest import (
 from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable
 from sitebench.stratification.lmm import BOUNDARY_SHARE, DEFAULT_OPTIMIZERS, ENGINE_ID, fit_lmm
-from sitebench.stratification.validation import check_alpha
+from sitebench.stratification.validation import as_numeric, check_alpha
 
 DEFAULT_FIXED: tuple[str, ...] = ("C(vendor)", SOFTWARE_UPGRADED, "age", "C(sex)", "C(group)")
 FIXED_COLUMNS: tuple[str, ...] = ("term", "estimate", "se", "df", "ci_low", "ci_high", "p")
@@ -406,10 +406,7 @@ def upgrade_effect(table: pd.DataFrame, response: str, site_column: str = SITE, 
 
 
 def _numeric_column(data: pd.DataFrame, column: str) -> np.ndarray:
-    try:
-        return pd.to_numeric(data[column], errors="raise").to_numpy(dtype=float, na_value=np.nan)
-    except (TypeError, ValueError):
-        raise SitebenchError(f"column '{column}' is not numeric") from None
+    return as_numeric(data[column], f"column '{column}'")
 
 
 def _quote(name: str) -> str:
