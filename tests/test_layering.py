@@ -120,8 +120,9 @@ def check(imports: list[Import], temporary: dict[tuple[str, str], str] | None = 
         elif source not in RULES:
             problems.append(Violation(imp, f"room '{source}' has no rule in RULES; add one"))
         elif target not in RULES[source]:
-            allowed = ", ".join(sorted(RULES[source])) or "nothing else of ours"
-            problems.append(Violation(imp, f"'{source}' may import only {allowed}"))
+            allowed = ", ".join(sorted(RULES[source]))
+            problems.append(Violation(imp, f"'{source}' may import only {allowed}" if allowed
+                                      else f"'{source}' is on the ground floor: it imports nothing else of ours"))
     return problems + reports_cycles(imports, temporary)
 
 
@@ -133,8 +134,9 @@ def reports_cycles(imports: list[Import], temporary: dict[tuple[str, str], str] 
     for imp in imports:
         if imp.source in order and imp.target in order and order[imp.target] >= order[imp.source] \
                 and imp.source != imp.target:
-            earlier = ", ".join(REPORTS_CORE[:order[imp.source]]) or "nothing else of the reports package"
-            problems.append(Violation(imp, f"reports core: {imp.source.rsplit('.', 1)[1]} may import only {earlier}"))
+            name, earlier = imp.source.rsplit(".", 1)[1], ", ".join(REPORTS_CORE[:order[imp.source]])
+            problems.append(Violation(imp, f"reports core: {name} may import only {earlier}" if earlier
+                                      else f"reports core: {name} imports nothing else of the reports package"))
     edges: dict[str, dict[str, Import]] = {}
     for imp in imports:
         if room(imp.source) == room(imp.target) == "reports" and imp.source != imp.target \
@@ -223,12 +225,12 @@ def test_the_checker_fails_on_a_wrong_import(tmp_path):
     problems = [str(p) for p in check(read_imports(root), temporary={})]
     print("\n" + "\n".join(problems))
     assert ("models/registry.py:5: sitebench.models.registry imports sitebench.reports.lock: "
-            "'models' may import only nothing else of ours") in problems
+            "'models' is on the ground floor: it imports nothing else of ours") in problems
     assert ("benchmarks/runner.py:1: sitebench.benchmarks.runner imports sitebench.stratification.evaluation: "
             "'benchmarks' may import only audit, datasets, models") in problems
     assert "pipeline.py:1: sitebench.pipeline imports sitebench.cli: nothing imports cli (it is on top)" in problems
-    assert ("reports/lock.py:2: sitebench.reports.lock imports sitebench.reports.signing: reports core: lock may "
-            "import only nothing else of the reports package") in problems
+    assert ("reports/lock.py:2: sitebench.reports.lock imports sitebench.reports.signing: reports core: lock "
+            "imports nothing else of the reports package") in problems
     assert ("reports/lock.py:2: sitebench.reports.lock imports sitebench.reports.signing: import cycle in the "
             "reports package: lock -> signing -> lock") in problems
     assert len(problems) == 5, problems
