@@ -31,7 +31,7 @@ from sitebench.datasets.manifest import (
 )
 from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable
-from sitebench.stratification.lmm import BOUNDARY_SHARE, DEFAULT_OPTIMIZERS, ENGINE_ID, fit_lmm
+from sitebench.stratification.lmm import DEFAULT_OPTIMIZERS, ENGINE_ID, RESIDUAL, fit_lmm
 from sitebench.stratification.validation import as_numeric, check_alpha
 
 DEFAULT_FIXED: tuple[str, ...] = ("C(vendor)", SOFTWARE_UPGRADED, "age", "C(sex)", "C(group)")
@@ -308,13 +308,14 @@ def fit_scanner_effects(table: pd.DataFrame, response: str, *,
     if bad_se.any():
         notes.append("standard error not available for: " + ", ".join(fixed_table.loc[bad_se, "term"]))
 
-    fitted = fit.variance_components
-    components: dict[str, float | None] = {"site": fitted[site], "scanner": fitted["scanner"] if has_vc else None,
-                                           "residual": fitted["residual"]}
-    total = sum(v for v in components.values() if v is not None)
-    share = {k: (v / total if v is not None and total > 0 else None) for k, v in components.items()}
+    # The fit's own components, shares and boundary flags, under the report's names (site, scanner, residual).
+    fitted_name = {"site": site, "scanner": "scanner" if has_vc else None, "residual": RESIDUAL}
+    components: dict[str, float | None] = {
+        name: fit.variance_components[key] if key else None for name, key in fitted_name.items()}
+    share: dict[str, float | None] = {
+        name: fit.variance_share[key] if key else None for name, key in fitted_name.items()}
     on_boundary = [name for name in ("site", "scanner")
-                   if components[name] is not None and share[name] is not None and share[name] < BOUNDARY_SHARE]
+                   if fitted_name[name] and fit.diagnostics["near_boundary"][fitted_name[name]]]
     boundary_check: dict[str, Any] | None = None
     if on_boundary:
         exact = [name for name, key in (("site", site), ("scanner", "scanner"))
