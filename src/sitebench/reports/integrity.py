@@ -20,7 +20,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from sitebench.provenance import sha256_file, sha256_json
-from sitebench.reports.lock import STATEMENT_TYPE
+from sitebench.reports.lock import LOCK_FILE, STATEMENT_TYPE
 
 OK, CHANGED, MISSING, NOT_AVAILABLE = "ok", "changed", "missing", "not available here"
 
@@ -43,6 +43,10 @@ class FileCheck:
 
     def to_dict(self) -> dict[str, Any]:
         return {"role": self.role, "where": self.where, "status": self.status, "found": self.found}
+
+
+#: What verify and sign say when :func:`statement_intact` fails.
+LOCK_CHANGED = f"{LOCK_FILE} changed (its content no longer matches its own hash)"
 
 
 def statement_intact(statement: dict[str, Any]) -> bool:

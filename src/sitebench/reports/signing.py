@@ -25,7 +25,7 @@ from typing import Any
 
 from sitebench.errors import SitebenchError
 from sitebench.provenance import canonical_json, sha256_bytes, sha256_file, utc_now
-from sitebench.reports.integrity import check_materials, check_subjects, statement_intact
+from sitebench.reports.integrity import LOCK_CHANGED, check_materials, check_subjects, statement_intact
 from sitebench.reports.lock import LOCK_FILE, read_lock, report_dir_of
 
 __all__ = ["MEANINGS", "SignOff", "generate_key", "key_fingerprint", "load_public_key", "read_signoffs", "sign_report",
@@ -165,7 +165,7 @@ def _integrity_problems(report_dir: Path) -> list[str]:
         statement = read_lock(report_dir)
     except SitebenchError as exc:
         return [str(exc)]
-    problems = [] if statement_intact(statement) else [f"{LOCK_FILE} changed (its content no longer matches its own hash)"]
+    problems = [] if statement_intact(statement) else [LOCK_CHANGED]
     checks = check_subjects(report_dir, statement) + check_materials(report_dir, statement)
     return problems + [c.describe() for c in checks if c.failed]
 

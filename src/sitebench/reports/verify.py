@@ -20,8 +20,9 @@ from typing import Any
 import pandas as pd
 
 from sitebench.errors import SitebenchError
-from sitebench.reports.integrity import NOT_AVAILABLE, FileCheck, check_materials, check_subjects, statement_intact
-from sitebench.reports.lock import LOCK_FILE, read_lock, report_dir_of
+from sitebench.reports.integrity import (LOCK_CHANGED, NOT_AVAILABLE, FileCheck, check_materials, check_subjects,
+                                         statement_intact)
+from sitebench.reports.lock import read_lock, report_dir_of
 from sitebench.reports.recompute import recompute_report
 from sitebench.reports.signing import read_signoffs, verify_signoffs
 
@@ -69,7 +70,7 @@ class Verification:
 
     @property
     def file_problems(self) -> list[str]:
-        lock = [] if self.lock_intact else [f"{LOCK_FILE} changed (its content no longer matches its own hash)"]
+        lock = [] if self.lock_intact else [LOCK_CHANGED]
         return lock + [c.describe() for c in self.files if c.failed]
 
     @property
