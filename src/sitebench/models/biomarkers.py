@@ -79,6 +79,8 @@ class BiomarkerSpec(StrictModel):
     denominator: str | None = None
     scale: float = Field(1.0, gt=0, description="ratio/normalised: multiply by this, e.g. 100 for percent")
     reference: ReferenceSpec | None = None
+    equivalence_margin: float | None = Field(None, gt=0, description="continuous: per-site equivalence margin, "
+                                             "in the biomarker's unit")
 
     @model_validator(mode="after")
     def _rule_is_complete(self) -> "BiomarkerSpec":
@@ -113,7 +115,9 @@ class BiomarkerSpec(StrictModel):
                 "description": self.description, "threshold": self.threshold if self.analysis == "classification"
                 else None, "reference_column": ref.column if ref else None,
                 "reference_positive": ref.positive if ref else None,
-                "reference_labels": list(ref.labels) if ref and ref.labels else None}
+                "reference_labels": list(ref.labels) if ref and ref.labels else None,
+                "equivalence_margin": self.equivalence_margin,
+                "label_names": {str(k): v for k, v in self.label_names.items()}}
 
 
 def check_declarations(biomarkers: list[BiomarkerSpec]) -> None:
