@@ -18,7 +18,7 @@ from sitebench.benchmarks.runner import BenchmarkRun, run_benchmark
 from sitebench.benchmarks.spec import BenchmarkSpec, load_spec
 from sitebench.benchmarks.tracking import TrackingStore, local_store, log_benchmark, register_benchmark_models
 from sitebench.datasets import manifest as mf
-from sitebench.datasets.simulator import (REFERENCE_COLUMN, SimulatedTrial, TrialConfig, load_trial_config,
+from sitebench.datasets.simulator import (BRAIN_VOLUME_COLUMN, REFERENCE_COLUMN, SimulatedTrial, TrialConfig, load_trial_config,
                                           simulate_trial)
 from sitebench.errors import SitebenchError
 from sitebench.models.base import Training
@@ -26,6 +26,7 @@ from sitebench.reports import Report, ReportContent, build_report
 from sitebench.reports.findings import findings
 from sitebench.reports.qc_summary import qc_summary
 from sitebench.stratification.evaluation import AnalysisPlan, Endpoint, Evaluation, evaluate_models, evaluation_table
+from sitebench.stratification.overlap import overlap_table
 
 
 def analysis_plan(spec: BenchmarkSpec) -> AnalysisPlan:
@@ -35,7 +36,8 @@ def analysis_plan(spec: BenchmarkSpec) -> AnalysisPlan:
     return AnalysisPlan(strata=list(spec.strata), bootstrap=spec.bootstrap, seed=spec.seed,
                         equivalence_margin=report.equivalence_margin,
                         compare=[list(pair) for pair in report.compare],
-                        comparison_margin=report.comparison_margin, endpoint=endpoint)
+                        comparison_margin=report.comparison_margin, endpoint=endpoint,
+                        biomarkers=[m.plan_entry() for m in spec.declared_biomarkers])
 
 
 def evaluate(run: BenchmarkRun) -> Evaluation:
@@ -50,8 +52,9 @@ def evaluate(run: BenchmarkRun) -> Evaluation:
     if unknown:
         raise SitebenchError(f"report.compare names model(s) not in this benchmark: {', '.join(unknown)} "
                              f"(have: {', '.join(keys)})")
-    table = evaluation_table(run.predictions, run.manifest.table, run.spec.reference)
-    return evaluate_models(table, plan, keys)
+    table = evaluation_table(run.predictions, run.manifest.table, run.spec.reference, biomarkers=plan.biomarkers)
+    overlap = overlap_table(run.overlap, run.manifest.table) if not run.overlap.empty else None
+    return evaluate_models(table, plan, keys, overlap=overlap)
 
 
 @dataclass
@@ -102,7 +105,8 @@ def run_pipeline(spec: BenchmarkSpec | str | Path, *, workers: int = 2, schedule
     if built:
         artifacts["report"] = built.report_dir
     run_id = log_benchmark(run, evaluation.metrics, store, spec_path=spec_path, registered=registered,
-                           extra_artifacts=artifacts)
+                           extra_artifacts=artifacts, classification=evaluation.classification,
+                           overlap=evaluation.overlap_by_stratum)
     return PipelineResult(run=run, evaluation=evaluation, findings=notes, store=store, mlflow_run_id=run_id,
                           registered=registered, report=built)
 
@@ -116,8 +120,7 @@ def report_content(run: BenchmarkRun, evaluation: Evaluation, notes: list[str], 
     if spec_path:
         materials["benchmark spec"] = spec_path
     for resolved, card in zip(run.resolved, run.models):
-        if resolved.location and (Path(resolved.location) / "models" / "model.pt").exists():
-            materials[f"weights {card.key}"] = Path(resolved.location) / "models" / "model.pt"
+        materials.update(_model_materials(resolved, card))
     materials.update(extra_materials or {})
     # every image and label file the results rest on, so an auditor can detect a swapped scan
     absolute = run.manifest.with_absolute_paths()
@@ -128,9 +131,13 @@ def report_content(run: BenchmarkRun, evaluation: Evaluation, notes: list[str], 
                     materials[f"{kind} {scan_id}"] = Path(file)
     return ReportContent(
         name=spec.name, title=f"Validation report: {spec.name}", evaluation=evaluation, models=[_lineage(c, registered) for c in run.models],
-        predictions=run.predictions, reference=spec.reference, materials=materials,
-        seeds={"benchmark_seed": spec.seed, "bootstrap": spec.bootstrap, "reference": spec.reference,
-               "spec_sha256": spec.fingerprint()},
+        predictions=run.predictions, reference=", ".join(spec.reference_columns) or "reference segmentation",
+        materials=materials, unit=spec.declared_biomarkers[0].unit or "",
+        biomarkers=evaluation.plan.biomarkers, overlap_scores=run.overlap if not run.overlap.empty else None,
+        seeds={"benchmark_seed": spec.seed, "bootstrap": spec.bootstrap,
+               "reference": ", ".join(spec.reference_columns) or "reference segmentation",
+               "spec_sha256": spec.fingerprint(),
+               **{f"subsample {m.name or m.source}": m.subsample.model_dump() for m in spec.models if m.subsample}},
         findings=notes, truth=_truth_summary(truth), intended_use=spec.report.intended_use,
         population=spec.report.population, limitations=list(spec.report.limitations),
         qc=qc_summary(run.manifest.table, *_qc_gate_rows(spec.report.qc_store)))
@@ -153,12 +160,35 @@ def _qc_gate_rows(qc_store: str | None) -> tuple[list[Any] | None, str]:
     return rows, (qc_store if "://" not in qc_store else qc_store.split("://", 1)[0] + " database")
 
 
+def _model_materials(resolved: Any, card: Any) -> dict[str, Path]:
+    """Every file a model version loads, to be hashed into the lock (weights first, as before)."""
+    materials: dict[str, Path] = {}
+    location = Path(resolved.location) if resolved.location else None
+    if location and (location / "models" / "model.pt").exists():
+        materials[f"weights {card.key}"] = location / "models" / "model.pt"
+    root = Path(card.extra["package_root"]) if card.extra.get("package_root") else None
+    for rel in card.files:
+        for base in (location if location and location.is_dir() else None, root):
+            if base is None:
+                continue
+            candidate = base / rel
+            if not candidate.is_file() and "/" in rel:
+                candidate = base / rel.split("/", 1)[1]  # files named under their package: deepbet/<path>
+            if candidate.is_file() and candidate not in materials.values():
+                materials[f"model file {card.key} {rel}"] = candidate
+                break
+    return materials
+
+
 def _lineage(card: Any, registered: dict[str, str]) -> dict[str, Any]:
-    """Where a model version came from: source, training data, changelog, weights, registry entry."""
+    """Where a model version came from: source, licence, citation, training data, changelog, files, registry."""
     return {"key": card.key, "name": card.name, "version": card.version, "kind": card.kind,
             "weights_sha256": card.weights_sha256, "source": card.source,
             "description": card.extra.get("description", ""), "changelog": card.extra.get("changelog", {}),
-            "training": _training(card.training), "registered": registered.get(card.key, "-")}
+            "training": _training(card.training), "registered": registered.get(card.key, "-"),
+            "licence": card.licence, "citation": card.citation, "biomarkers": list(card.biomarkers),
+            "files": dict(card.files), "files_sha256": card.files_sha256, "training_data": card.training_data,
+            "package": card.extra.get("package", ""), "package_version": card.extra.get("package_version", "")}
 
 
 def _training(training: Training | None) -> dict[str, Any]:
@@ -177,17 +207,35 @@ def _truth_summary(truth: dict[str, Any] | None) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- the demo
 
 
+#: The published network the demo validates beside our own: deepbet, through its Python entry point.
+DEEPBET_SOURCE = "entrypoint:sitebench.models.published.deepbet_brain:make_model"
+
 DEMO_MODELS = [
-    {"source": "classical", "register_as": "gm-tissue-gmm", "alias": "candidate"},
-    {"source": "builtin:gm_unet_v1", "register_as": "gm-unet", "alias": "baseline"},
-    {"source": "builtin:gm_unet_v2", "register_as": "gm-unet", "alias": "candidate"},
+    {"source": "classical", "register_as": "gm-tissue-gmm", "alias": "candidate", "biomarkers": ["gm_volume_ml"]},
+    {"source": "builtin:gm_unet_v1", "register_as": "gm-unet", "alias": "baseline", "biomarkers": ["gm_volume_ml"]},
+    {"source": "builtin:gm_unet_v2", "register_as": "gm-unet", "alias": "candidate", "biomarkers": ["gm_volume_ml"]},
+    # about 5 s a scan on one core at its fixed 256³ grid: a pre-specified subsample of two scans per
+    # site, scanner and software version keeps every stratum (and both sides of the upgrade) in view
+    {"source": DEEPBET_SOURCE, "biomarkers": ["brain_volume_ml"],
+     "subsample": {"per": [mf.SITE, mf.SCANNER_ID, mf.SOFTWARE_VERSION], "n": 2, "seed": 0}},
+]
+
+#: The demo's biomarkers, declared as any team would declare theirs.
+DEMO_BIOMARKERS = [
+    {"name": REFERENCE_COLUMN, "kind": "label_volume", "labels": [1], "unit": "ml",
+     "label_names": {1: "grey matter"}, "description": "total grey-matter volume",
+     "reference": {"column": REFERENCE_COLUMN, "labels": [2]}},
+    {"name": BRAIN_VOLUME_COLUMN, "kind": "label_volume", "labels": [1], "unit": "ml",
+     "label_names": {1: "brain"}, "description": "total brain volume (the brain-extraction mask)",
+     "reference": {"column": BRAIN_VOLUME_COLUMN, "labels": [1, 2, 3]}, "equivalence_margin": 60.0},
 ]
 
 
 #: The demo's pre-specified decisions; margins in ml of grey-matter volume (about 1,100 ml in this trial).
 DEMO_REPORT = {
     "intended_use": "Measure total grey-matter volume (ml) from 3D T1-weighted MRI as a secondary endpoint of a "
-                    "multi-site trial, comparing patients with controls and following change over time.",
+                    "multi-site trial, comparing patients with controls and following change over time; and "
+                    "total brain volume (ml) from a published brain-extraction network, for normalisation.",
     "population": "Adults (about 20-80 years) at 20 simulated sites on three scanner vendors, scanned under one "
                   "locked T1w protocol; one site upgrades its scanner software mid-study and one has reduced "
                   "superior coverage.",
@@ -199,7 +247,7 @@ DEMO_REPORT = {
 
 
 def demo_spec(bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    return {"name": "demo", "manifest": "trial/manifest.csv", "reference": REFERENCE_COLUMN,
+    return {"name": "demo", "manifest": "trial/manifest.csv", "biomarkers": DEMO_BIOMARKERS,
             "reference_segmentation": mf.LABEL_PATH, "models": DEMO_MODELS, "seed": seed,
             "bootstrap": bootstrap, "results_dir": "results", "mlflow": {"experiment": "sitebench-demo"},
             "report": DEMO_REPORT}
@@ -221,7 +269,8 @@ def prepare_trial(config: TrialConfig, trial_dir: Path,
 def run_demo(out: str | Path, *, sites: int = 20, scans_per_site: int = 10, seed: int = 0, workers: int = 2,
              scheduler: str | None = None, bootstrap: int = 1000, progress: bool = True,
              tracking_uri: str | None = None, log: Callable[[str], None] = lambda m: None) -> PipelineResult:
-    """Simulate a trial, benchmark three model versions, fit scanner effects, log, and lock a report."""
+    """Simulate a trial, benchmark our three model versions and a published network, fit scanner effects,
+    log, and lock a report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = load_trial_config(n_sites=sites, scans_per_site=scans_per_site, seed=seed, workers=max(1, workers))

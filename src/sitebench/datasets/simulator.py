@@ -35,6 +35,8 @@ from sitebench.provenance import code_version, package_versions, sha256_file, ut
 #: Label values in every simulated label map.
 BACKGROUND, CSF, GM, WM = 0, 1, 2, 3
 REFERENCE_COLUMN = "gm_volume_ml"
+#: The subject's true brain volume (CSF + GM + WM inside the brain, ml): the reference of a brain-extraction model.
+BRAIN_VOLUME_COLUMN = "brain_volume_ml"
 
 
 class ScannerModel(StrictModel):
@@ -178,6 +180,7 @@ class Subject:
     gm_fraction: float
     labels: np.ndarray  # on the template grid
     gm_volume_ml: float
+    brain_volume_ml: float = 0.0  # every labelled voxel, before any coverage is lost
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], order: int) -> np.ndarray:
@@ -227,7 +230,8 @@ def make_subject(config: TrialConfig, template: Template, subject_id: str, site:
     labels.ravel()[top] = GM
     voxel_ml = config.voxel_mm ** 3 / 1000.0
     return Subject(subject_id=subject_id, site=site, age=round(age, 1), sex=sex, group=group,
-                   gm_fraction=fraction, labels=labels, gm_volume_ml=float(target * voxel_ml))
+                   gm_fraction=fraction, labels=labels, gm_volume_ml=float(target * voxel_ml),
+                   brain_volume_ml=float((labels > 0).sum() * voxel_ml))
 
 
 # --------------------------------------------------------------------------- sites and scanners
@@ -395,9 +399,11 @@ def _simulate_subject(args: tuple[TrialConfig, str, str, int, list[ScanPlan], st
             mf.LABEL_PATH: label_rel.as_posix(), mf.LABEL_SHA256: sha256_file(Path(out_dir) / label_rel),
             mf.AGE: subject.age, mf.SEX: subject.sex, mf.GROUP: subject.group,
             REFERENCE_COLUMN: round(subject.gm_volume_ml, 3),
+            BRAIN_VOLUME_COLUMN: round(subject.brain_volume_ml, 3),
             "slice_thickness_mm": scanner.slice_mm,
             "_truth": {"scan_id": plan.scan_id, "gm_fraction": round(subject.gm_fraction, 6),
                        "gm_volume_ml": round(subject.gm_volume_ml, 3),
+                       "brain_volume_ml": round(subject.brain_volume_ml, 3),
                        "label_gm_volume_ml": round(float((labels == GM).sum()) *
                                                    float(abs(np.linalg.det(affine[:3, :3]))) / 1000, 3),
                        **injected},
