@@ -366,9 +366,15 @@ def run_benchmark(spec: BenchmarkSpec, *, workers: int = 2, scheduler: str | Non
     manifest = read_manifest(spec.manifest_path)
     biomarkers = spec.declared_biomarkers
     spec_file = str(spec.source_path or spec.base_dir / "benchmark spec")
-    resolved = [resolve_model(m.source, expected_sha256=m.sha256, name=m.name, tracking_uri=tracking_uri)
-                for m in spec.models]
-    cards = [load_model(r).card for r in resolved]  # checks every hash before any work starts
+    resolved, cards = [], []
+    for i, model_spec in enumerate(spec.models):
+        try:
+            ref = resolve_model(model_spec.source, expected_sha256=model_spec.sha256, name=model_spec.name,
+                                tracking_uri=tracking_uri)
+            cards.append(load_model(ref).card)  # checks every hash before any work starts
+        except SitebenchError as exc:
+            raise SitebenchError(f"models[{i}].source: {exc}", spec_file) from None
+        resolved.append(ref)
     for model_spec, card in zip(spec.models, cards):
         try:
             check_model_labels(spec.model_biomarkers(model_spec), card.output_labels, card.key)
