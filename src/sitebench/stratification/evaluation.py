@@ -6,13 +6,23 @@ re-deriving the results gets the locked tables byte for byte.
 
 The evaluation table has one row per (scan, model version): the manifest columns the
 analyses need, the reference value, the prediction and the error (prediction - reference).
+
+A plan that declares several biomarkers (``AnalysisPlan.biomarkers``, the entries of
+:meth:`sitebench.models.biomarkers.BiomarkerSpec.plan_entry`) gives a table with one row per
+(scan, model version, biomarker) and a ``biomarker`` column; every statistic then follows the
+biomarker's kind: a continuous biomarker gets exactly the single-biomarker analyses on its own
+rows, a classification biomarker (a class probability) gets AUC, sensitivity/specificity and
+calibration per stratum and the paired DeLong test between compared versions, and the
+per-label segmentation overlap scores are summarised per stratum
+(:mod:`sitebench.stratification.overlap`). A table without a ``biomarker`` column is analysed,
+and written, exactly as before biomarkers were declared, so reports locked then still recompute.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +39,7 @@ from sitebench.stratification.metrics import stratum_metrics
 from sitebench.stratification.mixed import fit_scanner_effects, upgrade_effect
 
 MODEL_KEY = "model_key"
+BIOMARKER = "biomarker"
 REFERENCE = "reference"
 PREDICTION = "prediction"
 ERROR = "error"
@@ -37,15 +48,20 @@ ABS_ERROR = "abs_error"
 REFERENCE_KEY = "reference"
 
 #: Columns kept in the locked evaluation table, in this order (those present).
-EVALUATION_COLUMNS = (mf.SCAN_ID, mf.SUBJECT_ID, MODEL_KEY, mf.SITE, mf.SCANNER_ID, mf.VENDOR, mf.SCANNER_MODEL,
+EVALUATION_COLUMNS = (mf.SCAN_ID, mf.SUBJECT_ID, MODEL_KEY, BIOMARKER, mf.SITE, mf.SCANNER_ID, mf.VENDOR,
+                      mf.SCANNER_MODEL,
                       mf.SOFTWARE_VERSION, mf.ACQUISITION_DATE, mf.SOFTWARE_UPGRADED, mf.AGE, mf.SEX, mf.GROUP,
                       REFERENCE, PREDICTION, ERROR, "dice")
-_TEXT = (mf.SCAN_ID, mf.SUBJECT_ID, MODEL_KEY, mf.SITE, mf.SCANNER_ID, mf.VENDOR, mf.SCANNER_MODEL,
+_TEXT = (mf.SCAN_ID, mf.SUBJECT_ID, MODEL_KEY, BIOMARKER, mf.SITE, mf.SCANNER_ID, mf.VENDOR,
+         mf.SCANNER_MODEL,
          mf.SOFTWARE_VERSION, mf.ACQUISITION_DATE, mf.SEX, mf.GROUP)
 #: The engine named by plans locked before AnalysisPlan recorded one.
 LEGACY_MIXED_MODEL_ENGINE = "statsmodels.MixedLM"
 #: Covariates adjusted for in harmonization (those present).
 COVARIATES = (mf.AGE, mf.SEX, mf.GROUP)
+#: ``analysis`` of a plan biomarker entry.
+CONTINUOUS = "continuous"
+CLASSIFICATION = "classification"
 
 
 @dataclass
@@ -73,6 +89,18 @@ class AnalysisPlan:
     mixed_model_engine: str = ENGINE_ID
     #: Denominator df of the mixed-model fixed-effect tests: "satterthwaite" or "wald" (z).
     df_method: str = "satterthwaite"
+    #: The declared biomarkers, in spec order (``BiomarkerSpec.plan_entry()`` dicts); empty for a
+    #: single-biomarker plan. ``equivalence_margin``, ``comparison_margin`` and ``endpoint`` above are
+    #: the primary (first continuous) biomarker's; an entry's own ``equivalence_margin`` wins for it.
+    biomarkers: list[dict[str, Any]] = field(default_factory=list)
+
+    def biomarker(self, name: str) -> dict[str, Any]:
+        """The plan entry of biomarker ``name``."""
+        for entry in self.biomarkers:
+            if entry.get("name") == name:
+                return entry
+        raise SitebenchError(f"biomarker '{name}' is not in the analysis plan (have: "
+                             f"{', '.join(str(e.get('name')) for e in self.biomarkers) or 'none'})")
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(asdict(self))
@@ -85,6 +113,7 @@ class AnalysisPlan:
             data.setdefault("df_method", "wald")
         if data.get("endpoint"):
             data["endpoint"] = Endpoint(**data["endpoint"])
+        data["biomarkers"] = [dict(entry) for entry in data.get("biomarkers") or []]
         return cls(**data)
 
 
@@ -103,12 +132,19 @@ class Evaluation:
     comparison: pd.DataFrame
     discrimination: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    #: Classification biomarkers: AUC, sensitivity/specificity, calibration per model and stratum.
+    classification: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: The per-scan, per-label overlap scores joined to the manifest strata (the input of the next).
+    overlap: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: Dice, HD95 and volume error per biomarker, model, label and stratum level.
+    overlap_by_stratum: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def result_tables(self) -> dict[str, pd.DataFrame]:
-        """The locked CSV tables, by file stem."""
-        return {
+        """The locked CSV tables, by file stem (the classification and overlap ones only when there are any)."""
+        tables = {
             "metrics_by_stratum": self.metrics,
-            "fixed_effects": pd.DataFrame([{MODEL_KEY: m[MODEL_KEY], "response": m["response"], "term": t, **v}
+            "fixed_effects": pd.DataFrame([{**({BIOMARKER: m[BIOMARKER]} if BIOMARKER in m else {}),
+                                            MODEL_KEY: m[MODEL_KEY], "response": m["response"], "term": t, **v}
                                            for m in self.mixed for t, v in m["fixed_effects"].items()]),
             "variance_components": variance_shares(self.mixed),
             "upgrade_effect": self.upgrade,
@@ -118,6 +154,11 @@ class Evaluation:
             "comparison": self.comparison,
             "discrimination": self.discrimination,
         }
+        if not self.classification.empty:
+            tables["classification_by_stratum"] = self.classification
+        if not self.overlap_by_stratum.empty:
+            tables["overlap_by_stratum"] = self.overlap_by_stratum
+        return tables
 
     def result_files(self) -> dict[str, bytes]:
         """Every locked result file's bytes, by file name: what a report writes and a recompute compares."""
@@ -129,8 +170,23 @@ class Evaluation:
 # --------------------------------------------------------------------------- the table
 
 
-def evaluation_table(predictions: pd.DataFrame, manifest: pd.DataFrame, reference: str) -> pd.DataFrame:
-    """Predictions joined to the manifest, one row per scan and model, in canonical form."""
+def evaluation_table(predictions: pd.DataFrame, manifest: pd.DataFrame, reference: str | None,
+                     biomarkers: list[dict[str, Any]] | None = None) -> pd.DataFrame:
+    """Predictions joined to the manifest, one row per scan and model (and biomarker), in canonical form.
+
+    Without ``biomarkers`` (a single-biomarker trial) the reference is the manifest column
+    ``reference``. With them (the plan's entries), predictions have one row per scan, model and
+    ``biomarker``; each biomarker's reference is its ``reference_column`` of the manifest (a
+    classification biomarker: 1.0 where the value is ``reference_positive``, else 0.0, missing
+    stays missing), else the predictions' ``reference`` column (derived from the reference
+    segmentation's labels); ``reference`` is then not used. Rows are sorted by biomarker in
+    plan order, then model and scan.
+    """
+    if biomarkers:
+        return _biomarker_table(predictions, manifest, biomarkers)
+    if BIOMARKER in predictions:
+        raise SitebenchError("the predictions hold several biomarkers (a 'biomarker' column) but no biomarker "
+                             "declarations were given: pass the plan's biomarkers")
     if reference not in manifest:
         raise SitebenchError(f"reference column '{reference}' is not in the manifest")
     table = predictions.merge(mf.add_software_upgraded(manifest), on=mf.SCAN_ID, suffixes=("", "_manifest"))
@@ -139,6 +195,61 @@ def evaluation_table(predictions: pd.DataFrame, manifest: pd.DataFrame, referenc
     keep = [c for c in EVALUATION_COLUMNS if c in table]
     ordered = table[keep].sort_values([MODEL_KEY, mf.SCAN_ID], kind="stable").reset_index(drop=True)
     return canonical(ordered)
+
+
+def _biomarker_table(predictions: pd.DataFrame, manifest: pd.DataFrame,
+                     biomarkers: list[dict[str, Any]]) -> pd.DataFrame:
+    if BIOMARKER not in predictions:
+        raise SitebenchError("biomarkers are declared but the predictions have no 'biomarker' column")
+    names = [str(entry["name"]) for entry in biomarkers]
+    table = predictions.merge(mf.add_software_upgraded(manifest), on=mf.SCAN_ID, suffixes=("", "_manifest"))
+    table = table[table[BIOMARKER].isin(names)].copy()
+    by_scan = manifest.drop_duplicates(mf.SCAN_ID).set_index(mf.SCAN_ID)
+    values = pd.Series(np.nan, index=table.index, dtype=float)
+    for entry in biomarkers:
+        rows = table[BIOMARKER] == str(entry["name"])
+        column = entry.get("reference_column")
+        if column:
+            if column not in by_scan:
+                raise SitebenchError(f"biomarker '{entry['name']}': reference column '{column}' is not in the "
+                                     "manifest")
+            raw = table.loc[rows, mf.SCAN_ID].map(by_scan[column])
+            if entry.get("analysis") == CLASSIFICATION:
+                values[rows] = _positive(raw, entry.get("reference_positive"))
+            else:
+                values[rows] = pd.to_numeric(raw, errors="coerce").astype(float)
+        elif rows.any():
+            if REFERENCE not in predictions:
+                raise SitebenchError(f"biomarker '{entry['name']}' names no manifest reference column and the "
+                                     "predictions have no 'reference' column")
+            values[rows] = pd.to_numeric(table.loc[rows, REFERENCE], errors="coerce").astype(float)
+    table[REFERENCE] = values
+    table[ERROR] = table[PREDICTION] - table[REFERENCE]
+    table["_order"] = table[BIOMARKER].map({name: i for i, name in enumerate(names)})
+    keep = [c for c in EVALUATION_COLUMNS if c in table]
+    ordered = table.sort_values(["_order", MODEL_KEY, mf.SCAN_ID], kind="stable")[keep].reset_index(drop=True)
+    return canonical(ordered)
+
+
+def _positive(values: pd.Series, positive: Any) -> np.ndarray:
+    """1.0 where a class value is ``positive`` (as text, or as the same number), 0.0 otherwise, NaN if missing."""
+    text = str(positive)
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+
+    def one(value: Any) -> float:
+        if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+            return np.nan
+        if str(value) == text:
+            return 1.0
+        if number is not None and isinstance(value, (int, float, np.integer, np.floating)) \
+                and not isinstance(value, bool):
+            return 1.0 if float(value) == number else 0.0
+        return 0.0
+
+    return np.array([one(v) for v in values.to_numpy(dtype=object)], dtype=float)
 
 
 def evaluation_csv(table: pd.DataFrame) -> str:
@@ -171,8 +282,27 @@ def canonical(table: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------- the analyses
 
 
-def evaluate_models(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[str] | None = None) -> Evaluation:
-    """Per-stratum metrics, mixed models, upgrade, calibration, harmonization, equivalence and comparisons."""
+def evaluate_models(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[str] | None = None,
+                    overlap: pd.DataFrame | None = None) -> Evaluation:
+    """Per-stratum metrics, mixed models, upgrade, calibration, harmonization, equivalence and comparisons.
+
+    A table with a ``biomarker`` column is analysed biomarker by biomarker, each by its kind in
+    the plan (see the module docstring); every result table then starts with a ``biomarker``
+    column. ``overlap`` is the per-scan, per-label segmentation overlap table (the runner's
+    scores, or :func:`~sitebench.stratification.overlap.overlap_table`); it is summarised per
+    stratum into ``overlap_by_stratum``.
+    """
+    if BIOMARKER in table:
+        evaluation = _evaluate_biomarkers(table, plan, model_keys)
+    else:
+        evaluation = _evaluate_single(table, plan, model_keys)
+    if overlap is not None and not overlap.empty:
+        _add_overlap(evaluation, overlap)
+    return evaluation
+
+
+def _evaluate_single(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[str] | None) -> Evaluation:
+    """The single-biomarker analyses (a table without a ``biomarker`` column, or one biomarker's rows)."""
     model_keys = model_keys or list(dict.fromkeys(table[MODEL_KEY]))
     missing = [k for k in model_keys if k not in set(table[MODEL_KEY])]
     if missing:
@@ -211,11 +341,140 @@ def evaluate_models(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[st
                       comparison=comparison, discrimination=discrimination, notes=notes)
 
 
+def _evaluate_biomarkers(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[str] | None) -> Evaluation:
+    """Each plan biomarker present in the table, analysed by its kind; frames gain a leading ``biomarker``."""
+    if not plan.biomarkers:
+        raise SitebenchError("the evaluation table holds biomarkers (a 'biomarker' column) but the analysis plan "
+                             "declares none")
+    model_keys = model_keys or list(dict.fromkeys(table[MODEL_KEY]))
+    missing = [k for k in model_keys if k not in set(table[MODEL_KEY])]
+    if missing:
+        raise SitebenchError(f"model(s) {', '.join(missing)} not in the evaluation table")
+    present = set(table[BIOMARKER])
+    declared = [str(entry["name"]) for entry in plan.biomarkers]
+    notes = [f"biomarker '{name}' is in the evaluation table but not in the plan; not analysed"
+             for name in dict.fromkeys(table[BIOMARKER]) if name not in declared]
+    parts: dict[str, list[pd.DataFrame]] = {name: [] for name in (
+        "metrics", "upgrade", "calibration", "harmonization", "equivalence", "comparison", "discrimination",
+        "classification")}
+    mixed: list[dict[str, Any]] = []
+    first_continuous = True
+    for entry in plan.biomarkers:
+        name = str(entry["name"])
+        if name not in present:
+            continue
+        rows = table[table[BIOMARKER] == name]
+        keys = [k for k in model_keys if k in set(rows[MODEL_KEY])]
+        if not keys:
+            continue
+        pairs = [list(pair) for pair in plan.compare if pair[0] in keys and pair[1] in keys]
+        part = rows[rows[MODEL_KEY].isin(keys)].drop(columns=BIOMARKER).reset_index(drop=True)
+        if entry.get("analysis") == CLASSIFICATION:
+            parts["classification"].extend(_classification(part, entry, keys, plan, notes))
+            parts["discrimination"].extend(_paired_delong(part, name, pairs, plan, notes))
+            continue
+        margin = entry.get("equivalence_margin")
+        sub_plan = replace(plan, biomarkers=[], compare=pairs,
+                           equivalence_margin=margin if margin is not None
+                           else (plan.equivalence_margin if first_continuous else None),
+                           comparison_margin=plan.comparison_margin if first_continuous else None,
+                           endpoint=plan.endpoint if first_continuous else None)
+        first_continuous = False
+        single = _evaluate_single(part, sub_plan, keys)
+        for field_name in ("metrics", "upgrade", "calibration", "harmonization", "equivalence", "comparison",
+                           "discrimination"):
+            frame = getattr(single, field_name)
+            if not frame.empty:
+                parts[field_name].append(_labelled(frame, name))
+        mixed.extend({BIOMARKER: name, **m} for m in single.mixed)
+        notes.extend(f"{name}: {note}" for note in single.notes)
+
+    def joined(field_name: str) -> pd.DataFrame:
+        frames = parts[field_name]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    return Evaluation(table=table, plan=plan, metrics=joined("metrics"), mixed=jsonable(mixed),
+                      upgrade=joined("upgrade"), calibration=joined("calibration"),
+                      harmonization=joined("harmonization"), equivalence=joined("equivalence"),
+                      comparison=joined("comparison"), discrimination=joined("discrimination"), notes=notes,
+                      classification=joined("classification"))
+
+
+def _labelled(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+    frame = frame.copy()
+    frame.insert(0, BIOMARKER, name)
+    return frame
+
+
+def _classification(part: pd.DataFrame, entry: dict[str, Any], keys: list[str], plan: AnalysisPlan,
+                    notes: list[str]) -> list[pd.DataFrame]:
+    """AUC (DeLong), sensitivity/specificity at the biomarker's threshold and calibration, per model and stratum."""
+    from sitebench.stratification.classification import classification_by_stratum
+
+    name = str(entry["name"])
+    threshold = entry.get("threshold")
+    strata = [s for s in plan.strata if s in part]
+    frames = []
+    for key in keys:
+        data = part[part[MODEL_KEY] == key].dropna(subset=[REFERENCE, PREDICTION]).reset_index(drop=True)
+        try:
+            result = classification_by_stratum(data, REFERENCE, PREDICTION, strata,
+                                               threshold=0.5 if threshold is None else threshold, alpha=plan.alpha)
+        except SitebenchError as exc:
+            notes.append(f"{name}: {key}: classification not estimable ({exc})")
+            continue
+        notes.extend(f"{name}: {key}: {note}" for note in result.notes)
+        frame = result.to_frame()
+        frame.insert(0, MODEL_KEY, key)
+        frames.append(_labelled(frame, name))
+    return frames
+
+
+def _paired_delong(part: pd.DataFrame, name: str, pairs: list[list[str]], plan: AnalysisPlan,
+                   notes: list[str]) -> list[pd.DataFrame]:
+    """The paired DeLong test (auc_b - auc_a) of each compared pair on a classification biomarker."""
+    from sitebench.stratification.paired import paired_auc
+
+    frames = []
+    complete = part.dropna(subset=[REFERENCE, PREDICTION])
+    for a, b in pairs:
+        try:
+            result = paired_auc(complete, model=MODEL_KEY, a=a, b=b, truth=REFERENCE, score=PREDICTION,
+                                scan=mf.SCAN_ID, alpha=plan.alpha)
+        except SitebenchError as exc:
+            notes.append(f"{name}: {a} vs {b}: paired DeLong not estimable ({exc})")
+            continue
+        notes.extend(f"{name}: {a} vs {b}: {note}" for note in result.notes)
+        frame = result.to_frame()
+        frame.insert(0, "model_b", b)
+        frame.insert(0, "model_a", a)
+        frames.append(_labelled(frame, name))
+    return frames
+
+
+def _add_overlap(evaluation: Evaluation, overlap: pd.DataFrame) -> None:
+    """Join the overlap scores to the evaluation table's strata (when not joined yet) and summarise them."""
+    from sitebench.stratification.overlap import STRATA_COLUMNS, canonical_overlap, overlap_by_stratum
+
+    plan, table = evaluation.plan, evaluation.table
+    scores = overlap
+    if plan.biomarkers and BIOMARKER in scores:
+        scores = scores[scores[BIOMARKER].isin([str(e["name"]) for e in plan.biomarkers])]
+    if mf.SITE not in scores:
+        strata = [c for c in (mf.SUBJECT_ID, *STRATA_COLUMNS) if c in table]
+        per_scan = table[[mf.SCAN_ID, *strata]].drop_duplicates(mf.SCAN_ID)
+        scores = scores.merge(per_scan, on=mf.SCAN_ID, how="left")
+    evaluation.overlap = canonical_overlap(scores)
+    evaluation.overlap_by_stratum = overlap_by_stratum(evaluation.overlap, plan.strata, n_boot=plan.bootstrap,
+                                                       seed=plan.seed, alpha=plan.alpha)
+
+
 def variance_shares(mixed: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for m in mixed:
         share = m.get("variance_share", {})
-        rows.append({MODEL_KEY: m[MODEL_KEY], "response": m["response"],
+        rows.append({**({BIOMARKER: m[BIOMARKER]} if BIOMARKER in m else {}),
+                     MODEL_KEY: m[MODEL_KEY], "response": m["response"],
                      **{f"var_{k}": v for k, v in m.get("variance_components", {}).items()},
                      "site": share.get("site"), "scanner": share.get("scanner"), "residual": share.get("residual"),
                      "converged": m.get("converged"), "optimizer": m.get("optimizer"),
