@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["forest_plot", "equivalence_plot", "bland_altman", "upgrade_plot", "variance_components_plot",
-           "vendor_transfer_plot", "calibration_plot", "comparison_plot", "pyplot"]
+           "vendor_transfer_plot", "calibration_plot", "comparison_plot", "auc_forest_plot", "dice_by_site_plot",
+           "pyplot"]
 
 
 def pyplot() -> Any:
@@ -257,4 +258,77 @@ def comparison_plot(comparison: pd.DataFrame, unit: str = "ml", margin: float | 
         ax.invert_yaxis()
         ax.set_xlabel(f"|error| {b} - |error| {a} ({unit}), 95% CI")
         ax.set_title(f"{b} vs {a}", fontsize=9)
+    return fig
+
+
+def auc_forest_plot(classification: pd.DataFrame, stratum: str = "site", metric: str = "auc",
+                    ax: Any = None) -> Any:
+    """Per-level AUC (or another classification metric) with its CI, one marker per model; overall as a square.
+
+    Takes the ``classification_by_stratum`` rows of one biomarker; levels not estimable are marked "n.e.".
+    """
+    data = classification[classification["metric"] == metric]
+    overall = data[data["stratum"] == "overall"]
+    data = data[data["stratum"] == stratum]
+    levels = sorted(data["level"].astype(str).unique()) + (["all scans"] if len(overall) else [])
+    models = list(dict.fromkeys(pd.concat([data, overall])["model_key"]))
+    fig, ax = _axes(ax, (7.5, 0.32 * len(levels) + 1.4))
+    offsets = np.linspace(-0.25, 0.25, len(models)) if len(models) > 1 else [0.0]
+    rows = pd.concat([data.assign(_level=data["level"].astype(str)), overall.assign(_level="all scans")])
+    for k, model in enumerate(models):
+        part = rows[rows["model_key"] == model].drop_duplicates("_level").set_index("_level")
+        for i, level in enumerate(levels):
+            if level not in part.index:
+                continue
+            row = part.loc[level]
+            y = i + offsets[k]
+            if pd.isna(row["estimate"]):
+                ax.text(0.5, y, "n.e.", fontsize=6, color=COLOURS[k % 5], va="center")
+                continue
+            low = row["ci_low"] if not pd.isna(row["ci_low"]) else row["estimate"]
+            high = row["ci_high"] if not pd.isna(row["ci_high"]) else row["estimate"]
+            ax.errorbar(row["estimate"], y, xerr=[[row["estimate"] - low], [high - row["estimate"]]],
+                        fmt="s" if level == "all scans" else "o", ms=3.5, color=COLOURS[k % 5], capsize=2,
+                        label=model if i == 0 else None)
+    if metric == "auc":
+        ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlim(0, 1.02)
+    ax.set_yticks(range(len(levels)), levels)
+    ax.invert_yaxis()
+    label = {"auc": "AUC", "sensitivity": "Sensitivity", "specificity": "Specificity"}.get(metric, metric)
+    ax.set_xlabel(f"{label}, 95% CI")
+    ax.set_title(f"{label} by {stratum.replace('_', ' ')}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    return fig
+
+
+def dice_by_site_plot(scores: pd.DataFrame, site: str = "site", axes: Sequence[Any] | None = None) -> Any:
+    """Per-scan Dice by site, one panel per label and one colour per model (a strip plot; bars are means).
+
+    Takes per-scan overlap scores with a ``site`` column (the report joins it from the evaluation table).
+    """
+    key = "label_name" if "label_name" in scores and scores["label_name"].notna().any() else "label"
+    labels = list(dict.fromkeys(scores[key].astype(str)))
+    sites = sorted(scores[site].astype(str).unique())
+    models = list(dict.fromkeys(scores["model_key"]))
+    per_panel = max(4.0, 0.3 * len(sites) * max(1, len(models)) + 1.0)
+    fig, axes = _axes_row(axes, max(1, len(labels)), (per_panel * max(1, len(labels)), 3.2), sharey=True)
+    width = 0.7 / max(1, len(models))
+    for ax, label in zip(axes, labels or [None]):
+        part = scores[scores[key].astype(str) == label] if label is not None else scores.iloc[:0]
+        for k, model in enumerate(models):
+            for i, s in enumerate(sites):
+                values = part[(part["model_key"] == model) & (part[site].astype(str) == s)]["dice"].dropna()
+                x = i + (k - (len(models) - 1) / 2) * width
+                if len(values):
+                    jitter = np.linspace(-width / 4, width / 4, len(values)) if len(values) > 1 else [0.0]
+                    ax.scatter(x + np.asarray(jitter), values, s=8, alpha=0.75, color=COLOURS[k % 5],
+                               label=model if i == 0 else None)
+                    ax.hlines(values.mean(), x - width / 2.5, x + width / 2.5, color="black", lw=1.0)
+        ax.set_xticks(range(len(sites)), sites, fontsize=7, rotation=90 if len(sites) > 8 else 0)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(str(label) if label is not None else "no overlap scores", fontsize=9)
+        ax.set_xlabel("site")
+    axes[0].set_ylabel("Dice")
+    axes[0].legend(fontsize=6, frameon=False, loc="lower left")
     return fig

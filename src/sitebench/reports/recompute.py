@@ -19,6 +19,7 @@ not available here (a report copied away from its materials) skips step 1 and sa
 
 from __future__ import annotations
 
+import inspect
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import pandas as pd
 from sitebench.datasets.manifest import read_manifest
 from sitebench.errors import SitebenchError
 from sitebench.provenance import sha256_bytes
+from sitebench.reports.content import OVERLAP_TEXT_COLUMNS
 from sitebench.reports.integrity import find_material
 from sitebench.reports.lock import locked_files, locked_subject, read_lock
 from sitebench.stratification.evaluation import (LEGACY_MIXED_MODEL_ENGINE, AnalysisPlan, evaluate_models,
@@ -36,6 +38,8 @@ from sitebench.stratification.evaluation import (LEGACY_MIXED_MODEL_ENGINE, Anal
 DATA_MANIFEST = "data manifest"
 #: The result files a mixed-model fit writes.
 MIXED_MODEL_TABLES = ("fixed_effects", "variance_components", "mixed_models")
+#: The lock role of the per-scan, per-label overlap scores (a report with segmentation biomarkers).
+OVERLAP_ROLE = "table:overlap_scores"
 
 
 @dataclass
@@ -61,6 +65,23 @@ def _first_difference(locked: bytes, recomputed: bytes) -> str:
     return f"{len(old)} locked lines, {len(new)} recomputed"
 
 
+def _accepts(function: object, name: str) -> bool:
+    """Whether ``function`` takes the keyword ``name`` (the analyses gain arguments; older ones lack them)."""
+    try:
+        return name in inspect.signature(function).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def read_overlap_scores(report_dir: Path, statement: dict) -> pd.DataFrame | None:
+    """The locked per-scan, per-label overlap scores (role ``table:overlap_scores``), codes as text; None if none."""
+    entry = locked_subject(statement, OVERLAP_ROLE)
+    if entry is None:
+        return None
+    return pd.read_csv(report_dir / entry["name"], dtype={c: str for c in OVERLAP_TEXT_COLUMNS},
+                       keep_default_na=False, na_values=[""], float_precision="round_trip")
+
+
 def recompute_report(report_dir: Path, materials_dir: Path | None = None) -> Recomputation:
     """Rebuild the evaluation table and every result table; list what does not match.
 
@@ -71,6 +92,7 @@ def recompute_report(report_dir: Path, materials_dir: Path | None = None) -> Rec
     if "plan" not in analysis:
         raise SitebenchError("this report's lock has no analysis plan; it predates --recompute", report_dir)
     result = Recomputation()
+    biomarkers = analysis["plan"].get("biomarkers") or []
     evaluation_entry, predictions_entry = (locked_subject(statement, role)
                                            for role in ("table:evaluation", "table:predictions"))
     if evaluation_entry is None or predictions_entry is None:
@@ -88,16 +110,21 @@ def recompute_report(report_dir: Path, materials_dir: Path | None = None) -> Rec
     else:
         manifest = read_manifest(manifest_path, check_files=False, check_hashes=False)
         predictions = pd.read_csv(report_dir / predictions_entry["name"],
-                                  dtype={"scan_id": str, "model_key": str, "weights_sha256": str,
+                                  dtype={"scan_id": str, "model_key": str, "biomarker": str, "weights_sha256": str,
                                          "image_sha256": str})
-        rebuilt = evaluation_csv(evaluation_table(predictions, manifest.table, analysis["reference"])).encode()
+        extra = {"biomarkers": biomarkers} if biomarkers and _accepts(evaluation_table, "biomarkers") else {}
+        rebuilt = evaluation_csv(evaluation_table(predictions, manifest.table, analysis["reference"],
+                                                  **extra)).encode()
         result.checked.append("evaluation")
         if rebuilt != locked_evaluation:
             result.problems.append("recompute: the evaluation table rebuilt from the predictions and the data "
                                    f"manifest differs ({_first_difference(locked_evaluation, rebuilt)})")
 
     table = read_evaluation_csv(io.StringIO(locked_evaluation.decode()))
-    evaluation = evaluate_models(table, AnalysisPlan.from_dict(analysis["plan"]), analysis.get("model_keys"))
+    overlap = read_overlap_scores(report_dir, statement)
+    extra = {"overlap": overlap} if overlap is not None and _accepts(evaluate_models, "overlap") else {}
+    evaluation = evaluate_models(table, AnalysisPlan.from_dict(analysis["plan"]), analysis.get("model_keys"),
+                                 **extra)
     locked_engine, current_engine = mixed_model_engines(analysis["plan"])
     differing_mixed = []
     for file_name, data in evaluation.result_files().items():

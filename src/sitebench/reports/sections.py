@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+from dataclasses import replace
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Callable
@@ -19,7 +20,8 @@ import yaml
 
 from sitebench.provenance import code_version, package_versions, utc_now
 from sitebench.reports import figures
-from sitebench.reports.content import LOCKED_PREDICTION_COLUMNS, ReportContent
+from sitebench.reports.content import (CLASSIFICATION, CONTINUOUS, LOCKED_PREDICTION_COLUMNS, SEGMENTATION,
+                                       ReportContent, biomarker_label, evaluation_for, frame, only)
 from sitebench.reports.lock import LOCK_FILE
 from sitebench.reports.summary import Decision, decisions
 from sitebench.reports.tables import (CI, COLUMNS, MAX_COLUMNS, fmt_ci, fmt_p, fmt_value, readable, response_label,
@@ -194,12 +196,22 @@ def _summary(c: ReportContent) -> str:
             else _p("Intended use: not stated in the benchmark spec (report.intended_use)."))
     scans = ev.table.drop_duplicates("scan_id")
     models = list(dict.fromkeys(ev.table["model_key"]))
-    body += _p(f"{len(models)} model versions ({', '.join(models)}) on {len(scans)} scans from "
-               f"{scans['site'].nunique()} sites and {scans['vendor'].nunique()} scanner vendors, against the "
-               f"reference standard (manifest column {c.reference}); errors are model − reference. Margins and tests were pre-specified "
-               f"(alpha {plan.alpha:g}) in the locked analysis plan.")
+    markers = c.biomarker_entries()
+    if markers:
+        described = "; ".join(f"{biomarker_label(m)}, {_analysis_words(m)}" for m in markers)
+        body += _p(f"{len(models)} model versions ({', '.join(models)}) on {len(scans)} scans from "
+                   f"{scans['site'].nunique()} sites and {scans['vendor'].nunique()} scanner vendors, for "
+                   f"{len(markers)} biomarkers: {described}. Errors are model − reference. Margins, thresholds and "
+                   f"tests were pre-specified (alpha {plan.alpha:g}) in the locked analysis plan.")
+        found = decisions(ev, c.unit, biomarkers=markers, overlap=overlap_by_stratum(c))
+    else:
+        body += _p(f"{len(models)} model versions ({', '.join(models)}) on {len(scans)} scans from "
+                   f"{scans['site'].nunique()} sites and {scans['vendor'].nunique()} scanner vendors, against the "
+                   f"reference standard (manifest column {c.reference}); errors are model − reference. Margins and tests were pre-specified "
+                   f"(alpha {plan.alpha:g}) in the locked analysis plan.")
+        found = decisions(ev, c.unit)
     rows, group = [], None
-    for d in decisions(ev, c.unit):
+    for d in found:
         if (d.topic, d.claim, d.criterion) != group:
             group = (d.topic, d.claim, d.criterion)
             link = f" <a href='#{d.section}'>→ details</a>" if d.section else ""
@@ -217,6 +229,21 @@ def _summary(c: ReportContent) -> str:
              f"are {100 * (1 - 2 * plan.alpha):g}% (two one-sided tests at alpha {plan.alpha:g}); other intervals "
              "95%. Every number is a cell of a locked table in tables/ (see the appendix).</p>")
     return _section("summary", "Summary of pre-specified decisions", body)
+
+
+def _analysis_words(marker: dict[str, Any]) -> str:
+    """What a biomarker is compared with, in words (for the first page and the methods)."""
+    column, positive = marker.get("reference_column"), marker.get("reference_positive")
+    if (marker.get("analysis") or CONTINUOUS) == CLASSIFICATION:
+        target = f"{column} = {positive}" if column and positive is not None else column or "the reference class"
+        threshold = marker.get("threshold")
+        return f"a class probability against {target}" + (f", threshold {threshold:g}" if threshold is not None
+                                                           else "")
+    if column:
+        return f"measured against manifest column {column}"
+    labels = marker.get("reference_labels")
+    return "measured against the reference segmentation" + (f" (labels {', '.join(map(str, labels))})"
+                                                             if labels else "")
 
 
 def _result_word(d: Decision) -> str:
@@ -263,9 +290,50 @@ def _models(c: ReportContent) -> str:
                            f"{' — changelog: ' + html.escape(changes) if changes else ''}</li>")
     if lineage:
         body += "<p>Lineage:</p><ul>" + "".join(lineage) + "</ul>"
+    body += _model_cards(c)
     body += ("<p class='meta'>The weights SHA-256 is the identity of a version: the lock binds this report to "
              "exactly these files, and promotion to <code>@validated</code> checks it.</p>")
     return _section("models", "2. Model versions and lineage", body)
+
+
+#: Lineage keys that make a model card (a lineage dict without any of them is from before model cards).
+CARD_KEYS = ("licence", "citation", "biomarkers", "files", "training_data", "package")
+
+
+def _short(digest: Any) -> str:
+    text = str(digest or "")
+    return text[:12] + "…" if len(text) > 12 else text or "-"
+
+
+def _model_cards(c: ReportContent) -> str:
+    """Each version's card: name, version, source, licence, citation, intended biomarkers, training data, files."""
+    if not any(m.get(k) not in (None, "", [], {}) for m in c.models for k in CARD_KEYS):
+        return ""
+    body = "<h3>Model cards</h3>"
+    for m in c.models:
+        training = m.get("training") or {}
+        known = [f"{training['n_scans']} scans" if training.get("n_scans") else "",
+                 f"vendor {training['vendor']}" if training.get("vendor") else "",
+                 "cross-vendor augmentation" if training.get("augmentation") else ""]
+        data = m.get("training_data") or "; ".join(k for k in known if k) or "not stated"
+        files = m.get("files") or {}
+        shown = ", ".join(f"{path} {_short(d)}" for path, d in sorted(files.items())[:6])
+        if len(files) > 6:
+            shown += f", and {len(files) - 6} more"
+        package = " ".join(str(v) for v in (m.get("package"), m.get("package_version")) if v)
+        rows = [("Name", m.get("name") or m["key"]), ("Version", m.get("version") or "-"),
+                ("Source", m.get("source") or "-"), ("Licence", m.get("licence") or "not stated"),
+                ("Citation", m.get("citation") or "not stated"),
+                ("Intended biomarkers", ", ".join(map(str, m.get("biomarkers") or [])) or "not stated"),
+                ("Training data", data)]
+        if package:
+            rows.append(("Package", package))
+        rows.append(("Files (SHA-256, shortened; in full in the appendix)",
+                     shown or f"weights {_short(m.get('weights_sha256'))}"))
+        if m.get("files_sha256"):
+            rows.append(("All files, one digest", _short(m["files_sha256"])))
+        body += _html_table(pd.DataFrame(rows, columns=["Model card", m["key"]]), "text")
+    return body
 
 
 def _data(c: ReportContent) -> str:
@@ -335,12 +403,54 @@ def _methods(c: ReportContent) -> str:
     body += _p(f"Missing data: scans without a reference value or a prediction are left out of that model's "
                f"analyses, not imputed; left out: {dropped}. Sample size: the trial's scans as they are; "
                "strata too small to estimate are marked n.e. (not estimable), never filled in.")
-    body += _html_table(pd.DataFrame(list(METHODS), columns=["Statistic", "How it is computed here", "Reference"]),
+    methods = list(METHODS)
+    markers = c.biomarker_entries()
+    if markers:
+        rows = [{"Biomarker": m["name"], "Analysis": m.get("analysis") or CONTINUOUS,
+                 "Unit": m.get("unit") or "-", "Reference standard": _analysis_words(m),
+                 "Threshold": fmt_value(m.get("threshold"), "ratio") if m.get("threshold") is not None else "-",
+                 "Equivalence margin": (f"±{m['equivalence_margin']:g} {m.get('unit') or ''}".strip()
+                                        if m.get("equivalence_margin") is not None else "-"),
+                 "Description": m.get("description") or "-"} for m in markers]
+        body += "<h3>Biomarkers (pre-specified)</h3>" + _html_table(pd.DataFrame(rows), "text")
+        kinds = kinds_present(c)
+        methods = [row for row in methods if CONTINUOUS in kinds or row[0].startswith("Quantitative")]
+        if CLASSIFICATION in kinds:
+            methods += list(CLASSIFICATION_METHODS)
+        if SEGMENTATION in kinds:
+            methods += list(OVERLAP_METHODS)
+    body += _html_table(pd.DataFrame(methods, columns=["Statistic", "How it is computed here", "Reference"]),
                         "text")
     return _section("methods", "4. Methods", body)
 
 
-def _strata(c: ReportContent) -> str:
+#: Methods of a classification biomarker (printed when the report has one).
+CLASSIFICATION_METHODS: tuple[tuple[str, str, str], ...] = (
+    ("Discrimination (AUC)",
+     "area under the ROC curve of the class probability, overall and per site, vendor and software version; "
+     "DeLong 95% CI; levels with too few scans of a class are not estimable; two versions on the same scans by "
+     "the paired DeLong test",
+     "DeLong, DeLong & Clarke-Pearson 1988, Biometrics 44:837; Sun & Xu 2014, IEEE Signal Process Lett 21:1389"),
+    ("Sensitivity and specificity",
+     "at the pre-specified threshold (positive when the probability is at least the threshold); exact "
+     "Clopper–Pearson 95% CIs",
+     "Clopper & Pearson 1934, Biometrika 26:404"),
+    ("Calibration of a probability",
+     "logistic recalibration: calibration intercept (logit(y) ~ offset(logit(p))) and slope (logit(y) ~ "
+     "logit(p)), Wald 95% CIs; intercept 0 and slope 1 are ideal",
+     "Van Calster et al. 2019, BMC Med 17:230; Cox 1958, Biometrika 45:562"),
+)
+#: Methods of the segmentation overlap (printed when the report has overlap scores).
+OVERLAP_METHODS: tuple[tuple[str, str, str], ...] = (
+    ("Segmentation overlap",
+     "per label and scan: Dice coefficient, 95th-percentile Hausdorff distance (HD95, mm) and volume error "
+     "(model − reference, ml); per stratum the mean Dice with its 95% CI, the median and 90th percentile of "
+     "HD95, and the mean and SD of the volume error",
+     "Dice 1945, Ecology 26:297; Maier-Hein et al. 2024, Nat Methods 21:195 (Metrics Reloaded)"),
+)
+
+
+def _strata_body(c: ReportContent) -> str:
     metrics, unit = c.evaluation.metrics, c.unit
     body = ("<p>How each model version does at each vendor (a model trained on one vendor shows here whether "
             "it transfers), then bias per site with 95% CIs. MAE: mean absolute error; bias: mean error "
@@ -363,20 +473,20 @@ def _strata(c: ReportContent) -> str:
     if "software_version" in set(metrics["stratum"]):
         body += "<h3>By scanner software version</h3>" + _html_table(
             _pivot_metrics(metrics, "software_version", METRICS, unit))
-    return _section("results-strata", "5. Performance per site, vendor and software version", body)
+    return body
 
 
-def _agreement(c: ReportContent) -> str:
+def _agreement_body(c: ReportContent) -> str:
     body = _figure(figures.bland_altman(c.evaluation.table, c.unit), "Bland–Altman agreement",
                    "Each point is a scan: its difference (model − reference) against the mean of the two, coloured "
                    "by vendor; one panel per version. The solid line is the mean bias and the dashed lines the 95% "
                    "limits of agreement. A sloping cloud means the error grows with the volume; one vendor's points "
                    "away from the others mean a vendor effect.")
     body += _html_table(_pivot_metrics(c.evaluation.metrics, "overall", METRICS, c.unit))
-    return _section("results-agreement", "6. Agreement with the reference (Bland–Altman)", body)
+    return body
 
 
-def _calibration(c: ReportContent) -> str:
+def _calibration_body(c: ReportContent) -> str:
     table = c.evaluation.calibration.copy()
     body = _p("Slope 1 and intercept 0 mean the model's number can be read at face value; a slope below 1 "
               "means the model spreads values out more than the reference does.")
@@ -389,10 +499,12 @@ def _calibration(c: ReportContent) -> str:
     body += _table(table, ["model_key", "level", "n_scans", "calibration_in_the_large",
                            "slope", CI("slope_ci_low", "slope_ci_high", "Slope 95% CI"), "r_squared", "note"],
                    c.unit, {"level": "Vendor"})
-    return _section("results-calibration", "7. Calibration", body)
+    return body
 
 
-def _variance(c: ReportContent) -> str:
+def _variance_body(c: ReportContent) -> str:
+    if not c.evaluation.mixed:
+        return _p("No mixed model was fitted for this biomarker.")
     shares = variance_shares(c.evaluation.mixed).rename(
         columns={"site": "site_share", "scanner": "scanner_share", "residual": "residual_share"})
     shares["response"] = shares["response"].map(response_label)
@@ -420,7 +532,7 @@ def _variance(c: ReportContent) -> str:
                  f"optimizer {m.get('optimizer')}, {m.get('n_obs')} scans"
                  f"{', a variance component at zero (boundary)' if m.get('boundary') else ''}" for m in fits]
         body += f"<p class='meta'>{html.escape('; '.join(notes))}.</p>"
-    return _section("results-variance", "8. Scanner effects (variance components)", body)
+    return body
 
 
 def _fixed_effects_table(fits: list[dict[str, Any]], unit: str) -> str:
@@ -447,7 +559,7 @@ def _fixed_effects_table(fits: list[dict[str, Any]], unit: str) -> str:
     return _html_table(frame)
 
 
-def _harmonization(c: ReportContent) -> str:
+def _harmonization_body(c: ReportContent) -> str:
     table = c.evaluation.harmonization.copy()
     body = _p("Would ComBat harmonization across sites remove the site effect on the model's output without "
               "removing the biological effects the trial measures? Site share of variance before and after, "
@@ -461,10 +573,10 @@ def _harmonization(c: ReportContent) -> str:
         body += _table(table[table["note"].notna()], ["model_key", "note"])
     for note in c.evaluation.notes:
         body += f"<p class='meta'>{html.escape(note)}</p>"
-    return _section("results-harmonization", "9. Effect of harmonization", body)
+    return body
 
 
-def _upgrade(c: ReportContent) -> str:
+def _upgrade_body(c: ReportContent) -> str:
     body = _p("Within each site whose scanner software changed during the study: error before vs after "
               "(Welch 95% CI), and the same effect as the software-upgrade term of the mixed model (section 8).")
     body += _figure(figures.upgrade_plot(c.evaluation.table, unit=c.unit), "Error before and after the software change",
@@ -482,15 +594,15 @@ def _upgrade(c: ReportContent) -> str:
             body += f"<p class='meta'>n.e.: {html.escape(str(note))}.</p>"
     else:
         body += _p("No site changed its scanner software during this study.")
-    return _section("results-upgrade", "10. Effect of the scanner software upgrade", body)
+    return body
 
 
-def _equivalence(c: ReportContent) -> str:
+def _equivalence_body(c: ReportContent) -> str:
     table, margin = c.evaluation.equivalence, c.evaluation.plan.equivalence_margin
     if margin is None or table.empty:
         body = _p("No equivalence margin was pre-specified (report.equivalence_margin in the spec), so no "
                   "equivalence decision is made.")
-        return _section("results-equivalence", "11. Equivalence decisions", body)
+        return body
     alpha = c.evaluation.plan.alpha
     level = f"{100 * (1 - 2 * alpha):g}% CI"
     body = _p(f"Is each site's mean error within ±{margin:g} {c.unit} of the other sites'? Two one-sided "
@@ -516,14 +628,14 @@ def _equivalence(c: ReportContent) -> str:
                    "equivalent_holm"], c.unit,
             {"difference": f"Difference from other sites ({c.unit})",
              "equivalent_holm": f"Within ±{margin:g} {c.unit}? (Holm)"})
-    return _section("results-equivalence", "11. Equivalence decisions", body)
+    return body
 
 
-def _comparison(c: ReportContent) -> str:
+def _comparison_body(c: ReportContent) -> str:
     table, auc, plan = c.evaluation.comparison, c.evaluation.discrimination, c.evaluation.plan
     if table.empty:
         body = _p("No pair of model versions was named for comparison (report.compare in the spec).")
-        return _section("comparison", "12. Model versions side by side", body)
+        return body
     margin = plan.comparison_margin
     body = _p("Absolute error of two versions on the same scans (difference = second − first; negative "
               "favours the second). Per site and overall: paired-t 95% CI, Wilcoxon signed-rank p and, with "
@@ -563,7 +675,318 @@ def _comparison(c: ReportContent) -> str:
                            {"level": "Scans", "cases": "With / without endpoint", "auc_a": f"AUC, {a}",
                             "auc_b": f"AUC, {b}", "difference": f"AUC difference ({b} − {a})"},
                            {"difference": "auc"})
-    return _section("comparison", "12. Model versions side by side", body)
+    return body
+
+
+# --------------------------------------------------------------------------- several biomarkers
+
+#: The continuous-biomarker sections: (id, title, body builder); each is repeated per continuous biomarker.
+CONTINUOUS_SECTIONS: tuple[tuple[str, str, Callable[[ReportContent], str]], ...] = (
+    ("results-strata", "5. Performance per site, vendor and software version", _strata_body),
+    ("results-agreement", "6. Agreement with the reference (Bland–Altman)", _agreement_body),
+    ("results-calibration", "7. Calibration", _calibration_body),
+    ("results-variance", "8. Scanner effects (variance components)", _variance_body),
+    ("results-harmonization", "9. Effect of harmonization", _harmonization_body),
+    ("results-upgrade", "10. Effect of the scanner software upgrade", _upgrade_body),
+    ("results-equivalence", "11. Equivalence decisions", _equivalence_body),
+    ("comparison", "12. Model versions side by side", _comparison_body),
+)
+#: Sections that exist only when a biomarker of their kind does (numbered after section 12, in this order).
+KIND_SECTIONS: tuple[tuple[str, str, str], ...] = (
+    ("results-classification", CLASSIFICATION, "Classification"),
+    ("results-overlap", SEGMENTATION, "Segmentation overlap"),
+)
+#: Which kind of result each results section shows (the checklist says "not applicable" when it is absent).
+SECTION_KINDS: dict[str, str] = {**{sid: CONTINUOUS for sid, _, _ in CONTINUOUS_SECTIONS},
+                                 **{sid: kind for sid, kind, _ in KIND_SECTIONS}}
+
+
+def _markers(c: ReportContent, analysis: str) -> list[dict[str, Any]]:
+    return [m for m in c.biomarker_entries() if (m.get("analysis") or CONTINUOUS) == analysis]
+
+
+def overlap_by_stratum(c: ReportContent) -> pd.DataFrame:
+    """The per-label, per-stratum overlap summary (from the evaluation; else summarised from the per-scan scores)."""
+    summary = _declared(c, frame(c.evaluation, "overlap_by_stratum"))
+    if len(summary):
+        return summary
+    scans = overlap_scans(c)
+    return _summarise_overlap(scans) if len(scans) else pd.DataFrame()
+
+
+def overlap_scans(c: ReportContent) -> pd.DataFrame:
+    """Per-scan, per-label overlap scores joined to the scans' site, vendor and software version."""
+    scans = c.overlap_scores if isinstance(c.overlap_scores, pd.DataFrame) and len(c.overlap_scores) else \
+        frame(c.evaluation, "overlap_scores", "overlap")
+    scans = _declared(c, scans)
+    if not len(scans) or "dice" not in scans:
+        return pd.DataFrame()
+    strata = [s for s in ("site", "vendor", "software_version") if s not in scans and s in c.evaluation.table]
+    if strata and "scan_id" in scans:
+        where = c.evaluation.table.drop_duplicates("scan_id")[["scan_id", *strata]]
+        scans = scans.merge(where, on="scan_id", how="left")
+    return scans
+
+
+def _declared(c: ReportContent, table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the biomarkers this report declares (a table without a biomarker column: all of it)."""
+    if not len(table) or "biomarker" not in table or not c.biomarker_entries():
+        return table
+    names = {str(m["name"]) for m in c.biomarker_entries()}
+    return table[table["biomarker"].astype(str).isin(names)].reset_index(drop=True)
+
+
+def _summarise_overlap(scans: pd.DataFrame) -> pd.DataFrame:
+    """Means (no CI) per model, label and stratum: what the section shows when only per-scan scores are known."""
+    keys = [k for k in ("biomarker", "model_key", "label", "label_name") if k in scans]
+    rows = []
+    for stratum in ("overall", "site", "vendor", "software_version"):
+        if stratum != "overall" and stratum not in scans:
+            continue
+        by = keys + ([stratum] if stratum != "overall" else [])
+        for group, part in scans.groupby(by, sort=True, dropna=False):
+            group = group if isinstance(group, tuple) else (group,)
+            row = dict(zip(keys, group))
+            errors = part["volume_error_ml"] if "volume_error_ml" in part else pd.Series(dtype=float)
+            hd = part["hd95_mm"].dropna() if "hd95_mm" in part else pd.Series(dtype=float)
+            row.update(stratum=stratum, level=group[-1] if stratum != "overall" else "all", n_scans=len(part),
+                       dice_mean=part["dice"].mean(), dice_ci_low=None, dice_ci_high=None,
+                       hd95_median_mm=hd.median() if len(hd) else None,
+                       hd95_p90_mm=hd.quantile(0.9) if len(hd) else None,
+                       volume_error_mean_ml=errors.mean() if len(errors) else None,
+                       volume_error_sd_ml=errors.std() if len(errors) > 1 else None)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def kinds_present(c: ReportContent) -> set[str]:
+    """The kinds of result this report holds: continuous, classification, segmentation (overlap)."""
+    if not c.biomarker_entries():
+        return {CONTINUOUS}
+    kinds = {m.get("analysis") or CONTINUOUS for m in c.biomarker_entries()}
+    if len(overlap_by_stratum(c)):
+        kinds.add(SEGMENTATION)
+    return kinds & {CONTINUOUS, CLASSIFICATION, SEGMENTATION}
+
+
+def _kind_sections(c: ReportContent) -> list[str]:
+    present = kinds_present(c) if c.biomarker_entries() else set()
+    return [sid for sid, kind, _ in KIND_SECTIONS if kind in present]
+
+
+def _numbered(c: ReportContent, number: int, title: str) -> str:
+    """Sections after 12 move down by one for each kind section the report holds (a legacy report: as ever)."""
+    return f"{number + len(_kind_sections(c))}. {title}"
+
+
+def section_titles(c: ReportContent) -> dict[str, str]:
+    """Each section id's title as this report numbers it (what the checklist links say)."""
+    titles = {sid: title for sid, title, _ in SECTIONS}
+    for i, sid in enumerate(_kind_sections(c)):
+        titles[sid] = f"{13 + i}. {dict((k, t) for k, _, t in KIND_SECTIONS)[sid]}"
+    for sid, number, title in (("limitations", 13, "Limitations"), ("checklist", 14, "Reporting checklist"),
+                               ("provenance", 15, "Provenance")):
+        titles[sid] = _numbered(c, number, title)
+    return titles
+
+
+def _marker_heading(marker: dict[str, Any], section_id: str) -> str:
+    description = marker.get("description") or ""
+    unit = marker.get("unit") or ""
+    text = f"Biomarker {marker['name']}" + (f" ({unit})" if unit else " (no unit)")
+    anchor = f"{section_id}-{marker['name']}".replace(".", "-")
+    return (f"<h3 class='biomarker' id='{html.escape(anchor)}'>{html.escape(text)}"
+            f"{': ' + html.escape(description) if description else ''}</h3>")
+
+
+def _demote(body: str) -> str:
+    """Sub-headings of a per-biomarker part sit one level below the biomarker's heading."""
+    return body.replace("<h3>", "<h4>").replace("</h3>", "</h4>")
+
+
+def _continuous_section(section_id: str, title: str, body: Callable[[ReportContent], str]
+                        ) -> Callable[[ReportContent], str]:
+    """A legacy report: the section as ever. Several biomarkers: the section once per continuous biomarker."""
+    def build(c: ReportContent) -> str:
+        if not c.biomarker_entries():
+            return _section(section_id, title, body(c))
+        markers = _markers(c, CONTINUOUS)
+        if not markers:
+            return _section(section_id, title, _p("Not applicable: no continuous biomarker in this report."))
+        parts = []
+        for marker in markers:
+            view = replace(c, evaluation=evaluation_for(c.evaluation, marker, c.biomarker_entries()),
+                           unit=marker.get("unit") or "", reference=marker.get("reference_column") or c.reference)
+            parts.append(_marker_heading(marker, section_id) + _demote(body(view)))
+        return _section(section_id, title, "".join(parts))
+    return build
+
+
+_strata = _continuous_section(*CONTINUOUS_SECTIONS[0])
+_agreement = _continuous_section(*CONTINUOUS_SECTIONS[1])
+_calibration = _continuous_section(*CONTINUOUS_SECTIONS[2])
+_variance = _continuous_section(*CONTINUOUS_SECTIONS[3])
+_harmonization = _continuous_section(*CONTINUOUS_SECTIONS[4])
+_upgrade = _continuous_section(*CONTINUOUS_SECTIONS[5])
+_equivalence = _continuous_section(*CONTINUOUS_SECTIONS[6])
+_comparison = _continuous_section(*CONTINUOUS_SECTIONS[7])
+
+#: Level headers per stratum.
+LEVEL_HEADERS = {"overall": "Level", "vendor": "Vendor", "site": "Site", "software_version": "Software version"}
+
+
+def _level_text(stratum: str, level: Any) -> str:
+    return "all scans" if stratum == "overall" else str(level)
+
+
+def _estimate_cell(row: pd.Series, kind: str = "auc") -> str:
+    if str(row.get("status", "ok")) not in ("ok", "nan") and pd.isna(row.get("estimate")):
+        return "n.e."
+    if pd.isna(row.get("estimate")):
+        return "n.e."
+    if pd.isna(row.get("ci_low")) or pd.isna(row.get("ci_high")):
+        return fmt_value(row["estimate"], kind)
+    return f"{fmt_value(row['estimate'], kind)} {fmt_ci(row['ci_low'], row['ci_high'], kind)}"
+
+
+def _classification_table(rows: pd.DataFrame, strata: tuple[str, ...], metrics: dict[str, str]) -> str:
+    """One row per model and level; a column per metric, ``estimate [95% CI]``; positives and negatives."""
+    part = rows[rows["stratum"].isin(strata) & rows["metric"].isin(list(metrics))]
+    if part.empty:
+        return ""
+    out = []
+    for (key, stratum, level), group in part.groupby(["model_key", "stratum", "level"], sort=False):
+        first = group.iloc[0]
+        row = {"Model version": key, LEVEL_HEADERS.get(strata[-1], "Level"): _level_text(stratum, level),
+               "Positives / negatives": f"{fmt_value(first.get('n_positive'), 'int')} / "
+                                        f"{fmt_value(first.get('n_negative'), 'int')}"}
+        by_metric = group.set_index("metric")
+        for metric, label in metrics.items():
+            row[label] = _estimate_cell(by_metric.loc[metric]) if metric in by_metric.index else "-"
+        out.append(row)
+    return _html_table(pd.DataFrame(out))
+
+
+def _classification(c: ReportContent) -> str:
+    markers = _markers(c, CLASSIFICATION)
+    if not c.biomarker_entries() or not markers:
+        return ""
+    table = frame(c.evaluation, "classification")
+    alpha = c.evaluation.plan.alpha
+    body = _p("How well each version's class probability discriminates the reference class, overall and per "
+              "site, vendor and scanner software version: area under the ROC curve (AUC) with its DeLong 95% "
+              "CI; sensitivity and specificity at the pre-specified threshold with exact (Clopper–Pearson) 95% "
+              "CIs; calibration of the probability by logistic recalibration (intercept 0 and slope 1 are "
+              "ideal). A level with too few scans of either class is marked n.e. (not estimable), with the "
+              "reason below its table. Every number is in tables/classification_by_stratum.csv.")
+    for marker in markers:
+        name = str(marker["name"])
+        threshold = marker.get("threshold")
+        rows = only(table, name) if len(table) else table
+        body += _marker_heading(marker, "results-classification")
+        reference = marker.get("reference_column") or c.reference
+        positive = marker.get("reference_positive")
+        rule = (f"a scan is called positive when its probability is at least {threshold:g} (pre-specified "
+                "threshold)" if threshold is not None else "no decision threshold was pre-specified")
+        body += _p(f"Reference class: {reference}" + (f" = {positive}" if positive is not None else "") +
+                   f"; {rule}.")
+        if rows.empty or "metric" not in rows:
+            body += _p("No classification results were computed for this biomarker.")
+            continue
+        cut = f" at ≥ {threshold:g}" if threshold is not None else ""
+        metrics = {"auc": "AUC (DeLong 95% CI)", "sensitivity": f"Sensitivity{cut} (95% CI)",
+                   "specificity": f"Specificity{cut} (95% CI)"}
+        if (rows["stratum"] == "site").any():
+            body += _figure(figures.auc_forest_plot(rows, "site"), f"AUC by site: {name}",
+                            "Each point is one version's AUC at a site with its DeLong 95% CI; the square is all "
+                            "scans. The dashed line is chance (0.5); a site whose interval sits well left of the "
+                            "others is one where the version discriminates worse.")
+        body += "<h4>Overall and per vendor</h4>" + _classification_table(rows, ("overall", "vendor"), metrics)
+        if (rows["stratum"] == "site").any():
+            body += "<h4>Per site</h4>" + _classification_table(rows, ("site",), metrics)
+        if (rows["stratum"] == "software_version").any():
+            body += "<h4>Per scanner software version</h4>" + _classification_table(rows, ("software_version",),
+                                                                                   metrics)
+        calibration = {"calibration_intercept": "Calibration intercept (95% CI)",
+                       "calibration_slope": "Calibration slope (95% CI)"}
+        if rows["metric"].isin(list(calibration)).any():
+            body += "<h4>Calibration of the probability</h4>" + _classification_table(
+                rows, ("overall", "vendor"), calibration)
+        reasons = rows[rows["estimate"].isna() & rows["reason"].notna()] if "reason" in rows else rows.iloc[:0]
+        for (stratum, level), part in reasons.groupby(["stratum", "level"], sort=False):
+            body += (f"<p class='meta'>n.e. at {html.escape(LEVEL_HEADERS.get(stratum, stratum).lower())} "
+                     f"{html.escape(str(level))}: {html.escape(str(part['reason'].iloc[0]))}.</p>")
+        paired = only(c.evaluation.discrimination, name) if "biomarker" in c.evaluation.discrimination else \
+            pd.DataFrame()
+        if len(paired) and {"model_a", "model_b", "auc_a", "auc_b"} <= set(paired.columns):
+            body += f"<h4>Versions compared: paired DeLong test (alpha {alpha:g})</h4>"
+            for (a, b), part in paired.groupby(["model_a", "model_b"], sort=False):
+                part = part.copy()
+                part["level"] = part["level"].where(part["level"] != "overall", "all scans")
+                part["cases"] = [f"{fmt_value(p, 'int')} / {fmt_value(n, 'int')}"
+                                 for p, n in zip(part["n_positive"], part["n_negative"])]
+                body += _table(part, ["level", "cases", "auc_a", "auc_b", "difference",
+                                      CI("ci_low", "ci_high", kind="auc"), "p", "status"], "",
+                               {"level": "Scans", "cases": "Positives / negatives", "auc_a": f"AUC, {a}",
+                                "auc_b": f"AUC, {b}", "difference": f"AUC difference ({b} − {a})"},
+                               {"difference": "auc"})
+    title = section_titles(c)["results-classification"]
+    return _section("results-classification", title, body)
+
+
+#: How the overlap columns read (mean Dice with its CI is one column).
+OVERLAP_COLUMNS: list[str | CI] = ["model_key", "level", "n_scans", "dice", "hd95_median_mm", "hd95_p90_mm",
+                                   "volume_error_mean_ml", "volume_error_sd_ml"]
+
+
+def _overlap_table(rows: pd.DataFrame, strata: tuple[str, ...]) -> str:
+    part = rows[rows["stratum"].isin(strata)].copy()
+    if part.empty:
+        return ""
+    part["level"] = [_level_text(s, lv) for s, lv in zip(part["stratum"], part["level"])]
+    part["dice"] = [_estimate_cell(pd.Series({"estimate": m, "ci_low": lo, "ci_high": hi}))
+                    for m, lo, hi in zip(part["dice_mean"], part.get("dice_ci_low", pd.Series([None] * len(part))),
+                                         part.get("dice_ci_high", pd.Series([None] * len(part))))]
+    return _table(part, OVERLAP_COLUMNS, "", {"level": LEVEL_HEADERS.get(strata[-1], "Level"),
+                                              "dice": "Mean Dice (95% CI)"}, {"dice": "text"})
+
+
+def _overlap(c: ReportContent) -> str:
+    if not c.biomarker_entries() or SEGMENTATION not in kinds_present(c):
+        return ""
+    rows = overlap_by_stratum(c)
+    body = _p("How well each version's segmentation overlaps the reference segmentation, per label: Dice "
+              "(2·|A∩B| / (|A| + |B|), 1 is perfect) as the mean over scans with its 95% CI, the 95th-percentile "
+              "Hausdorff distance (HD95, mm: how far the boundaries stray) as the median and 90th percentile over "
+              "scans, and the error in the label's volume (model − reference, ml). Per scan in "
+              "tables/overlap_scores.csv, per stratum in tables/overlap_by_stratum.csv.")
+    scans = overlap_scans(c)
+    if len(scans) and "site" in scans:
+        body += _figure(figures.dice_by_site_plot(scans), "Dice by site",
+                        "Each point is a scan's Dice for one label, one colour per version; black bars are the "
+                        "site means, one panel per label. A site whose points sit low is one where the "
+                        "segmentation degrades there.")
+    markers = {str(m["name"]): m for m in c.biomarker_entries()}
+    keys = [k for k in ("biomarker", "label") if k in rows]
+    for group, part in rows.groupby(keys, sort=False) if keys else [((), rows)]:
+        group = group if isinstance(group, tuple) else (group,)
+        values = dict(zip(keys, group))
+        name = part["label_name"].dropna().astype(str).iloc[0] if "label_name" in part and \
+            part["label_name"].notna().any() else ""
+        label = values.get("label")
+        marker = markers.get(str(values.get("biomarker")), {})
+        if not name and label is not None:
+            name = (marker.get("label_names") or {}).get(str(label), "")
+        heading = (name or f"Label {label}") + (f" (label {label})" if name and label is not None else "")
+        if values.get("biomarker") is not None:
+            heading += f" — biomarker {values['biomarker']}"
+        body += f"<h3>{html.escape(heading)}</h3>"
+        body += "<h4>Overall and per vendor</h4>" + _overlap_table(part, ("overall", "vendor"))
+        if (part["stratum"] == "site").any():
+            body += "<h4>Per site</h4>" + _overlap_table(part, ("site",))
+        if (part["stratum"] == "software_version").any():
+            body += "<h4>Per scanner software version</h4>" + _overlap_table(part, ("software_version",))
+    return _section("results-overlap", section_titles(c)["results-overlap"], body)
 
 
 def _truth(c: ReportContent) -> str:
@@ -582,7 +1005,7 @@ def _limitations(c: ReportContent) -> str:
     if c.qc is None or not c.qc.available:
         items.append("No upload-time QC records cover these scans; scans that a gate would have failed may be "
                      "included.")
-    return _section("limitations", "13. Limitations", "<ul>" + "".join(f"<li>{html.escape(i)}</li>"
+    return _section("limitations", _numbered(c, 13, "Limitations"), "<ul>" + "".join(f"<li>{html.escape(i)}</li>"
                                                                        for i in items) + "</ul>")
 
 
@@ -598,19 +1021,53 @@ def _checklist(c: ReportContent) -> str:
     body = _p("Where this report answers each item of the reporting guidelines. Items marked 'not in this "
               "report' belong to the trial protocol or the manuscript. Item texts are paraphrased; see the "
               "guidelines for their wording.")
-    titles = {sid: title for sid, title, _ in SECTIONS}
+    titles = section_titles(c)
     for guideline in data["guidelines"].values():
         rows = []
         for item in guideline["items"]:
-            where = item["section"]
-            answered = (f"<a href='#{where}'>{html.escape(titles.get(where, where))}</a>"
-                        if where != "not-addressed" else f"not in this report: {html.escape(item.get('reason', ''))}")
+            answered = checklist_answer(c, item, titles)
             rows.append(f"<tr><td>{html.escape(item['id'])}</td><td>{html.escape(item['topic'])}</td>"
                         f"<td>{html.escape(item['item'])}</td><td>{answered}</td></tr>")
         body += (f"<h3>{html.escape(guideline['title'])}</h3><table class='checklist'><thead><tr><th>Item</th>"
                  "<th>Topic</th><th>Asks for</th><th>Answered in</th></tr></thead><tbody>" + "".join(rows) +
                  "</tbody></table>")
-    return _section("checklist", "14. Reporting checklist (TRIPOD+AI, CLAIM 2024)", body)
+    return _section("checklist", _numbered(c, 14, "Reporting checklist (TRIPOD+AI, CLAIM 2024)"), body)
+
+
+def checklist_answer(c: ReportContent, item: dict[str, Any], titles: dict[str, str] | None = None) -> str:
+    """Where the report answers a checklist item, as HTML: links, 'not in this report', or 'not applicable'.
+
+    A legacy report answers in ``section``. A report with declared biomarkers answers in the section of each
+    kind present that the item's ``by_kind`` names (``all``: whatever the kinds); a kind absent from the report
+    is "not applicable: no <kind> biomarker in this report". An item without ``by_kind`` whose section shows
+    one kind of result is treated as ``by_kind: {<that kind>: section}``.
+    """
+    titles = titles or section_titles(c)
+
+    def link(where: str) -> str:
+        return f"<a href='#{where}'>{html.escape(titles.get(where, where))}</a>"
+
+    where = item["section"]
+    by_kind = dict(item.get("by_kind") or {})
+    if not c.biomarker_entries():
+        return link(where) if where != "not-addressed" else f"not in this report: {html.escape(item.get('reason', ''))}"
+    if not by_kind and where in SECTION_KINDS:
+        by_kind = {SECTION_KINDS[where]: where}
+    if not by_kind:
+        return link(where) if where != "not-addressed" else f"not in this report: {html.escape(item.get('reason', ''))}"
+    present = kinds_present(c)
+    always = by_kind.pop("all", None)
+    if always is None and where != "not-addressed" and where not in SECTION_KINDS:
+        always = where  # the legacy answer still holds (e.g. the methods), the kinds add to it
+    links = [link(always)] if always else []
+    links += [link(s) for k, s in by_kind.items() if k in present and s != always]
+    absent = [k for k in by_kind if k not in present]
+    parts = list(dict.fromkeys(links))
+    if not parts and where == "not-addressed":  # the item's own reason still holds
+        return f"not in this report: {html.escape(item.get('reason', ''))}"
+    if absent and not always:  # a section that answers whatever the kinds needs no "not applicable"
+        parts.append("not applicable: " + "; ".join(f"no {html.escape(k)} biomarker in this report" for k in absent))
+    return "; ".join(parts)
 
 
 def _provenance(c: ReportContent) -> str:
@@ -623,7 +1080,7 @@ def _provenance(c: ReportContent) -> str:
     body += f"<p class='meta'>Seeds: {html.escape(json.dumps(c.seeds))}</p>"
     packages = ", ".join(f"{name} {version}" for name, version in sorted(package_versions().items()))
     body += f"<p class='meta'>Software: {html.escape(packages)}.</p>"
-    return _section("provenance", "15. Provenance", body)
+    return _section("provenance", _numbered(c, 15, "Provenance"), body)
 
 
 #: What each locked table holds, for the appendix (file name -> description).
@@ -644,7 +1101,17 @@ TABLE_FILES: dict[str, str] = {
     "discrimination.csv": "paired DeLong test of the endpoint AUC (section 12)",
     "qc_by_site.csv": "upload-time QC gate counts per site (section 3)",
     "mixed_models.json": "every mixed-model fit in full: formula, optimizer, convergence, boundary check",
+    "classification_by_stratum.csv": "per classification biomarker and version: AUC (DeLong 95% CI), sensitivity "
+                                     "and specificity at the pre-specified threshold, calibration, overall and per "
+                                     "site, vendor and software version (Classification section)",
+    "overlap_by_stratum.csv": "per segmentation label and version: mean Dice with 95% CI, HD95 median and 90th "
+                              "percentile, volume error, overall and per site, vendor and software version "
+                              "(Segmentation overlap section)",
+    "overlap_scores.csv": "each scan's overlap of the model's and the reference segmentation, per label: Dice, "
+                          "HD95, label volumes and volume error",
 }
+#: A result table this code does not describe yet still gets words in the appendix.
+UNDESCRIBED_TABLE = "a locked result table (every column is in the glossary below)"
 
 
 def _locked_tables(c: ReportContent) -> list[tuple[str, str, str, list[str]]]:
@@ -656,10 +1123,12 @@ def _locked_tables(c: ReportContent) -> list[tuple[str, str, str, list[str]]]:
         "predictions.csv": predictions[[col for col in LOCKED_PREDICTION_COLUMNS if col in predictions]],
         "evaluation.csv": ev.table,
         **{f"{stem}.csv": frame for stem, frame in ev.result_tables().items()}}
+    if isinstance(c.overlap_scores, pd.DataFrame) and len(c.overlap_scores.columns):
+        frames["overlap_scores.csv"] = c.overlap_scores
     if c.qc is not None and c.qc.available:
         frames["qc_by_site.csv"] = c.qc.table
-    out = [(name, TABLE_FILES.get(name, ""), str(len(frame)), [str(col) for col in frame.columns])
-           for name, frame in frames.items()]
+    out = [(name, TABLE_FILES.get(name, UNDESCRIBED_TABLE), str(len(table)), [str(col) for col in table.columns])
+           for name, table in frames.items()]
     out.append(("mixed_models.json", TABLE_FILES["mixed_models.json"], f"{len(ev.mixed)} fits", []))
     return out
 
@@ -681,8 +1150,22 @@ def _appendix(c: ReportContent) -> str:
         label = column.header.replace("{unit}", c.unit)
         meaning = f"{label}: {column.meaning}" if column.meaning else label
         entries.append(f"<p><code>{html.escape(name)}</code> — {html.escape(meaning)}</p>")
+    body += _model_files(c)
     body += "<h3>Column glossary</h3><div class='glossary'>" + "".join(entries) + "</div>"
     return _section("appendix-tables", "Appendix: locked tables", body)
+
+
+def _model_files(c: ReportContent) -> str:
+    """Every file each model version loads, with its full SHA-256 (the body shows them shortened)."""
+    rows = [{"Model version": m["key"], "File": path, "SHA-256": digest}
+            for m in c.models for path, digest in sorted((m.get("files") or {}).items())]
+    rows += [{"Model version": m["key"], "File": "all files (one digest over the list above)",
+              "SHA-256": m["files_sha256"]} for m in c.models if m.get("files") and m.get("files_sha256")]
+    if not rows:
+        return ""
+    return ("<h3>Model files</h3>" + _p("Every file each model version loads, with its full SHA-256; a "
+                                       "resumed run or a worker must load exactly these.") +
+            _html_table(pd.DataFrame(rows), "text files"))
 
 
 def _signatures(c: ReportContent) -> str:
@@ -713,6 +1196,8 @@ SECTIONS: tuple[tuple[str, str, Callable[[ReportContent], str]], ...] = (
     ("results-upgrade", "10. Software upgrade", _upgrade),
     ("results-equivalence", "11. Equivalence", _equivalence),
     ("comparison", "12. Versions side by side", _comparison),
+    ("results-classification", "Classification", _classification),
+    ("results-overlap", "Segmentation overlap", _overlap),
     ("simulation-truth", "Simulation truth", _truth),
     ("limitations", "13. Limitations", _limitations),
     ("checklist", "14. Reporting checklist", _checklist),

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from sitebench.reports.content import biomarker_label, evaluation_for, frame, only
 from sitebench.reports.tables import fmt_ci, fmt_p, fmt_value
 from sitebench.stratification.evaluation import ERROR, MODEL_KEY, Evaluation
 
@@ -58,8 +59,35 @@ class Decision:
         return text
 
 
-def decisions(evaluation: Evaluation, unit: str = "ml") -> list[Decision]:
-    """Each pre-specified decision of ``evaluation``, in the order the summary page lists them."""
+def decisions(evaluation: Evaluation, unit: str = "ml", biomarkers: list[dict[str, Any]] | None = None,
+              overlap: pd.DataFrame | None = None) -> list[Decision]:
+    """Each pre-specified decision of ``evaluation``, in the order the summary page lists them.
+
+    With declared ``biomarkers`` (default: the plan's), the continuous decisions come once per continuous
+    biomarker in its unit, then each classification biomarker's AUC, sensitivity and specificity at its
+    threshold, then the mean Dice of each segmentation label (``overlap``: the per-stratum overlap table,
+    default the evaluation's). Without biomarkers: one legacy biomarker in ``unit``, as ever.
+    """
+    markers = list(biomarkers if biomarkers is not None else getattr(evaluation.plan, "biomarkers", None) or [])
+    if not markers:
+        return _single(evaluation, unit)
+    out: list[Decision] = []
+    for marker in markers:
+        if (marker.get("analysis") or "continuous") != "continuous":
+            continue
+        label = biomarker_label(marker)
+        for d in _single(evaluation_for(evaluation, marker, markers), marker.get("unit") or ""):
+            out.append(replace(d, topic=f"{label}: {d.topic}"))
+    for marker in markers:
+        if marker.get("analysis") == "classification":
+            out += _classification(evaluation, marker)
+    if overlap is None:
+        overlap = frame(evaluation, "overlap_by_stratum")
+    out += _overlap(overlap)
+    return out
+
+
+def _single(evaluation: Evaluation, unit: str) -> list[Decision]:
     out: list[Decision] = []
     models = list(dict.fromkeys(evaluation.table[MODEL_KEY]))
     out += _equivalence(evaluation, models, unit)
@@ -220,6 +248,80 @@ def _worst_sites(ev: Evaluation, models: list[str], unit: str) -> list[Decision]
             detail=f"Mean error (model − reference) at {site} over {int(row['n_scans'])} scans, bootstrap 95% CI.",
             section="results-strata"))
     return out
+
+
+def _classification(ev: Evaluation, marker: dict[str, Any]) -> list[Decision]:
+    """A classification biomarker's headline: overall AUC (DeLong CI), and sensitivity/specificity at its threshold."""
+    name = str(marker["name"])
+    rows = only(frame(ev, "classification"), name)
+    column, positive, threshold = (marker.get("reference_column"), marker.get("reference_positive"),
+                                   marker.get("threshold"))
+    target = f"{column} = {positive}" if column and positive is not None else column or "the reference class"
+    topic = f"{name}: discrimination"
+    criterion = "AUC with DeLong 95% CI" + (f"; sensitivity and specificity at the pre-specified threshold "
+                                            f"{threshold:g}" if threshold is not None else "")
+    if rows.empty or "metric" not in rows:
+        return [Decision(topic, "all versions", f"How well does the probability discriminate {target}?", criterion,
+                         "not assessed", detail="No classification results were computed for this biomarker.",
+                         section="results-classification", kind="auc")]
+    out = []
+    overall = rows[rows["stratum"] == "overall"]
+    for key in dict.fromkeys(rows[MODEL_KEY]):
+        part = overall[overall[MODEL_KEY] == key].set_index("metric")
+        if "auc" not in part.index:
+            continue
+        auc = part.loc["auc"]
+        ok = not pd.isna(auc["estimate"])
+        detail = f"{_int(auc.get('n_positive'))} positive and {_int(auc.get('n_negative'))} negative scans"
+        for metric in ("sensitivity", "specificity"):
+            if metric in part.index:
+                r = part.loc[metric]
+                detail += (f"; {metric} {fmt_value(r['estimate'], 'auc')} "
+                           f"{fmt_ci(r['ci_low'], r['ci_high'], 'auc')}" if not pd.isna(r["estimate"]) else
+                           f"; {metric} not estimable")
+        if threshold is not None and ("sensitivity" in part.index or "specificity" in part.index):
+            detail += f" at threshold {threshold:g}"
+        detail += "." if ok else f". Not estimable: {auc.get('reason', '')}."
+        out.append(Decision(topic, str(key), f"How well does the probability discriminate {target} (AUC)?",
+                            criterion, "estimated" if ok else "not estimable",
+                            estimate=_f(auc["estimate"]) if ok else None,
+                            ci=(_f(auc["ci_low"]), _f(auc["ci_high"])), detail=detail,
+                            section="results-classification", kind="auc"))
+    return out
+
+
+def _overlap(overlap: pd.DataFrame) -> list[Decision]:
+    """Each segmentation label's mean Dice over all scans, per version, with its CI, HD95 and volume error."""
+    if overlap is None or overlap.empty or "dice_mean" not in overlap:
+        return []
+    rows = overlap[overlap["stratum"] == "overall"] if "stratum" in overlap else overlap
+    out = []
+    keys = [k for k in ("biomarker", "label") if k in rows]
+    for group, part in rows.groupby(keys, sort=False) if keys else [((), rows)]:
+        group = group if isinstance(group, tuple) else (group,)
+        values = dict(zip(keys, group))
+        name = str(part["label_name"].dropna().iloc[0]) if "label_name" in part and part["label_name"].notna().any() \
+            else f"label {values.get('label')}"
+        for r in part.itertuples(index=False):
+            d = r._asdict()
+            hd = d.get("hd95_median_mm")
+            err = d.get("volume_error_mean_ml")
+            detail = f"Over {_int(d.get('n_scans'))} scans"
+            if _f(hd) is not None:
+                detail += f"; HD95 median {fmt_value(hd, 'ratio')} mm"
+            if _f(err) is not None:
+                detail += f"; mean volume error {fmt_value(err, 'ratio')} ml"
+            ci = (_f(d.get("dice_ci_low")), _f(d.get("dice_ci_high")))
+            out.append(Decision(f"Segmentation overlap: {name}", str(d[MODEL_KEY]),
+                                f"How well does the segmentation of {name} overlap the reference (mean Dice)?",
+                                "mean Dice over scans with its 95% CI (1 is perfect)", "estimated",
+                                estimate=_f(d.get("dice_mean")), ci=ci if ci != (None, None) else None,
+                                detail=detail + ".", section="results-overlap", kind="auc"))
+    return out
+
+
+def _int(value: Any) -> str:
+    return fmt_value(value, "int")
 
 
 def _mixed_term(mixed: list[dict[str, Any]], key: str, response: str, term: str) -> dict[str, Any] | None:

@@ -153,6 +153,25 @@ COLUMNS: dict[str, Column] = {
     "dice": Column("Dice", "ratio", "overlap of the model's and the reference segmentation"),
     "weights_sha256": Column("Weights SHA-256", "text", "identity of the model version's weights"),
     "image_sha256": Column("Image SHA-256", "text", "identity of the scored image"),
+    # several biomarkers in one report: classification and segmentation overlap
+    "biomarker": Column("Biomarker", "text", "the declared biomarker the row is about"),
+    "label": Column("Label", "text", "label number in the segmentation"),
+    "label_name": Column("Structure", "text", "name of the segmentation label"),
+    "dice_mean": Column("Mean Dice", "auc", "mean Dice overlap of the model's and the reference label (1 is "
+                                            "perfect)"),
+    "dice_ci_low": Column("Dice CI lower", "auc", "lower 95% limit of the mean Dice"),
+    "dice_ci_high": Column("Dice CI upper", "auc", "upper 95% limit of the mean Dice"),
+    "hd95_median_mm": Column("HD95 median (mm)", "ratio", "median over scans of the 95th-percentile Hausdorff "
+                                                          "distance between the model's and the reference label"),
+    "hd95_p90_mm": Column("HD95 90th percentile (mm)", "ratio", "90th percentile over scans of the HD95"),
+    "hd95_mm": Column("HD95 (mm)", "ratio", "95th-percentile Hausdorff distance between the model's and the "
+                                            "reference label"),
+    "volume_ml": Column("Label volume (ml)", "ratio", "volume of the model's label"),
+    "reference_volume_ml": Column("Reference label volume (ml)", "ratio", "volume of the reference label"),
+    "volume_error_ml": Column("Volume error (ml)", "ratio", "model's label volume − reference label volume"),
+    "volume_error_mean_ml": Column("Mean volume error (ml)", "ratio", "mean of model − reference label volume"),
+    "volume_error_sd_ml": Column("SD of volume error (ml)", "ratio", "standard deviation of the volume error"),
+    "threshold": Column("Threshold", "ratio", "the pre-specified decision threshold of a class probability"),
 }
 
 
