@@ -24,7 +24,7 @@ BIOMARKER_FRAMES = ("table", "metrics", "upgrade", "calibration", "harmonization
 LOCKED_PREDICTION_COLUMNS: tuple[str, ...] = ("scan_id", "model_key", "biomarker", "weights_sha256", "image_sha256",
                                               "prediction", "reference", "dice")
 #: Columns of the per-scan, per-label overlap scores read as text (locked as ``overlap_scores.csv``).
-OVERLAP_TEXT_COLUMNS: tuple[str, ...] = ("scan_id", "model_key", "biomarker", "label_name")
+OVERLAP_TEXT_COLUMNS: tuple[str, ...] = ("scan_id", "model_key", "biomarker", "label", "label_name")
 
 
 @dataclass

@@ -913,9 +913,10 @@ def _classification(c: ReportContent) -> str:
             body += "<h4>Calibration of the probability</h4>" + _classification_table(
                 rows, ("overall", "vendor"), calibration)
         reasons = rows[rows["estimate"].isna() & rows["reason"].notna()] if "reason" in rows else rows.iloc[:0]
-        for (stratum, level), part in reasons.groupby(["stratum", "level"], sort=False):
+        for (stratum, reason), part in reasons.groupby(["stratum", "reason"], sort=False):
+            levels = ", ".join(dict.fromkeys(str(v) for v in part["level"]))
             body += (f"<p class='meta'>n.e. at {html.escape(LEVEL_HEADERS.get(stratum, stratum).lower())} "
-                     f"{html.escape(str(level))}: {html.escape(str(part['reason'].iloc[0]))}.</p>")
+                     f"{html.escape(levels)}: {html.escape(str(reason))}.</p>")
         paired = only(c.evaluation.discrimination, name) if "biomarker" in c.evaluation.discrimination else \
             pd.DataFrame()
         if len(paired) and {"model_a", "model_b", "auc_a", "auc_b"} <= set(paired.columns):
@@ -1143,11 +1144,13 @@ def _appendix(c: ReportContent) -> str:
     body += _html_table(pd.DataFrame(rows), "text files")
     used = list(dict.fromkeys(col for _, _, _, cols in tables for col in cols))
     entries = []
+    units = {m.get("unit") or "" for m in c.biomarker_entries() if (m.get("analysis") or CONTINUOUS) == CONTINUOUS}
+    unit = c.unit if len(units) <= 1 else "in the biomarker's unit"
     for name in used:
         column = COLUMNS.get(name)
         if column is None:
             continue
-        label = column.header.replace("{unit}", c.unit)
+        label = column.header.replace("{unit}", unit) if unit else column.header.replace(" ({unit})", "")
         meaning = f"{label}: {column.meaning}" if column.meaning else label
         entries.append(f"<p><code>{html.escape(name)}</code> — {html.escape(meaning)}</p>")
     body += _model_files(c)

@@ -287,6 +287,23 @@ def _classification(ev: Evaluation, marker: dict[str, Any]) -> list[Decision]:
                             estimate=_f(auc["estimate"]) if ok else None,
                             ci=(_f(auc["ci_low"]), _f(auc["ci_high"])), detail=detail,
                             section="results-classification", kind="auc"))
+    paired = only(ev.discrimination, name) if "biomarker" in ev.discrimination else pd.DataFrame()
+    if len(paired) and {"model_a", "model_b", "auc_a", "auc_b", "difference"} <= set(paired.columns):
+        alpha = ev.plan.alpha
+        for (a, b), part in paired.groupby(["model_a", "model_b"], sort=False):
+            rows_ = part[part["level"] == "overall"] if (part["level"] == "overall").any() else part
+            r = rows_.iloc[0]
+            ok = str(r.get("status", "ok")) == "ok"
+            shown = ok and _f(r.get("p")) is not None and float(r["p"]) < alpha
+            out.append(Decision(
+                f"{name}: version comparison", f"{b} vs {a}",
+                f"Does {b} discriminate {target} differently from {a} (AUC)?", f"paired DeLong test at alpha {alpha:g}",
+                ("difference shown" if shown else "no difference shown") if ok else "not estimable",
+                estimate=_f(r["difference"]) if ok else None, ci=(_f(r.get("ci_low")), _f(r.get("ci_high"))),
+                kind="auc", section="results-classification",
+                detail=(f"AUC {fmt_value(r['auc_a'], 'auc')} ({a}) and {fmt_value(r['auc_b'], 'auc')} ({b}) over "
+                        f"{_int(r.get('n'))} scans; p {fmt_p(r.get('p'))}." if ok else
+                        f"Not estimable: {r.get('reason', '')}")))
     return out
 
 

@@ -172,6 +172,8 @@ COLUMNS: dict[str, Column] = {
     "volume_error_mean_ml": Column("Mean volume error (ml)", "ratio", "mean of model − reference label volume"),
     "volume_error_sd_ml": Column("SD of volume error (ml)", "ratio", "standard deviation of the volume error"),
     "threshold": Column("Threshold", "ratio", "the pre-specified decision threshold of a class probability"),
+    "n_dice_excluded": Column("Scans without a Dice", "int", "scans where both the model's and the reference label "
+                                                             "are empty (Dice undefined), left out of the Dice summary"),
 }
 
 
