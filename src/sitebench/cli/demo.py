@@ -41,8 +41,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="run the whole path on a built-in simulated trial",
-                          description="Simulate a multi-site trial, run three model versions through MONAI, "
-                                      "record per-stratum results in MLflow, fit the scanner-effect model "
+                          description="Simulate a multi-site trial, run three model versions of ours and a "
+                                      "published pretrained network, record per-stratum results in MLflow, fit the scanner-effect model "
                                       "and write a locked, versioned report.")
     demo.add_argument("--out", default="sitebench-demo", help="output folder (default: ./sitebench-demo)")
     demo.add_argument("--sites", type=int, default=20, help="number of sites (default 20)")
