@@ -201,7 +201,8 @@ def _summary(c: ReportContent) -> str:
         described = "; ".join(f"{biomarker_label(m)}, {_analysis_words(m)}" for m in markers)
         body += _p(f"{len(models)} model versions ({', '.join(models)}) on {len(scans)} scans from "
                    f"{scans['site'].nunique()} sites and {scans['vendor'].nunique()} scanner vendors, for "
-                   f"{len(markers)} biomarkers: {described}. Errors are model − reference. Margins, thresholds and "
+                   f"{len(markers)} biomarker{'s' if len(markers) != 1 else ''}: {described}. Errors are "
+                   "model − reference. Margins, thresholds and "
                    f"tests were pre-specified (alpha {plan.alpha:g}) in the locked analysis plan.")
         found = decisions(ev, c.unit, biomarkers=markers, overlap=overlap_by_stratum(c))
     else:
