@@ -181,7 +181,8 @@ def test_recompute_rederives_every_table_and_catches_relocked_numbers(built):
         metrics = forged / "tables" / "metrics_by_stratum.csv"
         lines = metrics.read_text().splitlines()
         cells = lines[1].split(",")
-        cells[4] = str(float(cells[4]) + 1.0)  # the first estimate, plus one ml
+        estimate = lines[0].split(",").index("estimate")
+        cells[estimate] = str(float(cells[estimate]) + 1.0)  # the first estimate, plus one ml
         lines[1] = ",".join(cells)
         metrics.write_text("\n".join(lines) + "\n")
         subjects = {(s.get("annotations") or {}).get("role", s["name"]): forged / s["name"]

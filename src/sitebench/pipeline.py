@@ -53,6 +53,7 @@ def evaluate(run: BenchmarkRun) -> Evaluation:
         raise SitebenchError(f"report.compare names model(s) not in this benchmark: {', '.join(unknown)} "
                              f"(have: {', '.join(keys)})")
     table = evaluation_table(run.predictions, run.manifest.table, run.spec.reference, biomarkers=plan.biomarkers)
+    # the same canonical per-scan overlap table is analysed here, locked by the report, and re-read by a recompute
     overlap = overlap_table(run.overlap, run.manifest.table) if not run.overlap.empty else None
     return evaluate_models(table, plan, keys, overlap=overlap)
 
@@ -133,7 +134,7 @@ def report_content(run: BenchmarkRun, evaluation: Evaluation, notes: list[str], 
         name=spec.name, title=f"Validation report: {spec.name}", evaluation=evaluation, models=[_lineage(c, registered) for c in run.models],
         predictions=run.predictions, reference=", ".join(spec.reference_columns) or "reference segmentation",
         materials=materials, unit=spec.declared_biomarkers[0].unit or "",
-        biomarkers=evaluation.plan.biomarkers, overlap_scores=run.overlap if not run.overlap.empty else None,
+        biomarkers=evaluation.plan.biomarkers, overlap_scores=_locked_overlap(evaluation),
         seeds={"benchmark_seed": spec.seed, "bootstrap": spec.bootstrap,
                "reference": ", ".join(spec.reference_columns) or "reference segmentation",
                "spec_sha256": spec.fingerprint(),
@@ -158,6 +159,12 @@ def _qc_gate_rows(qc_store: str | None) -> tuple[list[Any] | None, str]:
     finally:
         records.engine.dispose()
     return rows, (qc_store if "://" not in qc_store else qc_store.split("://", 1)[0] + " database")
+
+
+def _locked_overlap(evaluation: Evaluation) -> pd.DataFrame | None:
+    """The per-scan overlap table the evaluation analysed (joined, canonical), for the report to lock."""
+    overlap = getattr(evaluation, "overlap", None)
+    return overlap if isinstance(overlap, pd.DataFrame) and not overlap.empty else None
 
 
 def _model_materials(resolved: Any, card: Any) -> dict[str, Path]:

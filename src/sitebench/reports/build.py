@@ -62,7 +62,10 @@ def build_report(content: ReportContent, root: str | Path) -> Report:
     predictions = predictions[[c for c in LOCKED_PREDICTION_COLUMNS if c in predictions]].sort_values(
         ["model_key", "scan_id"], kind="stable")
     subjects: dict[str, Path] = {}
-    for name, text in (("predictions", evaluation_csv(predictions)), ("evaluation", evaluation_csv(ev.table))):
+    tables = [("predictions", evaluation_csv(predictions)), ("evaluation", evaluation_csv(ev.table))]
+    if content.overlap_scores is not None and not content.overlap_scores.empty:
+        tables.append(("overlap_scores", evaluation_csv(content.overlap_scores)))  # role table:overlap_scores
+    for name, text in tables:
         path = tables_dir / f"{name}.csv"
         path.write_text(text)
         subjects[f"table:{name}"] = path
