@@ -168,22 +168,15 @@ def _locked_overlap(evaluation: Evaluation) -> pd.DataFrame | None:
 
 
 def _model_materials(resolved: Any, card: Any) -> dict[str, Path]:
-    """Every file a model version loads, to be hashed into the lock (weights first, as before)."""
+    """Every file a model version loads (weights, configs, code), to be hashed into the lock."""
     materials: dict[str, Path] = {}
     location = Path(resolved.location) if resolved.location else None
     if location and (location / "models" / "model.pt").exists():
-        materials[f"weights {card.key}"] = location / "models" / "model.pt"
-    root = Path(card.extra["package_root"]) if card.extra.get("package_root") else None
-    for rel in card.files:
-        for base in (location if location and location.is_dir() else None, root):
-            if base is None:
-                continue
-            candidate = base / rel
-            if not candidate.is_file() and "/" in rel:
-                candidate = base / rel.split("/", 1)[1]  # files named under their package: deepbet/<path>
-            if candidate.is_file() and candidate not in materials.values():
-                materials[f"model file {card.key} {rel}"] = candidate
-                break
+        materials[f"weights {card.key}"] = location / "models" / "model.pt"  # the name earlier locks used
+    for rel, _digest in getattr(resolved, "files", ()) or ():
+        path = (location / rel) if location else None
+        if path is not None and path.is_file() and path not in materials.values():
+            materials[f"model file {card.key} {rel}"] = path
     return materials
 
 

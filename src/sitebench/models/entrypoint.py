@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -108,11 +109,41 @@ def _distribution_files(dist_name: str, top: str) -> tuple[Path, list[str]] | No
     return (root, sorted(chosen)) if chosen else None
 
 
+def _adapter_files(reference: str, module: Any) -> tuple[str, tuple[str, ...], str, str] | None:
+    """Files an adapter module names itself (root, relative paths, package, version), or None.
+
+    An adapter that lives inside a larger package -- such as sitebench's own adapters of
+    published networks -- defines ``model_files() -> {name: path}`` and ``PACKAGE``: then only
+    those files and the adapter's own file are hashed, not every file of the package around it,
+    and the card names the package that ships the network.
+    """
+    listing = getattr(module, "model_files", None)
+    if not callable(listing):
+        return None
+    try:
+        paths = [Path(p).resolve() for p in dict(listing()).values()]
+    except SitebenchError:
+        raise
+    except Exception as exc:
+        raise SitebenchError(f"entry point '{reference}': model_files() raised {_first_line(exc)}") from None
+    paths.append(Path(module.__file__).resolve())
+    root = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    package = str(getattr(module, "PACKAGE", "") or module.__name__.split(".", 1)[0])
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        version = str(getattr(module, "__version__", "unversioned"))
+    return str(root), tuple(sorted({p.relative_to(root).as_posix() for p in paths})), package, version
+
+
 def locate(reference: str) -> EntryPointFiles:
     """Import the entry point's module and find the files it loads (runs in the parent)."""
     target = split_reference(reference)
     module_name = target.split(":", 1)[0]
     _factory(reference, target)  # imports it, and checks the factory exists, before any worker starts
+    adapter = _adapter_files(reference, sys.modules[module_name])
+    if adapter is not None:
+        return EntryPointFiles(target, *adapter)
     top = module_name.split(".", 1)[0]
     top_module = sys.modules[top]
     origin = getattr(top_module, "__file__", None)
@@ -169,7 +200,8 @@ def load_entrypoint(reference: str, files: dict[str, str], package: str, package
     base = getattr(obj, "card", None)
     if isinstance(base, ModelCard):
         card = dataclasses.replace(base, name=name or base.name, kind="entrypoint", source=reference,
-                                   weights_sha256=digest, files=dict(files), extra={**base.extra, **extra})
+                                   weights_sha256=base.weights_sha256 or digest, files=dict(files),
+                                   extra={**base.extra, **extra})
     else:
         labels = getattr(obj, "output_labels", None) or {}
         biomarkers = tuple(getattr(obj, "biomarkers", None) or ())

@@ -22,7 +22,7 @@ import numpy as np
 
 from sitebench.errors import SitebenchError
 from sitebench.models.base import BiomarkerModel, ModelCard, Prediction
-from sitebench.provenance import sha256_file, sha256_json
+from sitebench.provenance import sha256_file
 
 PACKAGE = "deepbet"
 CITATION = ("Fisch L, Zumdick S, Barkhau C, et al. deepbet: Fast brain extraction of T1-weighted MRI using "
@@ -35,21 +35,26 @@ _LOADED = ("deepbet/__init__.py", "deepbet/bet.py", "deepbet/utils.py", "data/mo
            "data/models/bbox_model.pt")
 
 
-def _distribution_files() -> tuple[Path, dict[str, str]]:
-    """The installed deepbet's root and the SHA-256 of every file the adapter loads (and this adapter)."""
+def _installed_root() -> Path:
     try:
         dist = metadata.distribution(PACKAGE)
     except metadata.PackageNotFoundError:
         raise SitebenchError("the deepbet package is not installed (pip install deepbet)") from None
-    root = Path(str(dist.locate_file("")))
-    files = {}
-    for rel in _LOADED:
-        path = root / rel
+    return Path(str(dist.locate_file(""))).resolve()
+
+
+def model_files() -> dict[str, Path]:
+    """What this adapter loads of the installed deepbet: its inference code and both shipped networks.
+
+    sitebench's entry-point source hashes exactly these (and this file), in the parent and again
+    in every worker, instead of every file of the sitebench package around this adapter.
+    """
+    root = _installed_root()
+    files = {rel: root / rel for rel in _LOADED}
+    for rel, path in files.items():
         if not path.is_file():
             raise SitebenchError("a file of the installed deepbet package is missing", path)
-        files[f"{PACKAGE}/{rel}"] = sha256_file(path)
-    files["sitebench/models/published/deepbet_brain.py"] = sha256_file(Path(__file__))
-    return root, files
+    return files
 
 
 class DeepbetBrainExtraction(BiomarkerModel):
@@ -58,19 +63,18 @@ class DeepbetBrainExtraction(BiomarkerModel):
     def __init__(self, threshold: float = 0.5, n_dilate: int = 0) -> None:
         from deepbet import BrainExtraction
 
-        root, files = _distribution_files()
+        root = _installed_root()
         self.threshold, self.n_dilate = threshold, n_dilate
         self._bet = BrainExtraction(no_gpu=True)
         version = metadata.version(PACKAGE)
         licence = metadata.metadata(PACKAGE).get("License") or "MIT"
         self.card = ModelCard(
-            name="deepbet", version=version, weights_sha256=files[f"{PACKAGE}/data/models/model.pt"],
+            name="deepbet", version=version, weights_sha256=sha256_file(root / "data/models/model.pt"),
             kind="entrypoint", source="entrypoint:sitebench.models.published.deepbet_brain:make_model",
             outputs=("segmentation", "tiv_ml"), licence=licence, citation=CITATION,
-            biomarkers=("brain_volume_ml",), files=files, training_data=TRAINING_DATA,
+            biomarkers=("brain_volume_ml",), training_data=TRAINING_DATA,
             output_labels={0: "background", 1: "brain"},
-            extra={"package": PACKAGE, "package_version": version, "package_root": str(root),
-                   "files_sha256": sha256_json(sorted(files.items())),
+            extra={"package": PACKAGE, "package_version": version,
                    "description": "Published pretrained brain-extraction network, run unmodified with its "
                                   "shipped weights (threshold 0.5, no dilation: its defaults)",
                    "changelog": {}})
