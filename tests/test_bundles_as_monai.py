@@ -244,6 +244,47 @@ def test_bundle_scripts_are_imported_and_hashed_as_monai_does(tmp_path):
     _assert_same_segmentations(model, images, out_dir)
 
 
+def test_torchscript_bundle_without_network_def_gives_the_same_segmentation(tmp_path):
+    import torch
+
+    bundle = _copy_with_random_weights("segmentation_template", tmp_path, seed=6)
+    data_dir = tmp_path / "scans"
+    data_dir.mkdir()
+    image = _volume(data_dir / "ts.nii.gz", (24, 32, 16), np.diag([1.0, 1.3, 2.0, 1.0]), 40)
+    expected = MonaiBundleModel(bundle).predict(_benchmark_input(image)).segmentation
+    assert len(np.unique(expected)) > 1
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.yaml"))
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    torch.jit.save(torch.jit.script(network.eval()), str(bundle / "models" / "model.ts"))
+    (bundle / "models" / "model.pt").unlink()
+    config = yaml.safe_load((bundle / "configs" / "inference.yaml").read_text())
+    del config["network_def"]
+    config["network"] = "$None"
+    (bundle / "configs" / "inference.yaml").write_text(yaml.safe_dump(config))
+
+    model = MonaiBundleModel(bundle)
+    assert "models/model.ts" in model.card.files and "models/model.pt" not in model.card.files
+    assert model.card.weights_sha256 == model.card.files["models/model.ts"]
+    np.testing.assert_array_equal(model.predict(_benchmark_input(image)).segmentation, expected)
+
+
+def test_a_component_that_cannot_be_built_is_a_one_line_error(tmp_path):
+    bundle = _copy_with_random_weights("segmentation_template", tmp_path)
+    path = bundle / "configs" / "inference.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["inferer"] = {"_target_": "SlidingWindowInferer", "no_such_argument": 1}
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SitebenchError) as caught:
+        MonaiBundleModel(bundle)
+    text = str(caught.value)
+    assert text.startswith(f"{path}: cannot build 'inferer'") and "no_such_argument" in text and "\n" not in text
+
+
 # --------------------------------------------------------------------------- refusals, each naming the file
 
 

@@ -144,7 +144,6 @@ class MonaiBundleModel(BiomarkerModel):
     def __init__(self, bundle_dir: str | Path, expected_sha256: str | None = None, name: str | None = None,
                  expected_files: dict[str, str] | None = None) -> None:
         import torch
-        from monai.bundle import ConfigParser
 
         self.bundle_dir = Path(bundle_dir).resolve()
         if expected_files:
@@ -156,7 +155,19 @@ class MonaiBundleModel(BiomarkerModel):
         meta_path = self.bundle_dir / METADATA_RELPATH
         meta = _read_json(meta_path) if meta_path.exists() else {}
         check_large_files(self.bundle_dir)
-        weights = _weights_path(self.bundle_dir)
+
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        try:
+            parser.read_config(str(config_path))
+        except Exception as exc:  # noqa: BLE001 - json/yaml raise their own types
+            raise SitebenchError(f"cannot read the bundle config ({_first_line(str(exc))[:160]})",
+                                 config_path) from None
+        torchscript = self.bundle_dir / TORCHSCRIPT_RELPATH
+        if "network_def" not in parser and not torchscript.is_file():
+            raise SitebenchError("no 'network_def': the bundle config defines no network", config_path)
+        weights = _weights_path(self.bundle_dir) if "network_def" in parser else torchscript
         if weights is None:
             raise SitebenchError("model weights missing from the MONAI bundle", self.bundle_dir / WEIGHTS_RELPATH)
         actual = sha256_file(weights)
@@ -165,26 +176,20 @@ class MonaiBundleModel(BiomarkerModel):
         if expected and actual != expected:
             raise SitebenchError(f"SHA-256 of model weights is {actual[:12]}…, expected {expected[:12]}…; "
                                  "the file changed since it was registered", weights)
-        files = hash_files(self.bundle_dir, bundle_files(self.bundle_dir))
+        files = hash_files(self.bundle_dir, {*bundle_files(self.bundle_dir),
+                                             weights.relative_to(self.bundle_dir).as_posix()})
 
-        _use_bundle_scripts(self.bundle_dir)
-        parser = ConfigParser()
-        try:
-            parser.read_config(str(config_path))
-        except Exception as exc:  # noqa: BLE001 - json/yaml raise their own types
-            raise SitebenchError(f"cannot read the bundle config ({_first_line(str(exc))[:160]})",
-                                 config_path) from None
         if meta_path.exists():
             parser.read_meta(str(meta_path))
         parser["bundle_root"] = str(self.bundle_dir)
         parser["device"] = "$torch.device('cpu')"
+        if (self.bundle_dir / "scripts").is_dir():
+            _use_bundle_scripts(self.bundle_dir)
         self.parser = parser
         self.config_path = config_path
 
         if weights.suffix == ".pt":
-            if "network_def" not in parser:
-                raise SitebenchError("no 'network_def': the bundle config defines no network", config_path)
-            self.network = parser.get_parsed_content("network_def")
+            self.network = self._parsed("network_def")
             try:
                 state = torch.load(weights, map_location="cpu", weights_only=True)
             except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
@@ -206,11 +211,11 @@ class MonaiBundleModel(BiomarkerModel):
         from monai.inferers import SimpleInferer
         from monai.transforms import Compose, Invertd, LoadImaged
 
-        self.preprocessing = parser.get_parsed_content("preprocessing") if "preprocessing" in parser else None
+        self.preprocessing = self._parsed("preprocessing") if "preprocessing" in parser else None
         if isinstance(self.preprocessing, (list, tuple)):
             self.preprocessing = Compose(list(self.preprocessing))
-        self.inferer = parser.get_parsed_content("inferer") if "inferer" in parser else SimpleInferer()
-        post = parser.get_parsed_content("postprocessing") if "postprocessing" in parser else None
+        self.inferer = self._parsed("inferer") if "inferer" in parser else SimpleInferer()
+        post = self._parsed("postprocessing") if "postprocessing" in parser else None
         if isinstance(post, (list, tuple)):
             post = Compose(list(post))
         self.postprocessing = post
@@ -236,6 +241,18 @@ class MonaiBundleModel(BiomarkerModel):
             output_labels=self._output_labels(meta, output))
 
     # ------------------------------------------------------------------ the config, read as MONAI reads it
+
+    def _parsed(self, id: str) -> Any:
+        """``parser.get_parsed_content(id)``; a component that cannot be built is a one-line error."""
+        try:
+            return self.parser.get_parsed_content(id)
+        except Exception as exc:  # noqa: BLE001 - MONAI wraps whatever the component raised
+            cause = exc
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            reason = _first_line(str(cause)) or cause.__class__.__name__
+            raise SitebenchError(f"cannot build '{id}' from the bundle config ({cause.__class__.__name__}: "
+                                 f"{reason[:160]})", self.config_path) from None
 
     @staticmethod
     def _image_key(parser: Any) -> str:
@@ -342,10 +359,11 @@ class MonaiBundleModel(BiomarkerModel):
         image = data.get(IMAGE_KEY)
         with torch.inference_mode():
             if self.loads_image:
-                if not data.get("image_path"):
+                path = data.get("image_path") or (getattr(image, "meta", None) or {}).get("filename_or_obj")
+                if not path:
                     raise SitebenchError("this bundle loads its scans itself (LoadImaged): the input needs "
                                          "'image_path'", self.config_path)
-                sample: dict[str, Any] = {self.image_key: str(data["image_path"])}
+                sample: dict[str, Any] = {self.image_key: str(path)}
             else:
                 sample = {self.image_key: image}
             if self.preprocessing is not None:
