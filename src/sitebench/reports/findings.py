@@ -49,8 +49,10 @@ def findings(models: Sequence[ModelCard], evaluation: Evaluation,
     for marker in markers:
         if (marker.get("analysis") or "continuous") == "continuous":
             prefix = f"{biomarker_label(marker)}: "
-            notes += [prefix + n for n in _continuous(models, evaluation_for(evaluation, marker, markers),
-                                                      marker.get("unit") or "")]
+            part = evaluation_for(evaluation, marker, markers)
+            present = set(part.table["model_key"]) if "model_key" in part.table else set()
+            scored = [card for card in models if card.key in present]  # a model may give other biomarkers only
+            notes += [prefix + n for n in _continuous(scored, part, marker.get("unit") or "")]
     for marker in markers:
         if marker.get("analysis") == "classification":
             notes += _classification_findings(evaluation, marker)
