@@ -276,7 +276,7 @@ class BenchmarkRun:
                  f"{self.seconds:.1f} s",
                  f"predictions: {self.predictions_path}"]
         for card in self.models:
-            part = self.predictions[self.predictions["files_sha256"] == card.files_sha256]
+            part = self.predictions[self.predictions["model_key"] == card.key]
             lines.append(f"  {card.key:<24} sha256 {card.weights_sha256[:12]}…  n={part['scan_id'].nunique()}")
         return "\n".join(lines)
 
@@ -387,15 +387,17 @@ def run_benchmark(spec: BenchmarkSpec, *, workers: int = 2, scheduler: str | Non
     _upgrade_file(overlap_path, OVERLAP_COLUMNS)
     existing = _read_existing(predictions_path)
     names = [m.name for m in biomarkers]
-    have: dict[tuple[str, str, str], set[str]] = {}
-    for scan, files, image, marker in zip(existing["scan_id"], existing["files_sha256"], existing["image_sha256"],
-                                          existing["biomarker"]):
-        have.setdefault((scan, files, image), set()).add(marker)
+    # a scan is done for a model when every biomarker it gives was scored from the same files and image;
+    # the model key is part of the identity: two factories of one module share their files
+    have: dict[tuple[str, str, str, str], set[str]] = {}
+    for scan, files, key, image, marker in zip(existing["scan_id"], existing["files_sha256"], existing["model_key"],
+                                               existing["image_sha256"], existing["biomarker"]):
+        have.setdefault((scan, files, key, image), set()).add(marker)
     records = _records(manifest, spec)
     transform_items = _freeze_transforms(spec)
     pending: list[tuple[ChunkTask, list[dict[str, Any]]]] = []
     reused = 0
-    allowed: set[tuple[str, str, str]] = set()  # (files_sha256, scan_id, biomarker) this spec asks for
+    allowed: set[tuple[str, str, str, str]] = set()  # (files_sha256, model_key, scan_id, biomarker) asked for
     for model_spec, model_ref, card in zip(spec.models, resolved, cards):
         mine = records
         if model_spec.subsample is not None:
@@ -403,9 +405,9 @@ def run_benchmark(spec: BenchmarkSpec, *, workers: int = 2, scheduler: str | Non
             mine = [r for r in records if r["scan_id"] in keep]
         model_markers = spec.model_biomarkers(model_spec)
         wanted = {m.name for m in model_markers}
-        allowed.update((card.files_sha256, r["scan_id"], name) for r in mine for name in wanted)
-        todo = [r for r in mine if not wanted <= have.get((r["scan_id"], card.files_sha256, r["image_sha256"]),
-                                                            set())]
+        allowed.update((card.files_sha256, card.key, r["scan_id"], name) for r in mine for name in wanted)
+        todo = [r for r in mine if not wanted <= have.get((r["scan_id"], card.files_sha256, card.key,
+                                                             r["image_sha256"]), set())]
         reused += len(mine) - len(todo)
         task = ChunkTask(model_ref, transform_items, tuple(model_markers), spec_file)
         n_workers = max(1, workers)
@@ -425,20 +427,22 @@ def run_benchmark(spec: BenchmarkSpec, *, workers: int = 2, scheduler: str | Non
             closer()
     scans = manifest.table[[mf.SCAN_ID, mf.IMAGE_SHA256]]
     predictions = _current(_read_existing(predictions_path), allowed, names, scans,
-                           ["scan_id", "files_sha256", "image_sha256", "biomarker"], PREDICTION_COLUMNS,
+                           ["scan_id", "files_sha256", "model_key", "image_sha256", "biomarker"], PREDICTION_COLUMNS,
                            ["biomarker", "model_key", "scan_id"])
     overlap = _current(_read_existing(overlap_path, OVERLAP_COLUMNS), allowed, names, scans,
-                       ["scan_id", "files_sha256", "image_sha256", "biomarker", "label"], OVERLAP_COLUMNS,
+                       ["scan_id", "files_sha256", "model_key", "image_sha256", "biomarker", "label"],
+                       OVERLAP_COLUMNS,
                        ["biomarker", "model_key", "label", "scan_id"])
     return BenchmarkRun(spec=spec, manifest=manifest, models=cards, resolved=resolved, predictions=predictions,
                         predictions_path=predictions_path, computed=computed, reused=reused,
                         seconds=time.perf_counter() - started, overlap=overlap)
 
 
-def _current(frame: pd.DataFrame, allowed: set[tuple[str, str, str]], biomarkers: list[str], scans: pd.DataFrame,
+def _current(frame: pd.DataFrame, allowed: set[tuple[str, str, str, str]], biomarkers: list[str], scans: pd.DataFrame,
              key: list[str], columns: tuple[str, ...], order: list[str]) -> pd.DataFrame:
     """The latest row per key for the models, scans and biomarkers this spec asks for, in a stable order."""
-    keep = pd.Series([k in allowed for k in zip(frame["files_sha256"], frame["scan_id"], frame["biomarker"])],
+    keep = pd.Series([k in allowed for k in zip(frame["files_sha256"], frame["model_key"], frame["scan_id"],
+                                                frame["biomarker"])],
                      index=frame.index, dtype=bool)
     current = (frame[keep].drop_duplicates(key, keep="last")
                .merge(scans, left_on=["scan_id", "image_sha256"], right_on=[mf.SCAN_ID, mf.IMAGE_SHA256])

@@ -373,6 +373,12 @@ def _evaluate_biomarkers(table: pd.DataFrame, plan: AnalysisPlan, model_keys: li
             parts["classification"].extend(_classification(part, entry, keys, plan, notes))
             parts["discrimination"].extend(_paired_delong(part, name, pairs, plan, notes))
             continue
+        reference_column = entry.get("reference_column")
+        if reference_column in COVARIATES and reference_column in part:
+            # a biomarker that estimates a covariate (brain age against age) cannot also be adjusted for it
+            part = part.drop(columns=reference_column)
+            notes.append(f"{name}: its reference is the covariate '{reference_column}', which is therefore left "
+                         "out of its mixed models and harmonization")
         margin = entry.get("equivalence_margin")
         sub_plan = replace(plan, biomarkers=[], compare=pairs,
                            equivalence_margin=margin if margin is not None
