@@ -151,10 +151,11 @@ def _one_line_error(done, spec: Path, key: str) -> None:
     assert str(spec) in lines[-1] and key in lines[-1], lines[-1]
 
 
-@pytest.fixture
-def earlier_run(small_trial, team_env, tmp_path):
-    """A good run first, so each bad spec is shown to lose nothing already written."""
+@pytest.fixture(scope="module")
+def earlier_run(small_trial, team_env, tmp_path_factory):
+    """A good run first, so each bad spec is shown to lose nothing already written (none may touch it)."""
     _, env = team_env
+    tmp_path = tmp_path_factory.mktemp("earlier")
     spec = _spec(tmp_path / "good.yaml", small_trial, BIOMARKERS[:1], [{"source": "entrypoint:team_models:make_v1"}])
     done = run_cli("benchmark", "run", spec, "--workers", "1", "--no-progress", "--no-report", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
