@@ -178,7 +178,15 @@ def score_chunk(task: ChunkTask, records: list[dict[str, Any]]) -> tuple[list[di
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
             raise SitebenchError(f"not a readable NIfTI image ({reason[:160]})", record["image"]) from None
         data = {**data, "image_path": record["image"]}
-        prediction = model.predict(data)
+        try:
+            prediction = model.predict(data)
+        except SitebenchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a team's model failing on a scan is reported, not a traceback
+            lines = str(exc).strip().splitlines()
+            reason = lines[-1][:200] if lines else ""
+            raise SitebenchError(f"model {card.key} failed on this scan ({exc.__class__.__name__}: {reason}); "
+                                 "does its input need a particular size or spacing?", record["image"]) from None
         try:
             values = derive(list(task.biomarkers), prediction, voxel_volume_ml(data))
         except BiomarkerError as exc:

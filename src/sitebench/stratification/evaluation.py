@@ -317,7 +317,7 @@ def _evaluate_single(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[s
         metrics.insert(0, MODEL_KEY, key)
         metric_frames.append(metrics)
         for response in (ERROR, PREDICTION):
-            mixed.append({MODEL_KEY: key, **fit_scanner_effects(part, response, ddf=plan.df_method).to_dict()})
+            mixed.append({MODEL_KEY: key, **_scanner_effects(part, response, plan, f"{key} ({response})", notes)})
         complete = part.dropna(subset=[REFERENCE, PREDICTION]).reset_index(drop=True)  # as the metrics do
         up = upgrade_effect(complete, ERROR).to_frame()
         up.insert(0, MODEL_KEY, key)
@@ -331,7 +331,7 @@ def _evaluate_single(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[s
             frame["all_within_margin"] = eq.all_within_margin
             equivalences.append(frame)
     first = table[table[MODEL_KEY] == model_keys[0]].reset_index(drop=True)
-    mixed.append({MODEL_KEY: REFERENCE_KEY, **fit_scanner_effects(first, REFERENCE, ddf=plan.df_method).to_dict()})
+    mixed.append({MODEL_KEY: REFERENCE_KEY, **_scanner_effects(first, REFERENCE, plan, "the reference", notes)})
     comparison, discrimination = compare_versions(table, plan)
     return Evaluation(table=table, plan=plan, metrics=pd.concat(metric_frames, ignore_index=True), mixed=jsonable(mixed),
                       upgrade=pd.concat(upgrades, ignore_index=True),
@@ -339,6 +339,19 @@ def _evaluate_single(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[s
                       harmonization=pd.concat(harmonized, ignore_index=True),
                       equivalence=pd.concat(equivalences, ignore_index=True) if equivalences else pd.DataFrame(),
                       comparison=comparison, discrimination=discrimination, notes=notes)
+
+
+def _scanner_effects(part: pd.DataFrame, response: str, plan: AnalysisPlan, what: str,
+                     notes: list[str]) -> dict[str, Any]:
+    """The mixed model's record; a design it cannot be fitted on (a model scored on a small subsample,
+    a site that explains a vendor) is a note and an empty record, not the end of the whole evaluation."""
+    try:
+        return fit_scanner_effects(part, response, ddf=plan.df_method).to_dict()
+    except SitebenchError as exc:
+        notes.append(f"mixed model of {what} not fitted: {exc}")
+        return {"response": response, "formula": "", "fixed_effects": {}, "variance_components": {},
+                "variance_share": {}, "loglik": None, "converged": None, "optimizer": None, "boundary": None,
+                "notes": [f"not fitted: {exc}"]}
 
 
 def _evaluate_biomarkers(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[str] | None) -> Evaluation:
