@@ -15,8 +15,15 @@ def test_trial_demo_yaml_is_the_built_in_default():
 
 
 def test_benchmark_demo_yaml_loads():
+    from sitebench.pipeline import demo_spec
+
     spec = load_spec(CONFIGS / "benchmark_demo.yaml")
-    assert [m.source for m in spec.models] == ["classical", "builtin:gm_unet_v1", "builtin:gm_unet_v2"]
+    demo = demo_spec()
+    # the file declares what the demo runs: the same models, biomarkers and subsample
+    assert [m.source for m in spec.models] == [m["source"] for m in demo["models"]]
+    assert [m.model_dump(exclude_none=True) for m in spec.biomarkers] == \
+        [type(m)(**d).model_dump(exclude_none=True) for m, d in zip(spec.biomarkers, demo["biomarkers"])]
+    assert [m.subsample for m in spec.models][-1].model_dump() == demo["models"][-1]["subsample"]
     assert spec.manifest_path == (CONFIGS / "../sitebench-demo/trial/manifest.csv")
 
 

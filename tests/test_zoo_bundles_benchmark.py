@@ -100,10 +100,11 @@ def test_classification_bundle_outputs_equal_monai_evaluator(small_trial, tmp_pa
 
     bundle = _copy_with_random_weights("classification_template", tmp_path, seed=13)
     manifest, by_scan = _derived_manifest(small_trial, tmp_path, lambda v: v[:, :, v.shape[2] // 2])
-    paths = list(by_scan.values())
     biomarkers = [{"name": "p_class1", "kind": "class_probability", "output": "pred", "index": 1,
                    "reference": {"column": "group", "positive": "patient"}}]
-    predictions = _run(tmp_path, manifest, biomarkers, bundle)
+    predictions = _run(tmp_path, manifest, biomarkers, bundle, {"per": ["site"], "n": 2})
+    by_scan = {scan: by_scan[scan] for scan in predictions["scan_id"]}
+    paths = list(by_scan.values())
     workflow = _monai_workflow(bundle, test_dict=[{"image": p, "label": 0} for p in paths])
     evaluator = workflow.parser.get_parsed_content("evaluator")
     theirs: list[np.ndarray] = []
