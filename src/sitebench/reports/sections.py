@@ -666,16 +666,23 @@ def _comparison_body(c: ReportContent) -> str:
         ep = plan.endpoint
         body += (f"<h3>Discrimination of {html.escape(ep.column)} = {html.escape(ep.positive)} "
                  "(paired DeLong)</h3>")
-        for (a, b), part in auc.groupby(["model_a", "model_b"], sort=False):
-            part = part.copy()
-            part["level"] = part["level"].where(part["level"] != "overall", "all scans")
-            part["cases"] = [f"{fmt_value(p, 'int')} / {fmt_value(n, 'int')}"
-                             for p, n in zip(part["n_positive"], part["n_negative"])]
-            body += _table(part, ["level", "cases", "auc_a", "auc_b", "difference",
-                                  CI("ci_low", "ci_high", kind="auc"), "p", "status"], "",
-                           {"level": "Scans", "cases": "With / without endpoint", "auc_a": f"AUC, {a}",
-                            "auc_b": f"AUC, {b}", "difference": f"AUC difference ({b} − {a})"},
-                           {"difference": "auc"})
+        body += _paired_delong_tables(auc, "With / without endpoint")
+    return body
+
+
+def _paired_delong_tables(auc: pd.DataFrame, cases_header: str) -> str:
+    """One table per compared pair of versions: each version's AUC and the paired DeLong difference."""
+    body = ""
+    for (a, b), part in auc.groupby(["model_a", "model_b"], sort=False):
+        part = part.copy()
+        part["level"] = part["level"].where(part["level"] != "overall", "all scans")
+        part["cases"] = [f"{fmt_value(p, 'int')} / {fmt_value(n, 'int')}"
+                         for p, n in zip(part["n_positive"], part["n_negative"])]
+        body += _table(part, ["level", "cases", "auc_a", "auc_b", "difference",
+                              CI("ci_low", "ci_high", kind="auc"), "p", "status"], "",
+                       {"level": "Scans", "cases": cases_header, "auc_a": f"AUC, {a}",
+                        "auc_b": f"AUC, {b}", "difference": f"AUC difference ({b} − {a})"},
+                       {"difference": "auc"})
     return body
 
 
@@ -922,16 +929,7 @@ def _classification(c: ReportContent) -> str:
             pd.DataFrame()
         if len(paired) and {"model_a", "model_b", "auc_a", "auc_b"} <= set(paired.columns):
             body += f"<h4>Versions compared: paired DeLong test (alpha {alpha:g})</h4>"
-            for (a, b), part in paired.groupby(["model_a", "model_b"], sort=False):
-                part = part.copy()
-                part["level"] = part["level"].where(part["level"] != "overall", "all scans")
-                part["cases"] = [f"{fmt_value(p, 'int')} / {fmt_value(n, 'int')}"
-                                 for p, n in zip(part["n_positive"], part["n_negative"])]
-                body += _table(part, ["level", "cases", "auc_a", "auc_b", "difference",
-                                      CI("ci_low", "ci_high", kind="auc"), "p", "status"], "",
-                               {"level": "Scans", "cases": "Positives / negatives", "auc_a": f"AUC, {a}",
-                                "auc_b": f"AUC, {b}", "difference": f"AUC difference ({b} − {a})"},
-                               {"difference": "auc"})
+            body += _paired_delong_tables(paired, "Positives / negatives")
     title = section_titles(c)["results-classification"]
     return _section("results-classification", title, body)
 
