@@ -63,6 +63,7 @@ def forest_plot(rows: pd.DataFrame, metric: str = "bias", stratum: str = "site",
     offsets = np.linspace(-0.25, 0.25, len(models)) if len(models) > 1 else [0.0]
     for k, model in enumerate(models):
         part = data[data["model_key"] == model].set_index("level")
+        labelled = False  # the legend names a model at its first drawn level (the first may be n.e.)
         for i, level in enumerate(levels):
             if level not in part.index:
                 continue
@@ -75,7 +76,8 @@ def forest_plot(rows: pd.DataFrame, metric: str = "bias", stratum: str = "site",
             high = row["ci_high"] if not pd.isna(row["ci_high"]) else row["estimate"]
             ax.errorbar(row["estimate"], y, xerr=[[row["estimate"] - low], [high - row["estimate"]]],
                         fmt="o", ms=3.5, color=COLOURS[k % 5], capsize=2,
-                        label=model if i == 0 else None)
+                        label=None if labelled else model)
+            labelled = True
     ax.axvline(0, color="grey", lw=0.8, ls="--")
     ax.set_yticks(range(len(levels)), levels)
     ax.invert_yaxis()
