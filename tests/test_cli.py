@@ -152,6 +152,10 @@ def test_demo_end_to_end(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)  # not whatever an earlier test set
     assert client.get_model_version_by_alias("gm-unet", "candidate").tags["model_version"] == "2.0.0"
     assert client.get_model_version_by_alias("gm-unet", "baseline").tags["model_version"] == "1.0.0"
+    # registration writes the model card to the version as tags: files and their digest, biomarkers
+    card = client.get_model_version_by_alias("gm-unet", "candidate").tags
+    assert json.loads(card["sitebench.card.files"])["models/model.pt"] == card["weights_sha256"]
+    assert card["sitebench.card.kind"] == "monai-bundle" and "sitebench.card.licence" in card
     parent = client.get_run(parents.run_id.iloc[0])
     assert parent.inputs.dataset_inputs, "the manifest is logged as a dataset input"
 

@@ -72,7 +72,7 @@ def test_the_mlflow_copy_is_intact_with_its_materials_not_available_here(logged)
     labels = sum(1 for _ in (logged["trial"] / "labels").glob("*.nii.gz"))
     # every image, every label, the data manifest and the spec (the weights may be reachable from here)
     roles = {m["role"] for m in missing}
-    assert {"data manifest", "benchmark spec"} <= roles and images + labels + 2 <= len(missing) <= images + labels + 4
+    assert {"data manifest", "benchmark spec"} <= roles and images + labels + 2 <= len(missing) <= images + labels + 8
     assert sum(r.startswith("image ") for r in roles) == images and sum(r.startswith("label ") for r in roles) == labels
     assert data["report_files"]["intact"] and data["problems"] == [] and data["exit_code"] == 3
     assert data["materials"]["matched"] == data["materials"]["total"] - len(missing)
@@ -81,12 +81,13 @@ def test_the_mlflow_copy_is_intact_with_its_materials_not_available_here(logged)
 def test_materials_elsewhere_are_found_by_their_recorded_path(logged):
     result = run_cli("report", "verify", logged["copy"], "--materials", logged["root"])  # the trial's parent
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "materials: 52 of 52 match" in result.stdout and "not available" not in result.stdout
+    # 24 images, 24 labels, the manifest, the spec, and each bundle's weights, inference and metadata configs
+    assert "materials: 56 of 56 match" in result.stdout and "not available" not in result.stdout
     # the trial folder itself: every image, label and the manifest; the spec and weights lie beside it
     trial_only = run_cli("report", "verify", logged["copy"], "--materials", logged["trial"])
     assert trial_only.returncode == EXIT_MATERIALS_NOT_HERE, trial_only.stdout
-    assert "materials not available here: 3 (" in trial_only.stdout, trial_only.stdout
-    assert all(name in trial_only.stdout for name in ("benchmark spec", "weights gm-unet@1.0.0", "weights gm-unet@2.0.0"))
+    assert "materials not available here: 7 (" in trial_only.stdout, trial_only.stdout  # spec and bundle files
+    assert all(name in trial_only.stdout for name in ("benchmark spec", "weights gm-unet@1.0.0"))
     # a changed image in that other copy of the materials fails and is named
     other = logged["root"] / "other_trial"
     shutil.copytree(logged["trial"], other)
