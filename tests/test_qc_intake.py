@@ -299,13 +299,14 @@ def test_sigkill_mid_series_loses_nothing_acknowledged(tmp_path, protocols):
                                "127.0.0.1", str(svc.dicom_port), str(T1)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
-    while svc.records.file_count() < 60 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # kill early and poll often: on an idle machine storescu sends the whole series in well under a second
+    while svc.records.file_count() < 20 and time.monotonic() < deadline:
+        time.sleep(0.005)
     svc.proc.send_signal(signal.SIGKILL)
     svc.proc.wait(timeout=30)
     log = sender.communicate(timeout=60)[0]
     acknowledged = log.count("Received Store Response (Success)")
-    assert 60 <= acknowledged < 196, log[-2000:]
+    assert 20 <= acknowledged < 196, log[-2000:]
 
     stored = svc.records.file_count()
     assert stored >= acknowledged
