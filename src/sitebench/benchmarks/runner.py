@@ -187,8 +187,9 @@ def score_chunk(task: ChunkTask, records: list[dict[str, Any]]) -> tuple[list[di
             reason = lines[-1][:200] if lines else ""
             raise SitebenchError(f"model {card.key} failed on this scan ({exc.__class__.__name__}: {reason}); "
                                  "does its input need a particular size or spacing?", record["image"]) from None
+        voxel_ml, spacing = voxel_volume_ml(data), _spacing(data)  # once per scan, for every biomarker
         try:
-            values = derive(list(task.biomarkers), prediction, voxel_volume_ml(data))
+            values = derive(list(task.biomarkers), prediction, voxel_ml)
         except BiomarkerError as exc:
             raise SitebenchError(f"{exc.key}: {exc} (model {card.key}, scan {record['scan_id']})",
                                  task.spec_file) from None
@@ -205,7 +206,6 @@ def score_chunk(task: ChunkTask, records: list[dict[str, Any]]) -> tuple[list[di
                     if path not in reference_maps:
                         reference_maps[path] = _label_map(path)
                     ref_map = reference_maps[path]
-                    voxel_ml = voxel_volume_ml(data)
                     if not ref.column:
                         reference_value = float(np.isin(ref_map, ref.labels).sum()) * voxel_ml
                     if segmentation is not None:
@@ -217,7 +217,7 @@ def score_chunk(task: ChunkTask, records: list[dict[str, Any]]) -> tuple[list[di
                         model_labels = marker.labels or [1]
                         dice = _dice(np.isin(segmentation, model_labels), np.isin(ref_map, ref.labels))
                         overlaps += _overlap_rows(marker, model_labels, ref.labels, segmentation, ref_map,
-                                                  voxel_ml, _spacing(data), record, identity)
+                                                  voxel_ml, spacing, record, identity)
             rows.append({"scan_id": record["scan_id"], **identity, "image_sha256": record["image_sha256"],
                          "biomarker": marker.name, "output": marker.output or marker.kind,
                          "prediction": values[marker.name], "reference": reference_value, "dice": dice,
