@@ -123,14 +123,27 @@ def cmd_qc_status(args: argparse.Namespace) -> int:
         print_json([{**asdict(r), "rescan_rate": r.rescan_rate} for r in rows])
         return 0
     head = f"{'site':<10}{'series':>7}{'pass':>6}{'warn':>6}{'fail':>6}{'undet':>6}{'unmatch':>8}" \
-           f"{'open dev':>9}{'drift':>6}{'rescan':>8}{'rejected':>9}"
+           f"{'open dev':>9}{'drift':>6}{'rescan':>8}{'rejected':>9}{'quarant':>8}{'conflict':>9}{'waiting':>8}"
     print(head)
     for r in rows:
         print(f"{r.site:<10}{r.series:>7}{r.passed:>6}{r.warned:>6}{r.failed:>6}{r.undetermined:>6}"
               f"{r.unmatched:>8}{r.open_deviations:>9}{r.drift_events:>6}{100 * r.rescan_rate:>7.1f}%"
-              f"{r.rejected_files:>9}")
+              f"{r.rejected_files:>9}{r.quarantined_files + r.quarantined_series:>8}{r.conflicts:>9}"
+              f"{r.waiting_series:>8}")
     if not rows:
         print("(no series checked yet)")
+    for line in _qc_records(args.store, args.database).attention_lines():
+        print(line)
+    return 0
+
+
+def cmd_qc_resolve(args: argparse.Namespace) -> int:
+    from sitebench.qc.intake import load_intake_config, resolve_conflict
+
+    result = resolve_conflict(load_intake_config(args.config), args.keep, who=args.who, why=args.why)
+    print(f"kept {result['kept'][:12]} for series {result['series_key']} ({result['site']}); "
+              f"{len(result['superseded'])} other cop{'y' if len(result['superseded']) == 1 else 'ies'} kept "
+          f"but not used; the series is checked again")
     return 0
 
 
@@ -176,6 +189,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--database", help="SQLAlchemy URL instead of the store's SQLite file")
     add_json(status, "a list with one row per site")
     status.set_defaults(func=cmd_qc_status)
+    resolve = qc.add_parser("resolve", help="keep one copy of an instance received twice with different bytes",
+                            description="An instance (SOPInstanceUID) received again with other bytes is a "
+                                        "conflict: both copies are kept and the series is undetermined until a "
+                                        "person keeps one. `qc status` lists conflicts with each copy's sha256. "
+                                        "Audited; the series is checked again.")
+    resolve.add_argument("--config", required=True, help="intake YAML of the running gate")
+    resolve.add_argument("--keep", required=True, help="sha256 (or a unique prefix) of the copy to keep")
+    resolve.add_argument("--who", required=True, help="who decides")
+    resolve.add_argument("--why", required=True, help="why this copy")
+    resolve.set_defaults(func=cmd_qc_resolve)
     to_manifest = qc.add_parser("manifest", help="checked series into a scan manifest (NIfTI + QC columns)",
                                 description="One NIfTI and one manifest row per series whose latest verdict is "
                                             "pass or warn, with qc_status, qc_protocol, qc_deviations and "

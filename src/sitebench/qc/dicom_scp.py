@@ -1,9 +1,15 @@
 """DICOM Storage SCP (pynetdicom) in front of :class:`sitebench.qc.intake.IntakeService`.
 
 Each site's scanners / PACS are known by their *calling* AE titles (the sender's
-identity, as PACS whitelists do); an association from an unknown title is rejected and
-audited. Every C-STORE is stored and recorded before its success status is returned:
-the raw encoded dataset is kept as received (no decode and re-encode).
+identity, as PACS whitelists do); an association from an unknown title, or one that calls
+another AE title than this gate's, is rejected and audited. Every C-STORE is stored and
+recorded before its success status is returned: the raw encoded dataset is kept as
+received (no decode and re-encode).
+
+Limits (``dicom:`` in the intake YAML): at most ``max_associations`` at once; a bare TCP
+connect that sends no association request is dropped after ``acse_timeout`` seconds (the
+ARTIM timer, PS3.8 9.1.5), an idle association after ``network_timeout``; a file over
+``max_file_mb`` is answered A700 (out of resources) and never stored.
 """
 
 from __future__ import annotations
@@ -31,7 +37,12 @@ def start_storage_scp(service: "IntakeService", listener: "DicomListener") -> An
     ae.supported_contexts = AllStoragePresentationContexts
     ae.add_supported_context(Verification)
     ae.require_calling_aet = sorted(service.ae_sites)
+    ae.require_called_aet = True  # an association must call this gate by its own AE title
     ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
+    ae.maximum_associations = listener.max_associations
+    ae.network_timeout = listener.network_timeout
+    ae.acse_timeout = listener.acse_timeout
+    ae.dimse_timeout = listener.dimse_timeout
     transfers: dict[int, str] = {}
 
     def transfer_of(event) -> str:
@@ -62,7 +73,11 @@ def start_storage_scp(service: "IntakeService", listener: "DicomListener") -> An
 
     def on_rejected(event) -> None:
         calling = str(event.assoc.requestor.ae_title).strip()
-        service.reject_association(calling, "calling AE title is not registered to any site")
+        if calling in service.ae_sites:
+            why = f"called AE title is not this gate's ({listener.ae_title})"
+        else:
+            why = "calling AE title is not registered to any site"
+        service.reject_association(calling, why)
 
     handlers = [(evt.EVT_C_STORE, on_store),
                 (evt.EVT_RELEASED, lambda e: on_end(e, "association released")),

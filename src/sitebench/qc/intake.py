@@ -27,6 +27,7 @@ import os
 import queue
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,18 +36,19 @@ from typing import Annotated, Any
 import pydicom  # noqa: F401 - imported before the worker threads start: concurrent first imports deadlock
 from pydantic import Field
 
-from sitebench.audit import AuditTrail
+from sitebench.audit import AuditTrail, SqlAuditHead, create_audit_key, load_audit_key
 from sitebench.config import StrictModel, load_yaml, parse_config
 from sitebench.durable import fsync_dir
 from sitebench.errors import SitebenchError
-from sitebench.provenance import sha256_bytes
+from sitebench.provenance import sha256_bytes, utc_now
 from sitebench.qc import dicom_params  # noqa: F401 - same reason (check_bytes imports it lazily)
 from sitebench.qc.dicom_files import FileCheck, check_bytes
 from sitebench.qc.gate import Gate, SeriesOutcome, uid_key
 from sitebench.qc.protocol import Protocol, load_protocol
 from sitebench.qc.records import QCRecords, database_url
 
-__all__ = ["IntakeConfig", "IntakeService", "ObjectStore", "Receipt", "load_intake_config", "serve"]
+__all__ = ["IntakeConfig", "IntakeService", "ObjectStore", "Receipt", "load_intake_config", "open_audit_trail",
+           "resolve_conflict", "serve"]
 
 log = logging.getLogger("sitebench.qc.intake")
 MB = 1024 * 1024
@@ -57,20 +59,39 @@ KEEP_IN_QUEUE_BYTES = 32 * MB  # larger files are read back from the store by th
 SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
 
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class SiteConfig(StrictModel):
     #: calling AE titles of this site's scanners / PACS: an association from any other title is refused
     ae_titles: list[str] = Field(default_factory=list)
+    #: SHA-256 (hex) of each bearer token this site uploads over STOW-RS with; the tokens themselves
+    #: are never stored. A site without tokens cannot upload over HTTP.
+    http_token_sha256: list[Sha256Hex] = Field(default_factory=list)
 
 
 class DicomListener(StrictModel):
     host: str = "0.0.0.0"
     port: int = 11112
     ae_title: str = "SITEBENCH"
+    #: concurrent associations; more are refused (A-ASSOCIATE-RJ), so one site cannot take every slot
+    max_associations: int = Field(default=16, ge=1)
+    #: seconds an idle connection (a bare TCP connect, a stalled sender) is kept before it is dropped
+    network_timeout: float = Field(default=10.0, gt=0)
+    #: seconds to wait for an association request / release (ACSE) and a DIMSE message
+    acse_timeout: float = Field(default=10.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
 
 
 class HttpListener(StrictModel):
     host: str = "127.0.0.1"
     port: int = 8042
+    #: parts one STOW-RS request may hold; a request with more is refused (413) after the limit
+    max_parts: int = Field(default=2000, ge=1)
+    #: requests per minute per site (token bucket); more are answered 429 with Retry-After
+    max_requests_per_minute: float = Field(default=600.0, gt=0)
+    #: serve /openapi.json and the docs (off: the schema describes the attack surface)
+    openapi: bool = False
 
 
 class IntakeConfig(StrictModel):
@@ -81,7 +102,14 @@ class IntakeConfig(StrictModel):
     dicom: DicomListener | None = Field(default_factory=DicomListener)
     http: HttpListener | None = Field(default_factory=HttpListener)
     folder: Path | None = None
+    #: the trial's secret that MAC-chains the audit trail (RFC 2104 HMAC-SHA256); keep it outside the store.
+    #: Default ``<store>/audit.key``, made on first start. `sitebench audit new-key FILE` makes one.
+    audit_key_file: Path | None = None
     quiet_seconds: float = 5.0
+    #: a quiet series known to be incomplete waits this long after its last file before it gets a verdict
+    incomplete_wait_seconds: float = Field(default=900.0, ge=0)
+    #: failed attempts at indexing a file or checking a series before it is quarantined (retries back off)
+    max_attempts: int = Field(default=3, ge=1)
     image_quality: bool = True
     max_file_mb: float = 2048.0
     who: str = Field(default_factory=lambda: f"sitebench-gate@{socket.gethostname()}")
@@ -95,7 +123,25 @@ def load_intake_config(path: str | Path) -> IntakeConfig:
     updates: dict[str, Any] = {"store": base / config.store, "protocols": base / config.protocols}
     if config.folder is not None:
         updates["folder"] = base / config.folder
+    if config.audit_key_file is not None:
+        updates["audit_key_file"] = base / config.audit_key_file
     return config.model_copy(update=updates)
+
+
+def open_audit_trail(config: IntakeConfig) -> AuditTrail:
+    """The store's audit trail (``<store>/audit.jsonl``), MAC-chained with the trial's key, its head in the database.
+
+    The key is ``audit_key_file``; when none is configured, ``<store>/audit.key`` (made, 0600,
+    on first use). A key outside the store (another mount, a secrets volume) means that whoever
+    can write the store still cannot forge records; the head kept in the QC database means that
+    removing the last records or re-chaining the file is caught by ``sitebench audit verify``.
+    """
+    key_file = config.audit_key_file or Path(config.store) / "audit.key"
+    if config.audit_key_file is None and not key_file.exists():
+        Path(config.store).mkdir(mode=0o700, parents=True, exist_ok=True)
+        create_audit_key(key_file)
+    return AuditTrail(Path(config.store) / "audit.jsonl", key=load_audit_key(key_file),
+                      head=SqlAuditHead(database_url(config.store, config.database)))
 
 
 def load_locked_protocols(folder: Path) -> list[Protocol]:
@@ -113,45 +159,110 @@ class ObjectStore:
     """Files named by their SHA-256 under ``root/objects/<site>``; writes are atomic and durable.
 
     The site in the path lets :meth:`IntakeService.recover` re-record an object whose
-    database row was lost (power loss after the ack), with the right site.
+    database row was lost (power loss after the ack), with the right site. Files are
+    0600 and folders 0700: the store holds identifiable images.
     """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.tmp = self.root / "objects" / "tmp"
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        for folder in (self.root, self.objects, self.tmp):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+
+    def target(self, sha: str, site: str) -> tuple[Path, str]:
+        rel = Path("objects") / site / sha[:2] / sha
+        return self.root / rel, str(rel)
+
+    def new_tmp(self) -> Path:
+        """A fresh path under ``objects/tmp`` for a caller that streams a file to disk (created 0600)."""
+        path = self.tmp / uuid.uuid4().hex
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return path
 
     def put(self, data: bytes, site: str) -> tuple[str, str]:
         """Store bytes; returns (sha256, path relative to the store root). Idempotent."""
         sha = sha256_bytes(data)
-        rel = Path("objects") / site / sha[:2] / sha
-        target = self.root / rel
+        target, rel = self.target(sha, site)
         if target.exists() and target.stat().st_size == len(data):
-            return sha, str(rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"{sha}.{uuid.uuid4().hex}"
+            return sha, rel
+        tmp = self.new_tmp()
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        self._place(tmp, target)
+        return sha, rel
+
+    def put_file(self, tmp: Path, site: str, sha: str | None = None) -> tuple[str, str, int]:
+        """Move a fully written file from ``objects/tmp`` into place; returns (sha256, rel, size).
+
+        The caller wrote (and closed) ``tmp``; it is fsync'd here. ``sha`` is its SHA-256 when the
+        caller hashed it while streaming (saves a second read).
+        """
+        tmp = Path(tmp)
+        if sha is None:
+            from sitebench.provenance import sha256_file
+
+            sha = sha256_file(tmp)
+        size = tmp.stat().st_size
+        target, rel = self.target(sha, site)
+        if target.exists() and target.stat().st_size == size:
+            tmp.unlink()
+            return sha, rel, size
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        self._place(tmp, target)
+        return sha, rel, size
+
+    def _place(self, tmp: Path, target: Path) -> None:
+        for folder in (target.parent.parent, target.parent):
+            if not folder.exists():
+                folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(tmp, 0o600)
         os.replace(tmp, target)
         fsync_dir(target.parent)
-        return sha, str(rel)
+
+    def clean_tmp(self) -> int:
+        """Remove temporary files left by transfers that died mid-file (nothing acknowledged is in tmp)."""
+        removed = 0
+        for path in self.tmp.iterdir():
+            if path.is_file() or path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def path(self, rel: str) -> Path:
         return self.root / rel
 
 
 # --------------------------------------------------------------------------- the service
+#: what intake did with one file (:attr:`Receipt.status`)
+RECEIPT_STATUSES = ("stored", "duplicate", "quarantined", "conflict", "refused")
+
+
 @dataclass
 class Receipt:
-    """What intake did with one file."""
+    """What intake did with one file.
+
+    ``status``: ``stored`` (new and usable so far), ``duplicate`` (these exact bytes were
+    stored before; ``problems`` are what was found then), ``quarantined`` (kept, but it
+    cannot be used: ``problems`` say why), ``conflict`` (an instance already received with
+    other bytes, or owned by another site: both copies are kept and audited), ``refused``
+    (not stored: over a limit). ``status`` is final only when the file was parsed on
+    receipt (``parse_now``); otherwise a new file is ``stored`` until the indexer has read it.
+    """
 
     sha256: str
     new: bool
     series_key: str | None
     problems: list[str] = field(default_factory=list)
+    status: str = "stored"
+
+    @property
+    def usable(self) -> bool:
+        return self.status in ("stored", "duplicate") and not self.problems
 
 
 @dataclass
@@ -173,13 +284,14 @@ class IntakeService:
         self.config = config
         self.store = ObjectStore(config.store)
         self.records = QCRecords(database_url(config.store, config.database))
-        self.audit = AuditTrail(Path(config.store) / "audit.jsonl")
+        self.audit = open_audit_trail(config)
         self.protocols = load_locked_protocols(config.protocols)
         self.gate = Gate(self.protocols, image_quality=config.image_quality,
                          drift_state=self.records.load_state("drift"),
                          history_state=self.records.load_state("image_quality_history"))
         self.ae_sites = {ae.strip(): site for site, cfg in config.sites.items() for ae in cfg.ae_titles}
         self._transfers: dict[str, _Transfer] = {}
+        self._queued: set[str] = set()  # files queued for the indexer (not queued twice by a retry sweep)
         self._pending: queue.Queue = queue.Queue()
         self._indexer_thread = threading.Thread(target=self._indexer, name="qc-indexer", daemon=True)
         self._indexer_thread.start()
@@ -190,7 +302,9 @@ class IntakeService:
 
     # ------------------------------------------------------------------ receiving
     def begin_transfer(self, site: str, source: str, sender: str) -> str:
+        """Open a transfer (an association, an upload, a folder batch); recorded, so a crash mid-way is audited."""
         transfer = f"{source}-{uuid.uuid4().hex[:12]}"
+        self.records.begin_transfer(transfer, site, source, sender)
         with self._lock:
             self._transfers[transfer] = _Transfer(site=site, source=source, sender=sender)
         return transfer
@@ -204,40 +318,105 @@ class IntakeService:
         """
         info = self._transfers[transfer]
         sha, rel = self.store.put(data, info.site)
-        new = self.records.record_received(sha256=sha, size=len(data), stored_path=rel, site=info.site,
+        return self._received(sha, rel, len(data), data, transfer, parse_now)
+
+    def receive_path(self, tmp: Path, transfer: str, parse_now: bool = False, sha256: str | None = None) -> Receipt:
+        """:meth:`receive` for a file a listener streamed to :meth:`ObjectStore.new_tmp` (moved into the store).
+
+        Nothing of it is held in memory but its header while it is parsed.
+        """
+        info = self._transfers[transfer]
+        sha, rel, size = self.store.put_file(Path(tmp), info.site, sha256)
+        return self._received(sha, rel, size, None, transfer, parse_now)
+
+    def _received(self, sha: str, rel: str, size: int, data: bytes | None, transfer: str,
+                  parse_now: bool) -> Receipt:
+        info = self._transfers[transfer]
+        new = self.records.record_received(sha256=sha, size=size, stored_path=rel, site=info.site,
                                            source=info.source, transfer=transfer)
         with self._lock:
             info.files += 1
             info.new_files += int(new)
-            info.bytes += len(data)
+            info.bytes += size
         if not new:
-            return Receipt(sha256=sha, new=False, series_key=None)
+            return self._known_receipt(sha)
         if parse_now:
             return self._index(sha, rel, data, info.site, transfer)
-        self._pending.put((sha, rel, data if len(data) <= KEEP_IN_QUEUE_BYTES else None, info.site, transfer))
+        keep = data if data is not None and size <= KEEP_IN_QUEUE_BYTES else None
+        with self._lock:
+            self._queued.add(sha)
+        self._pending.put((sha, rel, keep, info.site, transfer))
         return Receipt(sha256=sha, new=True, series_key=None)
 
+    def _known_receipt(self, sha: str) -> Receipt:
+        """The receipt of bytes stored before: what was found then (a resent bad file is still bad)."""
+        state = self.records.file_state(sha) or {}
+        if not state.get("indexed", True):
+            return Receipt(sha256=sha, new=False, series_key=None, status="duplicate")
+        if state.get("quarantine"):
+            return Receipt(sha, False, None, [state["quarantine"]], "quarantined")
+        status = "conflict" if state.get("conflict") else "duplicate"
+        return Receipt(sha, False, state.get("series_key"), list(state.get("problems") or []), status)
+
     def _index(self, sha: str, rel: str, data: bytes | None, site: str, transfer: str) -> Receipt:
-        """Parse and check one recorded file's header; record what it says."""
-        if data is None:
-            data = self.store.path(rel).read_bytes()
-        check: FileCheck = check_bytes(data)
-        series_key = uid_key(check.series_uid) if check.series_uid else None
-        self.records.record_index(sha256=sha, site=site, series_key=series_key,
-                                  study_key=uid_key(check.study_uid) if check.study_uid else None,
-                                  sop_key=uid_key(check.sop_uid) if check.sop_uid else None,
-                                  problems=check.problems, header_summary=check.summary)
+        """Parse and check one recorded file's header; record what it says.
+
+        Any failure here (a parser bug on hostile bytes, a database error) is counted
+        against the file with bounded, backed-off retries (:meth:`QCRecords.index_failed`);
+        after the last one the file is quarantined with a one-line, audited reason. A file
+        never holds up any other file or series.
+        """
+        try:
+            if data is None:
+                data = self.store.path(rel).read_bytes()
+            check: FileCheck = check_bytes(data)
+            series_key = uid_key(check.series_uid) if check.series_uid else None
+            instance = ((check.summary or {}).get("instance") or {}).get("InstanceNumber")
+            result = self.records.record_index(
+                sha256=sha, site=site, series_key=series_key,
+                study_key=uid_key(check.study_uid) if check.study_uid else None,
+                sop_key=uid_key(check.sop_uid) if check.sop_uid else None, problems=check.problems,
+                header_summary=check.summary, instance_number=instance if isinstance(instance, int) else None)
+        except Exception as exc:  # noqa: BLE001 - one file's failure is that file's problem, never the service's
+            reason = f"could not be indexed: {type(exc).__name__}"
+            _log_bug(self.store.root, f"indexing file {sha[:12]}", exc)
+            if self.records.index_failed(sha, reason, max_attempts=self.config.max_attempts):
+                self.audit.append(who=self.config.who, what="file quarantined", why=reason, subject=f"file {sha}",
+                                  details={"site": site, "transfer": transfer, "stored": rel})
+                log.error("file %s quarantined: %s", sha[:12], reason)
+                return Receipt(sha, True, None, [reason], "quarantined")
+            return Receipt(sha, True, None, [reason], "stored")
         with self._lock:
             info = self._transfers.get(transfer)
             if info is not None:
                 if series_key:
                     info.series.add(series_key)
                 info.problems += [f"{sha[:12]}: {p}" for p in check.problems]
+                if result.reason:
+                    info.problems.append(f"{sha[:12]}: {result.reason}")
+        details = {"site": site, "transfer": transfer, "size": len(data), "stored": rel}
+        if result.status == "quarantined":
+            self.audit.append(who=self.config.who, what="file quarantined", why=result.reason, subject=f"file {sha}",
+                              details=details)
+            return Receipt(sha, True, None, [result.reason], "quarantined")
+        if result.status == "conflict":
+            self.audit.append(who=self.config.who, what="instance conflict", why=result.reason,
+                              subject=f"series {series_key}",
+                              details={**details, "file": sha, "other_copy": result.conflict_with})
+            return Receipt(sha, True, series_key, check.problems + [result.reason], "conflict")
+        for old in result.replaced:
+            self.audit.append(who=self.config.who, what="instance replaced", subject=f"series {series_key}",
+                              why="a clean resend replaces a damaged copy of the same instance",
+                              details={**details, "file": sha, "replaced": old})
+        if result.status == "superseded":
+            self.audit.append(who=self.config.who, what="file not used", why=result.reason,
+                              subject=f"series {series_key}", details={**details, "file": sha,
+                                                                       "kept": result.superseded_by})
+            return Receipt(sha, True, series_key, check.problems + [result.reason], "quarantined")
         if series_key is None:
             self.audit.append(who=self.config.who, what="file rejected", why="; ".join(check.problems),
-                              subject=f"file {sha}", details={"site": site, "transfer": transfer,
-                                                              "size": len(data), "stored": rel,
-                                                              "problems": check.problems})
+                              subject=f"file {sha}", details={**details, "problems": check.problems})
+            return Receipt(sha, True, None, check.problems, "quarantined")
         return Receipt(sha256=sha, new=True, series_key=series_key, problems=check.problems)
 
     def _indexer(self) -> None:
@@ -250,10 +429,21 @@ class IntakeService:
                     self._audit_transfer(*item[1:])
                 else:
                     self._index(*item)
-            except Exception:  # noqa: BLE001 - the row stays unindexed and is parsed again at the next start
-                log.exception("indexing a received file failed")
+                    self._queued.discard(item[0])
+            except Exception as exc:  # noqa: BLE001 - _index handles its own; this is auditing the transfer
+                _log_bug(self.store.root, "indexer", exc)
+                log.error("indexer: %s (the file stays recorded and is retried)", type(exc).__name__)
             finally:
                 self._pending.task_done()
+
+    def _requeue_due(self) -> None:
+        """Queue files whose indexing failed and whose backed-off retry time has come."""
+        for sha, rel, site, transfer in self.records.unindexed(due_only=True):
+            with self._lock:
+                if sha in self._queued:
+                    continue
+                self._queued.add(sha)
+            self._pending.put((sha, rel, None, site, transfer))
 
     def refuse(self, transfer: str, size: int, why: str) -> None:
         """A file not stored (too large): audited, and counted against the transfer."""
@@ -277,6 +467,7 @@ class IntakeService:
             info = self._transfers.pop(transfer, None)
         if info is None:
             return
+        self.records.end_transfer(transfer, how)
         self.audit.append(
             who=self.config.who, what="transfer received", why=how, subject=f"transfer {transfer}",
             details={"site": info.site, "source": info.source, "sender": info.sender, "files": info.files,
@@ -289,27 +480,69 @@ class IntakeService:
 
     # ------------------------------------------------------------------ checking
     def check_complete(self, now: float | None = None) -> list[SeriesOutcome]:
-        """Run the gate on every series that has been quiet for ``quiet_seconds``."""
+        """Run the gate on every series that has been quiet for ``quiet_seconds`` and is not known incomplete.
+
+        A series known to be incomplete (fewer instances than NumberOfSeriesRelatedInstances
+        or its protocol says, or a hole in its slice positions) waits, for at most
+        ``incomplete_wait_seconds`` after its last file, rather than failing: a resend after a
+        pause joins it and it gets one verdict. A series whose check raises is retried with
+        backoff and then quarantined; no series holds up another.
+        """
+        now = time.time() if now is None else now
         outcomes = []
         for series_key, site in self.records.quiet_series(self.config.quiet_seconds, now):
-            files = self.records.series_files(series_key)
-            paths = [self.store.path(rel) for rel, _, _ in files]
-            checks = [FileCheck(series_uid="(stored)", problems=problems, summary=summary)
-                      for _, problems, summary in files]
             try:
-                results = self.gate.check_received(paths, checks, site)
-            except SitebenchError as exc:
-                self.records.mark_checked(series_key)
-                self.audit.append(who=self.config.who, what="series not checked", why=str(exc),
-                                  subject=f"series {series_key}", details={"site": site})
+                outcome = self._check_one(series_key, site, now)
+            except Exception as exc:  # noqa: BLE001 - one series' failure is that series' problem
+                reason = (str(exc) if isinstance(exc, SitebenchError)
+                          else f"the check failed: {type(exc).__name__}")
+                if not isinstance(exc, SitebenchError):
+                    _log_bug(self.store.root, f"checking series {series_key}", exc)
+                if self.records.check_failed(series_key, reason, max_attempts=self.config.max_attempts):
+                    self.audit.append(who=self.config.who, what="series not checked", why=reason,
+                                      subject=f"series {series_key}", details={"site": site})
+                    log.error("series %s not checked: %s", series_key, reason)
                 continue
-            for outcome in results:
-                if outcome.series_key != series_key:  # a file's header disagrees with its intake record
-                    outcome.file_problems.append("file's SeriesInstanceUID changed between intake and check")
-                    outcome.series_key = series_key  # the verdict closes the series intake opened
-                self._record(outcome)  # verdict and closing the series: one transaction
+            if outcome is not None:
                 outcomes.append(outcome)
         return outcomes
+
+    def _check_one(self, series_key: str, site: str, now: float) -> SeriesOutcome | None:
+        files = self.records.series_files(series_key)
+        summaries = [summary for _, _, summary in files if summary is not None]
+        waiting = self._incomplete(summaries, now, series_key)
+        if waiting:
+            self.records.wait(series_key, waiting)
+            return None
+        paths = [self.store.path(rel) for rel, _, _ in files]
+        checks = [FileCheck(series_uid="(stored)", problems=problems, summary=summary)
+                  for _, problems, summary in files]
+        quarantined = self.records.series_quarantined_files(series_key)
+        if quarantined:
+            checks.append(FileCheck(series_uid="(stored)", problems=quarantined, summary=None))
+            paths.append(Path("(quarantined)"))
+        (outcome,) = self.gate.check_received(paths, checks, site)
+        if outcome.series_key != series_key:  # a file's header disagrees with its intake record
+            outcome.file_problems.append("file's SeriesInstanceUID changed between intake and check")
+            outcome.series_key = series_key  # the verdict closes the series intake opened
+        self._record(outcome)  # verdict and closing the series: one transaction
+        return outcome
+
+    def _incomplete(self, summaries: list[dict], now: float, series_key: str) -> str | None:
+        """Why a quiet series should still wait, or None (complete, unknown, or waited long enough)."""
+        from sitebench.qc.gate import series_completeness
+
+        last = self.records.series_last_received(series_key)
+        if last is not None and now - last > self.config.incomplete_wait_seconds:
+            return None
+        completeness = series_completeness(summaries)
+        if completeness.complete is False:
+            return completeness.why
+        if completeness.complete is None:
+            expected = self.gate.expected_instances(summaries)
+            if expected is not None and len(summaries) < expected:
+                return f"{len(summaries)} of the {expected} instances its protocol expects have arrived"
+        return None
 
     def _record(self, outcome: SeriesOutcome) -> None:
         self.records.record_outcome(outcome)
@@ -328,9 +561,11 @@ class IntakeService:
     def _checker(self, interval: float) -> None:
         while not self._stop.wait(interval):
             try:
+                self._requeue_due()
                 self.check_complete()
-            except Exception:  # noqa: BLE001 - the service keeps serving; the series stays open
-                log.exception("gate check failed; will retry")
+            except Exception as exc:  # noqa: BLE001 - the service keeps serving (a database outage, say)
+                _log_bug(self.store.root, "checker", exc)
+                log.error("gate check pass failed: %s; will retry", type(exc).__name__)
 
     # ------------------------------------------------------------------ running
     def recover(self, margin_seconds: float = 600.0) -> int:
@@ -357,13 +592,24 @@ class IntakeService:
 
     def start(self, check_interval: float = 0.5) -> None:
         """Start the configured listeners and the checker thread (returns at once)."""
+        leftovers = self.store.clean_tmp()  # partial files of transfers cut off mid-file: never acknowledged
         for sha, rel, site, transfer in self.records.unindexed():  # recorded, not parsed, before a crash
+            with self._lock:
+                self._queued.add(sha)
             self._pending.put((sha, rel, None, site, transfer))
+        for cut in self.records.interrupted_transfers():
+            self.records.end_transfer(cut["transfer"], "interrupted")
+            self.audit.append(who=self.config.who, what="transfer interrupted", subject=f"transfer {cut['transfer']}",
+                              why=f"{'association aborted' if cut['source'] == 'dicom' else 'transfer cut off'} "
+                                  f"when the service stopped, {cut['files']} files stored",
+                              details={"site": cut["site"], "source": cut["source"], "sender": cut["sender"],
+                                       "started_utc": cut["started_utc"], "files": cut["files"]})
         self.recover()
         pending = self.records.open_series()
         self.audit.append(who=self.config.who, what="intake started", why="service start",
                           details={"protocols": [f"{p.name} v{p.version}" for p in self.protocols],
-                                   "sites": sorted(self.config.sites), "open_series_recovered": len(pending)})
+                                   "sites": sorted(self.config.sites), "open_series_recovered": len(pending),
+                                   "partial_files_removed": leftovers})
         if self.config.dicom is not None:
             from sitebench.qc.dicom_scp import start_storage_scp
 
@@ -390,6 +636,35 @@ class IntakeService:
         for thread in self._threads:
             thread.join(timeout=10)
         self.audit.append(who=self.config.who, what="intake stopped", why="service stop")
+
+
+def resolve_conflict(config: IntakeConfig, keep: str, *, who: str, why: str) -> dict[str, Any]:
+    """Keep one copy of an instance in conflict (``qc resolve``); audited, and its series is checked again."""
+    records = QCRecords(database_url(config.store, config.database))
+    result = records.resolve_conflict(keep)
+    open_audit_trail(config).append(who=who, what="conflict resolved", why=why, subject=f"series {result['series_key']}",
+                                    details=result)
+    return result
+
+
+def _log_bug(store: Path, what: str, exc: BaseException) -> None:
+    """Keep the traceback of an unexpected failure for developers, out of the service log.
+
+    The service log gets one line; ``<store>/logs/errors.log`` (0600) gets the traceback,
+    which names code, never tag values.
+    """
+    import traceback
+
+    folder = Path(store) / "logs"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        path = folder / "errors.log"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as handle:
+            handle.write(f"--- {utc_now()} {what}\n")
+            handle.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=30)))
+    except OSError:
+        pass
 
 
 def _why(outcome: SeriesOutcome) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable, utc_now
 
-__all__ = ["QCRecords", "SiteStatus", "database_url"]
+__all__ = ["IndexResult", "QCRecords", "SiteStatus", "database_url"]
 
 metadata = MetaData()
 
@@ -46,6 +46,16 @@ received_files = Table(
     Column("indexed", Boolean, nullable=False, default=False),  # header parsed and checked
     Column("first_received_utc", String(40), nullable=False),
     Column("times_received", Integer, nullable=False, default=1),
+    Column("received_epoch", Float),
+    # one-line reason this file cannot be used (parse crashed, another site's instance); kept, never checked
+    Column("quarantine", Text),
+    Column("attempts", Integer, nullable=False, default=0),  # indexing attempts that failed
+    Column("next_attempt_epoch", Float),
+    Column("instance_number", Integer),
+    # sha256 of the copy of the same instance that replaces this one (a clean resend of a damaged file,
+    # or the copy a person kept when resolving a conflict)
+    Column("superseded_by", String(64)),
+    Column("conflict", Boolean, nullable=False, default=False),  # same instance, other bytes, unresolved
 )
 
 series = Table(
@@ -57,6 +67,21 @@ series = Table(
     Column("n_files", Integer, nullable=False),
     Column("first_received_utc", String(40), nullable=False),
     Column("last_received_epoch", Float, nullable=False),
+    Column("check_attempts", Integer, nullable=False, default=0),
+    Column("next_check_epoch", Float),
+    Column("waiting", Text),  # why an open, quiet series still waits (known incomplete), for qc status
+    Column("quarantine", Text),  # why checking it failed repeatedly (a bug: its files are kept)
+)
+
+transfers = Table(
+    "transfers", metadata,
+    Column("transfer", String(64), primary_key=True),
+    Column("site", String(64), nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("sender", String(128), nullable=False),
+    Column("started_utc", String(40), nullable=False),
+    Column("ended_utc", String(40)),
+    Column("how", Text),
 )
 
 verdicts = Table(
@@ -129,6 +154,17 @@ def _json(value: Any) -> str:
 
 
 @dataclass
+class IndexResult:
+    """What :meth:`QCRecords.record_index` did with a parsed file."""
+
+    status: str  # stored | quarantined | conflict | superseded
+    reason: str = ""
+    conflict_with: str | None = None
+    superseded_by: str | None = None
+    replaced: list[str] = field(default_factory=list)  # damaged copies this clean resend replaces
+
+
+@dataclass
 class SiteStatus:
     """One row of ``sitebench qc status``."""
 
@@ -143,6 +179,10 @@ class SiteStatus:
     drift_events: int = 0
     rescans: int = 0
     rejected_files: int = 0
+    quarantined_files: int = 0
+    conflicts: int = 0
+    waiting_series: int = 0
+    quarantined_series: int = 0
 
     @property
     def rescan_rate(self) -> float:
@@ -160,6 +200,7 @@ class QCRecords:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     # ------------------------------------------------------------------ intake
     def record_received(self, *, sha256: str, size: int, stored_path: str, site: str, source: str,
@@ -169,7 +210,8 @@ class QCRecords:
             with self.engine.begin() as conn:
                 conn.execute(insert(received_files).values(
                     sha256=sha256, size=size, stored_path=stored_path, site=site, source=source, transfer=transfer,
-                    problems="[]", indexed=False, first_received_utc=utc_now(), times_received=1))
+                    problems="[]", indexed=False, first_received_utc=utc_now(), times_received=1,
+                    received_epoch=time.time(), attempts=0, conflict=False))
             return True
         except IntegrityError:  # these exact bytes are already recorded: count the resend, change nothing else
             with self.engine.begin() as conn:
@@ -177,26 +219,103 @@ class QCRecords:
                              .values(times_received=received_files.c.times_received + 1))
             return False
 
-    def record_index(self, *, sha256: str, site: str, series_key: str | None, study_key: str | None,
-                     sop_key: str | None, problems: list[str], header_summary: dict | None) -> None:
-        """What the header of a recorded file says; opens (or re-opens) its series.
+    def file_state(self, sha256: str) -> dict[str, Any] | None:
+        """What is known of one recorded file: series, problems, quarantine, conflict, replacement."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(received_files).where(received_files.c.sha256 == sha256)).mappings().first()
+        if row is None:
+            return None
+        return {**row, "problems": json.loads(row["problems"] or "[]")}
 
-        A new file of an already checked series re-opens it, so the gate checks the series
-        again as a whole.
+    def record_index(self, *, sha256: str, site: str, series_key: str | None, study_key: str | None,
+                     sop_key: str | None, problems: list[str], header_summary: dict | None,
+                     instance_number: int | None = None) -> IndexResult:
+        """What the header of a recorded file says; opens (or re-opens) its series. One transaction.
+
+        Series belong to their site: a file whose SeriesInstanceUID or SOPInstanceUID is
+        already another site's is quarantined and changes nothing of that site's. An instance
+        received again with other bytes is never a silent replacement: a clean copy replaces
+        a damaged one (audited by the caller), and two clean copies that differ are a
+        *conflict* that leaves the series undetermined until a person keeps one
+        (:meth:`resolve_conflict`). A new file of an already checked series re-opens it, so
+        the gate checks the series again as a whole.
         """
         now = time.time()
+        result = IndexResult(status="stored")
         with self.engine.begin() as conn:
+            owner = None if series_key is None else conn.execute(
+                select(series.c.site).where(series.c.series_key == series_key)).scalar()
+            if owner is not None and owner != site:
+                result = IndexResult("quarantined", "its SeriesInstanceUID belongs to a series another site sent: "
+                                                    "not joined to it")
+            elif sop_key is not None:
+                others = conn.execute(select(received_files.c.sha256, received_files.c.site,
+                                             received_files.c.problems, received_files.c.quarantine)
+                                      .where(received_files.c.sop_key == sop_key, received_files.c.sha256 != sha256,
+                                             received_files.c.superseded_by.is_(None))).all()
+                if any(o.site != site for o in others):
+                    result = IndexResult("quarantined", "its SOPInstanceUID is an instance another site sent: "
+                                                        "not joined")
+                else:
+                    clean = not problems
+                    for other in others:
+                        other_clean = other.quarantine is None and not json.loads(other.problems or "[]")
+                        if clean and not other_clean:  # a clean resend repairs a damaged instance
+                            conn.execute(update(received_files).where(received_files.c.sha256 == other.sha256)
+                                         .values(superseded_by=sha256))
+                            result.replaced.append(other.sha256)
+                        elif other_clean and not clean:  # a damaged resend never displaces a clean copy
+                            result = IndexResult("superseded", "a damaged copy of an instance already stored "
+                                                               "intact: kept, not used", superseded_by=other.sha256)
+                        elif clean and other_clean:
+                            conn.execute(update(received_files).where(received_files.c.sha256 == other.sha256)
+                                         .values(conflict=True))
+                            result = IndexResult("conflict", "this instance was already received with other bytes: "
+                                                             "both copies kept; a person keeps one "
+                                                             "(sitebench qc resolve)", conflict_with=other.sha256)
+                        else:  # both damaged: the newer is the candidate; the series stays undetermined anyway
+                            conn.execute(update(received_files).where(received_files.c.sha256 == other.sha256)
+                                         .values(superseded_by=sha256))
+                            result.replaced.append(other.sha256)
+            quarantined = result.status == "quarantined"
             conn.execute(update(received_files).where(received_files.c.sha256 == sha256).values(
-                series_key=series_key, sop_key=sop_key, problems=_json(problems), indexed=True,
-                header_summary=None if header_summary is None else _json(header_summary)))
-            if series_key is None:
-                return
+                series_key=None if quarantined else series_key, sop_key=None if quarantined else sop_key,
+                problems=_json(problems), indexed=True, instance_number=instance_number,
+                quarantine=result.reason if quarantined else None,
+                conflict=result.status == "conflict", superseded_by=result.superseded_by,
+                header_summary=None if header_summary is None or quarantined else _json(header_summary)))
+            if series_key is None or quarantined:
+                return result
             opened = conn.execute(update(series).where(series.c.series_key == series_key).values(
-                state="open", n_files=series.c.n_files + 1, last_received_epoch=now)).rowcount
+                state="open", n_files=series.c.n_files + 1, last_received_epoch=now, check_attempts=0,
+                next_check_epoch=None, quarantine=None)).rowcount
             if not opened:
                 conn.execute(insert(series).values(series_key=series_key, site=site, study_key=study_key,
                                                    state="open", n_files=1, first_received_utc=utc_now(),
-                                                   last_received_epoch=now))
+                                                   last_received_epoch=now, check_attempts=0))
+        return result
+
+    def index_failed(self, sha256: str, reason: str, *, max_attempts: int = 3, backoff_seconds: float = 2.0) -> bool:
+        """Count a failed attempt at indexing a file; True when it is now quarantined (attempts exhausted).
+
+        Retries back off exponentially (``backoff_seconds * 2**attempt``), so a transient
+        failure (a locked database, a full disk) heals and a deterministic one stops in seconds.
+        """
+        with self.engine.begin() as conn:
+            attempts = int(conn.execute(select(received_files.c.attempts)
+                                        .where(received_files.c.sha256 == sha256)).scalar() or 0) + 1
+            values: dict[str, Any] = {"attempts": attempts}
+            if attempts >= max_attempts:
+                values.update(indexed=True, quarantine=reason, series_key=None, problems=_json([reason]))
+            else:
+                values["next_attempt_epoch"] = time.time() + backoff_seconds * 2 ** (attempts - 1)
+            conn.execute(update(received_files).where(received_files.c.sha256 == sha256).values(**values))
+        return attempts >= max_attempts
+
+    def quarantine_file(self, sha256: str, reason: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(received_files).where(received_files.c.sha256 == sha256).values(
+                indexed=True, quarantine=reason, series_key=None, problems=_json([reason])))
 
     def record_file(self, *, sha256: str, size: int, stored_path: str, site: str, source: str, transfer: str,
                     series_key: str | None, study_key: str | None, problems: list[str],
@@ -209,12 +328,18 @@ class QCRecords:
                               problems=problems, header_summary=header_summary)
         return new
 
-    def unindexed(self) -> list[tuple[str, str, str, str]]:
-        """(sha256, stored path, site, transfer) of recorded files whose header is not yet parsed."""
+    def unindexed(self, due_only: bool = False) -> list[tuple[str, str, str, str]]:
+        """(sha256, stored path, site, transfer) of recorded files whose header is not yet parsed.
+
+        ``due_only``: leave out those waiting for a retry after a failed attempt.
+        """
+        query = (select(received_files.c.sha256, received_files.c.stored_path, received_files.c.site,
+                        received_files.c.transfer).where(received_files.c.indexed.is_(False)))
+        if due_only:
+            query = query.where((received_files.c.next_attempt_epoch.is_(None))
+                                | (received_files.c.next_attempt_epoch <= time.time()))
         with self.engine.connect() as conn:
-            rows = conn.execute(select(received_files.c.sha256, received_files.c.stored_path, received_files.c.site,
-                                       received_files.c.transfer)
-                                .where(received_files.c.indexed.is_(False)).order_by(received_files.c.id)).all()
+            rows = conn.execute(query.order_by(received_files.c.id)).all()
         return [tuple(r) for r in rows]
 
     def known_sha256(self) -> set[str]:
@@ -226,36 +351,156 @@ class QCRecords:
             return conn.execute(select(func.max(received_files.c.first_received_utc))).scalar()
 
     def quiet_series(self, quiet_seconds: float, now: float | None = None) -> list[tuple[str, str]]:
-        """(series_key, site) of open series with no new file for ``quiet_seconds``: complete."""
-        cutoff = (time.time() if now is None else now) - quiet_seconds
+        """(series_key, site) of open series with no new file for ``quiet_seconds``: complete.
+
+        A file of a site not yet parsed may belong to any of that site's open series, so
+        that site's series wait for it (other sites' never do: their series cannot gain it).
+        A file whose parse failed waits only for its bounded retries, then is quarantined.
+        Series whose last check failed wait for their retry time.
+        """
+        now = time.time() if now is None else now
+        cutoff = now - quiet_seconds
         with self.engine.connect() as conn:
-            pending = conn.execute(select(func.count()).select_from(received_files)
-                                   .where(received_files.c.indexed.is_(False))).scalar_one()
-            if pending:  # a file not yet parsed may belong to any open series: none is complete yet
-                return []
+            busy = set(conn.execute(select(received_files.c.site).where(received_files.c.indexed.is_(False))
+                                    .distinct()).scalars())
             rows = conn.execute(select(series.c.series_key, series.c.site)
-                                .where(series.c.state == "open", series.c.last_received_epoch <= cutoff)
+                                .where(series.c.state == "open", series.c.last_received_epoch <= cutoff,
+                                       (series.c.next_check_epoch.is_(None)) | (series.c.next_check_epoch <= now))
                                 .order_by(series.c.last_received_epoch)).all()
-        return [(r.series_key, r.site) for r in rows]
+        return [(r.series_key, r.site) for r in rows if r.site not in busy]
 
     def open_series(self) -> list[str]:
         with self.engine.connect() as conn:
             return list(conn.execute(select(series.c.series_key).where(series.c.state == "open")).scalars())
 
+    def series_site(self, series_key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(series.c.site).where(series.c.series_key == series_key)).scalar()
+
     def series_files(self, series_key: str) -> list[tuple[str, list[str], dict | None]]:
         """(stored path, problems, header summary) of a series' instances, in arrival order.
 
-        An instance (SOPInstanceUID) received again with other bytes counts once, as its
-        latest version: re-sending a damaged file repairs the series.
+        Copies replaced by a clean resend are left out. Each copy in an unresolved conflict
+        carries a problem naming it, so the series is undetermined until a person keeps one.
         """
         with self.engine.connect() as conn:
-            rows = conn.execute(select(received_files.c.id, received_files.c.sop_key, received_files.c.stored_path,
-                                       received_files.c.problems, received_files.c.header_summary)
-                                .where(received_files.c.series_key == series_key)
+            rows = conn.execute(select(received_files.c.id, received_files.c.sha256, received_files.c.stored_path,
+                                       received_files.c.problems, received_files.c.header_summary,
+                                       received_files.c.conflict, received_files.c.instance_number)
+                                .where(received_files.c.series_key == series_key,
+                                       received_files.c.superseded_by.is_(None))
                                 .order_by(received_files.c.id)).all()
-        latest = {r.sop_key or f"row-{r.id}": r for r in rows}
-        return [(r.stored_path, json.loads(r.problems), json.loads(r.header_summary) if r.header_summary else None)
-                for r in sorted(latest.values(), key=lambda r: r.id)]
+        out = []
+        for r in rows:
+            problems = json.loads(r.problems)
+            if r.conflict:
+                number = f"instance {r.instance_number}" if r.instance_number is not None else "an instance"
+                problems = problems + [f"{number} received twice with different bytes (copy {r.sha256[:12]}): "
+                                       f"conflict, keep one with `sitebench qc resolve`"]
+            out.append((r.stored_path, problems, json.loads(r.header_summary) if r.header_summary else None))
+        return out
+
+    def series_quarantined_files(self, series_key: str) -> list[str]:
+        """Problem lines for files of this series that were quarantined after their series was known."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(received_files.c.sha256, received_files.c.quarantine)
+                                .where(received_files.c.series_key == series_key,
+                                       received_files.c.quarantine.is_not(None))).all()
+        return [f"file {r.sha256[:12]} quarantined ({r.quarantine}): re-send it" for r in rows]
+
+    def series_last_received(self, series_key: str) -> float | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(series.c.last_received_epoch).where(series.c.series_key == series_key)).scalar()
+
+    def wait(self, series_key: str, why: str) -> None:
+        """Leave a quiet series open: it is known to be incomplete (``why`` shows in qc status)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(series).where(series.c.series_key == series_key).values(waiting=why))
+
+    def check_failed(self, series_key: str, reason: str, *, max_attempts: int = 3,
+                     backoff_seconds: float = 2.0) -> bool:
+        """Count a failed check of a series; True when it is now quarantined (left for a person)."""
+        with self.engine.begin() as conn:
+            attempts = int(conn.execute(select(series.c.check_attempts)
+                                        .where(series.c.series_key == series_key)).scalar() or 0) + 1
+            values: dict[str, Any] = {"check_attempts": attempts,
+                                      "next_check_epoch": time.time() + backoff_seconds * 2 ** (attempts - 1)}
+            if attempts >= max_attempts:
+                values.update(state="quarantined", quarantine=reason)
+            conn.execute(update(series).where(series.c.series_key == series_key).values(**values))
+        return attempts >= max_attempts
+
+    def conflicts(self, site: str | None = None) -> list[dict[str, Any]]:
+        """Unresolved conflicts: every copy, with its series, site and instance number."""
+        query = select(received_files.c.sha256, received_files.c.site, received_files.c.series_key,
+                       received_files.c.sop_key, received_files.c.instance_number,
+                       received_files.c.first_received_utc, received_files.c.transfer) \
+            .where(received_files.c.conflict.is_(True), received_files.c.superseded_by.is_(None))
+        if site is not None:
+            query = query.where(received_files.c.site == site)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query.order_by(received_files.c.id)).mappings().all()]
+
+    def resolve_conflict(self, keep_sha256: str) -> dict[str, Any]:
+        """Keep one copy of a conflicting instance: the others are superseded and the series re-opened."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(received_files.c.sha256, received_files.c.sop_key, received_files.c.series_key,
+                                      received_files.c.conflict, received_files.c.site)
+                               .where(received_files.c.sha256.like(f"{keep_sha256}%"))).all()
+            if len(row) != 1:
+                raise SitebenchError(f"no single received file starts with {keep_sha256!r}")
+            (row,) = row
+            if not row.conflict:
+                raise SitebenchError(f"file {row.sha256[:12]} is not in an unresolved conflict")
+            others = [r.sha256 for r in conn.execute(select(received_files.c.sha256).where(
+                received_files.c.sop_key == row.sop_key, received_files.c.sha256 != row.sha256,
+                received_files.c.superseded_by.is_(None)))]
+            conn.execute(update(received_files).where(received_files.c.sha256.in_(others))
+                         .values(superseded_by=row.sha256, conflict=False))
+            conn.execute(update(received_files).where(received_files.c.sha256 == row.sha256).values(conflict=False))
+            conn.execute(update(series).where(series.c.series_key == row.series_key).values(
+                state="open", last_received_epoch=0.0, check_attempts=0, next_check_epoch=None))
+        return {"kept": row.sha256, "superseded": others, "series_key": row.series_key, "site": row.site}
+
+    def attention_lines(self, limit: int = 20) -> list[str]:
+        """One line per thing a person should act on: quarantined files and series, conflicts, waiting series."""
+        lines = []
+        with self.engine.connect() as conn:
+            files = conn.execute(select(received_files.c.site, received_files.c.sha256, received_files.c.quarantine)
+                                 .where(received_files.c.quarantine.is_not(None))
+                                 .order_by(received_files.c.id.desc()).limit(limit)).all()
+            stuck = conn.execute(select(series.c.site, series.c.series_key, series.c.quarantine)
+                                 .where(series.c.state == "quarantined").limit(limit)).all()
+            waiting = conn.execute(select(series.c.site, series.c.series_key, series.c.waiting)
+                                   .where(series.c.state == "open", series.c.waiting.is_not(None)).limit(limit)).all()
+        lines += [f"quarantined file {r.sha256[:12]} ({r.site}): {r.quarantine}" for r in files]
+        lines += [f"series {r.series_key} ({r.site}) not checked: {r.quarantine}" for r in stuck]
+        lines += [f"series {r.series_key} ({r.site}) waiting: {r.waiting}" for r in waiting]
+        lines += [f"conflict in series {c['series_key']} ({c['site']}): instance {c['instance_number']}, "
+                  f"copy {c['sha256'][:12]} received {c['first_received_utc']}" for c in self.conflicts()[:limit]]
+        return lines
+
+    # ------------------------------------------------------------------ transfers
+    def begin_transfer(self, transfer: str, site: str, source: str, sender: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(transfers).values(transfer=transfer, site=site, source=source, sender=sender,
+                                                  started_utc=utc_now()))
+
+    def end_transfer(self, transfer: str, how: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(transfers).where(transfers.c.transfer == transfer)
+                         .values(ended_utc=utc_now(), how=how))
+
+    def interrupted_transfers(self) -> list[dict[str, Any]]:
+        """Transfers that never ended (the service died mid-way), with the files each stored."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(transfers).where(transfers.c.ended_utc.is_(None))).mappings().all()
+            out = []
+            for row in rows:
+                n = conn.execute(select(func.count()).select_from(received_files)
+                                 .where(received_files.c.transfer == row["transfer"])).scalar_one()
+                out.append({**row, "files": int(n)})
+        return out
 
     def mark_checked(self, series_key: str) -> None:
         with self.engine.begin() as conn:
@@ -286,7 +531,8 @@ class QCRecords:
                     verdict_id=verdict_id, site=e.site, scanner=e.scanner, series_key=e.series_uid,
                     parameter=e.parameter, baseline=_json(e.baseline), observed=_json(e.observed), kind=e.kind,
                     change=e.change, first_seen=e.first_seen))
-            conn.execute(update(series).where(series.c.series_key == outcome.series_key).values(state="checked"))
+            conn.execute(update(series).where(series.c.series_key == outcome.series_key)
+                         .values(state="checked", waiting=None, check_attempts=0, next_check_epoch=None))
         return int(verdict_id)
 
     def latest_verdicts(self, site: str | None = None) -> list[dict[str, Any]]:
@@ -366,8 +612,21 @@ class QCRecords:
                                   .where(verdicts.c.latest.is_(True)).group_by(verdicts.c.site, verdicts.c.id)).all()
             drift = conn.execute(select(drift_events.c.site, func.count()).group_by(drift_events.c.site)).all()
             rejected = conn.execute(select(received_files.c.site, func.count())
-                                    .where(received_files.c.series_key.is_(None), received_files.c.indexed.is_(True))
+                                    .where(received_files.c.series_key.is_(None), received_files.c.indexed.is_(True),
+                                           received_files.c.quarantine.is_(None))
                                     .group_by(received_files.c.site)).all()
+            quarantined = conn.execute(select(received_files.c.site, func.count())
+                                       .where(received_files.c.quarantine.is_not(None))
+                                       .group_by(received_files.c.site)).all()
+            conflicting = conn.execute(select(received_files.c.site, func.count(func.distinct(received_files.c.sop_key)))
+                                       .where(received_files.c.conflict.is_(True),
+                                              received_files.c.superseded_by.is_(None))
+                                       .group_by(received_files.c.site)).all()
+            waiting = conn.execute(select(series.c.site, func.count()).where(series.c.state == "open",
+                                                                             series.c.waiting.is_not(None))
+                                   .group_by(series.c.site)).all()
+            stuck = conn.execute(select(series.c.site, func.count()).where(series.c.state == "quarantined")
+                                 .group_by(series.c.site)).all()
         for site, verdict_id, n in counts:
             if verdict_id not in resolved:
                 table[site].open_deviations += int(n)
@@ -375,7 +634,36 @@ class QCRecords:
             table.setdefault(site, SiteStatus(site=site)).drift_events = int(n)
         for site, n in rejected:
             table.setdefault(site, SiteStatus(site=site)).rejected_files = int(n)
+        for name, rows_ in (("quarantined_files", quarantined), ("conflicts", conflicting),
+                            ("waiting_series", waiting), ("quarantined_series", stuck)):
+            for site, n in rows_:
+                setattr(table.setdefault(site, SiteStatus(site=site)), name, int(n))
         return [table[k] for k in sorted(table)]
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add columns this version's tables have and an older store's database lacks (all nullable or defaulted)."""
+    from sqlalchemy import inspect, text
+
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                kind = column.type.compile(dialect=engine.dialect)
+                default = ""
+                if column.default is not None and not callable(column.default.arg):
+                    value = column.default.arg
+                    if isinstance(value, bool):
+                        default = f" DEFAULT {'true' if value else 'false'}"
+                    elif isinstance(value, (int, float)):
+                        default = f" DEFAULT {value}"
+                    else:
+                        default = " DEFAULT '" + str(value).replace("'", "''") + "'"
+                not_null = "" if column.nullable or not default else " NOT NULL"
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}{default}{not_null}"))
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

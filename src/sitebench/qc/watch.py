@@ -4,11 +4,16 @@ A file is handed to intake only after two polls saw the same size and mtime (the
 copier has finished), and deleted from the folder only after intake has stored and
 recorded it, so a crash in between means a harmless resend, never a loss. A file over
 the size limit is moved to ``<folder>/.refused/`` and audited.
+
+Symbolic links are never followed (neither linked folders nor linked files): a link
+could hand the gate any file the service can read, outside the inbox. A link is moved
+to ``<folder>/.refused/`` and audited.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +22,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from sitebench.qc.intake import IntakeService
 
 __all__ = ["FolderWatcher"]
+
+
+def _read_no_follow(path: Path) -> bytes:
+    """The file's bytes, refusing (OSError) if it was swapped for a link since it was listed."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
 
 log = logging.getLogger("sitebench.qc.intake")
 
@@ -34,10 +46,12 @@ class FolderWatcher:
         """Take in every settled file; returns how many were taken."""
         settled: dict[str, list[Path]] = {}
         current: dict[Path, tuple[int, int]] = {}
-        for path in sorted(p for p in self.folder.rglob("*") if p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(self.folder).parts)):
+        for path in sorted(self._files()):
+            if path.is_symlink():
+                self._refuse_link(path)
+                continue
             try:
-                stat = path.stat()
+                stat = path.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
             current[path] = (stat.st_size, stat.st_mtime_ns)
@@ -60,13 +74,35 @@ class FolderWatcher:
                         refused.parent.mkdir(parents=True, exist_ok=True)
                         path.replace(refused)  # kept for a person to look at, never taken in
                     else:
-                        self.service.receive(path.read_bytes(), transfer)
+                        self.service.receive(_read_no_follow(path), transfer)
                         path.unlink()
                     self._seen.pop(path, None)
                     taken += 1
             finally:
                 self.service.end_transfer(transfer, "folder batch taken")
         return taken
+
+    def _files(self) -> list[Path]:
+        """Regular files and links under the folder, never descending into a linked folder or a dot folder."""
+        out = []
+        for root, dirs, files in os.walk(self.folder, followlinks=False):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            here = Path(root)
+            for name in files + [d for d in dirs if (here / d).is_symlink()]:
+                if not name.startswith("."):
+                    out.append(here / name)
+            dirs[:] = [d for d in dirs if not (here / d).is_symlink()]
+        return out
+
+    def _refuse_link(self, path: Path) -> None:
+        parts = path.relative_to(self.folder).parts
+        site = parts[0] if len(parts) > 1 and parts[0] in self.service.config.sites else None
+        refused = self.folder / ".refused" / path.relative_to(self.folder)
+        refused.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, refused)  # moves the link itself, never what it points to
+        self.service.audit.append(who=self.service.config.who, what="file refused", subject="watched folder",
+                                  why="a symbolic link in the watched folder: links are never followed",
+                                  details={"site": site, "moved_to": str(refused.relative_to(self.folder))})
 
     def start(self, stop: threading.Event) -> threading.Thread:
         def loop() -> None:
