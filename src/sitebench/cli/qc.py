@@ -137,6 +137,15 @@ def cmd_qc_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qc_new_token(args: argparse.Namespace) -> int:
+    from sitebench.qc.intake import new_upload_token
+
+    token, digest = new_upload_token()
+    print(f"token (give it to site {args.site}; it is not stored anywhere): {token}")
+    print(f"config line:  sites: {{{args.site}: {{http_token_sha256: [{digest}]}}}}")
+    return 0
+
+
 def cmd_qc_resolve(args: argparse.Namespace) -> int:
     from sitebench.qc.intake import load_intake_config, resolve_conflict
 
@@ -199,6 +208,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     resolve.add_argument("--who", required=True, help="who decides")
     resolve.add_argument("--why", required=True, help="why this copy")
     resolve.set_defaults(func=cmd_qc_resolve)
+    token = qc.add_parser("new-token", help="a new STOW-RS upload token for a site, and the hash for the config",
+                          description="Prints a random bearer token once, and its SHA-256 for the site's "
+                                      "http_token_sha256 list in the intake YAML. The gate stores only the hash.")
+    token.add_argument("--site", required=True, help="site the token is for")
+    token.set_defaults(func=cmd_qc_new_token)
     to_manifest = qc.add_parser("manifest", help="checked series into a scan manifest (NIfTI + QC columns)",
                                 description="One NIfTI and one manifest row per series whose latest verdict is "
                                             "pass or warn, with qc_status, qc_protocol, qc_deviations and "

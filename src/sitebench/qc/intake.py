@@ -48,7 +48,7 @@ from sitebench.qc.protocol import Protocol, load_protocol
 from sitebench.qc.records import QCRecords, database_url
 
 __all__ = ["IntakeConfig", "IntakeService", "ObjectStore", "Receipt", "load_intake_config", "open_audit_trail",
-           "resolve_conflict", "serve"]
+           "new_upload_token", "resolve_conflict", "serve"]
 
 log = logging.getLogger("sitebench.qc.intake")
 MB = 1024 * 1024
@@ -636,6 +636,15 @@ class IntakeService:
         for thread in self._threads:
             thread.join(timeout=10)
         self.audit.append(who=self.config.who, what="intake stopped", why="service stop")
+
+
+def new_upload_token() -> tuple[str, str]:
+    """A new STOW-RS bearer token and its SHA-256 (hex): the site keeps the token, the config only the hash."""
+    import hashlib
+    import secrets
+
+    token = secrets.token_urlsafe(32)
+    return token, hashlib.sha256(token.encode()).hexdigest()
 
 
 def resolve_conflict(config: IntakeConfig, keep: str, *, who: str, why: str) -> dict[str, Any]:
