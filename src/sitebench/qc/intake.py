@@ -376,7 +376,7 @@ class IntakeService:
                 sha256=sha, site=site, series_key=series_key,
                 study_key=uid_key(check.study_uid) if check.study_uid else None,
                 sop_key=uid_key(check.sop_uid) if check.sop_uid else None, problems=check.problems,
-                header_summary=check.summary, instance_number=instance if isinstance(instance, int) else None)
+                header_summary=check.summary, instance_number=_instance_number(instance))
         except Exception as exc:  # noqa: BLE001 - one file's failure is that file's problem, never the service's
             reason = f"could not be indexed: {type(exc).__name__}"
             _log_bug(self.store.root, f"indexing file {sha[:12]}", exc)
@@ -654,6 +654,13 @@ def resolve_conflict(config: IntakeConfig, keep: str, *, who: str, why: str) -> 
     open_audit_trail(config).append(who=who, what="conflict resolved", why=why, subject=f"series {result['series_key']}",
                                     details=result)
     return result
+
+
+def _instance_number(value: Any) -> int | None:
+    """InstanceNumber as the database keeps it: an IS is at most 12 characters (PS3.5 6.2), so a larger value is junk."""
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 2**31:
+        return None
+    return value
 
 
 def _log_bug(store: Path, what: str, exc: BaseException) -> None:
