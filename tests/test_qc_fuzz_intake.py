@@ -106,6 +106,9 @@ def test_fuzz_corpus_through_every_way_in_leaves_the_gate_serving(tmp_path, prot
               f"could send {acknowledged_dicom} of its {len(by_way['dicom'])}); quarantined {quarantined}; "
               f"stored with a problem {with_problems}; valid series verdict {waited:.1f}s after its last file")
         assert quarantined + with_problems >= 60
+        # no file and no series hit a bug on the way (the developers' log is written only then)
+        errors = svc.store / "logs" / "errors.log"
+        assert not errors.exists(), errors.read_text()[-3000:]
 
         status = subprocess.run([sys.executable, "-m", "sitebench.cli", "qc", "status", "--store", str(svc.store)],
                                 capture_output=True, text=True, timeout=60)

@@ -194,6 +194,17 @@ def test_storescu_series_gets_its_verdict_in_database_and_audit(service):
     check = subprocess.run([sys.executable, "-m", "sitebench.cli", "audit", "verify", str(tampered)],
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 1 and f"seq {json.loads(lines[index])['seq']}" in check.stdout + check.stderr
+    # cutting the last records off cleanly leaves a valid hash chain; the MAC key and the head the
+    # gate keeps in its database catch it
+    service.stop()
+    trail = service.store / "audit.jsonl"
+    assert subprocess.run([sys.executable, "-m", "sitebench.cli", "audit", "verify", "--config", str(service.config)],
+                          capture_output=True, text=True, timeout=60).returncode == 0
+    trail.write_text("".join(trail.read_text().splitlines(keepends=True)[:-2]))
+    assert verify_trail(trail).ok  # the plain hash chain cannot tell
+    cut = subprocess.run([sys.executable, "-m", "sitebench.cli", "audit", "verify", "--config", str(service.config)],
+                         capture_output=True, text=True, timeout=60)
+    assert cut.returncode == 1 and "missing" in cut.stdout, cut.stdout + cut.stderr
 
 
 def assert_same_world_coordinates(image, dicom_file: Path) -> None:
@@ -210,6 +221,47 @@ def assert_same_world_coordinates(image, dicom_file: Path) -> None:
         index = (c, r) if transposed else (r, c)
         theirs = wrapper.affine @ np.array([*index, 0, 1.0])
         assert np.allclose(ours[:3], theirs[:3], atol=0.01), (r, c, ours, theirs)
+
+
+def test_a_file_whose_indexing_keeps_failing_is_quarantined_and_holds_nothing_up(tmp_path, protocols):
+    """Bounded, backed-off retries, then quarantine: in-process, with the object of a recorded file gone."""
+    from sitebench.qc.intake import IntakeService, load_intake_config
+
+    svc = Service(tmp_path, protocols, dicom=None, http=None, folder=None, max_attempts=2, incomplete_wait_seconds=1.0)
+    config = load_intake_config(svc.config)
+    service = IntakeService(config)
+    try:
+        transfer = service.begin_transfer("S01", "dicom", SITE_AE)
+        files = sorted(T1.iterdir())
+        doomed = service.receive(files[0].read_bytes(), transfer)  # recorded, not yet parsed ...
+        service._pending.join()
+        # ... and as if the parse had not happened before a crash, and the object was lost since
+        with service.records.engine.begin() as conn:
+            conn.execute(sqlalchemy.text("UPDATE received_files SET indexed = 0, series_key = NULL"))
+            conn.execute(sqlalchemy.text("DELETE FROM series"))
+        (service.store.root / service.records.file_state(doomed.sha256)["stored_path"]).unlink()
+        for f in files[1:]:
+            service.receive(f.read_bytes(), transfer)
+        service.end_transfer(transfer)
+        service.start(check_interval=0.2)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not service.records.file_state(doomed.sha256)["quarantine"]:
+            time.sleep(0.1)
+        state = service.records.file_state(doomed.sha256)
+        assert state["quarantine"] == "could not be indexed: FileNotFoundError" and state["attempts"] == 2
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not service.records.latest_verdicts():
+            time.sleep(0.2)
+        (verdict,) = service.records.latest_verdicts()  # the other 195 files still make their series' verdict
+        assert verdict["n_files"] == 195 and verdict["status"] == "fail"
+        (row,) = service.records.site_status()
+        assert row.quarantined_files == 1
+        assert any("quarantined" in line for line in service.records.attention_lines())
+    finally:
+        service.stop()
+    trail = [json.loads(line) for line in (svc.store / "audit.jsonl").read_text().splitlines()]
+    assert [r["why"] for r in trail if r["what"] == "file quarantined"] == ["could not be indexed: FileNotFoundError"]
+    assert "FileNotFoundError" in (svc.store / "logs" / "errors.log").read_text()  # the traceback, for developers
 
 
 def test_unknown_calling_ae_title_is_refused_and_audited(service):
