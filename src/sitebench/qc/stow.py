@@ -17,6 +17,9 @@ Checked in this order, before any of the body is read:
 400    multipart without a (valid) boundary
 =====  =====================================================================================
 
+More than :data:`FAILED_AUTH_PER_MINUTE` failed authentications from one client address are
+answered 429 (for any site, so this says nothing about which sites exist either).
+
 The body is then parsed as it arrives, by python-multipart's RFC 2046 parser (a delimiter
 counts only at the start of a line, so file content holding ``--boundary`` is fine). Each
 part is streamed to its own temp file under ``objects/tmp`` and hashed while written (a part
@@ -94,6 +97,9 @@ STALL_SECONDS = 60.0
 SMALL_PART_BYTES = 64 * 1024
 MEMORY_PER_REQUEST = 2 * 1024 * 1024
 NOT_AUTHORISED = {"error": "not authorised for this site"}
+#: failed authentications per minute per client address before it is answered 429 (whatever the
+#: site: the answer says nothing about which sites exist), against token guessing
+FAILED_AUTH_PER_MINUTE = 60.0
 DICOM_TYPE = "application/dicom"
 
 
@@ -423,6 +429,7 @@ def make_app(service: "IntakeService") -> Any:
     app = FastAPI(title="sitebench QC intake", openapi_url="/openapi.json" if openapi else None,
                   docs_url="/docs" if openapi else None, redoc_url=None)
     limiter = RateLimiter(http.max_requests_per_minute if http else 600.0)
+    failed_auth = RateLimiter(FAILED_AUTH_PER_MINUTE)
     logging.getLogger("python_multipart").setLevel(logging.ERROR)  # malformed bodies are answered, not logged
     # worker threads for uploads, apart from the pool /status runs in, so uploads cannot starve it
     workers: dict[str, anyio.CapacityLimiter] = {}
@@ -432,7 +439,11 @@ def make_app(service: "IntakeService") -> Any:
             workers["limiter"] = anyio.CapacityLimiter(16)
         return workers["limiter"]
 
-    def not_authorised() -> JSONResponse:
+    def not_authorised(request: Request) -> JSONResponse:
+        wait = failed_auth.take(request.client.host if request.client else "?")
+        if wait:
+            return JSONResponse({"error": "too many failed authentications"}, status_code=429,
+                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
         return JSONResponse(NOT_AUTHORISED, status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/healthz")
@@ -443,7 +454,7 @@ def make_app(service: "IntakeService") -> Any:
     async def status(request: Request) -> Any:
         site = _site_of_token(service, _bearer(request.headers.get("authorization")))
         if site is None:
-            return not_authorised()
+            return not_authorised(request)
         rows = await anyio.to_thread.run_sync(service.records.site_status)
         row = next((r for r in rows if r.site == site), SiteStatus(site=site))
         return [{**asdict(row), "rescan_rate": row.rescan_rate}]
@@ -451,7 +462,7 @@ def make_app(service: "IntakeService") -> Any:
     @app.post("/dicomweb/{site}/studies")
     async def stow(site: str, request: Request) -> JSONResponse:
         if not _token_ok(service, site, _bearer(request.headers.get("authorization"))):
-            return not_authorised()
+            return not_authorised(request)
         wait = limiter.take(site)
         if wait:
             return JSONResponse({"error": f"more than {http.max_requests_per_minute:g} requests a minute "
