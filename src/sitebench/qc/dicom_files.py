@@ -2,8 +2,13 @@
 
 The gate must say *why* a file cannot be used (not DICOM, truncated, no pixels,
 tags missing, an enhanced file without its functional groups) rather than drop
-it: a dropped file is a lost file. :func:`check_file` never raises on bad
-input; it returns the problems, one short line each, never a tag value.
+it: a dropped file is a lost file. :func:`check_file` and :func:`check_bytes` never raise,
+whatever the input; they return the problems, one short line each, never a tag value.
+Damaged geometry (PS3.3 C.7.6.2 Image Plane: ImagePositionPatient needs 3 finite numbers,
+ImageOrientationPatient 6 forming two orthogonal unit vectors, PixelSpacing 2 positive
+ones, SliceThickness one) is a problem: such a file cannot be placed in a volume. A
+malformed number elsewhere (FlipAngle 'abc') is a warning: the parameter counts as missing,
+so its protocol check is undetermined, and the file stays usable.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class FileCheck:
     problems: list[str] = field(default_factory=list)
     #: :func:`sitebench.qc.dicom_params.file_summary` of the header (None when unreadable)
     summary: dict | None = None
+    #: value-level findings that leave the file usable (a malformed DS/IS value, named, never quoted)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def groupable(self) -> bool:
@@ -51,12 +58,54 @@ class FileCheck:
 
 
 def check_bytes(data: bytes) -> FileCheck:
-    """Integrity of one file's bytes (see :func:`check_file`).
+    """Integrity of one file's bytes (see :func:`check_file`); never raises, whatever the bytes.
 
     The header is parsed up to the pixel data; the pixel data element is then checked
     from its own header (declared length against the bytes present and against the
-    image geometry) without decoding it, which keeps intake cheap.
+    image geometry) without decoding it, which keeps intake cheap. Any error in parsing or
+    summarising (pydicom raises many kinds on malformed input: RecursionError on deep
+    sequences, zlib.error on a corrupt deflated stream, MemoryError on a huge declared
+    length, ValueError on a malformed value) becomes one problem line naming the exception
+    type, never its message (pydicom's messages can quote values).
     """
+    check = FileCheck()
+    try:
+        _check_bytes(data, check)
+    except RecursionError:
+        check.summary = None
+        check.problems.append("unreadable header: RecursionError: sequences nested too deeply")
+    except MemoryError:
+        check.summary = None
+        check.problems.append("unreadable header: MemoryError: a declared length is too large")
+    except Exception as exc:  # noqa: BLE001 - any input must give a verdict, not an exception
+        check.summary = None
+        check.problems.append(f"unreadable header: {_type_name(exc)}: {_reason(exc)}")
+    return check
+
+
+def _type_name(exc: BaseException) -> str:
+    """``ValueError``, ``zlib.error``: builtins bare, others with their module (zlib's is just "error")."""
+    kind = type(exc)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, value-free reason for a parse error (never ``str(exc)``: it can quote tag values)."""
+    import zlib
+
+    if isinstance(exc, zlib.error):
+        return "corrupt deflated data"
+    if isinstance(exc, (EOFError, struct.error, IndexError)):
+        return "truncated or corrupt"
+    if isinstance(exc, (ValueError, TypeError, KeyError, AttributeError)):
+        return "malformed element"
+    if isinstance(exc, NotImplementedError):
+        return "unsupported encoding"
+    return "truncated or corrupt"
+
+
+def _check_bytes(data: bytes, check: FileCheck) -> None:
+    """:func:`check_bytes`' work, filling ``check`` as it goes (so what was learnt before an error stays)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -64,26 +113,30 @@ def check_bytes(data: bytes) -> FileCheck:
     try:
         ds = pydicom.dcmread(buffer, force=False, stop_before_pixels=True)
     except InvalidDicomError:
-        return FileCheck(problems=["not a DICOM file (no DICM preamble or file meta)"])
-    except (OSError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError,
-            NotImplementedError, struct.error) as exc:
-        return FileCheck(problems=[f"DICOM header cannot be read ({type(exc).__name__}): truncated or corrupt"])
-    check = FileCheck(series_uid=str(ds.get("SeriesInstanceUID") or "") or None,
-                      study_uid=str(ds.get("StudyInstanceUID") or "") or None,
-                      sop_uid=str(ds.get("SOPInstanceUID") or "") or None)
-    missing = [kw for kw in REQUIRED_TAGS if kw not in ds or ds[kw].value in (None, "")]
+        check.problems.append("not a DICOM file (no DICM preamble or file meta)")
+        return
+    check.series_uid = _uid(ds, "SeriesInstanceUID")
+    check.study_uid = _uid(ds, "StudyInstanceUID")
+    check.sop_uid = _uid(ds, "SOPInstanceUID")
+    missing = [kw for kw in REQUIRED_TAGS if not _has_value(ds, kw)]
     if missing:
         check.problems.append(f"required tags missing: {', '.join(missing)}")
-    from sitebench.qc.dicom_params import file_summary
+    from sitebench.qc.dicom_params import file_summary, tag_label
 
-    check.summary = file_summary(ds)
+    summary = file_summary(ds)
+    check.problems += [f"damaged geometry: {line}" for line in summary["geometry"]]
+    check.warnings += [f"{tag_label(kw)} is not a number: treated as missing" for kw in summary["invalid"]]
+    check.summary = summary
     pixel_problem, pixel_offset = _pixel_element(ds, data, buffer.tell())
     if pixel_problem:
         check.problems.append(pixel_problem)
-    elif pixel_offset is not None:
-        layout = _native_layout(ds, pixel_offset)
+    elif pixel_offset is not None and not summary["geometry"]:
+        try:
+            layout = _native_layout(ds, pixel_offset)
+        except Exception:  # noqa: BLE001 - e.g. a malformed RescaleSlope: no fast path, pydicom decodes later
+            layout = None
         if layout is not None:
-            check.summary["pixels"] = layout
+            summary["pixels"] = layout
     if str(ds.get("SOPClassUID", "")) in ENHANCED_MR_SOP_CLASSES:
         for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
             if not ds.get(group):
@@ -93,7 +146,20 @@ def check_bytes(data: bytes) -> FileCheck:
         if per_frame and len(per_frame) != frames:
             check.problems.append(f"PerFrameFunctionalGroupsSequence has {len(per_frame)} items "
                                   f"for {frames} frames")
-    return check
+
+
+def _uid(ds, keyword: str) -> str | None:
+    try:
+        return str(ds.get(keyword) or "").strip() or None
+    except Exception:  # noqa: BLE001 - a malformed UID is as good as none
+        return None
+
+
+def _has_value(ds, keyword: str) -> bool:
+    try:
+        return keyword in ds and ds[keyword].value not in (None, "")
+    except Exception:  # noqa: BLE001 - present but unreadable counts as missing
+        return False
 
 
 def check_file(path: str | Path) -> FileCheck:
@@ -101,7 +167,9 @@ def check_file(path: str | Path) -> FileCheck:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        return FileCheck(problems=[f"cannot be read: {exc.strerror or exc}"])
+        return FileCheck(problems=[f"cannot be read: {exc.strerror or type(exc).__name__}"])
+    except Exception as exc:  # noqa: BLE001 - e.g. MemoryError on a huge file, ValueError on a bad path
+        return FileCheck(problems=[f"cannot be read: {type(exc).__name__}"])
     return check_bytes(data)
 
 
@@ -269,7 +337,7 @@ def _native_layout(ds, pixel_offset: int) -> dict | None:
     return {"offset": pixel_offset, "rows": rows, "columns": cols, "bits": bits,
             "signed": bool(_int(ds.get("PixelRepresentation"))),
             "slope": float(ds.get("RescaleSlope", 1) or 1), "intercept": float(ds.get("RescaleIntercept", 0) or 0),
-            "spacing": [float(v) for v in ds.PixelSpacing]}
+            "spacing": [float(v) for v in ds.PixelSpacing]}  # validated by file_summary first
 
 
 def volume_from_summaries(files: Sequence[Path], summaries: Sequence[dict]) -> tuple[np.ndarray, tuple[float, float, float]]:

@@ -26,6 +26,13 @@ Canon/UIH private tags, GE multiband, Siemens B0 shim / TxRefAmp.
 
 Patient identifiers are never read into the output: only the *names* of the
 PS3.15 Basic Profile attributes that are present (non-empty) are reported.
+
+Series parameters come from the first file's whole header; every file also gets a small
+:func:`file_summary` on receipt (geometry per frame, its own :data:`INSTANCE_KEYS` values,
+InstanceNumber and the counts completeness needs), so a check can compare every instance
+(:func:`instance_spread`) without reading the files again. A malformed DS/IS value counts
+as missing and is named (keyword and tag, never the value) in the summary's ``invalid``;
+damaged geometry is named in its ``geometry``.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ from typing import Any, Iterable
 
 from sitebench.errors import SitebenchError
 
-__all__ = ["SeriesParameters", "read_series", "series_from_summaries", "file_summary", "dicom_files", "PARAMETER_KEYS", "PHI_KEYWORDS"]
+__all__ = ["SeriesParameters", "read_series", "series_from_summaries", "file_summary", "dicom_files", "PARAMETER_KEYS",
+           "PHI_KEYWORDS", "INSTANCE_KEYS", "Spread", "instance_spread", "instance_label", "is_multi_echo", "tag_label"]
 
 #: Every key read_series looks for (``missing`` lists those not found).
 PARAMETER_KEYS: tuple[str, ...] = (
@@ -306,15 +314,393 @@ def _phi_present(datasets: list) -> list[str]:
     return [k for k in PHI_KEYWORDS if k in found]
 
 
+#: Per-instance acquisition parameters kept in every file's summary (same keys and units as the
+#: series parameters) and compared across the series: a series is acquired with one set of these,
+#: so an instance that differs is a deviation (see :func:`instance_spread`). Values that
+#: legitimately vary per instance (positions, InstanceNumber, acquisition time, window centre, and
+#: EchoTime across echoes of a multi-echo series) are not here or are handled apart.
+INSTANCE_KEYS: tuple[str, ...] = (
+    "Manufacturer", "ManufacturersModelName", "SoftwareVersions", "MagneticFieldStrength",
+    "MRAcquisitionType", "ScanningSequence", "SequenceVariant", "SequenceName", "PulseSequenceName",
+    "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle", "SliceThickness", "SpacingBetweenSlices",
+    "PixelSpacing", "Rows", "Columns", "AcquisitionMatrix", "PercentPhaseFOV", "PercentSampling",
+    "NumberOfAverages", "EchoTrainLength", "PixelBandwidth", "InPlanePhaseEncodingDirectionDICOM",
+    "ReceiveCoilName", "ImageType", "SeriesDescription", "ProtocolName",
+)
+
+#: Attributes whose DICOM keyword differs from the parameter key they feed.
+_SOURCE_KEYWORD = {"ManufacturersModelName": "ManufacturerModelName",
+                   "InPlanePhaseEncodingDirectionDICOM": "InPlanePhaseEncodingDirection"}
+
+#: Geometry attributes validated on receipt: (keyword, number of values); PS3.3 C.7.6.2 (Image
+#: Plane: IPP, IOP, PixelSpacing, SliceThickness). A file failing these cannot be placed in a volume.
+_GEOMETRY = (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6), ("PixelSpacing", 2),
+             ("SliceThickness", 1))
+
+
+def tag_label(keyword: str) -> str:
+    """``Keyword (gggg,eeee)`` for problem lines: names the attribute, never its value."""
+    from pydicom.tag import Tag
+
+    try:
+        tag = Tag(_SOURCE_KEYWORD.get(keyword, keyword))
+    except (ValueError, TypeError, OverflowError):
+        return keyword
+    return f"{keyword} ({tag.group:04X},{tag.element:04X})"
+
+
+def _safe(fn, *args) -> Any:
+    """``fn(*args)``, or None when pydicom raises converting a malformed value (validation mode RAISE)."""
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001 - any conversion error means "no usable value"
+        return None
+
+
+_TEXT_VRS = frozenset({"CS", "LO", "SH", "ST", "LT", "UT", "UC"})
+_CODECS = {None: "latin1", "": "latin1", "ISO_IR 6": "latin1", "ISO_IR 100": "latin1", "ISO_IR 192": "utf-8"}
+_TAG_CACHE: dict[str, Any] = {}
+
+
+def _raw_value(ds, keyword: Any) -> Any:
+    """A top-level value straight from its undecoded bytes (numbers as text, as DS/IS store them),
+    skipping pydicom's conversion: intake summarises every received file, and converting the
+    few dozen values per file through pydicom costs more than the rest of the parse. Falls back
+    to pydicom for anything unusual (other VRs, other character sets, already converted)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.datadict import dictionary_VR
+    from pydicom.tag import Tag
+
+    tag = _TAG_CACHE.get(keyword) if isinstance(keyword, str) else keyword
+    if tag is None:
+        tag = _TAG_CACHE[keyword] = Tag(keyword)
+    element = ds.get_item(tag)
+    if element is None:
+        return None
+    if not isinstance(element, RawDataElement):
+        return element.value
+    raw = element.value
+    if raw is None:
+        return None
+    vr = element.VR or dictionary_VR(tag)
+    if vr in ("DS", "IS") or vr in _TEXT_VRS:
+        codec = "latin1"
+        if vr in _TEXT_VRS:
+            charset = _raw_value(ds, "SpecificCharacterSet") if keyword != "SpecificCharacterSet" else None
+            charset = charset if isinstance(charset, str) or charset is None else "?"
+            codec = _CODECS.get(charset)  # type: ignore[assignment]
+            if codec is None:
+                return ds.get(tag).value if tag in ds else None
+        parts = [p.strip(" \x00") for p in bytes(raw).decode(codec, "replace").split("\\")]
+        if not any(parts):
+            return None
+        return parts[0] if len(parts) == 1 else parts
+    if vr in ("US", "SS") and len(raw) in (2, 4):
+        return struct.unpack(("<" if element.is_little_endian else ">") + ("H" if vr == "US" else "h"), raw[:2])[0]
+    return ds[tag].value
+
+
+def _private_fast(ds, group: int, creator: str, elem: int) -> Any:
+    """:func:`_private` by direct lookup of the creator's block (pydicom's private_block slices the
+    whole dataset, which costs more than the rest of a file's summary)."""
+    from pydicom.tag import Tag
+
+    wanted = creator.encode()
+    for block in range(0x10, 0x100):
+        found = _raw_value(ds, Tag(group, block))
+        if found is None:
+            continue
+        name = found if isinstance(found, str) else found[0] if isinstance(found, list) else str(found)
+        if name.encode("latin1", "replace").strip(b" \x00") == wanted:
+            return _raw_value(ds, Tag(group, (block << 8) | elem))
+    return None
+
+
+def _fast_get(ds, keyword: str, enh: bool) -> Any:
+    """:func:`_get` through :func:`_raw_value` for classic files (functional groups stay pydicom's)."""
+    if enh:
+        return _get(ds, keyword, enh)
+    value = _raw_value(ds, keyword)
+    return None if value == "" else value
+
+
+def _present(ds, keyword: str) -> bool:
+    """Whether ``keyword`` is in ``ds`` with a non-empty value, looked at without converting it."""
+    element = _safe(ds.get_item, keyword)
+    value = getattr(element, "value", None)
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).strip(b" \x00\\")
+    return value not in (None, "", b"")
+
+
+def _vendor(manufacturer: Any) -> str | None:
+    manu = _text(manufacturer) or ""
+    return next((name for k, name in _MANUFACTURERS if manu.upper().startswith(k)), manu or None)
+
+
+def _image_type(raw: Any) -> list[str]:
+    """ImageType values split at underscores too, as dcm2niix does ("ECHO_00" -> "ECHO", "00")."""
+    raw = [] if raw is None else [raw] if isinstance(raw, str) else list(raw)
+    return [part for x in raw for part in str(x).split("_") if part]
+
+
+def _numeric(ds, keyword: str, enh: bool, invalid: list[str], many: bool = False) -> Any:
+    """A DS/IS value as a number (or list), recording ``keyword`` in ``invalid`` when it is present
+    but not a finite number; the value itself never leaves here."""
+    raw = _safe(_fast_get, ds, keyword, enh)
+    if raw is None or raw == "":
+        if not enh and _present(ds, keyword):  # present, but pydicom refused to convert it
+            invalid.append(keyword)
+        return None
+    value = _nums(raw) if many else _num(raw)
+    if value is None and keyword not in invalid:
+        invalid.append(keyword)
+    return value
+
+
+def _instance_parameters(ds, enh: bool, te: Any, invalid: list[str]) -> dict[str, Any]:
+    """This file's value of each :data:`INSTANCE_KEYS` parameter, normalised as the series' are."""
+    p: dict[str, Any] = {}
+
+    def put(key, value):
+        if value is not None and value != [] and value != "":
+            p[key] = value
+
+    text = lambda kw: _text(_safe(_fast_get, ds, kw, enh))  # noqa: E731
+    vendor = _vendor(_safe(_raw_value, ds, "Manufacturer"))
+    put("Manufacturer", vendor)
+    put("ManufacturersModelName", _text(_safe(_raw_value, ds, "ManufacturerModelName")))
+    put("SoftwareVersions", _text(_safe(_raw_value, ds, "SoftwareVersions")))
+    put("MagneticFieldStrength", _numeric(ds, "MagneticFieldStrength", False, invalid))
+    put("MRAcquisitionType", text("MRAcquisitionType"))
+    put("ScanningSequence", _text(_safe(_raw_value, ds, "ScanningSequence")) or text("ScanningSequence"))
+    put("SequenceVariant", _text(_safe(_raw_value, ds, "SequenceVariant")) or text("SequenceVariant"))
+    put("SequenceName", _text(_safe(_raw_value, ds, "SequenceName")))
+    psn = _text(_safe(_raw_value, ds, "PulseSequenceName")) or (_text(_safe(_fg_find, ds, "PulseSequenceName")) if enh else None)
+    if vendor == "GE":
+        psn = _text(_safe(_private_fast, ds, 0x0019, "GEMS_ACQU_01", 0x9C)) or psn
+    put("PulseSequenceName", psn)
+    tr = _numeric(ds, "RepetitionTime", enh, invalid)
+    put("RepetitionTime", None if tr is None else _num(round(tr / 1000.0, 9)))
+    if not enh and _num(te) is not None and _num(te) >= 0:
+        put("EchoTime", _num(round(float(te) / 1000.0, 9)))
+    ti = _numeric(ds, "InversionTime", enh, invalid)
+    put("InversionTime", None if ti is None else _num(round(ti / 1000.0, 9)))
+    put("FlipAngle", _numeric(ds, "FlipAngle", enh, invalid))
+    put("SliceThickness", _numeric(ds, "SliceThickness", enh, invalid))
+    put("SpacingBetweenSlices", _numeric(ds, "SpacingBetweenSlices", enh, invalid))
+    put("PixelSpacing", _numeric(ds, "PixelSpacing", enh, invalid, many=True))
+    image_type = _image_type(_safe(_raw_value, ds, "ImageType"))
+    if "MOSAIC" not in image_type:  # mosaic tiles: the series divides Rows/Columns by the tile count
+        put("Rows", _num(_safe(_raw_value, ds, "Rows")))
+        put("Columns", _num(_safe(_raw_value, ds, "Columns")))
+    put("AcquisitionMatrix", _numeric(ds, "AcquisitionMatrix", enh, invalid, many=True))
+    put("PercentPhaseFOV", _numeric(ds, "PercentPhaseFieldOfView", enh, invalid))
+    put("PercentSampling", _numeric(ds, "PercentSampling", enh, invalid))
+    put("NumberOfAverages", _numeric(ds, "NumberOfAverages", enh, invalid))
+    put("EchoTrainLength", _numeric(ds, "EchoTrainLength", enh, invalid))
+    put("PixelBandwidth", _numeric(ds, "PixelBandwidth", enh, invalid))
+    ped = {"COLUMN": "COL", "COL": "COL", "ROW": "ROW"}.get((text("InPlanePhaseEncodingDirection") or "").upper())
+    put("InPlanePhaseEncodingDirectionDICOM", ped)
+    put("ReceiveCoilName", text("ReceiveCoilName"))
+    put("ImageType", image_type or None)
+    put("SeriesDescription", text("SeriesDescription"))
+    put("ProtocolName", text("ProtocolName"))
+    return p
+
+
+def _geometry(value: Any, keyword: str, n: int) -> tuple[list[float] | None, str | None]:
+    """(values, why damaged): ``n`` finite numbers, positive for spacing and thickness, unit and
+    orthogonal direction cosines for the orientation. Absent is (None, None): not damage."""
+    if value is None or value == "":
+        return None, None
+    try:
+        items = list(value) if isinstance(value, (list, tuple)) or (
+            hasattr(value, "__iter__") and not isinstance(value, (str, bytes))) else [value]
+        numbers = [float(x) for x in items]
+    except (TypeError, ValueError, OverflowError):
+        return None, f"needs {n} numbers, has a value that is not a number"
+    if len(numbers) != n:
+        return None, f"needs {n} values, has {len(numbers)}"
+    if not all(math.isfinite(x) for x in numbers):
+        return None, "has a value that is not a finite number"
+    if keyword in ("PixelSpacing", "SliceThickness") and not all(x > 0 for x in numbers):
+        return None, "must be positive"
+    if keyword == "ImageOrientationPatient":
+        r, c = numbers[:3], numbers[3:]
+        norms = [math.sqrt(sum(x * x for x in v)) for v in (r, c)]
+        if any(abs(norm - 1.0) > 0.02 for norm in norms) or abs(sum(a * b for a, b in zip(r, c))) > 0.02:
+            return None, "is not a pair of orthogonal unit vectors"
+    return numbers, None
+
+
+def _instance_fields(ds, invalid: list[str]) -> dict[str, int | None]:
+    """What completeness needs from each file: InstanceNumber, AcquisitionNumber (PS3.3 C.7.6.1
+    General Image), EchoNumbers (C.8.3.1 MR Image), ImagesInAcquisition (C.7.6.1) and
+    NumberOfSeriesRelatedInstances (0020,1209), a PS3.4 C.3.4 query/retrieve count some senders copy
+    into the files."""
+    out: dict[str, int | None] = {}
+    for keyword in ("InstanceNumber", "AcquisitionNumber", "EchoNumbers", "ImagesInAcquisition",
+                    "NumberOfSeriesRelatedInstances"):
+        raw = _safe(_raw_value, ds, keyword)
+        if raw is None or raw == "":
+            if _present(ds, keyword):
+                invalid.append(keyword)
+            out[keyword] = None
+            continue
+        if not isinstance(raw, (str, bytes)) and hasattr(raw, "__iter__"):  # multi-valued: the first
+            items = list(raw)
+            raw = items[0] if items else None
+        value = _num(raw)
+        if not isinstance(value, int):
+            invalid.append(keyword)
+            value = None
+        out[keyword] = value
+    return out
+
+
 def file_summary(ds) -> dict[str, Any]:
-    """What a series' parameters need from every file beyond the first: per-frame echo time,
-    position and orientation, and the names of PHI attributes present. JSON-able, so intake can
-    keep it from the one header parse it does on receipt."""
-    frames = [[None if _num(te) is None else float(te),
-               None if ipp is None else [float(x) for x in ipp],
-               None if ori is None else [float(x) for x in ori]]
-              for te, ipp, ori in _frame_values(ds, _is_enhanced(ds))]
-    return {"frames": frames, "phi": _phi_present([ds])}
+    """What a series' parameters need from every file beyond the first, kept from the one header
+    parse intake does on receipt (JSON-able):
+
+    * ``frames``: per frame [echo time ms, position, orientation]; a damaged position or
+      orientation is None there and named in ``geometry``;
+    * ``phi``: names of PHI attributes present;
+    * ``acq``: this instance's :data:`INSTANCE_KEYS` parameters (so the check compares every
+      instance without reading the files again);
+    * ``instance``: InstanceNumber, AcquisitionNumber, EchoNumbers, ImagesInAcquisition,
+      NumberOfSeriesRelatedInstances (:func:`series_completeness` works from these alone);
+    * ``geometry``: "Keyword (gggg,eeee) why" per damaged geometry attribute;
+    * ``invalid``: keywords whose DS/IS value is present but not a finite number.
+    """
+    enh = bool(_safe(_is_enhanced, ds))
+    invalid: list[str] = []
+    geometry: list[str] = []
+
+    def valid(value, keyword, n, where=""):
+        numbers, why = _geometry(value, keyword, n)
+        if why:
+            line = f"{tag_label(keyword)}{where} {why}"
+            if line not in geometry:
+                geometry.append(line)
+        return numbers
+
+    if enh:
+        raw_frames = _safe(lambda: list(_frame_values(ds, enh))) or [(None, None, None)]
+    else:  # undecoded, then validated below: cheaper than pydicom's conversion, and never raises
+        raw_frames = [tuple(_safe(_raw_value, ds, kw) for kw in ("EchoTime", "ImagePositionPatient",
+                                                                 "ImageOrientationPatient"))]
+    frames = []
+    for index, (te, ipp, ori) in enumerate(raw_frames):
+        where = f" of frame {index + 1}" if len(raw_frames) > 1 else ""
+        frames.append([None if _num(te) is None else float(te), valid(ipp, "ImagePositionPatient", 3, where),
+                       valid(ori, "ImageOrientationPatient", 6, where)])
+    for keyword, n in _GEOMETRY[2:]:
+        valid(_safe(_fast_get, ds, keyword, enh), keyword, n)
+    acq = _instance_parameters(ds, enh, raw_frames[0][0], invalid)
+    for line in geometry:  # damaged geometry is a file problem, not also a parameter one
+        keyword = line.split(" ", 1)[0]
+        if keyword in invalid:
+            invalid.remove(keyword)
+    return {"frames": frames, "phi": _phi_present([ds]), "acq": acq,
+            "instance": _instance_fields(ds, invalid), "geometry": geometry, "invalid": invalid}
+
+
+#: Parameter key -> the DICOM keyword its value is read from, where they differ (and back).
+_KEYWORD_OF = {**_SOURCE_KEYWORD, "PercentPhaseFOV": "PercentPhaseFieldOfView"}
+_KEY_OF = {keyword: key for key, keyword in _KEYWORD_OF.items()}
+_NONE = object()
+
+
+@dataclass
+class Spread:
+    """How one per-instance parameter is spread over a series' instances.
+
+    ``groups``: (value, instance labels) largest group first; ``unreadable``: instances whose
+    value is present but not a number; ``missing``: instances without it while others have it.
+    Labels are InstanceNumbers, or "file k" for an instance without a usable one.
+    """
+
+    key: str
+    groups: list[tuple[Any, list]] = field(default_factory=list)
+    unreadable: list = field(default_factory=list)
+    missing: list = field(default_factory=list)
+    within: str = ""  # "echo 2" when compared within one echo of a multi-echo series
+
+    @property
+    def n(self) -> int:
+        return sum(len(labels) for _, labels in self.groups) + len(self.unreadable) + len(self.missing)
+
+
+def _freeze(value: Any) -> Any:
+    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def instance_label(summary: dict[str, Any], index: int) -> int | str:
+    """An instance's InstanceNumber (PS3.3 C.7.6.1), or "file k" (k = its place in the series)."""
+    number = (summary.get("instance") or {}).get("InstanceNumber")
+    return number if isinstance(number, int) else f"file {index + 1}"
+
+
+def is_multi_echo(summaries: list[dict[str, Any]]) -> bool:
+    """Several EchoNumbers (PS3.3 C.8.3.1) among the instances: EchoTime varies by design."""
+    return len({(s.get("instance") or {}).get("EchoNumbers") for s in summaries} - {None}) > 1
+
+
+def instance_spread(summaries: list[dict[str, Any]], multi_echo: bool | None = None) -> list[Spread]:
+    """Every :data:`INSTANCE_KEYS` parameter that is not one value over all instances.
+
+    Summaries from before per-instance parameters were kept (no ``acq``) are left out. In a
+    multi-echo series (``multi_echo``; by default: several EchoNumbers) EchoTime is compared
+    within each echo number and ImageType not at all.
+    """
+    indexed = [(i, s) for i, s in enumerate(summaries) if s and isinstance(s.get("acq"), dict)]
+    if len(indexed) < 2:
+        return []
+    if multi_echo is None:
+        multi_echo = is_multi_echo([s for _, s in indexed])
+    # most series are one value everywhere: find the keys that differ from the first instance at
+    # dict-comparison speed, and group instances only for those (keeps a 196-file check ~1 ms)
+    reference = indexed[0][1]["acq"]
+    differing: set[str] = set()
+    for _, s in indexed:
+        acq = s["acq"]
+        if acq != reference:
+            differing.update(k for k in reference.keys() | acq.keys() if reference.get(k, _NONE) != acq.get(k, _NONE))
+        for keyword in s.get("invalid") or ():
+            differing.add(_KEY_OF.get(keyword, keyword))
+    if not differing:
+        return []
+    labels = {i: instance_label(s, i) for i, s in indexed}
+    out: list[Spread] = []
+    for key in INSTANCE_KEYS:
+        if key not in differing or (multi_echo and key == "ImageType"):
+            continue
+        if multi_echo and key == "EchoTime":
+            by_echo: dict[Any, list] = defaultdict(list)
+            for i, s in indexed:
+                by_echo[(s.get("instance") or {}).get("EchoNumbers")].append((i, s))
+            partitions = [(f"echo {e}" if e is not None else "no echo number", members)
+                          for e, members in sorted(by_echo.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))]
+        else:
+            partitions = [("", indexed)]
+        keyword = _KEYWORD_OF.get(key, key)
+        for within, members in partitions:
+            groups: dict[Any, tuple[Any, list]] = {}
+            spread = Spread(key, within=within)
+            for i, s in members:
+                acq = s["acq"]
+                if key in acq:
+                    groups.setdefault(_freeze(acq[key]), (acq[key], []))[1].append(labels[i])
+                elif keyword in (s.get("invalid") or ()):
+                    spread.unreadable.append(labels[i])
+                else:
+                    spread.missing.append(labels[i])
+            if not groups or (len(groups) == 1 and not spread.unreadable and not spread.missing):
+                continue  # one value everywhere, or absent everywhere: the series-level check covers it
+            spread.groups = sorted(groups.values(), key=lambda g: -len(g[1]))  # stable: first seen wins ties
+            out.append(spread)
+    return out
 
 
 def _series_parameters(datasets: list, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -329,8 +715,7 @@ def _series_parameters(datasets: list, summaries: list[dict[str, Any]] | None = 
         if value is not None and value != [] and value != "":
             p[key] = value
 
-    manu = _text(ds.get("Manufacturer")) or ""
-    vendor = next((name for k, name in _MANUFACTURERS if manu.upper().startswith(k)), manu or None)
+    vendor = _vendor(ds.get("Manufacturer"))
     put("Manufacturer", vendor)
     put("ManufacturersModelName", _text(ds.get("ManufacturerModelName")))
     put("SoftwareVersions", _text(ds.get("SoftwareVersions")))
@@ -386,6 +771,8 @@ def _series_parameters(datasets: list, summaries: list[dict[str, Any]] | None = 
 
     # echo times and slice geometry over every file and frame
     echoes, positions, iop = set(), [], None
+    damaged_placement = any(line.startswith(("ImagePositionPatient", "ImageOrientationPatient"))
+                            for summary in summaries for line in summary.get("geometry") or ())
     for summary in summaries:
         for te, ipp, ori in summary["frames"]:
             if _num(te) is not None and _num(te) >= 0:
@@ -416,10 +803,7 @@ def _series_parameters(datasets: list, summaries: list[dict[str, Any]] | None = 
     ped = {"COLUMN": "COL", "COL": "COL", "ROW": "ROW"}.get((ped or "").upper())
     put("InPlanePhaseEncodingDirectionDICOM", ped)
     rows, cols = _num(ds.get("Rows")), _num(ds.get("Columns"))
-    raw_type = ds.get("ImageType") or []
-    raw_type = [raw_type] if isinstance(raw_type, str) else list(raw_type)
-    # dcm2niix also splits values at underscores ("ECHO_00" -> "ECHO", "00")
-    image_type = [part for x in raw_type for part in str(x).split("_") if part]
+    image_type = _image_type(ds.get("ImageType") or [])
     n_mosaic = None
     if "MOSAIC" in image_type and rows and cols:
         n_mosaic = _num(_private(ds, 0x0019, "SIEMENS MR HEADER", 0x0A))
@@ -492,6 +876,8 @@ def _series_parameters(datasets: list, summaries: list[dict[str, Any]] | None = 
         step = spacing if spacing else thick
         if step is not None and thick is not None:
             coverage = (n_slices - 1) * step + thick
+    elif damaged_placement:
+        pass  # a file's position or orientation is damaged: slices and coverage stay unknown
     elif positions and iop and len(iop) == 6:
         r, c = iop[:3], iop[3:]
         normal = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])

@@ -12,24 +12,33 @@ when no locked protocol's match rules select the series.
 Identifiers: series and studies are keyed by a SHA-256 pseudonym of their UID
 (:func:`uid_key`), scanners by a pseudonym of their serial number. The names (never the
 values) of PS3.15 identifying attributes present in a series are reported as a finding.
+
+Every instance counts, not only the first: the acquisition parameters intake kept per file
+(``file_summary``'s ``acq``) are compared across the series, so one instance acquired
+differently is a deviation naming its InstanceNumber. A file with damaged geometry leaves
+the geometry checks undetermined. :meth:`Gate.check_received` raises nothing but
+SitebenchError, whatever the summaries hold.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+import traceback
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable, utc_now
 from sitebench.qc.dicom_files import FileCheck, check_file, volume_from_summaries
-from sitebench.qc.dicom_params import SeriesParameters, series_from_summaries
+from sitebench.qc.dicom_params import (SeriesParameters, Spread, instance_label, instance_spread, is_multi_echo,
+                                       series_from_summaries, tag_label)
 from sitebench.qc.drift import DriftEvent, DriftMonitor, SiteHistory
-from sitebench.qc.protocol import Deviation, Protocol, check_series, check_values, match_protocol, overall_status
+from sitebench.qc.protocol import (Deviation, ExactRule, Protocol, check_series, check_values, match_protocol,
+                                   overall_status)
 
-__all__ = ["Gate", "SeriesOutcome", "uid_key", "OUTCOME_STATUSES"]
+__all__ = ["Gate", "SeriesOutcome", "Completeness", "series_completeness", "uid_key", "OUTCOME_STATUSES"]
 
 OUTCOME_STATUSES = ("pass", "warn", "fail", "undetermined", "unmatched")
 UID_KEY_CHARS = 20
@@ -123,7 +132,8 @@ class Gate:
                 groups.setdefault(checks[f].series_uid, []).append(f)
         if not groups:
             raise SitebenchError("no DICOM file with a SeriesInstanceUID among "
-                                 f"{len(files)} file(s): {checks[files[0]].problems[0] if files else 'none'}")
+                                 f"{len(files)} file(s): "
+                                 f"{(checks[files[0]].problems or ['no problem recorded'])[0] if files else 'none'}")
         outcomes = []
         for members in groups.values():
             outcomes += self.check_received(members, [checks[f] for f in members], site)
@@ -132,15 +142,57 @@ class Gate:
     def check_received(self, files: Sequence[str | Path], checks: Sequence[FileCheck], site: str) -> list[SeriesOutcome]:
         """One series whose files intake already parsed on receipt (``checks[i].summary``).
 
-        Only the first file's header is read again, so the verdict after the series completes
-        costs one header read rather than one per file.
+        Only one file's header is read again (the first without problems), so the verdict after
+        the series completes costs one header read rather than one per file. Raises only
+        SitebenchError: an unexpected error becomes one with a one-line reason, so the caller
+        can quarantine the series instead of failing on it at every pass.
         """
-        usable = [(Path(f), c) for f, c in zip(files, checks) if c.summary is not None]
+        try:
+            return self._check_received(files, checks, site)
+        except SitebenchError:
+            raise
+        except RecursionError:
+            raise SitebenchError("series could not be checked: RecursionError (nesting too deep)") from None
+        except Exception as exc:  # noqa: BLE001 - one series' bad content must not stop the gate
+            frames = traceback.extract_tb(exc.__traceback__)
+            where = f" in {frames[-1].name}" if frames else ""
+            raise SitebenchError(f"series could not be checked: {type(exc).__name__}{where}") from None
+
+    def _check_received(self, files: Sequence[str | Path], checks: Sequence[FileCheck],
+                        site: str) -> list[SeriesOutcome]:
+        usable = [(Path(f), c) for f, c in zip(files, checks) if isinstance(c.summary, dict)]
         if not usable:
             raise SitebenchError(f"none of the series' {len(files)} file(s) has a readable header")
+        clean = next((k for k, (_, c) in enumerate(usable) if not c.problems), 0)
+        usable.insert(0, usable.pop(clean))  # the header read again: a file without problems
         series = series_from_summaries([f for f, _ in usable], [c.summary for _, c in usable])
         problems = sorted({p for c in checks for p in c.problems})
         return [self._check_series(series, site, problems)]
+
+    def expected_instances(self, summaries: Sequence[dict | None]) -> int | None:
+        """How many instances the series' protocol expects, if its NumberOfSlices rule is exact.
+
+        The protocol is matched from the first summary's per-instance parameters (no file is
+        read); the count is NumberOfSlices times the echoes seen (EchoNumbers), a lower bound
+        for a series with several volumes. None when no protocol matches (or several do), the
+        rule is not ``exact``, or the series is multi-frame (slices are frames there, not files).
+        """
+        usable = [s for s in summaries if isinstance(s, dict) and isinstance(s.get("acq"), dict)]
+        if not usable or any(len(s.get("frames") or []) > 1 for s in usable):
+            return None
+        params = dict(usable[0]["acq"])
+        try:
+            protocol = match_protocol(params, self.protocols) if self.match else self.protocols[0]
+        except SitebenchError:
+            return None
+        if protocol is None:
+            return None
+        rule = protocol.rules_for(params)[0].get("NumberOfSlices")
+        if not isinstance(rule, ExactRule) or not isinstance(rule.value, int) or isinstance(rule.value, bool) \
+                or rule.value <= 0:
+            return None
+        echoes = {(s.get("instance") or {}).get("EchoNumbers") for s in usable} - {None}
+        return rule.value * max(1, len(echoes))
 
     # ------------------------------------------------------------------ one series
     def _check_series(self, series: SeriesParameters, site: str, file_problems: list[str]) -> SeriesOutcome:
@@ -156,7 +208,11 @@ class Gate:
             outcome.seconds["header"] = time.perf_counter() - started
             return outcome
         verdict = check_series(params, protocol)
-        checks = list(verdict.checks)
+        rules, _, undecided = protocol.rules_for(params)
+        summaries = [s for s in series.summaries if isinstance(s, dict)]
+        checks = _with_instance_checks(list(verdict.checks), summaries, rules, undecided)
+        checks = _with_value_findings(checks, summaries, rules)
+        checks = _with_geometry(checks, summaries)
         checks += [Deviation("FileIntegrity", "every file complete and readable", problem, "integrity", "fail",
                              "undetermined", "re-send the series") for problem in file_problems]
         outcome.seconds["header"] = time.perf_counter() - started
@@ -190,6 +246,10 @@ class Gate:
         except SitebenchError as exc:
             outcome.image_quality_notes.append(f"not computed: {exc}")
             return _undetermined_iqm(protocol, str(exc))
+        except (ValueError, TypeError, IndexError, KeyError, ArithmeticError) as exc:  # odd geometry or pixels
+            why = f"volume could not be built ({type(exc).__name__})"
+            outcome.image_quality_notes.append(f"not computed: {why}")
+            return _undetermined_iqm(protocol, why)
         outcome.image_quality = {k: v for k, v in quality.metrics.items() if v is not None}
         outcome.image_quality_notes = list(quality.notes)
         checks = check_values(quality.metrics, protocol.image_quality, prefix="iqm.")
@@ -200,6 +260,277 @@ class Gate:
                 round(flag["value"], 6), "site_outlier", "warn", "warn", f"z = {flag['z']:.1f}"))
         outcome.seconds["image_quality"] = time.perf_counter() - started
         return checks
+
+
+# ------------------------------------------------------------------ completeness
+#: A step between neighbouring slice positions this many times the median step is a hole.
+GAP_FACTOR = 1.5
+
+
+@dataclass(frozen=True)
+class Completeness:
+    """Whether a series has all its instances: True / False on evidence, None when unknown.
+
+    ``expected`` is the instance count the evidence points to (None when it gives none),
+    ``received`` the summaries seen, ``why`` one line naming the evidence (no values).
+    """
+
+    complete: bool | None
+    expected: int | None
+    received: int
+    why: str
+
+
+def series_completeness(summaries: Sequence[dict | None]) -> Completeness:
+    """Completeness of a series from its files' :func:`~sitebench.qc.dicom_params.file_summary` alone.
+
+    Evidence, strongest first:
+
+    1. NumberOfSeriesRelatedInstances (0020,1209; a PS3.4 C.3.4 query/retrieve attribute some
+       senders copy into the files): fewer received is incomplete; as many is complete.
+    2. A hole in the slice stack: single-frame instances with one orientation, their positions
+       projected on the slice normal; a step between neighbouring positions over
+       :data:`GAP_FACTOR` times the median step means slices are missing (incomplete).
+    3. ImagesInAcquisition (0020,1002, PS3.3 C.7.6.1), when all instances carry one value and one
+       AcquisitionNumber: fewer received is incomplete, as many is complete. (GE writes the
+       images per volume here, so more received than it says is no evidence either way.)
+
+    Gaps in InstanceNumber (C.7.6.1) are never evidence alone: scanners and PACS renumber,
+    drop localisers or start at other numbers, so legitimate series have them. They are only
+    named, as support, in ``why``. No evidence either way is ``complete=None``.
+    """
+    summaries = [s for s in summaries if isinstance(s, dict)]
+    received = len(summaries)
+    if not summaries:
+        return Completeness(None, None, 0, "no readable instance")
+    fields = [s.get("instance") or {} for s in summaries]
+    numbers = sorted({f.get("InstanceNumber") for f in fields} - {None})
+    absent = _number_gaps(numbers)
+    support = f"; InstanceNumbers {_ranges(absent)} are absent too" if absent else ""
+    incomplete: list[tuple[int | None, str]] = []
+    complete: list[tuple[int, str]] = []
+
+    declared = {f.get("NumberOfSeriesRelatedInstances") for f in fields} - {None}
+    if declared:
+        expected = max(declared)
+        if received < expected:
+            incomplete.append((expected, f"{received} of {expected} instances received "
+                                         "(NumberOfSeriesRelatedInstances)"))
+        else:
+            complete.append((expected, f"all {expected} instances received (NumberOfSeriesRelatedInstances)"))
+
+    hole = _slice_hole(summaries)
+    if hole is not None:
+        missing_positions, per_position = hole
+        expected = received + missing_positions * per_position
+        incomplete.append((expected, f"{missing_positions} slice position(s) missing from the slice stack "
+                                     f"(a step over {GAP_FACTOR:g}x the median)"))
+
+    in_acquisition = {f.get("ImagesInAcquisition") for f in fields}
+    acquisitions = {f.get("AcquisitionNumber") for f in fields} - {None}
+    if len(in_acquisition) == 1 and None not in in_acquisition and len(acquisitions) <= 1:
+        (expected,) = in_acquisition
+        if expected and received < expected:
+            incomplete.append((expected, f"{received} of {expected} images received (ImagesInAcquisition)"))
+        elif expected == received:
+            complete.append((expected, f"all {expected} images received (ImagesInAcquisition)"))
+
+    if incomplete:
+        expected = max((e for e, _ in incomplete if e is not None), default=None)
+        return Completeness(False, expected, received, "; ".join(w for _, w in incomplete) + support)
+    if complete:
+        return Completeness(True, complete[0][0], received, complete[0][1])
+    why = "no evidence of the series' size"
+    if absent:
+        why += f" (InstanceNumbers {_ranges(absent)} absent, not evidence alone)"
+    return Completeness(None, None, received, why)
+
+
+def _slice_hole(summaries: list[dict]) -> tuple[int, int] | None:
+    """(slice positions missing, instances per position) when the slice stack has a hole, else None."""
+    import math
+
+    frames = [s.get("frames") or [] for s in summaries]
+    if any(len(f) != 1 for f in frames):
+        return None  # multi-frame or frame-less: no per-instance slice stack
+    placed = [(f[0][1], f[0][2]) for f in frames]
+    if any(ipp is None or ori is None or len(ipp) != 3 or len(ori) != 6 for ipp, ori in placed):
+        return None
+    first = placed[0][1]
+    if any(max(abs(a - b) for a, b in zip(ori, first)) > 1e-3 for _, ori in placed):
+        return None  # several orientations (localiser-like): no single stack
+    r, c = first[:3], first[3:]
+    normal = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    proj = sorted({round(sum(a * b for a, b in zip(ipp, normal)), 2) for ipp, _ in placed})
+    if len(proj) < 4:
+        return None
+    steps = [b - a for a, b in zip(proj, proj[1:])]
+    median = sorted(steps)[len(steps) // 2]
+    if not median > 0:
+        return None
+    missing = sum(max(1, round(step / median) - 1) for step in steps if step > GAP_FACTOR * median)
+    if not missing:
+        return None
+    per_position = max(1, round(len(summaries) / len(proj)))
+    return (missing, per_position) if math.isfinite(median) else None
+
+
+def _number_gaps(numbers: list[int]) -> list[int]:
+    """InstanceNumbers missing from a run that starts at 1 (none when the run starts elsewhere)."""
+    if not numbers or numbers[0] != 1 or numbers[-1] > 10 * len(numbers) + 10:
+        return []
+    have = set(numbers)
+    return [n for n in range(1, numbers[-1] + 1) if n not in have]
+
+
+def _ranges(labels: Sequence[int | str], limit: int = 10) -> str:
+    """57, 58, 59, 70 -> "57-59, 70"; at most ``limit`` entries, then "and N more"."""
+    ints = sorted({x for x in labels if isinstance(x, int)})
+    parts: list[str] = []
+    for n in ints:
+        if parts and isinstance(parts[-1], list) and parts[-1][1] == n - 1:
+            parts[-1][1] = n
+        else:
+            parts.append([n, n])  # type: ignore[arg-type]
+    text = [f"{a}" if a == b else f"{a}-{b}" for a, b in parts]  # type: ignore[misc]
+    text += [str(x) for x in labels if not isinstance(x, int)]
+    if len(text) > limit:
+        text = text[:limit] + [f"and {len(text) - limit} more"]
+    return ", ".join(text)
+
+
+def _instances(labels: Sequence[int | str]) -> str:
+    return ("instance " if len(labels) == 1 else "instances ") + _ranges(labels)
+
+
+# ------------------------------------------------------------------ per-instance checks
+#: Damaged geometry attribute -> the checks it leaves undetermined.
+_GEOMETRY_AFFECTS = {
+    "ImagePositionPatient": {"NumberOfSlices", "SliceCoverageMM", "SliceGapMM", "MaxSliceStepMM"},
+    "ImageOrientationPatient": {"NumberOfSlices", "SliceCoverageMM", "SliceGapMM", "MaxSliceStepMM",
+                                "ImageOrientationPatientDICOM"},
+    "PixelSpacing": {"PixelSpacing"},
+    "SliceThickness": {"SliceThickness", "SliceCoverageMM", "SliceGapMM"},
+}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
+
+
+def _describe(spread: Spread) -> str:
+    """"30 in instance 57 (195 other instances: 11)": the minorities, then the largest group."""
+    value, majority = spread.groups[0]
+    parts = [f"{_show(v)} in {_instances(labels)}" for v, labels in spread.groups[1:]]
+    if spread.unreadable:
+        parts.append(f"not a number in {_instances(spread.unreadable)}")
+    if spread.missing:
+        parts.append(f"missing in {_instances(spread.missing)}")
+    others = f"{len(majority)} other instance{'s' if len(majority) != 1 else ''}"
+    return "; ".join(parts) + f" ({others}: {_show(value)})"
+
+
+def _instance_check(spread: Spread, rule: Any, multi_echo: bool) -> Deviation:
+    """One deviation for a parameter that is not one value over the series' instances."""
+    observed = _describe(spread)
+    within = f" ({spread.within})" if spread.within else ""
+    if rule is None or not hasattr(rule, "holds"):  # unconstrained or record-only
+        return Deviation(spread.key, "one value across the series", observed, "consistency", "warn", "warn",
+                         f"inconsistent within series{within}")
+    if multi_echo and spread.key == "EchoTime":  # each echo's time must be one value
+        return Deviation(spread.key, rule.describe(), observed, rule.kind, rule.severity, rule.severity,
+                         f"inconsistent within series{within}")
+    failing = [labels for value, labels in spread.groups if not rule.holds(value)]
+    if failing:
+        status, note = rule.severity, "inconsistent within series; outside the rule in " + _instances(
+            [x for labels in failing for x in labels])
+    elif spread.unreadable or spread.missing:
+        status, note = "undetermined", "not readable in every instance: " + "; ".join(
+            ([f"not a number in {_instances(spread.unreadable)}"] if spread.unreadable else [])
+            + ([f"missing in {_instances(spread.missing)}"] if spread.missing else []))
+    else:
+        status, note = "warn", "inconsistent within series (every value within the rule)"
+    return Deviation(spread.key, rule.describe(), observed, rule.kind, rule.severity, status, note + within)
+
+
+def _with_instance_checks(checks: list[Deviation], summaries: list[dict], rules: dict[str, Any],
+                          undecided: dict[str, str]) -> list[Deviation]:
+    """Series-level checks (first file's values) replaced, per parameter, by one over every instance.
+
+    A protocol-checked parameter that differs in some instance gets the rule's severity if any
+    value breaks the rule, undetermined if some instance's value is missing or unreadable, warn
+    if every value is within the rule; one the protocol does not check is a warn when instances
+    hold different values (merely missing in some is left to the file and value findings).
+    """
+    echo_rule = rules.get("EchoTime")
+    multi_echo = is_multi_echo(summaries) or isinstance(getattr(echo_rule, "value", None), list)
+    spreads = instance_spread(summaries, multi_echo=multi_echo)
+    replaced: set[str] = set()
+    extra: list[Deviation] = []
+    for spread in spreads:
+        if spread.key in undecided:
+            continue  # the rule itself cannot be placed: stays undetermined
+        rule = rules.get(spread.key)
+        checked = rule is not None and hasattr(rule, "holds")
+        if not checked and len(spread.groups) == 1:
+            continue  # an unchecked attribute merely absent in some files (their integrity says so), or
+            # unreadable (a ValueIntegrity warning says so): not a second finding
+        extra.append(_instance_check(spread, rule, multi_echo))
+        if checked:
+            replaced.add(spread.key)
+    return [c for c in checks if c.parameter not in replaced] + extra
+
+
+def _with_value_findings(checks: list[Deviation], summaries: list[dict], rules: dict[str, Any]) -> list[Deviation]:
+    """Malformed DS/IS values (file_summary ``invalid``): a protocol check of that parameter that is
+    undetermined says so; any other attribute is one warn naming it and the instances."""
+    bad: dict[str, list] = {}
+    for index, summary in enumerate(summaries):
+        for keyword in summary.get("invalid") or ():
+            bad.setdefault(keyword, []).append(instance_label(summary, index))
+    if not bad:
+        return checks
+    keyword_of = {"PercentPhaseFOV": "PercentPhaseFieldOfView", "ManufacturersModelName": "ManufacturerModelName"}
+    checked = {keyword_of.get(k, k): k for k, r in rules.items() if hasattr(r, "holds")}
+    out = []
+    for check in checks:
+        keyword = keyword_of.get(check.parameter, check.parameter)
+        if keyword in bad and check.status == "undetermined" and not check.note.startswith("not readable"):
+            check = replace(check, note=f"{tag_label(keyword)} is not a number in {_instances(bad[keyword])}")
+        out.append(check)
+    for keyword, labels in bad.items():
+        if keyword not in checked:
+            out.append(Deviation("ValueIntegrity", "every DS/IS value a number",
+                                 f"{tag_label(keyword)} in {_instances(labels)}", "integrity", "warn", "warn",
+                                 "treated as missing"))
+    return out
+
+
+def _with_geometry(checks: list[Deviation], summaries: list[dict]) -> list[Deviation]:
+    """Damaged geometry in any file: the geometry checks it feeds are undetermined, naming the instances."""
+    damaged: dict[str, list] = {}
+    for index, summary in enumerate(summaries):
+        for line in summary.get("geometry") or ():
+            damaged.setdefault(line.split(" ", 1)[0], []).append(instance_label(summary, index))
+    if not damaged:
+        return checks
+    where = "; ".join(f"damaged {attr} in {_instances(labels)}" for attr, labels in damaged.items())
+    out = []
+    for check in checks:
+        hit = [attr for attr in damaged if check.parameter in _GEOMETRY_AFFECTS.get(attr, ())]
+        if hit:
+            check = replace(check, status="undetermined", note="; ".join(
+                f"damaged {attr} in {_instances(damaged[attr])}" for attr in hit))
+        out.append(check)
+    out.append(Deviation("Geometry", "every file placeable in the volume (PS3.3 C.7.6.2)", where, "geometry",
+                         "fail", "undetermined", "re-send the damaged files"))
+    return out
 
 
 def _undetermined_iqm(protocol: Protocol, why: str) -> list[Deviation]:
