@@ -40,10 +40,10 @@ received_files = Table(
     Column("source", String(16), nullable=False),  # dicom | http | folder | check
     Column("transfer", String(64), nullable=False),
     Column("series_key", String(32), index=True),
-    Column("sop_key", String(32)),
+    Column("sop_key", String(32), index=True),  # every new file looks up other copies of its instance
     Column("problems", Text, nullable=False, default="[]"),  # JSON list of one-line problems
     Column("header_summary", Text),  # JSON file_summary: per-frame geometry, PHI attribute names
-    Column("indexed", Boolean, nullable=False, default=False),  # header parsed and checked
+    Column("indexed", Boolean, nullable=False, default=False, index=True),  # header parsed; polled per pass
     Column("first_received_utc", String(40), nullable=False),
     Column("times_received", Integer, nullable=False, default=1),
     Column("received_epoch", Float),
@@ -664,6 +664,9 @@ def _add_missing_columns(engine: Engine) -> None:
                         default = " DEFAULT '" + str(value).replace("'", "''") + "'"
                 not_null = "" if column.nullable or not default else " NOT NULL"
                 conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}{default}{not_null}"))
+        for table in metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
