@@ -99,3 +99,19 @@ def require_rscript(package: str) -> str:
         pytest.fail(f"R package {package} is not installed (apt-get install {debian}), or set "
                     f"SITEBENCH_SKIP_R=1 to skip: {probe.stderr.strip()[-300:]}", pytrace=False)
     return exe
+
+
+@pytest.fixture(scope="session")
+def t1_protocols(tmp_path_factory) -> Path:
+    """A folder with one locked protocol, drafted from the real GE 3D T1 and locked by a named person."""
+    from sitebench.qc.dicom_params import read_series
+    from sitebench.qc.protocol import draft_protocol, lock_protocol
+
+    t1 = SHARED_DATA / "dicom" / "dcm_qa_deident" / "In"
+    if not t1.exists():
+        pytest.skip("needs ../shared/data/dicom")
+    root = tmp_path_factory.mktemp("protocols")
+    (series,) = read_series(t1)
+    draft = draft_protocol(series.parameters, "ge-t1w").save(root / "draft.yaml")
+    lock_protocol(draft, who="A. Physicist", why="site qualification", lock_dir=root / "locked")
+    return root / "locked"

@@ -8,20 +8,17 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from sitebench.qc.dicom_params import read_series
 from sitebench.qc.gate import Gate
-from sitebench.qc.protocol import Protocol, draft_protocol, load_protocol, lock_protocol
+from sitebench.qc.protocol import Protocol, load_protocol, lock_protocol
 
 T1 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom" / "dcm_qa_deident" / "In"
 pytestmark = pytest.mark.skipif(not T1.exists(), reason="needs ../shared/data/dicom")
 
 
 @pytest.fixture(scope="module")
-def locked(tmp_path_factory) -> Protocol:
-    root = tmp_path_factory.mktemp("protocol")
-    (series,) = read_series(T1)
-    draft = draft_protocol(series.parameters, "ge-t1w").save(root / "draft.yaml")
-    return lock_protocol(draft, who="A. Physicist", why="qualification", lock_dir=root / "locked").protocol
+def locked(t1_protocols) -> Protocol:
+    (path,) = sorted(t1_protocols.glob("*.yaml"))
+    return load_protocol(path)
 
 
 def copy_series(out: Path, edit=None, keep=None) -> Path:

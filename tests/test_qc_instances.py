@@ -17,9 +17,8 @@ from pydicom.tag import Tag
 
 from sitebench.errors import SitebenchError
 from sitebench.qc.dicom_files import FileCheck, check_bytes, check_file
-from sitebench.qc.dicom_params import read_series
 from sitebench.qc.gate import Gate, series_completeness
-from sitebench.qc.protocol import Protocol, draft_protocol, lock_protocol
+from sitebench.qc.protocol import Protocol, load_protocol
 
 DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 T1 = DICOM / "dcm_qa_deident" / "In"
@@ -27,11 +26,9 @@ pytestmark = pytest.mark.skipif(not T1.exists(), reason="needs ../shared/data/di
 
 
 @pytest.fixture(scope="module")
-def locked(tmp_path_factory) -> Protocol:
-    root = tmp_path_factory.mktemp("protocol")
-    (series,) = read_series(T1)
-    draft = draft_protocol(series.parameters, "ge-t1w").save(root / "draft.yaml")
-    return lock_protocol(draft, who="A. Physicist", why="qualification", lock_dir=root / "locked").protocol
+def locked(t1_protocols) -> Protocol:
+    (path,) = sorted(t1_protocols.glob("*.yaml"))
+    return load_protocol(path)
 
 
 @pytest.fixture(scope="module")

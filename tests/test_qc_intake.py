@@ -27,8 +27,6 @@ from nibabel.nicom import dicomwrappers
 from sitebench.audit import verify_trail
 from sitebench.datasets.manifest import read_manifest
 from sitebench.provenance import sha256_file
-from sitebench.qc.dicom_params import read_series
-from sitebench.qc.protocol import draft_protocol, lock_protocol
 from sitebench.qc.records import QCRecords, database_url
 
 DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
@@ -52,13 +50,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def protocols(tmp_path_factory) -> Path:
-    """The T1 protocol drafted from the real series, locked by a named person."""
-    root = tmp_path_factory.mktemp("protocols")
-    (series,) = read_series(T1)
-    draft = draft_protocol(series.parameters, "ge-t1w").save(root / "draft.yaml")
-    lock_protocol(draft, who="A. Physicist", why="site qualification", lock_dir=root / "locked")
-    return root / "locked"
+def protocols(t1_protocols) -> Path:
+    return t1_protocols
 
 
 class Service:

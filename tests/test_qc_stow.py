@@ -23,8 +23,6 @@ import pytest
 import requests
 import yaml
 
-from sitebench.qc.dicom_params import read_series
-from sitebench.qc.protocol import draft_protocol, lock_protocol
 from sitebench.qc.records import QCRecords, database_url
 
 DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
@@ -49,13 +47,8 @@ def sha256(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def protocols(tmp_path_factory) -> Path:
-    """The T1 protocol drafted from the real series, locked by a named person."""
-    root = tmp_path_factory.mktemp("protocols")
-    (series,) = read_series(T1)
-    draft = draft_protocol(series.parameters, "ge-t1w").save(root / "draft.yaml")
-    lock_protocol(draft, who="A. Physicist", why="site qualification", lock_dir=root / "locked")
-    return root / "locked"
+def protocols(t1_protocols) -> Path:
+    return t1_protocols
 
 
 class Service:
