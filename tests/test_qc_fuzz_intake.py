@@ -106,6 +106,18 @@ def test_fuzz_corpus_through_every_way_in_leaves_the_gate_serving(tmp_path, prot
               f"could send {acknowledged_dicom} of its {len(by_way['dicom'])}); quarantined {quarantined}; "
               f"stored with a problem {with_problems}; valid series verdict {waited:.1f}s after its last file")
         assert quarantined + with_problems >= 60
+        # every corpus series is settled: a verdict, or waiting because it is known incomplete; none
+        # was given up on after failed checks
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                unsettled = conn.execute(sqlalchemy.text(
+                    "SELECT count(*) FROM series WHERE state = 'open' AND waiting IS NULL")).scalar()
+            if not unsettled:
+                break
+            time.sleep(0.3)
+        assert unsettled == 0, svc.records.attention_lines()
+        assert sum(s.quarantined_series for s in svc.records.site_status()) == 0, svc.records.attention_lines()
         # no file and no series hit a bug on the way (the developers' log is written only then)
         errors = svc.store / "logs" / "errors.log"
         assert not errors.exists(), errors.read_text()[-3000:]

@@ -521,7 +521,10 @@ class IntakeService:
         if quarantined:
             checks.append(FileCheck(series_uid="(stored)", problems=quarantined, summary=None))
             paths.append(Path("(quarantined)"))
-        (outcome,) = self.gate.check_received(paths, checks, site)
+        if not summaries:  # no file of it has a readable header: nothing to check, the site re-sends
+            outcome = _unreadable_series(series_key, site, checks)
+        else:
+            (outcome,) = self.gate.check_received(paths, checks, site)
         if outcome.series_key != series_key:  # a file's header disagrees with its intake record
             outcome.file_problems.append("file's SeriesInstanceUID changed between intake and check")
             outcome.series_key = series_key  # the verdict closes the series intake opened
@@ -654,6 +657,18 @@ def resolve_conflict(config: IntakeConfig, keep: str, *, who: str, why: str) -> 
     open_audit_trail(config).append(who=who, what="conflict resolved", why=why, subject=f"series {result['series_key']}",
                                     details=result)
     return result
+
+
+def _unreadable_series(series_key: str, site: str, checks: list[FileCheck]) -> SeriesOutcome:
+    """An undetermined verdict for a series none of whose files has a readable header (re-send it)."""
+    from sitebench.qc.protocol import Deviation
+
+    problems = sorted({p for c in checks for p in c.problems})
+    deviations = [Deviation("FileIntegrity", "every file complete and readable", problem, "integrity", "fail",
+                            "undetermined", "re-send the series") for problem in problems]
+    return SeriesOutcome(series_key=series_key, site=site, status="undetermined",
+                         n_files=sum(c.summary is not None or c.problems != [] for c in checks),
+                         deviations=deviations, checks=deviations, file_problems=problems)
 
 
 def _instance_number(value: Any) -> int | None:
