@@ -387,7 +387,7 @@ def _family_value(b: _Builder) -> None:
         ("RepetitionTime", b"abc", None, "either"), ("RepetitionTime", b"nan", None, "either"),
         ("RepetitionTime", b"", None, "either"),
         ("PixelSpacing", b"abc\\1", None, "bad"), ("PixelSpacing", b"nan\\nan", None, "bad"),
-        ("PixelSpacing", b"inf\\1e999", None, "bad"), ("PixelSpacing", b"", None, "bad"),
+        ("PixelSpacing", b"inf\\1e999", None, "bad"), ("PixelSpacing", b"", None, "either"),  # empty Type 1: warned
         ("InstanceNumber", b"x", None, "either"), ("InstanceNumber", b"3.5", None, "either"),
         ("InstanceNumber", b"", None, "either"), ("InstanceNumber", b"99999999999999999999", None, "either"),
         ("SOPInstanceUID", b"1.2.840.abc.7", None, "bad"), ("SOPInstanceUID", b"1." + b"2" * 63, None, "bad"),
@@ -535,7 +535,8 @@ def _family_length(b: _Builder) -> None:
 def _family_geometry(b: _Builder) -> None:
     plan = [
         ("ImagePositionPatient", b"121.4\\-134.6", "bad"), ("ImagePositionPatient", b"nan\\inf\\1", "bad"),
-        ("ImagePositionPatient", b"", "bad"), ("ImagePositionPatient", b"abc\\0\\0", "bad"),
+        ("ImagePositionPatient", b"", "either"),  # empty Type 1: a warning (real derived MR lacks it)
+        ("ImagePositionPatient", b"abc\\0\\0", "bad"),
         ("ImagePositionPatient", b"1e999\\0\\0", "bad"),
         ("ImageOrientationPatient", b"0\\1\\0\\0\\1\\0", "bad"),  # row == column
         ("ImageOrientationPatient", b"0\\0\\0\\0\\0\\0", "bad"),
@@ -557,7 +558,8 @@ def _family_geometry(b: _Builder) -> None:
         data = _set(b.base("geometry"), T[keyword], None, _us(value))
         b.add("geometry", f"{keyword}-{value}", data, expect, f"{keyword} = {value}")
     data = _remove(b.base("geometry"), T["ImagePositionPatient"])
-    b.add("geometry", "no-ImagePositionPatient", data, "bad", "ImagePositionPatient removed")
+    b.add("geometry", "no-ImagePositionPatient", data, "either",
+          "ImagePositionPatient removed: a warning, as real derived MR (UIH diffusion VFRAME) has none")
 
 
 def _family_syntax(b: _Builder) -> None:

@@ -285,10 +285,12 @@ def _check_input(source: _Input, check: FileCheck) -> None:
             label = tag_label(keyword)
             if any(line.startswith(label) for line in summary["geometry"]):
                 continue
+            # a warning, not a problem: real scanners write derived single-frame MR without a position
+            # (UIH diffusion VFRAME images, say); the series' geometry checks are then undetermined
             if keyword not in ds:
-                summary["geometry"].append(f"{label} missing")
+                check.warnings.append(f"image plane incomplete: {label} missing (PS3.3 C.7.6.2)")
             elif not _present(ds, keyword):
-                summary["geometry"].append(f"{label} empty")
+                check.warnings.append(f"image plane incomplete: {label} empty (PS3.3 C.7.6.2)")
     check.problems += [f"damaged geometry: {line}" for line in summary["geometry"]]
     check.warnings += [f"{tag_label(kw)} is not a number: treated as missing" for kw in summary["invalid"]]
     check.summary = summary
