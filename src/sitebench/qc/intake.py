@@ -42,7 +42,7 @@ from sitebench.durable import fsync_dir
 from sitebench.errors import SitebenchError
 from sitebench.provenance import sha256_bytes, utc_now
 from sitebench.qc import dicom_params  # noqa: F401 - same reason (check_bytes imports it lazily)
-from sitebench.qc.dicom_files import FileCheck, check_bytes
+from sitebench.qc.dicom_files import FileCheck, check_bytes, check_path
 from sitebench.qc.gate import Gate, SeriesOutcome, uid_key
 from sitebench.qc.protocol import Protocol, load_protocol
 from sitebench.qc.records import QCRecords, database_url
@@ -367,9 +367,8 @@ class IntakeService:
         never holds up any other file or series.
         """
         try:
-            if data is None:
-                data = self.store.path(rel).read_bytes()
-            check: FileCheck = check_bytes(data)
+            # a file not kept in memory is mapped, not read: a 1 GiB upload costs its header, not 1 GiB
+            check: FileCheck = check_bytes(data) if data is not None else check_path(self.store.path(rel))
             series_key = uid_key(check.series_uid) if check.series_uid else None
             instance = ((check.summary or {}).get("instance") or {}).get("InstanceNumber")
             result = self.records.record_index(
@@ -394,7 +393,8 @@ class IntakeService:
                 info.problems += [f"{sha[:12]}: {p}" for p in check.problems]
                 if result.reason:
                     info.problems.append(f"{sha[:12]}: {result.reason}")
-        details = {"site": site, "transfer": transfer, "size": len(data), "stored": rel}
+        size = len(data) if data is not None else self.store.path(rel).stat().st_size
+        details = {"site": site, "transfer": transfer, "size": size, "stored": rel}
         if result.status == "quarantined":
             self.audit.append(who=self.config.who, what="file quarantined", why=result.reason, subject=f"file {sha}",
                               details=details)
