@@ -231,6 +231,47 @@ def in_process(tmp: Path, protocols: Path, files: list[bytes]) -> dict:
     return {"files": len(files), "seconds": seconds, "files_per_s": len(files) / seconds}
 
 
+_IN_PROCESS = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from sitebench.qc.intake import IntakeConfig, IntakeService
+files = [p.read_bytes() for p in sorted(Path(sys.argv[3]).iterdir())]
+config = IntakeConfig(store=Path(sys.argv[4]), protocols=Path(sys.argv[2]), sites={"S01": {"ae_titles": ["X"]}},
+                      dicom=None, http=None, quiet_seconds=3600, image_quality=False)
+service = IntakeService(config)
+transfer = service.begin_transfer("S01", "http", "bench")
+start = time.perf_counter()
+for data in files:
+    service.receive(data, transfer, parse_now=True)
+seconds = time.perf_counter() - start
+service.stop()
+print(json.dumps({"files": len(files), "seconds": seconds, "files_per_s": len(files) / seconds}))
+"""
+
+
+def in_process_compared(tmp: Path, protocols: Path, files: list[bytes], baseline: Path,
+                        rounds: int = 3) -> dict:
+    """In-process intake cost of this checkout and of ``baseline`` (another checkout's ``src``), alternated.
+
+    Each round runs both in fresh processes on fresh stores; the medians are compared, so
+    machine load drifting during the run hits both alike.
+    """
+    folder = tmp / "inprocess-files"
+    folder.mkdir(exist_ok=True)
+    for i, data in enumerate(files):
+        (folder / f"{i:05d}.dcm").write_bytes(data)
+    runs: dict[str, list[float]] = {"now": [], "baseline": []}
+    for r in range(rounds):
+        for name, src in (("now", ROOT / "src"), ("baseline", baseline)):
+            out = subprocess.run([sys.executable, "-c", _IN_PROCESS, str(src), str(protocols), str(folder),
+                                  str(tmp / f"inprocess-{name}-{r}")], capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(out.stdout.splitlines()[-1])["files_per_s"])
+    now, base = statistics.median(runs["now"]), statistics.median(runs["baseline"])
+    return {"files": len(files), "now_files_per_s": now, "baseline_files_per_s": base, "ratio": now / base,
+            "rounds": runs, "baseline_src": str(baseline)}
+
+
 def one_gib(server: Server) -> dict:
     """RSS while one streamed 1 GiB part of non-DICOM bytes is uploaded."""
     pid = server.proc.pid
@@ -309,6 +350,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="40 files per sender instead of 196")
     parser.add_argument("--acse-timeout", type=float, default=10.0)
+    parser.add_argument("--baseline", type=Path,
+                        help="another checkout's src/ (e.g. `git worktree add /tmp/base ff07cb5`, then "
+                             "/tmp/base/src): in-process intake cost per file, this checkout vs that one")
     args = parser.parse_args()
     if not SERIES.exists():
         sys.exit(f"{SERIES}: not found (the shared data folder must sit beside the repository)")
@@ -332,6 +376,8 @@ def main() -> None:
             tracebacks = server.log.read_text().count("Traceback")
         results["bare"] = bare_throughput(tmp, copies)
         results["in_process"] = in_process(tmp, tmp / "locked", [f for c in copies[:2] for f in c])
+        if args.baseline is not None:
+            results["in_process_vs_baseline"] = in_process_compared(tmp, tmp / "locked", copies[0], args.baseline)
 
     stow, bare, big, idle = results["stow"], results["bare"], results["one_gib"], results["idle_tcp"]
     inproc = results["in_process"]
@@ -357,6 +403,10 @@ def main() -> None:
     print(f"  {'':<44} {'now':>8}   {'':<36} before")
     for name, value, note, before in rows:
         print(f"  {name:<44} {value}   {note:<36} {before}")
+    if "in_process_vs_baseline" in results:
+        cmp = results["in_process_vs_baseline"]
+        print(f"  {'intake files/s in-process, vs --baseline':<44} {cmp['now_files_per_s']:8.1f}   "
+              f"{cmp['ratio']:.2f}x the baseline ({cmp['baseline_files_per_s']:.1f})")
     store = idle["cstore_while_open"]
     print(f"  C-STORE while the 10 idle connections were open: {store['ok']} ({store['detail']}); "
           f"1 GiB part: HTTP {big['code']}, {big['stored_as']} in {big['seconds']:.1f} s; "
