@@ -415,7 +415,7 @@ def test_sigkill_mid_series_loses_nothing_acknowledged(tmp_path, protocols):
     trail = audit_records(svc)
     starts = [r for r in trail if r["what"] == "intake started"]
     assert starts[-1]["details"]["open_series_recovered"] == 1
-    assert starts[-1]["details"]["partial_files_removed"] == 1
+    assert starts[-1]["details"]["partial_files_removed"] >= 1  # ours, and any the kill cut off mid-write
     assert verify_trail(svc.store / "audit.jsonl").ok
     assert "Traceback" not in svc.stop()
 

@@ -368,7 +368,12 @@ class IntakeService:
         """
         try:
             # a file not kept in memory is mapped, not read: a 1 GiB upload costs its header, not 1 GiB
-            check: FileCheck = check_bytes(data) if data is not None else check_path(self.store.path(rel))
+            if data is None:  # a lost or unreadable stored object is the store's failure: retried, then quarantined
+                size = self.store.path(rel).stat().st_size
+                check: FileCheck = check_path(self.store.path(rel))
+            else:
+                size = len(data)
+                check = check_bytes(data)
             series_key = uid_key(check.series_uid) if check.series_uid else None
             instance = ((check.summary or {}).get("instance") or {}).get("InstanceNumber")
             result = self.records.record_index(
@@ -393,7 +398,6 @@ class IntakeService:
                 info.problems += [f"{sha[:12]}: {p}" for p in check.problems]
                 if result.reason:
                     info.problems.append(f"{sha[:12]}: {result.reason}")
-        size = len(data) if data is not None else self.store.path(rel).stat().st_size
         details = {"site": site, "transfer": transfer, "size": size, "stored": rel}
         if result.status == "quarantined":
             self.audit.append(who=self.config.who, what="file quarantined", why=result.reason, subject=f"file {sha}",
