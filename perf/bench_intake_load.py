@@ -235,23 +235,6 @@ def bare_throughput(tmp: Path, copies: list[list[bytes]]) -> dict:
     return {"files": files, "seconds": seconds, "files_per_s": files / seconds, "codes": sorted(set(codes))}
 
 
-def in_process(tmp: Path, protocols: Path, files: list[bytes]) -> dict:
-    """IntakeService.receive(parse_now=True) on one thread, no HTTP: what intake itself costs per file."""
-    from sitebench.qc.intake import IntakeConfig, IntakeService
-
-    config = IntakeConfig(store=tmp / "inprocess", protocols=protocols, sites={"S01": {"ae_titles": ["X"]}},
-                          dicom=None, http=None, quiet_seconds=3600, image_quality=False)
-    service = IntakeService(config)
-    transfer = service.begin_transfer("S01", "http", "bench")
-    start = time.perf_counter()
-    for data in files:
-        service.receive(data, transfer, parse_now=True)
-    seconds = time.perf_counter() - start
-    service.end_transfer(transfer, "bench")
-    service.stop()
-    return {"files": len(files), "seconds": seconds, "files_per_s": len(files) / seconds}
-
-
 _IN_PROCESS = """
 import json, sys, time
 from pathlib import Path
@@ -271,6 +254,20 @@ print(json.dumps({"files": len(files), "seconds": seconds, "files_per_s": len(fi
 """
 
 
+def in_process(tmp: Path, protocols: Path, files: list[bytes], src: Path = ROOT / "src", name: str = "now") -> dict:
+    """IntakeService.receive(parse_now=True) on one thread, no HTTP, in a fresh process importing ``src``:
+    what intake itself costs per file."""
+    folder = tmp / "inprocess-files"
+    if not folder.exists():
+        folder.mkdir()
+        for i, data in enumerate(files):
+            (folder / f"{i:05d}.dcm").write_bytes(data)
+    store = tmp / f"inprocess-{name}-{len(list(tmp.glob('inprocess-*')))}"
+    out = subprocess.run([sys.executable, "-c", _IN_PROCESS, str(src), str(protocols), str(folder), str(store)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
 def in_process_compared(tmp: Path, protocols: Path, files: list[bytes], baseline: Path,
                         rounds: int = 3) -> dict:
     """In-process intake cost of this checkout and of ``baseline`` (another checkout's ``src``), alternated.
@@ -278,16 +275,10 @@ def in_process_compared(tmp: Path, protocols: Path, files: list[bytes], baseline
     Each round runs both in fresh processes on fresh stores; the medians are compared, so
     machine load drifting during the run hits both alike.
     """
-    folder = tmp / "inprocess-files"
-    folder.mkdir(exist_ok=True)
-    for i, data in enumerate(files):
-        (folder / f"{i:05d}.dcm").write_bytes(data)
     runs: dict[str, list[float]] = {"now": [], "baseline": []}
-    for r in range(rounds):
+    for _ in range(rounds):
         for name, src in (("now", ROOT / "src"), ("baseline", baseline)):
-            out = subprocess.run([sys.executable, "-c", _IN_PROCESS, str(src), str(protocols), str(folder),
-                                  str(tmp / f"inprocess-{name}-{r}")], capture_output=True, text=True, check=True)
-            runs[name].append(json.loads(out.stdout.splitlines()[-1])["files_per_s"])
+            runs[name].append(in_process(tmp, protocols, files, src, name)["files_per_s"])
     now, base = statistics.median(runs["now"]), statistics.median(runs["baseline"])
     return {"files": len(files), "now_files_per_s": now, "baseline_files_per_s": base, "ratio": now / base,
             "rounds": runs, "baseline_src": str(baseline)}

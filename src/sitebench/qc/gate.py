@@ -35,8 +35,8 @@ from sitebench.qc.dicom_files import FileCheck, check_file, volume_from_summarie
 from sitebench.qc.dicom_params import (SeriesParameters, Spread, instance_label, instance_spread, is_multi_echo,
                                        series_from_summaries, tag_label)
 from sitebench.qc.drift import DriftEvent, DriftMonitor, SiteHistory
-from sitebench.qc.protocol import (Deviation, ExactRule, Protocol, check_series, check_values, match_protocol,
-                                   overall_status)
+from sitebench.qc.protocol import (Deviation, ExactRule, Protocol, check_series, check_values, format_value,
+                                   match_protocol, overall_status)
 
 __all__ = ["Gate", "SeriesOutcome", "Completeness", "series_completeness", "uid_key", "OUTCOME_STATUSES"]
 
@@ -414,26 +414,16 @@ _GEOMETRY_AFFECTS = {
 }
 
 
-def _show(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    if isinstance(value, str):
-        return repr(value)
-    return str(value)
-
-
 def _describe(spread: Spread) -> str:
     """"30 in instance 57 (195 other instances: 11)": the minorities, then the largest group."""
     value, majority = spread.groups[0]
-    parts = [f"{_show(v)} in {_instances(labels)}" for v, labels in spread.groups[1:]]
+    parts = [f"{format_value(v)} in {_instances(labels)}" for v, labels in spread.groups[1:]]
     if spread.unreadable:
         parts.append(f"not a number in {_instances(spread.unreadable)}")
     if spread.missing:
         parts.append(f"missing in {_instances(spread.missing)}")
     others = f"{len(majority)} other instance{'s' if len(majority) != 1 else ''}"
-    return "; ".join(parts) + f" ({others}: {_show(value)})"
+    return "; ".join(parts) + f" ({others}: {format_value(value)})"
 
 
 def _instance_check(spread: Spread, rule: Any, multi_echo: bool) -> Deviation:

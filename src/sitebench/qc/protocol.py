@@ -115,11 +115,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A parameter value as a deviation line shows it (6 significant digits, lists bracketed)."""
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
     if isinstance(value, str):
         return repr(value)
     return str(value)
@@ -191,7 +192,7 @@ class ExactRule(_Rule):
     value: Union[Scalar, list[Scalar]]
 
     def describe(self) -> str:
-        return f"exactly {_fmt(self.value)}"
+        return f"exactly {format_value(self.value)}"
 
     def holds(self, observed: Any) -> bool:
         return _same(self.value, observed)
@@ -203,7 +204,7 @@ class AbsRule(_Rule):
     tol: Annotated[float, Field(ge=0)]
 
     def describe(self) -> str:
-        return f"{_fmt(self.value)} ± {_fmt(self.tol)}"
+        return f"{format_value(self.value)} ± {format_value(self.tol)}"
 
     def holds(self, observed: Any) -> bool:
         pairs = _pairs(self.value, observed)
@@ -216,7 +217,7 @@ class RelRule(_Rule):
     tol: Annotated[float, Field(ge=0)]
 
     def describe(self) -> str:
-        return f"{_fmt(self.value)} ± {self.tol * 100:g}%"
+        return f"{format_value(self.value)} ± {self.tol * 100:g}%"
 
     def holds(self, observed: Any) -> bool:
         pairs = _pairs(self.value, observed)
@@ -231,11 +232,11 @@ class RangeRule(_Rule):
 
     def describe(self) -> str:
         if self.min is not None and self.max is not None:
-            return f"between {_fmt(self.min)} and {_fmt(self.max)}"
+            return f"between {format_value(self.min)} and {format_value(self.max)}"
         if self.min is not None:
-            return f">= {_fmt(self.min)}"
+            return f">= {format_value(self.min)}"
         if self.max is not None:
-            return f"<= {_fmt(self.max)}"
+            return f"<= {format_value(self.max)}"
         return "any number"
 
     def holds(self, observed: Any) -> bool:
@@ -252,7 +253,7 @@ class OneOfRule(_Rule):
     values: Annotated[list[Union[Scalar, list[Scalar]]], Field(min_length=1)]
 
     def describe(self) -> str:
-        return "one of " + ", ".join(_fmt(v) for v in self.values)
+        return "one of " + ", ".join(format_value(v) for v in self.values)
 
     def holds(self, observed: Any) -> bool:
         return any(_same(v, observed) for v in self.values)
@@ -645,7 +646,7 @@ class Deviation:
         return data
 
     def line(self) -> str:
-        observed = "missing" if self.observed is None else _fmt(self.observed)
+        observed = "missing" if self.observed is None else format_value(self.observed)
         text = f"{self.status.upper()} {self.parameter}: expected {self.expected}, observed {observed}"
         return text + (f" ({self.note})" if self.note else "")
 
@@ -690,7 +691,7 @@ def check_series(parameters: dict[str, Any], protocol: Protocol) -> Verdict:
     if protocol.coverage is not None:
         cov = protocol.coverage
         observed = parameters.get("SliceCoverageMM")
-        expected = f">= {_fmt(cov.min_mm)} mm"
+        expected = f">= {format_value(cov.min_mm)} mm"
         if not _is_number(observed):
             checks.append(Deviation("SliceCoverageMM", expected, None if _missing(observed) else observed,
                                     "coverage", cov.severity, "undetermined",
@@ -717,7 +718,7 @@ def _slice_gap_check(parameters: dict[str, Any], gap_rule: SliceGap) -> Deviatio
     if not _is_number(spacing):
         spacing = parameters.get("SpacingBetweenSlices")
     thickness = parameters.get("SliceThickness")
-    expected = f"gap (slice step - SliceThickness) <= {_fmt(gap_rule.max_gap_mm)} mm"
+    expected = f"gap (slice step - SliceThickness) <= {format_value(gap_rule.max_gap_mm)} mm"
     if not (_is_number(spacing) and _is_number(thickness)):
         lacking = [k for k, v in (("slice positions or SpacingBetweenSlices", spacing),
                                   ("SliceThickness", thickness)) if not _is_number(v)]
