@@ -238,10 +238,6 @@ class ObjectStore:
 
 
 # --------------------------------------------------------------------------- the service
-#: what intake did with one file (:attr:`Receipt.status`)
-RECEIPT_STATUSES = ("stored", "duplicate", "quarantined", "conflict", "refused")
-
-
 @dataclass
 class Receipt:
     """What intake did with one file.

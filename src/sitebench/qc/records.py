@@ -312,11 +312,6 @@ class QCRecords:
             conn.execute(update(received_files).where(received_files.c.sha256 == sha256).values(**values))
         return attempts >= max_attempts
 
-    def quarantine_file(self, sha256: str, reason: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(update(received_files).where(received_files.c.sha256 == sha256).values(
-                indexed=True, quarantine=reason, series_key=None, problems=_json([reason])))
-
     def record_file(self, *, sha256: str, size: int, stored_path: str, site: str, source: str, transfer: str,
                     series_key: str | None, study_key: str | None, problems: list[str],
                     sop_key: str | None = None, header_summary: dict | None = None) -> bool:
@@ -501,10 +496,6 @@ class QCRecords:
                                  .where(received_files.c.transfer == row["transfer"])).scalar_one()
                 out.append({**row, "files": int(n)})
         return out
-
-    def mark_checked(self, series_key: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(update(series).where(series.c.series_key == series_key).values(state="checked"))
 
     # ------------------------------------------------------------------ verdicts
     def record_outcome(self, outcome) -> int:
