@@ -144,9 +144,13 @@ def test_list_parameters_compared_elementwise(prisma):
 
 def test_scanners_and_sites_are_separate(prisma):
     mon, _ = qualified(prisma)
-    trio = sidecar("Siemens_ax_asc_35sl_6.json")  # another serial: own baseline
-    assert mon.observe(SITE, trio, "fail", "1.trio") == []
+    trio = sidecar("Siemens_ax_asc_35sl_6.json")  # another serial: own baseline, and one "scanner" event
+    (event,) = mon.observe(SITE, trio, "fail", "1.trio")
+    assert (event.kind, event.parameter, event.change, event.series_uid) == ("scanner", "scanner", "appeared", "1.trio")
+    assert event.observed == scanner_key(trio) and event.baseline == scanner_key(prisma)
     assert mon.baseline(SITE, scanner_key(trio)) is None
+    assert mon.observe(SITE, trio, "pass", "1.trio2") == []  # raised once; this one qualifies it
+    assert mon.baseline(SITE, scanner_key(trio)) is not None
     assert mon.observe("site-B", dict(prisma, SoftwareVersions="x"), "warn", "1.b") == []
 
 

@@ -45,6 +45,11 @@ difference (e.g. Siemens VE11 -> XA ``SequenceName`` -> ``PulseSequenceName``,
 ``InversionTime`` -> ``InversionTimes``) is tagged ``software`` as following
 the upgrade. Model and coil keep their kinds (hardware).
 
+*New scanner*: a scanner first seen at a site that already has a qualified
+scanner for the same kind of series (a replacement, or a scanner added) raises
+one ``scanner`` event on its first series, whatever its verdict; it then
+qualifies its own baseline as above.
+
 *Once only*: an event for the same (site, scanner, parameter, observed value)
 is raised the first time it is seen, never again.
 
@@ -138,7 +143,7 @@ class DriftEvent:
     parameter: str
     baseline: Any
     observed: Any
-    kind: str  # software | model | coil | parameter
+    kind: str  # software | model | coil | parameter | scanner
     change: str  # changed | appeared | disappeared
     first_seen: str
     baseline_series_uid: str = ""
@@ -196,12 +201,13 @@ class DriftMonitor:
         per_site = self._state["baselines"].setdefault(site, {})
         entry = per_site.get(scanner)
         if entry is None:
+            events = self._new_scanner(site, scanner, per_site, series_type, str(series_uid), when)
             if verdict_status == "pass":
                 per_site[scanner] = {"series_uid": str(series_uid), "parameters": params,
                                      "qualified": when or utc_now()}
             elif not per_site:
                 del self._state["baselines"][site]
-            return []
+            return events
 
         base = entry["parameters"]
         software_changed = not _same(base.get("SoftwareVersions"), params.get("SoftwareVersions"))
@@ -225,6 +231,27 @@ class DriftMonitor:
                                      change=change, first_seen=stamp,
                                      baseline_series_uid=entry["series_uid"]))
         return events
+
+
+    def _new_scanner(self, site: str, scanner: str, per_site: dict, series_type: str | None, series_uid: str,
+                     when: str | None) -> list[DriftEvent]:
+        """A scanner first seen at a site that already has a qualified scanner for this kind of series.
+
+        A replaced or added scanner (a new serial number) gets a fresh baseline, so no parameter
+        can drift against the old one; the change of scanner itself is the event (kind
+        ``scanner``), raised once, on the new scanner's first series whatever its verdict.
+        """
+        suffix = f"|{series_type}" if series_type else ""
+        others = sorted(key for key in per_site if key != scanner and (not suffix or key.endswith(suffix)))
+        if not others:
+            return []
+        token = json.dumps([site, scanner, "scanner", "appeared"], sort_keys=True)
+        if token in self._seen:
+            return []
+        self._seen.add(token)
+        return [DriftEvent(site=site, scanner=scanner, series_uid=series_uid, parameter="scanner",
+                           baseline=", ".join(others), observed=scanner, kind="scanner", change="appeared",
+                           first_seen=when or utc_now(), baseline_series_uid=per_site[others[0]]["series_uid"])]
 
 
 # --------------------------------------------------------------------------- site history
