@@ -118,21 +118,28 @@ def cmd_qc_manifest(args: argparse.Namespace) -> int:
 def cmd_qc_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    rows = _qc_records(args.store, args.database).site_status()
+    from sitebench.reports.coverage import GateRows, revalidation_status
+
+    records = _qc_records(args.store, args.database)
+    rows = records.site_status()
+    gate = GateRows(records.drift_events(), records.latest_verdicts(), source=args.database or args.store)
+    revalidation = revalidation_status(gate, args.reports, args.public_key)
     if args.json:
-        print_json([{**asdict(r), "rescan_rate": r.rescan_rate} for r in rows])
+        print_json([{**asdict(r), "rescan_rate": r.rescan_rate, "revalidation": revalidation.site_dict(r.site)}
+                    for r in rows])
         return 0
     head = f"{'site':<10}{'series':>7}{'pass':>6}{'warn':>6}{'fail':>6}{'undet':>6}{'unmatch':>8}" \
-           f"{'open dev':>9}{'drift':>6}{'rescan':>8}{'rejected':>9}{'quarant':>8}{'conflict':>9}{'waiting':>8}"
+           f"{'open dev':>9}{'drift':>6}{'rescan':>8}{'rejected':>9}{'quarant':>8}{'conflict':>9}{'waiting':>8}" \
+           f"  {'re-validation'}"
     print(head)
     for r in rows:
         print(f"{r.site:<10}{r.series:>7}{r.passed:>6}{r.warned:>6}{r.failed:>6}{r.undetermined:>6}"
               f"{r.unmatched:>8}{r.open_deviations:>9}{r.drift_events:>6}{100 * r.rescan_rate:>7.1f}%"
               f"{r.rejected_files:>9}{r.quarantined_files + r.quarantined_series:>8}{r.conflicts:>9}"
-              f"{r.waiting_series:>8}")
+              f"{r.waiting_series:>8}  {revalidation.column(r.site)}".rstrip())
     if not rows:
         print("(no series checked yet)")
-    for line in _qc_records(args.store, args.database).attention_lines():
+    for line in records.attention_lines() + revalidation.attention_lines():
         print(line)
     return 0
 
@@ -191,12 +198,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve_cmd.add_argument("--dicom-port", type=int, help="override the DICOM port")
     serve_cmd.add_argument("--http-port", type=int, help="override the HTTP port")
     serve_cmd.set_defaults(func=cmd_qc_serve)
-    status = qc.add_parser("status", help="per-site table: verdicts, open deviations, drift, re-scan rate",
+    status = qc.add_parser("status", help="per-site table: verdicts, open deviations, drift, re-scan rate, "
+                                          "re-validation",
                            description="Counts of pass/warn/fail/undetermined/unmatched series (latest verdict "
-                                       "each), open deviations, drift events, the re-scan rate and rejected files.")
+                                       "each), open deviations, drift events, the re-scan rate and rejected files. "
+                                       "The re-validation column says 'pending' for a site with a software upgrade "
+                                       "(a SoftwareVersions drift event), a scanner model change or a new scanner "
+                                       "beside an already qualified one, until a signed report covers it: one that "
+                                       "verifies, carries a valid approval sign-off by one of --public-key, and "
+                                       "whose locked data manifest has scans of that site with the new software "
+                                       "version (and scanner). Each pending site gets one attention line saying "
+                                       "what changed, since which series, and why it is pending. Without "
+                                       "--reports no report can cover anything, so such a site still shows "
+                                       "'pending' (its line says no reports were given): a change is never shown "
+                                       "as settled without a report checked. Without --public-key no sign-off "
+                                       "counts either.")
     status.add_argument("--store", default="qc-store", help="intake store folder (holds qc.db)")
     status.add_argument("--database", help="SQLAlchemy URL instead of the store's SQLite file")
-    add_json(status, "a list with one row per site")
+    status.add_argument("--reports", metavar="DIR",
+                        help="reports root (<DIR>/<name>/vNNN/) whose signed reports can clear re-validation")
+    status.add_argument("--public-key", metavar="PEM", action="append",
+                        help="public key whose sign-offs count (.pub; repeatable)")
+    add_json(status, "a list with one row per site (its re-validation state under 'revalidation')")
     status.set_defaults(func=cmd_qc_status)
     resolve = qc.add_parser("resolve", help="keep one copy of an instance received twice with different bytes",
                             description="An instance (SOPInstanceUID) received again with other bytes is a "
