@@ -49,13 +49,29 @@ def cmd_models_versions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gate_rows(store_or_url: str | None):
+    """The QC gate's drift events and latest verdicts (promotion imports no qc: the top reads them)."""
+    if store_or_url is None:
+        return None
+    from sitebench.cli.qc import _qc_records
+    from sitebench.reports.coverage import GateRows
+
+    records = _qc_records(store_or_url, store_or_url if "://" in store_or_url else None)
+    return GateRows(records.drift_events(), records.latest_verdicts(), source=store_or_url)
+
+
 def cmd_models_promote(args: argparse.Namespace) -> int:
     from sitebench.promotion import promote_model_version
 
     info = promote_model_version(args.name, args.version, args.alias, args.tracking_uri, report=args.report,
-                                 public_keys=args.public_key, materials_dir=args.materials)
+                                 public_keys=args.public_key, materials_dir=args.materials,
+                                 gate_rows=_gate_rows(args.qc_store), require_coverage=args.require_coverage)
     extra = f" with report {info['report_dir']} ({info['signoffs']} valid sign-offs)" if "report_dir" in info else ""
     print(f"{args.name}/{args.version} is now @{args.alias}{extra}")
+    if info.get("uncovered"):
+        print(f"warning: {info['uncovered']} (recorded as tag sitebench.uncovered_sites)")
+    elif "uncovered" in info:
+        print(f"{info['coverage_report']} covers every site the QC gate has seen")
     return 0
 
 
@@ -77,7 +93,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                 description="Aliases other than 'validated' are set directly. 'validated' needs "
                                             "--report: it must verify, carry a valid approval sign-off by one of "
                                             "--public-key, and rest on this version's weights; it is then "
-                                            "attached to the version and its lock hash stored as a tag.")
+                                            "attached to the version and its lock hash stored as a tag. With --qc-store, the "
+                                            "output names every site whose current software version or scanner "
+                                            "(from the gate's latest verdicts and drift events) the report does "
+                                            "not cover; promotion still succeeds and records them as the tag "
+                                            "sitebench.uncovered_sites, unless --require-coverage: then it is "
+                                            "refused.")
     promote.add_argument("name")
     promote.add_argument("version")
     promote.add_argument("--alias", required=True)
@@ -85,5 +106,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     promote.add_argument("--public-key", action="append", help="signer public keys (.pub; repeatable)")
     promote.add_argument("--materials", metavar="DIR",
                          help="another copy of the report's materials, for a report away from them")
+    promote.add_argument("--qc-store", metavar="DIR_OR_URL",
+                         help="the QC gate's store folder (holds qc.db) or database URL: name every site whose "
+                              "current software version or scanner the report does not cover (a warning, "
+                              "recorded as the version tag sitebench.uncovered_sites); needs --report")
+    promote.add_argument("--require-coverage", action="store_true",
+                         help="with --qc-store: refuse to promote while the report does not cover a site")
     add_tracking_uri(promote, required=True)
     promote.set_defaults(func=cmd_models_promote)
