@@ -164,7 +164,9 @@ def test_a_signed_report_whose_manifest_has_the_new_version_clears_it(gate, tmp_
 def test_unsigned_review_only_unkeyed_and_tampered_reports_do_not_clear_it(gate, tmp_path, keys):
     key, pub = keys
     gate_rows = rows(gate)
-    pending = lambda report: revalidation_pending(gate_rows.drift_events, gate_rows.latest_verdicts, [report])  # noqa: E731
+
+    def pending(report):
+        return revalidation_pending(gate_rows.drift_events, gate_rows.latest_verdicts, [report])
 
     unsigned = report_coverage(locked_report(tmp_path / "reports", 1, gate_rows.latest_verdicts), [pub])
     assert not unsigned.signed and unsigned.includes("S07", UPGRADED_SW)
@@ -292,3 +294,29 @@ def test_require_coverage_needs_the_gate(tmp_path, capsys):
     assert "--require-coverage needs --qc-store" in capsys.readouterr().err
     status = revalidation_status(GateRows([], []))
     assert status.pending == [] and "0 site(s)" in status.summary()
+
+
+def test_a_model_change_of_the_same_scanner_is_pending_until_that_model_is_covered(t1_protocols, tmp_path, keys):
+    key, pub = keys
+    (tmp_path / "store").mkdir()
+    records = QCRecords(database_url(tmp_path / "store"))
+    (protocol_path,) = sorted(t1_protocols.glob("*.yaml"))
+    checker = Gate([load_protocol(protocol_path)], image_quality=False)
+    outcomes = []
+    upgraded_model = copy_series(tmp_path / "s21b", ManufacturerModelName="Signa Premier")
+    for folder in (copy_series(tmp_path / "s21"), upgraded_model):
+        (outcome,) = checker.check_files(sorted(folder.iterdir()), site="S21")
+        records.record_outcome(outcome)
+        outcomes.append(outcome)
+    events, verdicts = records.drift_events(), records.latest_verdicts()
+    (s21,) = revalidation_pending(events, verdicts, [])
+    (change,) = s21.changes
+    assert (change.kind, change.before, change.after) == ("model", "Signa HDxt", "Signa Premier")
+    assert change.scanner_id == outcomes[0].scanner == outcomes[1].scanner  # same serial: same scanner
+    assert change.since_series == outcomes[1].series_key
+
+    old_model = tmp_path / "reports"
+    sign_report(locked_report(old_model, 1, verdicts[:1]), key, "A. Approver", "approval")
+    assert revalidation_pending(events, verdicts, [report_coverage(old_model / "gm-unet" / "v001", [pub])])
+    sign_report(locked_report(old_model, 2, verdicts), key, "A. Approver", "approval")
+    assert revalidation_pending(events, verdicts, [report_coverage(old_model / "gm-unet" / "v002", [pub])]) == []

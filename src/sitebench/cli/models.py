@@ -93,12 +93,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                 description="Aliases other than 'validated' are set directly. 'validated' needs "
                                             "--report: it must verify, carry a valid approval sign-off by one of "
                                             "--public-key, and rest on this version's weights; it is then "
-                                            "attached to the version and its lock hash stored as a tag. With --qc-store, the "
-                                            "output names every site whose current software version or scanner "
-                                            "(from the gate's latest verdicts and drift events) the report does "
-                                            "not cover; promotion still succeeds and records them as the tag "
-                                            "sitebench.uncovered_sites, unless --require-coverage: then it is "
-                                            "refused.")
+                                            "attached to the version and its lock hash stored as a tag. With "
+                                            "--qc-store, the output names every site whose current software "
+                                            "version or scanner (from the gate's latest verdicts and drift "
+                                            "events) the report does not cover; promotion still succeeds and "
+                                            "records them as the tag sitebench.uncovered_sites, unless "
+                                            "--require-coverage: then it is refused.")
     promote.add_argument("name")
     promote.add_argument("version")
     promote.add_argument("--alias", required=True)

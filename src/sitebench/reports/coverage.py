@@ -415,7 +415,7 @@ class PendingRevalidation:
         return list(dict.fromkeys(c.scanner_id for c in self.changes if c.scanner_id))
 
     def line(self) -> str:
-        """'S07: software syngo MR E11 -> syngo MR XA30 since series 3f2a… (2026-07-01); no signed report covers …'."""
+        """'S07: software syngo MR E11 -> syngo MR XA30 since series 3f2a… (2026-07-01); no signed report …'."""
         return f"{self.site}: " + "; ".join(f"{c.describe()}; {why}" for c, why in zip(self.changes, self.reasons))
 
     def short(self) -> str:
