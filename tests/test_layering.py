@@ -34,10 +34,13 @@ RULES: dict[str, set[str]] = {
     # promotion joins the registry and the validation report
     "promotion": {"datasets", "models", "audit", "reports"},
     # wiring: touches every room, but not the command line
-    "pipeline": {"datasets", "models", "audit", "qc", "benchmarks", "stratification", "reports", "promotion"},
+    "pipeline": {"datasets", "models", "audit", "qc", "benchmarks", "stratification", "reports", "promotion",
+                 "sweep"},
+    # the acquisition sweep: simulator + benchmark runner + statistics (+ the gate's IQMs), not the command line
+    "sweep": {"datasets", "models", "audit", "qc", "benchmarks", "stratification", "reports", "promotion"},
     # on top of everything; nothing imports it
     "cli": {"datasets", "models", "audit", "qc", "benchmarks", "stratification", "reports", "promotion",
-            "pipeline"},
+            "pipeline", "sweep"},
 }
 #: Inside reports, the verification core is layered too: each may import only those before it.
 REPORTS_CORE = ("lock", "integrity", "signing", "recompute", "verify")
@@ -239,5 +242,5 @@ def test_the_checker_fails_on_a_wrong_import(tmp_path):
 @pytest.mark.parametrize("room_name", sorted(RULES))
 def test_the_rule_table_never_lets_a_lower_room_import_a_higher_one(room_name):
     order = {"datasets": 0, "models": 0, "audit": 0, "qc": 1, "benchmarks": 1, "stratification": 1, "reports": 2,
-             "promotion": 3, "pipeline": 4, "cli": 5}
+             "promotion": 3, "sweep": 3.5, "pipeline": 4, "cli": 5}
     assert all(order[target] < order[room_name] for target in RULES[room_name])
