@@ -1,6 +1,6 @@
 """The ``sitebench`` command: parses arguments, calls one library function, prints the result.
 
-One module per command group (``demo``, ``benchmark``, ``report``, ``manifest``, ``qc``,
+One module per command group (``demo``, ``simulate``, ``benchmark``, ``report``, ``manifest``, ``qc``,
 ``stats``, ``audit``, ``models``), each with an ``add_parser(sub)``; what they share is in
 ``_common``. Heavy libraries (pandas, torch, monai, mlflow) are imported inside the command
 functions so that ``--help`` answers at once. A ``SitebenchError`` becomes one line on stderr
@@ -14,14 +14,14 @@ import sys
 from typing import Any, Callable, Sequence
 
 from sitebench import __version__
-from sitebench.cli import audit, benchmark, demo, manifest, models, qc, report, stats
+from sitebench.cli import audit, benchmark, demo, manifest, models, qc, report, simulate, stats
 from sitebench.cli._common import EXIT_USER_ERROR, EXIT_VERIFY_FAILED, quiet_libraries
 from sitebench.errors import SitebenchError
 
 __all__ = ["EXIT_USER_ERROR", "EXIT_VERIFY_FAILED", "build_parser", "main"]
 
 #: Command groups in the order ``--help`` lists them.
-GROUPS = (demo, benchmark, report, manifest, qc, stats, audit, models)
+GROUPS = (demo, simulate, benchmark, report, manifest, qc, stats, audit, models)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""``sitebench demo`` and ``sitebench simulate``: the built-in simulated trial."""
+"""``sitebench demo``: the whole path on the built-in simulated trial (``simulate`` is in ``cli.simulate``)."""
 
 from __future__ import annotations
 
@@ -25,20 +25,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from sitebench.datasets.simulator import load_trial_config, simulate_trial
-    from sitebench.pipeline import progress_bar
-
-    config = load_trial_config(args.config, n_sites=args.sites, scans_per_site=args.scans_per_site,
-                               seed=args.seed, workers=args.workers)
-    trial = simulate_trial(config, args.out, progress=progress_bar(not args.no_progress,
-                                                                     config.n_sites * config.scans_per_site,
-                                                                     "simulating scans"))
-    print(trial.summary())
-    print(f"truth: {trial.truth_path}")
-    return 0
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="run the whole path on a built-in simulated trial",
                           description="Simulate a multi-site trial, run three model versions of ours and a "
@@ -51,15 +37,3 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default 1000)")
     add_execution(demo)
     demo.set_defaults(func=cmd_demo)
-
-    sim = sub.add_parser("simulate", help="simulate a multi-site trial with known truth",
-                         description="Write images, label maps, manifest.csv and truth.json for a seeded "
-                                     "simulated trial.")
-    sim.add_argument("--out", required=True, help="new output folder")
-    sim.add_argument("--config", help="trial settings YAML (see configs/trial_demo.yaml)")
-    sim.add_argument("--sites", type=int, help="override: number of sites")
-    sim.add_argument("--scans-per-site", type=int, help="override: scans per site")
-    sim.add_argument("--seed", type=int, help="override: seed")
-    sim.add_argument("--workers", type=int, help="override: worker processes")
-    sim.add_argument("--no-progress", action="store_true")
-    sim.set_defaults(func=cmd_simulate)
