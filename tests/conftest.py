@@ -39,7 +39,7 @@ def run_cli(*args, cwd: str | Path | None = None, env: dict[str, str] | None = N
 
 @pytest.fixture(scope="session")
 def small_trial(tmp_path_factory):
-    """Six sites, four scans each: every vendor, the upgrade site (S01) and the coverage site (S05)."""
+    """Six sites, four scans each: every vendor, and every scripted event folded into six sites (upgrade S01, coverage S06)."""
     from sitebench.datasets.simulator import TrialConfig, simulate_trial
 
     out = tmp_path_factory.mktemp("small_trial")

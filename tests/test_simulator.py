@@ -17,7 +17,8 @@ from sitebench.datasets.simulator import GM, TrialConfig, simulate_trial
 def test_manifest_validates_and_matches_files(small_trial):
     manifest = mf.read_manifest(small_trial.manifest_path)  # checks paths and every SHA-256
     table = manifest.table
-    assert len(table) == 24
+    rescans = small_trial.truth["events"]["coverage_loss"]["rescans"]
+    assert len(table) == 24 + len(rescans) and rescans  # every planned scan, and each re-scan beside it
     assert set(table[mf.VENDOR]) == {"SIEMENS", "GE", "Philips"}
     assert table[mf.SCAN_ID].is_unique
 
@@ -40,20 +41,39 @@ def test_label_maps_carry_the_true_gm_volume(small_trial):
         voxel_ml = abs(np.linalg.det(label.affine[:3, :3])) / 1000
         measured = float((np.asarray(label.dataobj) == GM).sum()) * voxel_ml
         assert measured == pytest.approx(truth[row.scan_id]["label_gm_volume_ml"], abs=1e-3)
-        if row.slice_thickness_mm == 2.0 and row.site != "S05":
+        if row.slice_thickness_mm == 2.0 and truth[row.scan_id]["missing_superior_mm"] == 0:
             # at the native grid with full coverage, the label map is the biological truth
             assert measured == pytest.approx(row.gm_volume_ml, rel=1e-6)
 
 
 def test_coverage_site_misses_superior_slices(small_trial):
+    """S12's technologist (S06 in a 6-site trial) misses superior coverage on most scans; re-scans are complete."""
     table = small_trial.manifest
     shapes = {row.scan_id: nib.load(small_trial.out_dir / row.image_path).shape for row in table.itertuples()}
-    s05 = table[table.site == "S05"].scan_id
-    s02 = table[table.site == "S02"].scan_id  # same vendor, 2 mm, full coverage
-    missing = small_trial.truth["coverage"]["missing_superior_mm"]
-    assert {shapes[s][2] for s in s05} == {shapes[s][2] - int(round(missing / 2.0)) for s in s02}
+    event = small_trial.truth["events"]["coverage_loss"]
+    site = table[table.site == event["site"]]
+    short = set(event["scans"])
+    assert short and short <= set(site.scan_id)
+    full = int(round(event["missing_superior_mm"] / 2.0))
+    reference = {shapes[s][2] for s in table[(table.site == "S02")].scan_id}  # same 2 mm grid, full coverage
+    assert {shapes[s][2] for s in short} == {r - full for r in reference}
+    for rescan, original in event["rescans"].items():
+        assert original in short and shapes[rescan][2] in reference
     truth = {s["scan_id"]: s for s in small_trial.truth["scans"]}
-    assert all(truth[s]["label_gm_volume_ml"] < truth[s]["gm_volume_ml"] for s in s05)
+    assert all(truth[s]["label_gm_volume_ml"] < truth[s]["gm_volume_ml"] for s in short)
+
+
+def test_story_events_follow_the_sites(small_trial):
+    """Default event sites fold into a small trial; explicit ones outside it are an error."""
+    events = small_trial.truth["events"]
+    assert {k: v["site"] for k, v in events.items()} == {
+        "software_upgrade": "S01", "coverage_loss": "S06", "protocol_drift": "S03", "unmatched_series": "S03",
+        "scanner_swap": "S04"}
+    drifted = events["protocol_drift"]["scans"]
+    truth = {s["scan_id"]: s for s in small_trial.truth["scans"]}
+    assert drifted and all(truth[s]["protocol_drift"] for s in drifted)
+    with pytest.raises(Exception, match="not one of the 6 sites"):
+        TrialConfig(n_sites=6, upgrade={"site": "S07"})
 
 
 def test_upgrade_changes_software_after_the_date(small_trial):
@@ -86,4 +106,5 @@ def test_truth_file_lists_every_injected_effect(small_trial):
     for key in ("vendor_gm_wm_ratio", "vendor_effect_on_gm_wm_ratio", "upgrade", "coverage", "subject_effects",
                 "scanners", "scans", "config", "code_version"):
         assert key in truth
-    assert {s["scanner_id"] for s in truth["scanners"]} == set(small_trial.manifest[mf.SCANNER_ID])
+    # every scanner that scanned is in the truth (a swapped-out one may have had no scan in a small trial)
+    assert set(small_trial.manifest[mf.SCANNER_ID]) <= {s["scanner_id"] for s in truth["scanners"]}

@@ -27,6 +27,7 @@ from sitebench.reports.findings import findings
 from sitebench.reports.qc_summary import qc_summary
 from sitebench.stratification.evaluation import AnalysisPlan, Endpoint, Evaluation, evaluate_models, evaluation_table
 from sitebench.stratification.overlap import overlap_table
+from sitebench.trial_gate import GateRun, gated_manifest, run_trial_through_gate
 
 
 def analysis_plan(spec: BenchmarkSpec) -> AnalysisPlan:
@@ -67,9 +68,11 @@ class PipelineResult:
     mlflow_run_id: str
     registered: dict[str, str]
     report: Report | None
+    gate: GateRun | None = None
 
     def summary(self) -> str:
-        lines = [self.run.summary(), "", "findings:"] + [f"  - {f}" for f in self.findings]
+        lines = ([self.gate.summary(), ""] if self.gate is not None else [])
+        lines += [self.run.summary(), "", "findings:"] + [f"  - {f}" for f in self.findings]
         lines += ["", f"MLflow store:  {self.store.tracking_uri}  (parent run {self.mlflow_run_id})",
                   f"  browse with: mlflow ui --backend-store-uri {self.store.tracking_uri}"]
         if self.report:
@@ -246,11 +249,13 @@ DEMO_REPORT = {
 }
 
 
-def demo_spec(bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    return {"name": "demo", "manifest": "trial/manifest.csv", "biomarkers": DEMO_BIOMARKERS,
+def demo_spec(bootstrap: int = 1000, seed: int = 0, manifest: str = "trial/manifest.csv",
+              qc_store: str | None = None) -> dict[str, Any]:
+    report = dict(DEMO_REPORT, **({"qc_store": qc_store} if qc_store else {}))
+    return {"name": "demo", "manifest": manifest, "biomarkers": DEMO_BIOMARKERS,
             "reference_segmentation": mf.LABEL_PATH, "models": DEMO_MODELS, "seed": seed,
             "bootstrap": bootstrap, "results_dir": "results", "mlflow": {"experiment": "sitebench-demo"},
-            "report": DEMO_REPORT}
+            "report": report}
 
 
 def prepare_trial(config: TrialConfig, trial_dir: Path,
@@ -266,25 +271,46 @@ def prepare_trial(config: TrialConfig, trial_dir: Path,
     return simulate_trial(config, trial_dir, progress=progress)
 
 
+def prepare_gate(config: TrialConfig, trial_dir: Path, gate_dir: Path, progress: bool,
+                 log: Callable[[str], None]) -> GateRun:
+    """Send the trial through the gate, unless this trial's gate run is already complete in ``gate_dir``."""
+    finished = gate_dir / "sent.csv"
+    if finished.exists():
+        return GateRun.load(gate_dir)
+    if gate_dir.exists():
+        raise SitebenchError("holds an unfinished QC gate run; use another --out", gate_dir)
+    return run_trial_through_gate(trial_dir, config, gate_dir, progress=progress, log=log)
+
+
 def run_demo(out: str | Path, *, sites: int = 20, scans_per_site: int = 10, seed: int = 0, workers: int = 2,
              scheduler: str | None = None, bootstrap: int = 1000, progress: bool = True,
              tracking_uri: str | None = None, log: Callable[[str], None] = lambda m: None) -> PipelineResult:
-    """Simulate a trial, benchmark our three model versions and a published network, fit scanner effects,
-    log, and lock a report."""
-    out = Path(out)
+    """Simulate a trial whose sites send DICOM through the real upload-time gate, benchmark our three model
+    versions and a published network on the series the gate passed, fit scanner effects, log, and lock a report."""
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    config = load_trial_config(n_sites=sites, scans_per_site=scans_per_site, seed=seed, workers=max(1, workers))
-    log(f"simulating {sites} sites x {scans_per_site} scans into {out / 'trial'}")
+    config = load_trial_config(n_sites=sites, scans_per_site=scans_per_site, seed=seed, workers=max(1, workers),
+                               dicom=True)
+    log(f"simulating {sites} sites x {scans_per_site} scans into {out / 'trial'} (NIfTI and DICOM)")
     bar = progress_bar(progress, sites * scans_per_site, "simulating scans")
     prepare_trial(config, out / "trial", progress=bar)
+    log("sending every site's series to the QC gate (sitebench qc serve, C-STORE)")
+    gate = prepare_gate(config, out / "trial", out / "gate", progress, log)
+    log("building the scan manifest from the series the gate passed (sitebench qc manifest)")
+    manifest = out / "gated" / "manifest.csv"
+    if not manifest.exists():
+        gated_manifest(gate, out / "trial", manifest)
     spec_path = out / "benchmark.yaml"
-    text = yaml.safe_dump(demo_spec(bootstrap, seed), sort_keys=False)
+    text = yaml.safe_dump(demo_spec(bootstrap, seed, manifest="gated/manifest.csv", qc_store=str(gate.store)),
+                          sort_keys=False)
     if not spec_path.exists() or spec_path.read_text() != text:
         spec_path.write_text(text)
     truth = json.loads((out / "trial" / "truth.json").read_text())
-    return run_pipeline(spec_path, workers=workers, scheduler=scheduler, tracking_uri=tracking_uri,
-                        progress=progress, truth=truth, log=log,
-                        extra_materials={"simulation truth": out / "trial" / "truth.json"})
+    result = run_pipeline(spec_path, workers=workers, scheduler=scheduler, tracking_uri=tracking_uri,
+                          progress=progress, truth=truth, log=log,
+                          extra_materials={"simulation truth": out / "trial" / "truth.json"})
+    result.gate = gate
+    return result
 
 
 def progress_bar(enabled: bool, total: int, description: str) -> Callable[[int, int], None] | None:

@@ -34,8 +34,11 @@ converter version), every PS3.15 PHI attribute name (the scanner identity
 keys among them are already in the scanner key), and per-exam adjustments
 that dcm2niix sidecars carry but that are not protocol (SAR, TxRefAmp,
 ShimSetting, TablePosition, ImagingFrequency, ConsistencyInfo, BidsGuess,
-ImageComments, StudyDescription). ``SeriesDescription``, ``ProtocolName`` and
-``SliceCoverageMM`` ARE compared (``parameter`` events).
+ImageComments, StudyDescription), and the exam's slice prescription
+(NumberOfSlices, SliceCoverageMM, MaxSliceStepMM: the protocol's coverage and
+slice-gap rules judge those on every series, so a technologist's short coverage
+is a deviation of that series, not scanner drift). ``SeriesDescription`` and
+``ProtocolName`` ARE compared (``parameter`` events).
 
 *Kinds*: ``SoftwareVersions`` -> ``software``; ``ManufacturersModelName`` ->
 ``model``; ``ReceiveCoilName`` / ``CoilString`` / ``ReceiveCoilActiveElements``
@@ -97,6 +100,9 @@ IGNORED_KEYS: frozenset[str] = frozenset({
     # per-exam adjustments / free text in dcm2niix sidecars
     "SAR", "TxRefAmp", "ShimSetting", "TablePosition", "ImagingFrequency",
     "ConsistencyInfo", "BidsGuess", "ImageComments", "StudyDescription",
+    # the exam's slice prescription: judged on every series by the protocol's coverage and slice-gap
+    # rules; as drift, each short-coverage series was reported a second time, as a scanner change
+    "NumberOfSlices", "SliceCoverageMM", "MaxSliceStepMM",
 }) | frozenset(PHI_KEYWORDS)
 
 _KIND_OF = {"SoftwareVersions": "software", "ManufacturersModelName": "model",

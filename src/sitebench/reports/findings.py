@@ -129,7 +129,7 @@ def _continuous(models: Sequence[ModelCard], evaluation: Evaluation, unit: str) 
     if base and aug:
         home = base.training.vendor  # type: ignore[union-attr]
         for v in vendors:
-            if v == home:
+            if str(v).casefold() == str(home).casefold():
                 continue
             a, b = _metric(metrics, base.key, "vendor", v, "mae"), _metric(metrics, aug.key, "vendor", v, "mae")
             if a is None or b is None:
