@@ -53,6 +53,8 @@ __all__ = ["IntakeConfig", "IntakeService", "ObjectStore", "Receipt", "load_inta
 log = logging.getLogger("sitebench.qc.intake")
 MB = 1024 * 1024
 KEEP_IN_QUEUE_BYTES = 32 * MB  # larger files are read back from the store by the indexer
+#: most queued files the indexer records in one database transaction
+INDEX_BATCH = 64
 
 
 # --------------------------------------------------------------------------- configuration
@@ -170,6 +172,7 @@ class ObjectStore:
         for folder in (self.root, self.objects, self.tmp):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(folder, 0o700)
+        self._folders: set[Path] = set()  # object folders known to exist
 
     def target(self, sha: str, site: str) -> tuple[Path, str]:
         rel = Path("objects") / site / sha[:2] / sha
@@ -182,17 +185,29 @@ class ObjectStore:
         return path
 
     def put(self, data: bytes, site: str) -> tuple[str, str]:
-        """Store bytes; returns (sha256, path relative to the store root). Idempotent."""
+        """Store bytes; returns (sha256, path relative to the store root). Idempotent.
+
+        Returns only once the file and its folder entry are on disk (fsync of both). Few system
+        calls: on a busy gate each one that blocks gives up the GIL, and getting it back waits
+        for whichever thread holds it, so every call saved here shortens each C-STORE's reply.
+        """
         sha = sha256_bytes(data)
         target, rel = self.target(sha, site)
-        if target.exists() and target.stat().st_size == len(data):
-            return sha, rel
-        tmp = self.new_tmp()
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        self._place(tmp, target)
+        try:
+            if os.stat(target).st_size == len(data):
+                return sha, rel
+        except FileNotFoundError:
+            pass
+        tmp = self.tmp / uuid.uuid4().hex
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # 0600 from the start: no chmod
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._place(tmp, target, chmod=False)
         return sha, rel
 
     def put_file(self, tmp: Path, site: str, sha: str | None = None) -> tuple[str, str, int]:
@@ -216,13 +231,28 @@ class ObjectStore:
         self._place(tmp, target)
         return sha, rel, size
 
-    def _place(self, tmp: Path, target: Path) -> None:
-        for folder in (target.parent.parent, target.parent):
-            if not folder.exists():
-                folder.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+    def _place(self, tmp: Path, target: Path, chmod: bool = True) -> None:
+        folder = target.parent
+        if chmod:
+            os.chmod(tmp, 0o600)
+        if folder not in self._folders:  # made once per process, not looked up per file
+            self._make_folder(folder)
+        try:
+            os.replace(tmp, target)
+        except FileNotFoundError:  # the folder went away under us (removed by hand): make it again
+            if not tmp.exists():
+                raise
+            self._folders.discard(folder)
+            self._make_folder(folder)
+            os.replace(tmp, target)
+        fsync_dir(folder)
+
+    def _make_folder(self, folder: Path) -> None:
+        for made in (folder.parent, folder):
+            if not made.exists():
+                made.mkdir(mode=0o700, exist_ok=True)
+                fsync_dir(made.parent)  # the new folder's own entry is durable too
+        self._folders.add(folder)
 
     def clean_tmp(self) -> int:
         """Remove temporary files left by transfers that died mid-file (nothing acknowledged is in tmp)."""
@@ -363,29 +393,63 @@ class IntakeService:
         never holds up any other file or series.
         """
         try:
-            # a file not kept in memory is mapped, not read: a 1 GiB upload costs its header, not 1 GiB
-            if data is None:  # a lost or unreadable stored object is the store's failure: retried, then quarantined
-                size = self.store.path(rel).stat().st_size
-                check: FileCheck = check_path(self.store.path(rel))
-            else:
-                size = len(data)
-                check = check_bytes(data)
-            series_key = uid_key(check.series_uid) if check.series_uid else None
-            instance = ((check.summary or {}).get("instance") or {}).get("InstanceNumber")
-            result = self.records.record_index(
-                sha256=sha, site=site, series_key=series_key,
-                study_key=uid_key(check.study_uid) if check.study_uid else None,
-                sop_key=uid_key(check.sop_uid) if check.sop_uid else None, problems=check.problems,
-                header_summary=check.summary, instance_number=_instance_number(instance))
+            check, size = self._parse(rel, data)
+            fields = _index_fields(sha, site, check)
+            result = self.records.record_index(**fields)
         except Exception as exc:  # noqa: BLE001 - one file's failure is that file's problem, never the service's
-            reason = f"could not be indexed: {type(exc).__name__}"
-            _log_bug(self.store.root, f"indexing file {sha[:12]}", exc)
-            if self.records.index_failed(sha, reason, max_attempts=self.config.max_attempts):
-                self.audit.append(who=self.config.who, what="file quarantined", why=reason, subject=f"file {sha}",
-                                  details={"site": site, "transfer": transfer, "stored": rel})
-                log.error("file %s quarantined: %s", sha[:12], reason)
-                return Receipt(sha, True, None, [reason], "quarantined")
-            return Receipt(sha, True, None, [reason], "stored")
+            return self._index_failed(sha, rel, site, transfer, exc)
+        return self._indexed(sha, rel, site, transfer, size, check, fields["series_key"], result)
+
+    def _parse(self, rel: str, data: bytes | None) -> tuple[FileCheck, int]:
+        """(header check, size) of one stored file: from the bytes kept in the queue, else its stored object."""
+        # a file not kept in memory is mapped, not read: a 1 GiB upload costs its header, not 1 GiB
+        if data is None:  # a lost or unreadable stored object is the store's failure: retried, then quarantined
+            size = self.store.path(rel).stat().st_size
+            return check_path(self.store.path(rel)), size
+        return check_bytes(data), len(data)
+
+    def _index_failed(self, sha: str, rel: str, site: str, transfer: str, exc: BaseException) -> Receipt:
+        reason = f"could not be indexed: {type(exc).__name__}"
+        _log_bug(self.store.root, f"indexing file {sha[:12]}", exc)
+        if self.records.index_failed(sha, reason, max_attempts=self.config.max_attempts):
+            self.audit.append(who=self.config.who, what="file quarantined", why=reason, subject=f"file {sha}",
+                              details={"site": site, "transfer": transfer, "stored": rel})
+            log.error("file %s quarantined: %s", sha[:12], reason)
+            return Receipt(sha, True, None, [reason], "quarantined")
+        return Receipt(sha, True, None, [reason], "stored")
+
+    def _index_batch(self, items: list[tuple]) -> None:
+        """Index queued files (``(sha, rel, data, site, transfer)``) with one database transaction for all of them.
+
+        Each file is parsed on its own (a parse that raises sends that file down the one-file
+        path, with its retries and quarantine); the parsed ones are recorded together
+        (:meth:`QCRecords.record_index_many`). When that transaction fails, nothing of it is
+        kept and every file is indexed alone, so one bad file never holds up another.
+        """
+        parsed, alone = [], []
+        for item in items:
+            sha, rel, data, site, transfer = item
+            try:
+                check, size = self._parse(rel, data)
+                parsed.append((item, check, size, _index_fields(sha, site, check)))
+            except Exception:  # noqa: BLE001 - indexed alone below: retried, then quarantined
+                alone.append(item)
+        try:
+            results = self.records.record_index_many([fields for _, _, _, fields in parsed])
+        except Exception:  # noqa: BLE001 - one by one instead: the file at fault fails alone
+            alone = [item for item, _, _, _ in parsed] + alone
+        else:
+            for ((sha, rel, _, site, transfer), check, size, fields), result in zip(parsed, results):
+                try:
+                    self._indexed(sha, rel, site, transfer, size, check, fields["series_key"], result)
+                except Exception as exc:  # noqa: BLE001 - recorded; an audit append failed (logged)
+                    _log_bug(self.store.root, f"auditing indexed file {sha[:12]}", exc)
+        for item in alone:
+            self._index(*item)
+
+    def _indexed(self, sha: str, rel: str, site: str, transfer: str, size: int, check: FileCheck,
+                 series_key: str | None, result) -> Receipt:
+        """What a recorded index means: the transfer's tally, the audit records, the receipt."""
         with self._lock:
             info = self._transfers.get(transfer)
             if info is not None:
@@ -420,25 +484,41 @@ class IntakeService:
         return Receipt(sha256=sha, new=True, series_key=series_key, problems=check.problems)
 
     def _indexer(self) -> None:
+        """Index queued files in order, a batch at a time: whatever is queued when the indexer gets to it
+        (up to :data:`INDEX_BATCH`, and never past a transfer's end, which is audited after its files)."""
         while True:
-            item = self._pending.get()
+            batch = [self._pending.get()]
+            while _is_file(batch[-1]) and len(batch) < INDEX_BATCH:
+                try:
+                    batch.append(self._pending.get_nowait())
+                except queue.Empty:
+                    break
+            files = [item for item in batch if _is_file(item)]
+            last = batch[-1]
             try:
-                if item is None:
+                if files:
+                    try:
+                        self._index_batch(files)
+                    except Exception as exc:  # noqa: BLE001 - _index handles its own; a bug here is logged
+                        _log_bug(self.store.root, "indexer", exc)
+                        log.error("indexer: %s (the files stay recorded and are retried)", type(exc).__name__)
+                    finally:
+                        with self._lock:
+                            self._queued.difference_update(item[0] for item in files)
+                if last is None:  # stop: everything queued before it is done
                     return
-                if item[0] == "end":
-                    self._audit_transfer(*item[1:])
-                else:
-                    self._index(*item)
-                    self._queued.discard(item[0])
-            except Exception as exc:  # noqa: BLE001 - _index handles its own; this is auditing the transfer
+                if not _is_file(last):
+                    self._audit_transfer(*last[1:])
+            except Exception as exc:  # noqa: BLE001 - auditing the transfer failed
                 _log_bug(self.store.root, "indexer", exc)
-                log.error("indexer: %s (the file stays recorded and is retried)", type(exc).__name__)
+                log.error("indexer: %s (auditing a transfer)", type(exc).__name__)
             finally:
-                self._pending.task_done()
+                for _ in batch:
+                    self._pending.task_done()
 
     def _requeue_due(self) -> None:
         """Queue files whose indexing failed and whose backed-off retry time has come."""
-        for sha, rel, site, transfer in self.records.unindexed(due_only=True):
+        for sha, rel, site, transfer in self.records.unindexed(due_only=True, failed_only=True):
             with self._lock:
                 if sha in self._queued:
                     continue
@@ -669,6 +749,20 @@ def _unreadable_series(series_key: str, site: str, checks: list[FileCheck]) -> S
     return SeriesOutcome(series_key=series_key, site=site, status="undetermined",
                          n_files=sum(c.summary is not None or c.problems != [] for c in checks),
                          deviations=deviations, checks=deviations, file_problems=problems)
+
+
+def _is_file(item: Any) -> bool:
+    """Whether an indexer queue item is a file (not a transfer's end, not the stop marker)."""
+    return item is not None and item[0] != "end"
+
+
+def _index_fields(sha: str, site: str, check: FileCheck) -> dict[str, Any]:
+    """:meth:`QCRecords.record_index`'s arguments for one parsed file."""
+    instance = ((check.summary or {}).get("instance") or {}).get("InstanceNumber")
+    return {"sha256": sha, "site": site, "series_key": uid_key(check.series_uid) if check.series_uid else None,
+            "study_key": uid_key(check.study_uid) if check.study_uid else None,
+            "sop_key": uid_key(check.sop_uid) if check.sop_uid else None, "problems": check.problems,
+            "header_summary": check.summary, "instance_number": _instance_number(instance)}
 
 
 def _instance_number(value: Any) -> int | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (BigInteger, Boolean, Column, Float, ForeignKey, Integer, MetaData, String, Table, Text,
-                        create_engine, event, func, insert, select, update)
+                        bindparam, create_engine, event, func, insert, select, update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -208,15 +208,13 @@ class QCRecords:
         """Record one stored file before anything reads it; False when these exact bytes were seen before."""
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(received_files).values(
-                    sha256=sha256, size=size, stored_path=stored_path, site=site, source=source, transfer=transfer,
-                    problems="[]", indexed=False, first_received_utc=utc_now(), times_received=1,
-                    received_epoch=time.time(), attempts=0, conflict=False))
+                conn.execute(_NEW_FILE, {"b_sha256": sha256, "b_size": size, "b_stored_path": stored_path,
+                                         "b_site": site, "b_source": source, "b_transfer": transfer,
+                                         "b_utc": utc_now(), "b_now": time.time()})
             return True
         except IntegrityError:  # these exact bytes are already recorded: count the resend, change nothing else
             with self.engine.begin() as conn:
-                conn.execute(update(received_files).where(received_files.c.sha256 == sha256)
-                             .values(times_received=received_files.c.times_received + 1))
+                conn.execute(_RESENT_FILE, {"b_sha256": sha256})
             return False
 
     def file_state(self, sha256: str) -> dict[str, Any] | None:
@@ -240,60 +238,25 @@ class QCRecords:
         (:meth:`resolve_conflict`). A new file of an already checked series re-opens it, so
         the gate checks the series again as a whole.
         """
-        now = time.time()
-        result = IndexResult(status="stored")
         with self.engine.begin() as conn:
-            owner = None if series_key is None else conn.execute(
-                select(series.c.site).where(series.c.series_key == series_key)).scalar()
-            if owner is not None and owner != site:
-                result = IndexResult("quarantined", "its SeriesInstanceUID belongs to a series another site sent: "
-                                                    "not joined to it")
-            elif sop_key is not None:
-                others = conn.execute(select(received_files.c.sha256, received_files.c.site,
-                                             received_files.c.problems, received_files.c.quarantine)
-                                      .where(received_files.c.sop_key == sop_key, received_files.c.sha256 != sha256,
-                                             received_files.c.superseded_by.is_(None))).all()
-                if any(o.site != site for o in others):
-                    result = IndexResult("quarantined", "its SOPInstanceUID is an instance another site sent: "
-                                                        "not joined")
-                else:
-                    clean = not problems
-                    for other in others:
-                        other_clean = other.quarantine is None and not json.loads(other.problems or "[]")
-                        if clean and not other_clean:  # a clean resend repairs a damaged instance
-                            conn.execute(update(received_files).where(received_files.c.sha256 == other.sha256)
-                                         .values(superseded_by=sha256))
-                            result.replaced.append(other.sha256)
-                        elif other_clean and not clean:  # a damaged resend never displaces a clean copy
-                            result = IndexResult("superseded", "a damaged copy of an instance already stored "
-                                                               "intact: kept, not used", superseded_by=other.sha256)
-                        elif clean and other_clean:
-                            conn.execute(update(received_files).where(received_files.c.sha256 == other.sha256)
-                                         .values(conflict=True))
-                            result = IndexResult("conflict", "this instance was already received with other bytes: "
-                                                             "both copies kept; a person keeps one "
-                                                             "(sitebench qc resolve)", conflict_with=other.sha256)
-                        else:  # both damaged: the newer is the candidate; the series stays undetermined anyway
-                            conn.execute(update(received_files).where(received_files.c.sha256 == other.sha256)
-                                         .values(superseded_by=sha256))
-                            result.replaced.append(other.sha256)
-            quarantined = result.status == "quarantined"
-            conn.execute(update(received_files).where(received_files.c.sha256 == sha256).values(
-                series_key=None if quarantined else series_key, sop_key=None if quarantined else sop_key,
-                problems=_json(problems), indexed=True, instance_number=instance_number,
-                quarantine=result.reason if quarantined else None,
-                conflict=result.status == "conflict", superseded_by=result.superseded_by,
-                header_summary=None if header_summary is None or quarantined else _json(header_summary)))
-            if series_key is None or quarantined:
-                return result
-            opened = conn.execute(update(series).where(series.c.series_key == series_key).values(
-                state="open", n_files=series.c.n_files + 1, last_received_epoch=now, check_attempts=0,
-                next_check_epoch=None, quarantine=None)).rowcount
-            if not opened:
-                conn.execute(insert(series).values(series_key=series_key, site=site, study_key=study_key,
-                                                   state="open", n_files=1, first_received_utc=utc_now(),
-                                                   last_received_epoch=now, check_attempts=0))
-        return result
+            return _record_index(conn, time.time(), sha256=sha256, site=site, series_key=series_key,
+                                 study_key=study_key, sop_key=sop_key, problems=problems,
+                                 header_summary=header_summary, instance_number=instance_number)
+
+    def record_index_many(self, files: list[dict[str, Any]]) -> list[IndexResult]:
+        """:meth:`record_index` for several parsed files (its keyword arguments, one dict each), in ONE transaction.
+
+        The indexer records what it has queued this way: one commit (and one connection
+        checkout) for a batch instead of one per file. Files are recorded in order, each
+        seeing the ones before it (a resend in the same batch is judged against the first
+        copy exactly as across transactions). Any error rolls the whole batch back and raises;
+        the caller then records the files one by one, so one bad file never holds up another.
+        """
+        if not files:
+            return []
+        now = time.time()
+        with self.engine.begin() as conn:
+            return [_record_index(conn, now, **f) for f in files]
 
     def index_failed(self, sha256: str, reason: str, *, max_attempts: int = 3, backoff_seconds: float = 2.0) -> bool:
         """Count a failed attempt at indexing a file; True when it is now quarantined (attempts exhausted).
@@ -323,13 +286,17 @@ class QCRecords:
                               problems=problems, header_summary=header_summary)
         return new
 
-    def unindexed(self, due_only: bool = False) -> list[tuple[str, str, str, str]]:
+    def unindexed(self, due_only: bool = False, failed_only: bool = False) -> list[tuple[str, str, str, str]]:
         """(sha256, stored path, site, transfer) of recorded files whose header is not yet parsed.
 
-        ``due_only``: leave out those waiting for a retry after a failed attempt.
+        ``due_only``: leave out those waiting for a retry after a failed attempt. ``failed_only``:
+        only files whose indexing failed before (the retry sweep: a file just received is
+        already queued, and fetching the whole backlog every pass costs the receivers' time).
         """
         query = (select(received_files.c.sha256, received_files.c.stored_path, received_files.c.site,
                         received_files.c.transfer).where(received_files.c.indexed.is_(False)))
+        if failed_only:
+            query = query.where(received_files.c.attempts > 0)
         if due_only:
             query = query.where((received_files.c.next_attempt_epoch.is_(None))
                                 | (received_files.c.next_attempt_epoch <= time.time()))
@@ -630,6 +597,84 @@ class QCRecords:
             for site, n in rows_:
                 setattr(table.setdefault(site, SiteStatus(site=site)), name, int(n))
         return [table[k] for k in sorted(table)]
+
+
+# Statements of the per-file path, built once: building a Core statement and its cache key costs
+# more than executing it on SQLite, and the indexer and the receivers run these for every file.
+_OWNER = select(series.c.site).where(series.c.series_key == bindparam("b_series_key"))
+_OTHER_COPIES = (select(received_files.c.sha256, received_files.c.site, received_files.c.problems,
+                        received_files.c.quarantine)
+                 .where(received_files.c.sop_key == bindparam("b_sop_key"),
+                        received_files.c.sha256 != bindparam("b_sha256"), received_files.c.superseded_by.is_(None)))
+_SET_INDEX = update(received_files).where(received_files.c.sha256 == bindparam("b_sha256")).values(
+    series_key=bindparam("b_series_key"), sop_key=bindparam("b_sop_key"), problems=bindparam("b_problems"),
+    indexed=True, instance_number=bindparam("b_instance_number"), quarantine=bindparam("b_quarantine"),
+    conflict=bindparam("b_conflict"), superseded_by=bindparam("b_superseded_by"),
+    header_summary=bindparam("b_header_summary"))
+_REOPEN_SERIES = update(series).where(series.c.series_key == bindparam("b_series_key")).values(
+    state="open", n_files=series.c.n_files + 1, last_received_epoch=bindparam("b_now"), check_attempts=0,
+    next_check_epoch=None, quarantine=None)
+_NEW_SERIES = insert(series).values(series_key=bindparam("b_series_key"), site=bindparam("b_site"),
+                                    study_key=bindparam("b_study_key"), state="open", n_files=1,
+                                    first_received_utc=bindparam("b_utc"), last_received_epoch=bindparam("b_now"),
+                                    check_attempts=0)
+_NEW_FILE = insert(received_files).values(
+    sha256=bindparam("b_sha256"), size=bindparam("b_size"), stored_path=bindparam("b_stored_path"),
+    site=bindparam("b_site"), source=bindparam("b_source"), transfer=bindparam("b_transfer"), problems="[]",
+    indexed=False, first_received_utc=bindparam("b_utc"), times_received=1, received_epoch=bindparam("b_now"),
+    attempts=0, conflict=False)
+_RESENT_FILE = (update(received_files).where(received_files.c.sha256 == bindparam("b_sha256"))
+                .values(times_received=received_files.c.times_received + 1))
+
+
+def _record_index(conn, now: float, *, sha256: str, site: str, series_key: str | None, study_key: str | None,
+                  sop_key: str | None, problems: list[str], header_summary: dict | None,
+                  instance_number: int | None = None) -> IndexResult:
+    """:meth:`QCRecords.record_index` inside the caller's transaction."""
+    result = IndexResult(status="stored")
+    owner = None if series_key is None else conn.execute(_OWNER, {"b_series_key": series_key}).scalar()
+    if owner is not None and owner != site:
+        result = IndexResult("quarantined", "its SeriesInstanceUID belongs to a series another site sent: "
+                                            "not joined to it")
+    elif sop_key is not None:
+        others = conn.execute(_OTHER_COPIES, {"b_sop_key": sop_key, "b_sha256": sha256}).all()
+        if any(o.site != site for o in others):
+            result = IndexResult("quarantined", "its SOPInstanceUID is an instance another site sent: "
+                                                "not joined")
+        else:
+            clean = not problems
+            for other in others:
+                other_clean = other.quarantine is None and not json.loads(other.problems or "[]")
+                if clean and not other_clean:  # a clean resend repairs a damaged instance
+                    conn.execute(update(received_files).where(received_files.c.sha256 == other.sha256)
+                                 .values(superseded_by=sha256))
+                    result.replaced.append(other.sha256)
+                elif other_clean and not clean:  # a damaged resend never displaces a clean copy
+                    result = IndexResult("superseded", "a damaged copy of an instance already stored "
+                                                       "intact: kept, not used", superseded_by=other.sha256)
+                elif clean and other_clean:
+                    conn.execute(update(received_files).where(received_files.c.sha256 == other.sha256)
+                                 .values(conflict=True))
+                    result = IndexResult("conflict", "this instance was already received with other bytes: "
+                                                     "both copies kept; a person keeps one "
+                                                     "(sitebench qc resolve)", conflict_with=other.sha256)
+                else:  # both damaged: the newer is the candidate; the series stays undetermined anyway
+                    conn.execute(update(received_files).where(received_files.c.sha256 == other.sha256)
+                                 .values(superseded_by=sha256))
+                    result.replaced.append(other.sha256)
+    quarantined = result.status == "quarantined"
+    conn.execute(_SET_INDEX, {
+        "b_sha256": sha256, "b_series_key": None if quarantined else series_key,
+        "b_sop_key": None if quarantined else sop_key, "b_problems": _json(problems),
+        "b_instance_number": instance_number, "b_quarantine": result.reason if quarantined else None,
+        "b_conflict": result.status == "conflict", "b_superseded_by": result.superseded_by,
+        "b_header_summary": None if header_summary is None or quarantined else _json(header_summary)})
+    if series_key is None or quarantined:
+        return result
+    if not conn.execute(_REOPEN_SERIES, {"b_series_key": series_key, "b_now": now}).rowcount:
+        conn.execute(_NEW_SERIES, {"b_series_key": series_key, "b_site": site, "b_study_key": study_key,
+                                   "b_utc": utc_now(), "b_now": now})
+    return result
 
 
 def _add_missing_columns(engine: Engine) -> None:
