@@ -39,11 +39,16 @@ def run_cli(*args, cwd: str | Path | None = None, env: dict[str, str] | None = N
 
 @pytest.fixture(scope="session")
 def small_trial(tmp_path_factory):
-    """Six sites, four scans each: every vendor, and every scripted event folded into six sites (upgrade S01, coverage S06)."""
+    """Six sites, four scans each: every vendor, the upgrade site (S01) and the coverage site (S05)."""
     from sitebench.datasets.simulator import TrialConfig, simulate_trial
 
     out = tmp_path_factory.mktemp("small_trial")
-    return simulate_trial(TrialConfig(n_sites=6, scans_per_site=4, seed=7, workers=2), out)
+    # the scripted story (drift, swap, re-scans, unmatched series) stays out: tests that use this trial read
+    # scan counts and values off it; tests/test_simulator.py and the gate tests run the story themselves
+    return simulate_trial(TrialConfig(n_sites=6, scans_per_site=4, seed=7, workers=2,
+                                      coverage={"site": "S05", "missing_superior_mm": 20.0, "fraction": 1.0,
+                                                "rescan_fraction": 0.0},
+                                      protocol_drift=None, unmatched=None, scanner_swap=None), out)
 
 
 @pytest.fixture(scope="session")

@@ -120,6 +120,10 @@ def test_demo_end_to_end(tmp_path):
     report_dir = out / "reports" / "demo" / "v001"
     assert str(report_dir / "report.html") in first.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
+    # every site's series went through the real gate, and the manifest holds only what it passed or warned
+    assert "QC gate:" in first.stdout and "received over C-STORE" in first.stdout
+    gated = pd.read_csv(out / "gated" / "manifest.csv")
+    assert set(gated["qc_status"]) <= {"pass", "warn"} and gated["site"].nunique() == 6
 
     verify = run_cli("report", "verify", report_dir, "--recompute")
     assert verify.returncode == 0, verify.stdout + verify.stderr
@@ -163,7 +167,7 @@ def test_demo_end_to_end(tmp_path):
     second = run_cli("demo", "--out", out, "--sites", 6, "--scans-per-site", 5, "--bootstrap", 200, "--no-progress")
     assert second.returncode == 0, second.stderr[-3000:]
     reused = re.search(r"0 scored, (\d+) reused", second.stdout)
-    assert reused and int(reused.group(1)) > 90, second.stdout  # 3 x 30 scans and deepbet's subsample
+    assert reused and int(reused.group(1)) > 3 * len(gated), second.stdout  # 3 x the gated scans and deepbet's
     assert (out / "reports" / "demo" / "v002" / "report.html").exists()
     # a new version names the one it supersedes; the old one is never touched
     second_lock = json.loads((out / "reports" / "demo" / "v002" / "lock.json").read_text())
@@ -188,7 +192,7 @@ def test_demo_end_to_end(tmp_path):
     tampered = run_cli("report", "verify", html_file.parent)
     assert tampered.returncode == 1 and "report.html" in tampered.stdout
     # a swapped image file under the data manifest is named by its scan
-    image = sorted((out / "trial").rglob("*.nii.gz"))[0]
+    image = sorted((out / "gated" / "images").glob("*.nii.gz"))[0]
     image.write_bytes(image.read_bytes()[:-1] + bytes([image.read_bytes()[-1] ^ 1]))
     swapped = run_cli("report", "verify", html_file.parent)
     assert swapped.returncode == 1 and ("image " in swapped.stdout or "label " in swapped.stdout) and "changed" in swapped.stdout

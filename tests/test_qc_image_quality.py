@@ -178,7 +178,8 @@ def test_simulator_noise_ordering(tmp_path):
     """Same subject on S01 before and after the software upgrade (noise x1.6)."""
     from sitebench.datasets.simulator import TrialConfig, simulate_trial
 
-    trial = simulate_trial(TrialConfig(n_sites=1, scans_per_site=2, seed=7, workers=1, coverage=None), tmp_path)
+    trial = simulate_trial(TrialConfig(n_sites=1, scans_per_site=2, seed=7, workers=1, coverage=None, scanner_swap=None,
+                                       protocol_drift=None), tmp_path)
     scans = {s["upgraded"]: s for s in trial.truth["scans"]}
     assert set(scans) == {False, True}, "seed 7 should give one scan before and one after the upgrade"
     noise_ratio = scans[True]["noise_sigma_rel"] / scans[False]["noise_sigma_rel"]

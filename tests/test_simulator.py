@@ -17,8 +17,7 @@ from sitebench.datasets.simulator import GM, TrialConfig, simulate_trial
 def test_manifest_validates_and_matches_files(small_trial):
     manifest = mf.read_manifest(small_trial.manifest_path)  # checks paths and every SHA-256
     table = manifest.table
-    rescans = small_trial.truth["events"]["coverage_loss"]["rescans"]
-    assert len(table) == 24 + len(rescans) and rescans  # every planned scan, and each re-scan beside it
+    assert len(table) == 24
     assert set(table[mf.VENDOR]) == {"SIEMENS", "GE", "Philips"}
     assert table[mf.SCAN_ID].is_unique
 
@@ -41,36 +40,39 @@ def test_label_maps_carry_the_true_gm_volume(small_trial):
         voxel_ml = abs(np.linalg.det(label.affine[:3, :3])) / 1000
         measured = float((np.asarray(label.dataobj) == GM).sum()) * voxel_ml
         assert measured == pytest.approx(truth[row.scan_id]["label_gm_volume_ml"], abs=1e-3)
-        if row.slice_thickness_mm == 2.0 and truth[row.scan_id]["missing_superior_mm"] == 0:
+        if row.slice_thickness_mm == 2.0 and row.site != "S05":
             # at the native grid with full coverage, the label map is the biological truth
             assert measured == pytest.approx(row.gm_volume_ml, rel=1e-6)
 
 
 def test_coverage_site_misses_superior_slices(small_trial):
-    """S12's technologist (S06 in a 6-site trial) misses superior coverage on most scans; re-scans are complete."""
     table = small_trial.manifest
     shapes = {row.scan_id: nib.load(small_trial.out_dir / row.image_path).shape for row in table.itertuples()}
-    event = small_trial.truth["events"]["coverage_loss"]
-    site = table[table.site == event["site"]]
-    short = set(event["scans"])
-    assert short and short <= set(site.scan_id)
-    full = int(round(event["missing_superior_mm"] / 2.0))
-    reference = {shapes[s][2] for s in table[(table.site == "S02")].scan_id}  # same 2 mm grid, full coverage
-    assert {shapes[s][2] for s in short} == {r - full for r in reference}
-    for rescan, original in event["rescans"].items():
-        assert original in short and shapes[rescan][2] in reference
+    s05 = table[table.site == "S05"].scan_id
+    s02 = table[table.site == "S02"].scan_id  # same vendor, 2 mm, full coverage
+    missing = small_trial.truth["coverage"]["missing_superior_mm"]
+    assert {shapes[s][2] for s in s05} == {shapes[s][2] - int(round(missing / 2.0)) for s in s02}
     truth = {s["scan_id"]: s for s in small_trial.truth["scans"]}
-    assert all(truth[s]["label_gm_volume_ml"] < truth[s]["gm_volume_ml"] for s in short)
+    assert all(truth[s]["label_gm_volume_ml"] < truth[s]["gm_volume_ml"] for s in s05)
 
 
-def test_story_events_follow_the_sites(small_trial):
-    """Default event sites fold into a small trial; explicit ones outside it are an error."""
-    events = small_trial.truth["events"]
+def test_story_events_follow_the_sites(tmp_path):
+    """The default story folds into a small trial; short-coverage scans are re-scanned complete; explicit sites outside
+    the trial are an error."""
+    trial = simulate_trial(TrialConfig(n_sites=6, scans_per_site=4, seed=7, workers=1), tmp_path / "story")
+    events = trial.truth["events"]
     assert {k: v["site"] for k, v in events.items()} == {
         "software_upgrade": "S01", "coverage_loss": "S06", "protocol_drift": "S03", "unmatched_series": "S03",
         "scanner_swap": "S04"}
+    table = trial.manifest
+    shapes = {row.scan_id: nib.load(trial.out_dir / row.image_path).shape[2] for row in table.itertuples()}
+    short, rescans = set(events["coverage_loss"]["scans"]), events["coverage_loss"]["rescans"]
+    assert short and rescans and len(table) == 24 + len(rescans)
+    full = {shapes[s] for s in table[table.site == "S02"].scan_id}  # same 2 mm grid, full coverage
+    assert {shapes[s] for s in short} == {f - 10 for f in full}
+    assert all(original in short and shapes[rescan] in full for rescan, original in rescans.items())
+    truth = {s["scan_id"]: s for s in trial.truth["scans"]}
     drifted = events["protocol_drift"]["scans"]
-    truth = {s["scan_id"]: s for s in small_trial.truth["scans"]}
     assert drifted and all(truth[s]["protocol_drift"] for s in drifted)
     with pytest.raises(Exception, match="not one of the 6 sites"):
         TrialConfig(n_sites=6, upgrade={"site": "S07"})
@@ -106,5 +108,4 @@ def test_truth_file_lists_every_injected_effect(small_trial):
     for key in ("vendor_gm_wm_ratio", "vendor_effect_on_gm_wm_ratio", "upgrade", "coverage", "subject_effects",
                 "scanners", "scans", "config", "code_version"):
         assert key in truth
-    # every scanner that scanned is in the truth (a swapped-out one may have had no scan in a small trial)
-    assert set(small_trial.manifest[mf.SCANNER_ID]) <= {s["scanner_id"] for s in truth["scanners"]}
+    assert {s["scanner_id"] for s in truth["scanners"]} == set(small_trial.manifest[mf.SCANNER_ID])
