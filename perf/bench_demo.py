@@ -49,7 +49,7 @@ def bare_receiver_seconds(trial_dir: Path, sent_scan_ids: set[str] | None, folde
     from pynetdicom import AE, AllStoragePresentationContexts, evt
 
     from sitebench.datasets.simulator import DICOM_INDEX
-    from sitebench.durable import fsync_dir
+    from sitebench.durable import fsync_dir, write_new_file
     from sitebench.trial_gate import GATE_AE, _free_port, ae_title, send_series
 
     series = pd.read_csv(trial_dir / DICOM_INDEX, dtype=str, keep_default_na=False)
@@ -61,14 +61,7 @@ def bare_receiver_seconds(trial_dir: Path, sent_scan_ids: set[str] | None, folde
 
     def on_store(event) -> int:
         data = event.encoded_dataset(include_meta=True)
-        fd = os.open(folder / uuid.uuid4().hex, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_new_file(folder / uuid.uuid4().hex, data)
         fsync_dir(folder)
         with lock:
             received[0] += 1

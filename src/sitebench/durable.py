@@ -22,3 +22,18 @@ def fsync_dir(folder: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_new_file(path: str | Path, data: bytes, mode: int = 0o600) -> None:
+    """Create ``path`` (never overwriting) with ``mode`` from the start, write every byte, and fsync it.
+
+    The caller syncs the folder (:func:`fsync_dir`) once the name is final.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)

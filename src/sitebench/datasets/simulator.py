@@ -785,11 +785,6 @@ def _truth_document(config: TrialConfig, sites: dict[str, list[Scanner]],
     }
 
 
-def fit_to_sites(config: TrialConfig) -> TrialConfig:
-    """Kept for callers of the old API: a config's default event sites already follow ``n_sites``."""
-    return config
-
-
 def load_trial_config(path: str | Path | None = None, **overrides: Any) -> TrialConfig:
     """The trial config from YAML (or defaults), with command-line overrides on top.
 

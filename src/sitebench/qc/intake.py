@@ -38,7 +38,7 @@ from pydantic import Field
 
 from sitebench.audit import AuditTrail, SqlAuditHead, create_audit_key, load_audit_key
 from sitebench.config import StrictModel, load_yaml, parse_config
-from sitebench.durable import fsync_dir
+from sitebench.durable import fsync_dir, write_new_file
 from sitebench.errors import SitebenchError
 from sitebench.provenance import sha256_bytes, utc_now
 from sitebench.qc import dicom_params  # noqa: F401 - same reason (check_bytes imports it lazily)
@@ -199,14 +199,7 @@ class ObjectStore:
         except FileNotFoundError:
             pass
         tmp = self.tmp / uuid.uuid4().hex
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # 0600 from the start: no chmod
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_new_file(tmp, data)  # 0600 from the start: no chmod
         self._place(tmp, target, chmod=False)
         return sha, rel
 

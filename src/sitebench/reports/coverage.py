@@ -49,7 +49,8 @@ from sitebench.provenance import sha256_file
 from sitebench.reports.integrity import find_material
 from sitebench.reports.lock import LOCK_FILE, read_lock, report_dir_of
 from sitebench.reports.signing import load_public_key, read_signoffs
-from sitebench.reports.verify import Verification, verify_report
+from sitebench.reports.verify import SHOWN, Verification, verify_report
+from sitebench.reports.verify import _some as _first_few
 
 if TYPE_CHECKING:  # pandas stays off the start-up path
     import pandas as pd
@@ -62,7 +63,6 @@ DATA_MANIFEST = "data manifest"  # the lock's material role (as recompute reads 
 UNCOVERED_TAG = "sitebench.uncovered_sites"  # model-version tag promotion sets from sites_not_covered
 CHANGE_KINDS = ("software", "model", "scanner", "not validated")
 _VERSION_DIR = re.compile(r"v(\d{3,})")  # as reports.build.next_report_dir names them
-SHOWN = 3
 
 
 def _text(value: Any) -> str | None:
@@ -95,8 +95,7 @@ def _shown(value: Any) -> str | None:
 
 
 def _some(items: list[str]) -> str:
-    more = f"; … and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
-    return "; ".join(items[:SHOWN]) + more
+    return _first_few(items, hint="")
 
 
 # --------------------------------------------------------------------------- coverage of one report

@@ -42,8 +42,9 @@ EXIT_CODES = {
 SHOWN = 3  # names shown per kind of problem in summary(); to_dict() has them all
 
 
-def _some(items: list[str]) -> str:
-    more = f"; … and {len(items) - SHOWN} more (--json lists all)" if len(items) > SHOWN else ""
+def _some(items: list[str], hint: str = " (--json lists all)") -> str:
+    """The first :data:`SHOWN` items, and how many more (``hint`` says where the rest are)."""
+    more = f"; … and {len(items) - SHOWN} more{hint}" if len(items) > SHOWN else ""
     return "; ".join(items[:SHOWN]) + more
 
 
