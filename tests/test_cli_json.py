@@ -123,6 +123,9 @@ CASES: dict[str, Case] = {
     "report verify": lambda d, r: ["report", "verify", _report(d)],
     "models versions": lambda d, r: ["models", "versions", "--tracking-uri", f"sqlite:///{d / 'mlflow.db'}"],
     "qc status": lambda d, r: ["qc", "status", "--store", _qc_store(d)],
+    "simulate sweep": lambda d, r: ["simulate", "sweep", "--parameter", "coverage_loss", "--levels", "0,10",
+                                    "--subjects", "3", "--models", "classical", "--bootstrap", "200",
+                                    "--out", d / "sweep", "--no-progress", "--no-plot"],
     "qc iqm": lambda d, r: (lambda trial, row: ["qc", "iqm", trial.out_dir / row.image_path, "--labels",
                                                 trial.out_dir / row.label_path])(
         r.getfixturevalue("small_trial"), r.getfixturevalue("small_trial").manifest.iloc[0]),
