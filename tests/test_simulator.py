@@ -24,9 +24,10 @@ def test_manifest_validates_and_matches_files(small_trial):
 
 @pytest.mark.slow
 def test_same_seed_same_images(small_trial, tmp_path):
-    again = simulate_trial(TrialConfig(n_sites=6, scans_per_site=4, seed=7, workers=1), tmp_path / "again")
+    settings = dict(small_trial.truth["config"], workers=1)  # the fixture's own trial, inline
+    again = simulate_trial(TrialConfig(**settings), tmp_path / "again")
     assert list(again.manifest[mf.IMAGE_SHA256]) == list(small_trial.manifest[mf.IMAGE_SHA256])
-    other = simulate_trial(TrialConfig(n_sites=6, scans_per_site=4, seed=8, workers=1), tmp_path / "other")
+    other = simulate_trial(TrialConfig(**dict(settings, seed=8)), tmp_path / "other")
     assert list(other.manifest[mf.IMAGE_SHA256]) != list(small_trial.manifest[mf.IMAGE_SHA256])
 
 
