@@ -273,11 +273,6 @@ def test_a_scanner_new_to_its_site_raises_a_scanner_event_on_its_first_series(st
             f"which is not the first series of a scanner new to its site")
 
 
-@pytest.mark.xfail(strict=True, raises=StoryNotPlayed, reason=(
-    "simulator: with n_sites=6, scans_per_site=4, seed=7 the swap day (scanner_swap.at_fraction x study_days = "
-    "day 180) falls before every scan of the swap site S04 (its first is day 194), so the old scanner S04-A never "
-    "scans and truth.json's scanner_swap has first_scan None, scans_before 0: the story's swap is invisible to "
-    "the gate, although TrialConfig's validator says '--sites 6 still has every event'"))
 def test_scanner_swap_raises_a_scanner_event_on_the_new_scanners_first_series(story):
     event = _event(story, "scanner_swap")
     site, first, new = event["site"], event["first_scan"], event["new_scanner"]

@@ -502,7 +502,33 @@ def _plan(config: TrialConfig) -> tuple[dict[str, list[Scanner]], list[tuple[str
                                                   session=plan.session, day=day, scanner=scanner,
                                                   minute=plan.minute + 25, drifted=plan.drifted,
                                                   rescan_of=plan.scan_id))
+    swap = config.scanner_swap
+    if swap is not None and swap.site in sites:
+        _place_swap(sites[swap.site], [p for p in scans if p.scanner.site == swap.site], swap.at_fraction)
     return sites, subjects, scans
+
+
+def _place_swap(scanners: list[Scanner], site_scans: list[ScanPlan], at_fraction: float) -> None:
+    """Put the scanner swap between the site's own scan days, at ``at_fraction`` of them.
+
+    A swap on a fixed study day can fall before the site's first scan or after its last (a
+    small trial scans each site on a few days only), and then no scan shows it: the gate
+    cannot see a swap unless the old scanner sent something first. With fewer than two scan
+    days the configured day stands.
+    """
+    old, new = scanners[0], scanners[-1]
+    days = sorted({p.day for p in site_scans})
+    if new is old or len(days) < 2:
+        return
+    day = days[min(max(1, int(round(at_fraction * len(days)))), len(days) - 1)]
+    old.active_until_day, new.active_from_day = day, day
+    if old.upgrade_day is not None and old.upgrade_day >= day:
+        old.upgrade_day = None
+    for plan in site_scans:
+        if plan.scanner is old and plan.day >= day:
+            plan.scanner = new
+        elif plan.scanner is new and plan.day < day:
+            plan.scanner = old
 
 
 #: Given and family names of the synthetic patients (PHI-shaped on purpose, so its handling is exercised).
