@@ -1,7 +1,7 @@
 """Total wall time of the demo at its default size, per stage, against the 10-minute goal; and the QC gate's intake
 against a bare receiver of the same files.
 
-    .venv/bin/python perf/bench_demo.py [--sites 20 --scans-per-site 10 --workers 2]
+    .venv/bin/python perf/bench_demo.py [--sites 20 --scans-per-site 6 --workers 2]
     .venv/bin/python perf/bench_demo.py --gate-only [--sites 6 --scans-per-site 4]
 
 Full mode runs the demo (``run_demo``) and prints each stage's wall time from its log marks,
@@ -164,13 +164,18 @@ def full_demo(args: argparse.Namespace, scratch: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=20)
-    parser.add_argument("--scans-per-site", type=int, default=10)
+    parser.add_argument("--scans-per-site", type=int, default=None,
+                        help="default: the demo's (6), or 4 with --gate-only")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="the simulated trial's seed (--gate-only)")
     parser.add_argument("--gate-only", action="store_true",
                         help="only simulate a DICOM trial and send it through the QC gate, against a bare receiver")
     parser.add_argument("--out", type=Path, help="keep the output here (default: a temp folder)")
     args = parser.parse_args()
+    if args.scans_per_site is None:
+        from sitebench.pipeline import DEMO_SCANS_PER_SITE
+
+        args.scans_per_site = 4 if args.gate_only else DEMO_SCANS_PER_SITE
 
     with tempfile.TemporaryDirectory() as tmp:
         scratch = args.out if args.gate_only and args.out else Path(tmp)

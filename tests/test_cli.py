@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from sitebench.datasets import manifest as mf
+from sitebench.qc.records import QCRecords, database_url
 from conftest import run_cli
 
 
@@ -113,6 +114,31 @@ def test_comparison_naming_a_model_not_benchmarked(trial_copy):
 
 
 @pytest.mark.slow
+def assert_no_patient_identifiers(out: Path) -> None:
+    """Grep every file the demo wrote (report, tables, MLflow store and artifacts, manifests, NIfTI, gate logs,
+    the QC database and audit trail) for the simulator's synthetic PatientName, PatientID and birth date.
+
+    Only the simulator's own output (``trial/``) and the gate's stored DICOM objects (the data as received,
+    kept unchanged) may hold them; the grep is first shown to find them there, so it can fail.
+    """
+    identities = json.loads((out / "trial" / "identifiers.json").read_text()).values()
+    patterns = [re.compile(re.escape(v[key].encode())) for v in identities for key in ("PatientName", "PatientID")]
+    patterns += [re.compile(re.escape(v["PatientName"].split("^")[0].encode() + b"^")) for v in identities]
+    patterns += [re.compile(rb"(?<![\d.])" + v["PatientBirthDate"].encode() + rb"(?!\d)") for v in identities]
+    objects = out / "gate" / "store" / "objects"
+    stored = next(f for f in objects.rglob("*") if f.is_file() and f.parent.name != "tmp")
+    assert any(p.search(stored.read_bytes()) for p in patterns), "the grep finds nothing even in the stored DICOM"
+    leaks, checked = [], 0
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out)
+        if not path.is_file() or rel.parts[0] == "trial" or path.is_relative_to(objects):
+            continue
+        data, checked = path.read_bytes(), checked + 1
+        leaks += [f"{rel}: {m.group(0)!r}" for p in patterns if (m := p.search(data))]
+    assert checked > 50 and (out / "results" / "mlflow.db").exists()
+    assert not leaks, "patient identifiers outside the stored DICOM: " + "; ".join(leaks[:10])
+
+
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     first = run_cli("demo", "--out", out, "--sites", 6, "--scans-per-site", 5, "--bootstrap", 200, "--no-progress")
@@ -128,6 +154,26 @@ def test_demo_end_to_end(tmp_path):
     verify = run_cli("report", "verify", report_dir, "--recompute")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "tables re-derived and identical" in verify.stdout
+
+    # the QC section is the gate's own records, locked with the report, and the gate's effect is shown
+    tables = report_dir / "tables"
+    verdicts = pd.read_csv(tables / "qc_verdicts.csv")
+    gate_db = pd.DataFrame(QCRecords(database_url(out / "gate" / "store")).latest_verdicts())
+    assert sorted(verdicts["series_key"]) == sorted(gate_db["series_key"])
+    by_site = pd.read_csv(tables / "qc_by_site.csv").set_index("site")
+    assert (by_site["failed"] == gate_db[gate_db.status == "fail"].groupby("site").size()
+            .reindex(by_site.index, fill_value=0)).all()
+    drift = pd.read_csv(tables / "qc_drift_events.csv")
+    assert "software" in set(drift["kind"]), drift
+    assert set(pd.read_csv(tables / "qc_deviations.csv")["parameter"]) >= {"SliceCoverageMM"}
+    effect = pd.read_csv(tables / "gate_effect.csv")
+    assert effect["n_failed"].max() > 0 and (effect["n_all"] >= effect["n_kept"]).all()
+    html_text = (report_dir / "report.html").read_text()
+    for heading in ("What the QC gate changed", "Drift events", "Protocol deviations", "Re-validation pending"):
+        assert heading in html_text, heading
+
+    # no synthetic patient identifier the scanners wrote reaches anything but the stored DICOM themselves
+    assert_no_patient_identifiers(out)
 
     # the report says, from the run itself, how the single-vendor model transfers
     html = (report_dir / "report.html").read_text()

@@ -207,6 +207,18 @@ def test_upgrade_effect_matches_welch_t_test() -> None:
     assert row["p"] == pytest.approx(welch.pvalue)
     assert "S01" in result.summary()
     json.dumps(result.to_dict(), allow_nan=False)
+    assert pd.isna(row["p_tost"]) and pd.isna(row["equivalent"])  # no margin: no equivalence decision
+    # with a margin: the two one-sided Welch tests (scipy's one-sided t-tests against ±margin) and the 90% CI
+    for margin in (abs(row["difference"]) + 3 * row["se"], abs(row["difference"]) / 2):
+        tost = upgrade_effect(table, "volume", margin=margin).to_frame().iloc[0]
+        lower = stats.ttest_ind(after + margin, before, equal_var=False, alternative="greater").pvalue
+        upper = stats.ttest_ind(after - margin, before, equal_var=False, alternative="less").pvalue
+        assert tost["p_tost"] == pytest.approx(max(lower, upper))
+        assert bool(tost["equivalent"]) == (max(lower, upper) < 0.05)
+        ci90 = welch.confidence_interval(0.90)
+        assert (tost["tost_ci_low"], tost["tost_ci_high"]) == (pytest.approx(ci90.low), pytest.approx(ci90.high))
+    assert bool(upgrade_effect(table, "volume", margin=abs(row["difference"]) + 3 * row["se"])
+                .to_frame().iloc[0]["equivalent"])
 
 
 def test_scanner_effects_to_dict_is_json(known_fit: ScannerEffects) -> None:

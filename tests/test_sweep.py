@@ -21,7 +21,8 @@ from sitebench.cli import main
 from sitebench.errors import SitebenchError
 from sitebench.pipeline import DEEPBET_SOURCE, DEMO_MODELS, DEMO_REPORT
 from sitebench.qc.protocol import load_protocol
-from sitebench.reports.sweep_section import plot_error_vs_deviation, sweep_section_html, tolerance_sentence
+from sitebench.reports.sections import sweep_section_html
+from sitebench.reports.sweep_section import plot_error_vs_deviation, tolerance_sentence
 from sitebench.sweep import (CONFIDENCE, DEFAULT_MARGIN, DEFAULT_MODELS, gm_wm_ratio_shift, parse_levels,
                              protocol_fragment, run_sweep)
 

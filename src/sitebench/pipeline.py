@@ -24,8 +24,11 @@ from sitebench.errors import SitebenchError
 from sitebench.models.base import Training
 from sitebench.reports import Report, ReportContent, build_report
 from sitebench.reports.findings import findings
+from sitebench.reports.coverage import GateRows
 from sitebench.reports.qc_summary import qc_summary
 from sitebench.stratification.evaluation import AnalysisPlan, Endpoint, Evaluation, evaluate_models, evaluation_table
+from sitebench.stratification.gate_effect import gate_effect
+from sitebench.sweep import SweepResult, run_sweep
 from sitebench.stratification.overlap import overlap_table
 from sitebench.trial_gate import GateRun, gated_manifest, run_trial_through_gate
 
@@ -84,6 +87,7 @@ class PipelineResult:
 def run_pipeline(spec: BenchmarkSpec | str | Path, *, workers: int = 2, scheduler: str | None = None,
                  tracking_uri: str | None = None, report: bool = True, progress: bool = True,
                  extra_materials: dict[str, Path] | None = None, truth: dict[str, Any] | None = None,
+                 sweeps: list[SweepResult] | None = None,
                  log: Callable[[str], None] = lambda message: None) -> PipelineResult:
     spec_path = None
     if not isinstance(spec, BenchmarkSpec):
@@ -100,9 +104,21 @@ def run_pipeline(spec: BenchmarkSpec | str | Path, *, workers: int = 2, schedule
     registered = register_benchmark_models(run, store) if spec.mlflow.register_models else {}
     built = None
     if report:
+        effect = None
+        if spec.report.failed_manifest:
+            log("scoring the series the QC gate failed, to show the error with and without them")
+            effect = score_gate_failures(run, evaluation, workers=workers, scheduler=scheduler,
+                                         tracking_uri=store.tracking_uri, progress=progress)
         log("writing the locked report")
         content = report_content(run, evaluation, notes, registered, spec_path=spec_path,
                                  extra_materials=extra_materials, truth=truth)
+        if effect is not None:
+            content.gate_effect, failed_manifest = effect
+            content.materials["failed-series manifest"] = failed_manifest
+        for sweep in sweeps or []:
+            content.sweeps.append((sweep.table, sweep.tolerances))
+            content.materials[f"sweep {sweep.parameter} manifest"] = sweep.manifest_path
+            content.materials[f"sweep {sweep.parameter} predictions"] = sweep.predictions_path
         built = build_report(content, results_dir.parent / "reports")
     log("recording runs in MLflow")
     artifacts = {}
@@ -113,6 +129,33 @@ def run_pipeline(spec: BenchmarkSpec | str | Path, *, workers: int = 2, schedule
                            overlap=evaluation.overlap_by_stratum)
     return PipelineResult(run=run, evaluation=evaluation, findings=notes, store=store, mlflow_run_id=run_id,
                           registered=registered, report=built)
+
+
+def score_gate_failures(run: BenchmarkRun, evaluation: Evaluation, *, workers: int = 2, scheduler: str | None = None,
+                        tracking_uri: str | None = None, progress: bool = True) -> tuple[pd.DataFrame, Path] | None:
+    """Score the series the gate failed (``report.failed_manifest``) and compare the error with and without them.
+
+    Only the model versions that score every scan take part (a subsampled model's failed-scan
+    scores would compare unlike samples); their results go under ``<results>/gate-failed``.
+    """
+    spec = run.spec
+    path = Path(spec.report.failed_manifest)
+    path = path if path.is_absolute() else spec.base_dir / path
+    if not path.exists():
+        raise SitebenchError("report.failed_manifest: no such manifest", path)
+    if len(mf.read_table(path)) == 0:
+        return gate_effect(evaluation.table, evaluation.table.iloc[:0]), path
+    models = [m for m in spec.models if m.subsample is None]
+    failed_spec = spec.model_copy(update={
+        "manifest": str(path), "models": models, "results_dir": str(spec.results_path / "gate-failed"),
+        "mlflow": spec.mlflow.model_copy(update={"register_models": False})})
+    failed = run_benchmark(failed_spec, workers=workers, scheduler=scheduler, progress=progress,
+                           tracking_uri=tracking_uri)
+    table = evaluation_table(failed.predictions, failed.manifest.table, spec.reference,
+                             biomarkers=analysis_plan(spec).biomarkers)
+    keys = {card.key for card in failed.models}
+    kept = evaluation.table[evaluation.table["model_key"].isin(keys)]
+    return gate_effect(kept, table, n_boot=spec.bootstrap, seed=spec.seed), path
 
 
 def report_content(run: BenchmarkRun, evaluation: Evaluation, notes: list[str], registered: dict[str, str], *,
@@ -144,13 +187,13 @@ def report_content(run: BenchmarkRun, evaluation: Evaluation, notes: list[str], 
                **{f"subsample {m.name or m.source}": m.subsample.model_dump() for m in spec.models if m.subsample}},
         findings=notes, truth=_truth_summary(truth), intended_use=spec.report.intended_use,
         population=spec.report.population, limitations=list(spec.report.limitations),
-        qc=qc_summary(run.manifest.table, *_qc_gate_rows(spec.report.qc_store)))
+        qc=qc_summary(run.manifest.table, read_gate_rows(spec.report.qc_store)))
 
 
-def _qc_gate_rows(qc_store: str | None) -> tuple[list[Any] | None, str]:
-    """The QC gate's per-site rows from its store (a folder holding qc.db, or a database URL), and where from."""
+def read_gate_rows(qc_store: str | None) -> GateRows | None:
+    """The QC gate's own records from its store (a folder holding qc.db, or a database URL), for the report."""
     if not qc_store:
-        return None, ""
+        return None
     from sitebench.qc.records import QCRecords, database_url
 
     if "://" not in qc_store and not (Path(qc_store) / "qc.db").exists():
@@ -158,10 +201,10 @@ def _qc_gate_rows(qc_store: str | None) -> tuple[list[Any] | None, str]:
     url = qc_store if "://" in qc_store else database_url(Path(qc_store))
     records = QCRecords(url)
     try:
-        rows = records.site_status()
+        return GateRows.from_records(records, source=qc_store if "://" not in qc_store
+                                     else qc_store.split("://", 1)[0] + " database")
     finally:
         records.engine.dispose()
-    return rows, (qc_store if "://" not in qc_store else qc_store.split("://", 1)[0] + " database")
 
 
 def _locked_overlap(evaluation: Evaluation) -> pd.DataFrame | None:
@@ -210,6 +253,13 @@ def _truth_summary(truth: dict[str, Any] | None) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- the demo
 
 
+#: The demo's trial: 20 sites (the story's sites S03 to S16 all exist) with 6 scans each (3 participants, 2 visits),
+#: about 6,000 DICOM files through the gate, which keeps ``./run demo`` under 10 minutes on 2 cores.
+DEMO_SCANS_PER_SITE = 6
+#: The acquisition sweeps the demo's report derives tolerances from, and their simulated subjects per level.
+DEMO_SWEEPS = ("coverage_loss", "noise")
+DEMO_SWEEP_SUBJECTS = 5
+
 #: The published network the demo validates beside our own: deepbet, through its Python entry point.
 DEEPBET_SOURCE = "entrypoint:sitebench.models.published.deepbet_brain:make_model"
 
@@ -217,10 +267,10 @@ DEMO_MODELS = [
     {"source": "classical", "register_as": "gm-tissue-gmm", "alias": "candidate", "biomarkers": ["gm_volume_ml"]},
     {"source": "builtin:gm_unet_v1", "register_as": "gm-unet", "alias": "baseline", "biomarkers": ["gm_volume_ml"]},
     {"source": "builtin:gm_unet_v2", "register_as": "gm-unet", "alias": "candidate", "biomarkers": ["gm_volume_ml"]},
-    # about 7 s a scan on one core at its fixed 256³ grid: a pre-specified subsample of two scans per
-    # site, scanner and software version keeps every stratum (and both sides of the upgrade) in view
+    # about 7 s a scan on one core at its fixed 256³ grid: a pre-specified subsample of one scan per site,
+    # scanner and software version keeps every stratum (and both sides of the upgrade and the swap) in view
     {"source": DEEPBET_SOURCE, "biomarkers": ["brain_volume_ml"],
-     "subsample": {"per": [mf.SITE, mf.SCANNER_ID, mf.SOFTWARE_VERSION], "n": 2, "seed": 0}},
+     "subsample": {"per": [mf.SITE, mf.SCANNER_ID, mf.SOFTWARE_VERSION], "n": 1, "seed": 0}},
 ]
 
 #: The demo's biomarkers, declared as any team would declare theirs.
@@ -250,8 +300,9 @@ DEMO_REPORT = {
 
 
 def demo_spec(bootstrap: int = 1000, seed: int = 0, manifest: str = "trial/manifest.csv",
-              qc_store: str | None = None) -> dict[str, Any]:
-    report = dict(DEMO_REPORT, **({"qc_store": qc_store} if qc_store else {}))
+              qc_store: str | None = None, failed_manifest: str | None = None) -> dict[str, Any]:
+    report = dict(DEMO_REPORT, **({"qc_store": qc_store} if qc_store else {}),
+                  **({"failed_manifest": failed_manifest} if failed_manifest else {}))
     return {"name": "demo", "manifest": manifest, "biomarkers": DEMO_BIOMARKERS,
             "reference_segmentation": mf.LABEL_PATH, "models": DEMO_MODELS, "seed": seed,
             "bootstrap": bootstrap, "results_dir": "results", "mlflow": {"experiment": "sitebench-demo"},
@@ -282,7 +333,7 @@ def prepare_gate(config: TrialConfig, trial_dir: Path, gate_dir: Path, progress:
     return run_trial_through_gate(trial_dir, config, gate_dir, progress=progress, log=log)
 
 
-def run_demo(out: str | Path, *, sites: int = 20, scans_per_site: int = 10, seed: int = 0, workers: int = 2,
+def run_demo(out: str | Path, *, sites: int = 20, scans_per_site: int = DEMO_SCANS_PER_SITE, seed: int = 0, workers: int = 2,
              scheduler: str | None = None, bootstrap: int = 1000, progress: bool = True,
              tracking_uri: str | None = None, log: Callable[[str], None] = lambda m: None) -> PipelineResult:
     """Simulate a trial whose sites send DICOM through the real upload-time gate, benchmark our three model
@@ -297,17 +348,24 @@ def run_demo(out: str | Path, *, sites: int = 20, scans_per_site: int = 10, seed
     log("sending every site's series to the QC gate (sitebench qc serve, C-STORE)")
     gate = prepare_gate(config, out / "trial", out / "gate", progress, log)
     log("building the scan manifest from the series the gate passed (sitebench qc manifest)")
-    manifest = out / "gated" / "manifest.csv"
+    manifest, failed = out / "gated" / "manifest.csv", out / "gated" / "failed.csv"
     if not manifest.exists():
         gated_manifest(gate, out / "trial", manifest)
+    if not failed.exists():
+        gated_manifest(gate, out / "trial", failed, statuses=("fail",))
     spec_path = out / "benchmark.yaml"
-    text = yaml.safe_dump(demo_spec(bootstrap, seed, manifest="gated/manifest.csv", qc_store=str(gate.store)),
-                          sort_keys=False)
+    text = yaml.safe_dump(demo_spec(bootstrap, seed, manifest="gated/manifest.csv", qc_store=str(gate.store),
+                                    failed_manifest="gated/failed.csv"), sort_keys=False)
     if not spec_path.exists() or spec_path.read_text() != text:
         spec_path.write_text(text)
     truth = json.loads((out / "trial" / "truth.json").read_text())
+    log(f"sweeping {' and '.join(DEMO_SWEEPS)} on simulated subjects for tolerances (sitebench simulate sweep)")
+    sweeps = [run_sweep(parameter, out / "sweep", n_subjects=DEMO_SWEEP_SUBJECTS, seed=seed,
+                        margin=float(DEMO_REPORT["equivalence_margin"]), n_boot=max(200, bootstrap),
+                        workers=workers)
+              for parameter in DEMO_SWEEPS]
     result = run_pipeline(spec_path, workers=workers, scheduler=scheduler, tracking_uri=tracking_uri,
-                          progress=progress, truth=truth, log=log,
+                          progress=progress, truth=truth, log=log, sweeps=sweeps,
                           extra_materials={"simulation truth": out / "trial" / "truth.json"})
     result.gate = gate
     return result

@@ -362,8 +362,9 @@ def _wait_for_verdicts(run: GateRun, timeout_s: float, progress: bool) -> None:
         records.engine.dispose()
 
 
-def gated_manifest(run: GateRun, trial_dir: Path, out: Path) -> Path:
-    """``qc manifest`` from the passing and warning series, with the sponsor's clinical table joined.
+def gated_manifest(run: GateRun, trial_dir: Path, out: Path, statuses: tuple[str, ...] = ("pass", "warn")) -> Path:
+    """``qc manifest`` from the passing and warning series (or other ``statuses``: the failed ones, to show
+    what the gate changed), with the sponsor's clinical table joined.
 
     The gate knows series and studies only by pseudonym; the sponsor's table (here the
     simulator's manifest, keyed by its own scan IDs) is joined through the series pseudonym
@@ -374,7 +375,7 @@ def gated_manifest(run: GateRun, trial_dir: Path, out: Path) -> Path:
 
     records = run.records()
     try:
-        gated = verdicts_to_manifest(records, run.store, out).table
+        gated = verdicts_to_manifest(records, run.store, out, statuses).table
     finally:
         records.engine.dispose()
     sponsor = mf.read_manifest(trial_dir / "manifest.csv", check_hashes=False).with_absolute_paths()

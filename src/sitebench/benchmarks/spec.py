@@ -78,6 +78,9 @@ class ReportSpec(StrictModel):
         None, gt=0, description="margin for the paired TOST of absolute error between two versions")
     endpoint: EndpointSpec | None = None
     qc_store: str | None = Field(None, description="database URL (or folder) of the upload-time QC gate")
+    failed_manifest: str | None = Field(
+        None, description="manifest of the series the QC gate failed (sitebench qc manifest --include-failed), "
+                          "scored by the models that score every scan to show the error with and without them")
     limitations: list[str] = Field(default_factory=list, description="study-specific limitations to add")
 
 

@@ -16,9 +16,10 @@ def add_execution(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sitebench.pipeline import run_demo
+    from sitebench.pipeline import DEMO_SCANS_PER_SITE, run_demo
 
-    result = run_demo(args.out, sites=args.sites, scans_per_site=args.scans_per_site, seed=args.seed,
+    result = run_demo(args.out, sites=args.sites, scans_per_site=args.scans_per_site or DEMO_SCANS_PER_SITE,
+                      seed=args.seed,
                       workers=args.workers, scheduler=args.scheduler, bootstrap=args.bootstrap,
                       progress=not args.no_progress, tracking_uri=args.tracking_uri, log=say)
     print(result.summary())
@@ -32,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                       "and write a locked, versioned report.")
     demo.add_argument("--out", default="sitebench-demo", help="output folder (default: ./sitebench-demo)")
     demo.add_argument("--sites", type=int, default=20, help="number of sites (default 20)")
-    demo.add_argument("--scans-per-site", type=int, default=10, help="scans per site (default 10)")
+    demo.add_argument("--scans-per-site", type=int, default=None,
+                      help="scans per site (default 6: pipeline.DEMO_SCANS_PER_SITE)")
     demo.add_argument("--seed", type=int, default=0, help="simulation and bootstrap seed (default 0)")
     demo.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default 1000)")
     add_execution(demo)

@@ -57,7 +57,7 @@ def _gate_rows(store_or_url: str | None):
     from sitebench.reports.coverage import GateRows
 
     records = _qc_records(store_or_url, store_or_url if "://" in store_or_url else None)
-    return GateRows(records.drift_events(), records.latest_verdicts(), source=store_or_url)
+    return GateRows.from_records(records, source=store_or_url)
 
 
 def cmd_models_promote(args: argparse.Namespace) -> int:

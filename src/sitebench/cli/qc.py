@@ -121,8 +121,8 @@ def cmd_qc_status(args: argparse.Namespace) -> int:
     from sitebench.reports.coverage import GateRows, revalidation_status
 
     records = _qc_records(args.store, args.database)
-    rows = records.site_status()
-    gate = GateRows(records.drift_events(), records.latest_verdicts(), source=args.database or args.store)
+    gate = GateRows.from_records(records, source=args.database or args.store)
+    rows = gate.site_status
     revalidation = revalidation_status(gate, args.reports, args.public_key)
     if args.json:
         print_json([{**asdict(r), "rescan_rate": r.rescan_rate, "revalidation": revalidation.site_dict(r.site)}

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable, utc_now
 
-__all__ = ["IndexResult", "QCRecords", "SiteStatus", "database_url"]
+__all__ = ["IndexResult", "QCRecords", "SiteStatus", "database_url", "rescan_groups", "resolved_by_rescan"]
 
 metadata = MetaData()
 
@@ -187,6 +187,31 @@ class SiteStatus:
     @property
     def rescan_rate(self) -> float:
         return self.rescans / self.series if self.series else 0.0
+
+
+def rescan_groups(verdict_rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """The gate's verdicts grouped by (site, study, protocol), each group in the order they were checked.
+
+    This is the gate's one definition of a *re-scan*: a series of a study and protocol that
+    already had an earlier series (every member after a group's first). Series with no study
+    or no matched protocol belong to no group.
+    """
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in sorted(verdict_rows, key=lambda r: r["id"]):
+        if row.get("study_key") and row.get("protocol"):
+            groups.setdefault((row["site"], row["study_key"], row["protocol"]), []).append(row)
+    return groups
+
+
+def resolved_by_rescan(verdict_rows: list[dict[str, Any]]) -> set[int]:
+    """Ids of the verdicts a later passing series of the same study and protocol resolved: their
+    deviations are no longer open."""
+    resolved: set[int] = set()
+    for members in rescan_groups(verdict_rows).values():
+        passed_at = [m["id"] for m in members if m["status"] == "pass"]
+        if passed_at:
+            resolved.update(m["id"] for m in members if m["id"] < max(passed_at))
+    return resolved
 
 
 class QCRecords:
@@ -508,6 +533,14 @@ class QCRecords:
                                 .order_by(deviations.c.id)).mappings().all()
         return [{**row, "observed": json.loads(row["observed"]) if row["observed"] else None} for row in rows]
 
+    def latest_deviations(self) -> list[dict[str, Any]]:
+        """Every deviation of every latest verdict, with its verdict's id (one query, for reports)."""
+        query = (select(deviations).join(verdicts, deviations.c.verdict_id == verdicts.c.id)
+                 .where(verdicts.c.latest.is_(True)).order_by(deviations.c.verdict_id, deviations.c.id))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [{**row, "observed": json.loads(row["observed"]) if row["observed"] else None} for row in rows]
+
     def drift_events(self, site: str | None = None) -> list[dict[str, Any]]:
         query = select(drift_events).order_by(drift_events.c.id)
         if site is not None:
@@ -550,20 +583,14 @@ class QCRecords:
         """
         rows = self.latest_verdicts()
         table: dict[str, SiteStatus] = {}
-        by_study: dict[tuple, list[dict]] = {}
         for row in rows:
             status = table.setdefault(row["site"], SiteStatus(site=row["site"]))
             status.series += 1
             field = {"pass": "passed", "warn": "warned", "fail": "failed"}.get(row["status"], row["status"])
             setattr(status, field, getattr(status, field) + 1)
-            if row["study_key"] and row["protocol"]:
-                by_study.setdefault((row["site"], row["study_key"], row["protocol"]), []).append(row)
-        resolved: set[int] = set()
-        for (site, _, _), members in by_study.items():
+        for (site, _, _), members in rescan_groups(rows).items():
             table[site].rescans += len(members) - 1
-            passed_at = [m["id"] for m in members if m["status"] == "pass"]
-            if passed_at:
-                resolved.update(m["id"] for m in members if m["id"] < max(passed_at))
+        resolved = resolved_by_rescan(rows)
         with self.engine.connect() as conn:
             counts = conn.execute(select(verdicts.c.site, verdicts.c.id, func.count(deviations.c.id))
                                   .join(deviations, deviations.c.verdict_id == verdicts.c.id)

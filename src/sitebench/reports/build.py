@@ -10,13 +10,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from sitebench.errors import SitebenchError
 from sitebench.provenance import utc_now
 from sitebench.reports.content import LOCKED_PREDICTION_COLUMNS, ReportContent
 from sitebench.reports.lock import LOCK_FILE, write_lock
 from sitebench.reports.pdf import render_pdf
 from sitebench.reports.sections import render_html
-from sitebench.stratification.evaluation import evaluation_csv
+from sitebench.stratification.evaluation import evaluation_csv, result_csv
 
 REPORT_FILE = "report.html"
 
@@ -73,9 +75,17 @@ def build_report(content: ReportContent, root: str | Path) -> Report:
         path = tables_dir / file_name
         path.write_bytes(data)
         subjects[f"table:{path.stem}"] = path
-    if content.qc is not None and content.qc.available:
-        content.qc.table.to_csv(tables_dir / "qc_by_site.csv", index=False)
-        subjects["table:qc_by_site"] = tables_dir / "qc_by_site.csv"
+    if content.gate_effect is not None:
+        (tables_dir / "gate_effect.csv").write_bytes(result_csv(content.gate_effect))
+        subjects["table:gate_effect"] = tables_dir / "gate_effect.csv"
+    if content.sweeps:
+        for stem, index in (("sweep_table", 0), ("sweep_tolerances", 1)):
+            frame = pd.concat([pair[index] for pair in content.sweeps], ignore_index=True)
+            (tables_dir / f"{stem}.csv").write_bytes(result_csv(frame))
+            subjects[f"table:{stem}"] = tables_dir / f"{stem}.csv"
+    for stem, table in (content.qc.tables() if content.qc is not None else {}).items():
+        (tables_dir / f"{stem}.csv").write_text(evaluation_csv(table))
+        subjects[f"table:{stem}"] = tables_dir / f"{stem}.csv"
     previous = report_dir.parent / f"v{version - 1:03d}"
     supersedes = previous.name if version > 1 and (previous / LOCK_FILE).exists() else None
     html_text = render_html(content, version, supersedes)

@@ -9,7 +9,10 @@ from typing import Any
 import pandas as pd
 
 from sitebench.reports.qc_summary import QCSummary
+from sitebench.reports.recompute import OVERLAP_TEXT_COLUMNS
 from sitebench.stratification.evaluation import Evaluation
+
+__all__ = ["LOCKED_PREDICTION_COLUMNS", "OVERLAP_TEXT_COLUMNS", "ReportContent"]
 
 #: The kinds of result a report can hold, as the checklist names them.
 CONTINUOUS, CLASSIFICATION, SEGMENTATION = "continuous", "classification", "segmentation"
@@ -23,8 +26,6 @@ BIOMARKER_FRAMES = ("table", "metrics", "upgrade", "calibration", "harmonization
 #: no ``biomarker`` or ``reference`` column, so its locked bytes are what they always were.
 LOCKED_PREDICTION_COLUMNS: tuple[str, ...] = ("scan_id", "model_key", "biomarker", "weights_sha256", "image_sha256",
                                               "prediction", "reference", "dice")
-#: Columns of the per-scan, per-label overlap scores read as text (locked as ``overlap_scores.csv``).
-OVERLAP_TEXT_COLUMNS: tuple[str, ...] = ("scan_id", "model_key", "biomarker", "label", "label_name")
 
 
 @dataclass
@@ -51,6 +52,10 @@ class ReportContent:
     biomarkers: list[dict[str, Any]] = field(default_factory=list)
     #: Per scan, model and label: Dice, HD95, volumes (locked as its own table, ``table:overlap_scores``).
     overlap_scores: pd.DataFrame | None = None
+    #: The error with and without the series the QC gate failed (``stratification.gate_effect``), when scored.
+    gate_effect: pd.DataFrame | None = None
+    #: Acquisition sweeps (``sitebench simulate sweep``): per parameter, its table and its suggested rules.
+    sweeps: list[tuple[pd.DataFrame, pd.DataFrame]] = field(default_factory=list)
 
     def biomarker_entries(self) -> list[dict[str, Any]]:
         """The declared biomarkers: from the content, else from the locked plan (empty for a legacy report)."""

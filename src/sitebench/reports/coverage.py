@@ -288,6 +288,13 @@ def _manifest_scans(path: Path) -> list[dict[str, Any]]:
     table = mf.read_table(path)
     if mf.SITE not in table:
         raise SitebenchError(f"no '{mf.SITE}' column", path)
+    return manifest_scans(table)
+
+
+def manifest_scans(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """A manifest's scans counted per (site, scanner_id, vendor, scanner_model, software_version)."""
+    from sitebench.datasets import manifest as mf
+
     columns = {"site": mf.SITE, "scanner_id": mf.SCANNER_ID, "vendor": mf.VENDOR,
                "scanner_model": mf.SCANNER_MODEL, "software_version": mf.SOFTWARE_VERSION}
     counts: dict[tuple, int] = {}
@@ -446,11 +453,25 @@ def pending_frame(pending: Iterable[PendingRevalidation]) -> pd.DataFrame:
 
 @dataclass
 class GateRows:
-    """The gate's rows coverage needs, read by the caller (the command line opens QCRecords)."""
+    """The gate's own records that coverage and the report's QC section read.
+
+    The caller opens the gate's store (``QCRecords``) and hands it to :meth:`from_records`:
+    reports read the gate's rows, they never open its database themselves.
+    """
 
     drift_events: list[dict[str, Any]]
     latest_verdicts: list[dict[str, Any]]
     source: str = ""
+    #: ``QCRecords.site_status()`` rows (verdict counts, open deviations, re-scans, rejected files)
+    site_status: list[Any] = field(default_factory=list)
+    #: every deviation of every latest verdict (``QCRecords.latest_deviations()``)
+    deviations: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_records(cls, records: Any, source: str = "") -> GateRows:
+        """Everything the report and re-validation need, read from an open ``QCRecords``."""
+        return cls(drift_events=records.drift_events(), latest_verdicts=records.latest_verdicts(), source=source,
+                   site_status=records.site_status(), deviations=records.latest_deviations())
 
 
 def _key_part(key: Any, index: int) -> str | None:

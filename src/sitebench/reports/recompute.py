@@ -29,7 +29,6 @@ import pandas as pd
 from sitebench.datasets.manifest import read_manifest
 from sitebench.errors import SitebenchError
 from sitebench.provenance import sha256_bytes
-from sitebench.reports.content import OVERLAP_TEXT_COLUMNS
 from sitebench.reports.integrity import find_material
 from sitebench.reports.lock import locked_files, locked_subject, read_lock
 from sitebench.stratification.evaluation import (LEGACY_MIXED_MODEL_ENGINE, AnalysisPlan, evaluate_models,
@@ -40,6 +39,8 @@ DATA_MANIFEST = "data manifest"
 MIXED_MODEL_TABLES = ("fixed_effects", "variance_components", "mixed_models")
 #: The lock role of the per-scan, per-label overlap scores (a report with segmentation biomarkers).
 OVERLAP_ROLE = "table:overlap_scores"
+#: Columns of the per-scan, per-label overlap scores read as text (locked as ``overlap_scores.csv``).
+OVERLAP_TEXT_COLUMNS: tuple[str, ...] = ("scan_id", "model_key", "biomarker", "label", "label_name")
 
 
 @dataclass

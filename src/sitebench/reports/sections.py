@@ -24,6 +24,8 @@ from sitebench.reports.content import (CLASSIFICATION, CONTINUOUS, LOCKED_PREDIC
                                        ReportContent, biomarker_label, evaluation_for, frame, only)
 from sitebench.reports.lock import LOCK_FILE
 from sitebench.reports.summary import Decision, decisions
+from sitebench.reports.sweep_section import (TITLES, number_text, plot_error_vs_deviation, sweep_margin,
+                                             tolerance_sentence)
 from sitebench.reports.tables import (CI, COLUMNS, MAX_COLUMNS, fmt_ci, fmt_p, fmt_value, readable, response_label,
                                       term_label)
 from sitebench.stratification.evaluation import variance_shares
@@ -383,10 +385,179 @@ def _qc(c: ReportContent) -> str:
 
     table["verdicts"] = joined("passed", "warned", "failed")
     table["not_judged"] = joined("undetermined", "unmatched")
-    body += _table(table, ["site", "series", "verdicts", "not_judged", "open_deviations", "drift_events",
-                           "rescan_rate", "rejected_files"],
-                   headers={"verdicts": "Passed / warned / failed", "not_judged": "Undetermined / no protocol"})
+    table["problems"] = joined("open_deviations", "drift_events")
+
+    def rescans(row: pd.Series) -> str:
+        if pd.isna(row.get("rescan_rate")):
+            return "-"
+        text = f"{fmt_value(row.get('rescans'), 'int')} ({fmt_value(row['rescan_rate'], 'percent')})"
+        minutes = row.get("median_minutes_to_rescan")
+        return text + (f", median {fmt_value(minutes, 'num')} min" if minutes is not None and pd.notna(minutes)
+                       else "")
+
+    table["rescan_summary"] = table.apply(rescans, axis=1)
+    body += _table(table, ["site", "series", "verdicts", "not_judged", "problems", "rescan_summary",
+                           "rejected_files", "revalidation"],
+                   headers={"verdicts": "Passed / warned / failed", "not_judged": "Undetermined / no protocol",
+                            "problems": "Open deviations / drift events",
+                            "rescan_summary": "Re-scans (rate), median time to re-scan"},
+                   kinds={"rescan_summary": "text", "problems": "text"})
+    if c.qc.from_gate:
+        body += _qc_records(c)
     return body + "</section>"
+
+
+def _qc_records(c: ReportContent) -> str:
+    """The gate's own records behind the per-site counts: re-validation, drift, deviations, re-scans."""
+    qc = c.qc
+    body = ""
+    if len(qc.revalidation):
+        body += "<h3>Re-validation pending</h3>" + _p(
+            "The gate recorded a software or scanner change at these sites. Until a signed validation report "
+            "covers the site's new software version (or new scanner), the site is marked re-validation pending; "
+            "the before/after comparison at the site is in section 10. Every row is in "
+            "tables/qc_revalidation.csv.")
+        body += _table(qc.revalidation, ["site", "kind", "before", "after", "since_utc", "this_report"])
+    body += "<h3>Drift events</h3>"
+    if len(qc.drift):
+        body += _p("Each change the gate's drift monitor raised against the site's qualified baseline, on the first "
+                   "series that showed it (series are named by pseudonym). Every row is in "
+                   "tables/qc_drift_events.csv.")
+        drift = qc.drift.assign(series_key=qc.drift["series_key"].astype(str).str[:12])
+        body += _table(drift, ["site", "kind", "parameter", "baseline", "observed", "series_key", "first_seen"])
+    else:
+        body += _p("The gate raised no drift events.")
+    body += "<h3>Protocol deviations</h3>"
+    deviations = qc.deviations
+    if len(deviations):
+        grouped = (deviations.assign(observed=deviations["observed"].astype(str))
+                   .groupby(["site", "parameter", "rule", "severity"], sort=True)
+                   .agg(series=("series_key", "nunique"), expected=("expected", "first"),
+                        observed=("observed", lambda v: ", ".join(sorted(set(v))[:3]) + (" …" if v.nunique() > 3
+                                                                                          else "")),
+                        resolved_by_rescan=("resolved_by_rescan", "sum"))
+                   .reset_index())
+        body += _p(f"{len(deviations)} deviations on {deviations['series_key'].nunique()} series, grouped by site "
+                   "and parameter (each with the protocol's expected value and the values observed); a deviation "
+                   "is resolved when a later series of the same study passed. Every deviation is in "
+                   "tables/qc_deviations.csv, and every verdict record the counts come from is in "
+                   "tables/qc_verdicts.csv.")
+        body += _table(grouped, ["site", "parameter", "expected", "observed", "rule", "severity", "series",
+                                 "resolved_by_rescan"],
+                       headers={"series": "Series", "resolved_by_rescan": "Resolved by re-scan"},
+                       kinds={"resolved_by_rescan": "int"})
+    else:
+        body += _p("The gate recorded no protocol deviations.")
+    rescans = qc.rescans
+    if len(rescans):
+        per_site = (rescans.assign(passed=rescans["rescan_status"].isin(["pass", "warn"]))
+                    .groupby("site", sort=True)
+                    .agg(rescans=("rescan_series", "size"), passed=("passed", "sum"),
+                         median_minutes_to_rescan=("minutes_to_rescan", "median")).reset_index())
+        body += "<h3>Re-scans</h3>" + _p(
+            "A re-scan repeats an earlier series of the same study and protocol; its time is from the gate's "
+            "verdict on the series it repeats to the verdict on the re-scan. Every re-scan is in "
+            "tables/qc_rescans.csv.")
+        body += _table(per_site, ["site", "rescans", "passed", "median_minutes_to_rescan"],
+                       headers={"passed": "Re-scans passed"})
+    return body
+
+
+def _gate_effect(c: ReportContent) -> str:
+    """The biomarker's error with and without the series the gate failed (``stratification.gate_effect``)."""
+    effect = c.gate_effect
+    if effect is None:
+        if c.qc is not None and c.qc.from_gate:
+            return _section("gate-effect", "3a. What the QC gate changed", _p(
+                "The series the gate failed were not scored (the spec names no report.failed_manifest), so their "
+                "effect on the biomarker is not shown."))
+        return ""
+    if effect.empty:
+        return _section("gate-effect", "3a. What the QC gate changed", _p(
+            "The gate failed no series of the trial's protocol, so the analysis set is every series received."))
+    body = _p("The series the gate failed were scored too, by every model version that scores every scan. Each "
+              "row compares the error on the scans the gate passed (the analysis set of this report) with the "
+              "error on those plus the failed ones. A site's mean error is its site effect; the last row of each "
+              "version is the spread of the site effects (SD of the per-site mean errors). The failed series are "
+              "the ones the gate stopped, not a random sample, so the comparison is descriptive. Every column is in "
+              "tables/gate_effect.csv.")
+    affected = set(effect.loc[(effect["stratum"] == "site") & (effect["n_failed"] > 0), "level"])
+    shown = effect[(effect["stratum"] != "site") | effect["level"].isin(affected)].copy()
+    shown["where"] = [("Between-site SD of mean error" if s == "site_bias_sd" else "All sites" if s == "overall"
+                       else str(level)) for s, level in zip(shown["stratum"], shown["level"])]
+    markers = {m["name"]: m for m in c.biomarker_entries()}
+    for (key, name), part in shown.groupby(["model_key", "biomarker"], sort=False):
+        unit = (markers.get(name) or {}).get("unit") or c.unit
+        body += f"<h3>{html.escape(str(key))}{' — ' + html.escape(str(name)) if name else ''}</h3>"
+        body += _table(part, ["where", "n_failed", "n_kept", "mae_kept", "bias_kept", "n_all", "mae_all", "bias_all"],
+                       unit, headers={"where": "Where"})
+    return _section("gate-effect", "3a. What the QC gate changed", body)
+
+
+def sweep_section_html(table: pd.DataFrame, tolerances: pd.DataFrame, unit: str) -> str:
+    """The sweep as a report section body: what was varied, one sentence per model version, the figure
+    and the table of mean error and MAE per level, all under human headers."""
+    if table.empty:
+        return _p("No acquisition sweep was run.")
+    parameter = str(table["parameter"].iloc[0])
+    label = str(table["deviation_label"].iloc[0]) if "deviation_label" in table else "deviation"
+    margin = sweep_margin(table, tolerances)
+    n = int(table["n"].max())
+    levels = ", ".join(number_text(d) for d in sorted(table["deviation"].astype(float).unique()))
+    title = TITLES.get(parameter, parameter.replace("_", " "))
+    criterion = str(tolerances["criterion"].iloc[0]) if "criterion" in tolerances and len(tolerances) else ""
+    parts = [
+        f"<h3>{html.escape('Tolerance of ' + title)}</h3>",
+        _p(f"The same {n} simulated subjects were imaged at each deviation of {label}: {levels} (0 is the "
+           f"locked protocol), and every model version measured each scan. A deviation is tolerated when the "
+           f"90% confidence interval of the mean error against the simulated truth lies inside "
+           f"±{number_text(margin)} {unit}, at that deviation and every smaller one tested."),
+    ]
+    parts += [f"<p class='finding'>{html.escape(tolerance_sentence(row, margin, unit))}</p>"
+              for row in tolerances.to_dict("records")]
+    fig = plot_error_vs_deviation(table, margin, unit=unit)
+    parts.append(_figure(fig, f"Error against {label}",
+                         f"Mean error (model − truth) per model version with its 90% bootstrap CI; the shaded "
+                         f"band is the ±{number_text(margin)} {unit} margin. A curve leaving the band marks the "
+                         "deviation the biomarker no longer tolerates."))
+    shown = table.assign(within=lambda f: f["within_margin"].map({True: "yes", False: "no"}))
+    parts.append(_table(shown, ["model", "deviation", "n", "mean_error", CI("mean_error_lo", "mean_error_hi",
+                                                                             "90% CI of mean error"),
+                                "mae", CI("mae_lo", "mae_hi", "90% CI of MAE"), "within"], unit=unit,
+                        headers={"model": "Model version", "deviation": label[:1].upper() + label[1:],
+                                 "n": "Scans", "mean_error": f"Mean error ({unit})", "mae": f"MAE ({unit})",
+                                 "within": f"Within ±{number_text(margin)} {unit}?"},
+                        kinds={"deviation": "ratio", "within": "text", "mean_error": "num", "mae": "num"}))
+    rules = tolerances.assign(
+        tolerated=[("none" if pd.isna(v) else number_text(v)) for v in tolerances["largest_within_margin"]],
+        rule_text=[r or "-" for r in tolerances["rule"].fillna("")])
+    parts.append(_html_table(pd.DataFrame({
+        "Model version": rules["model"], f"Largest tolerated ({label})": rules["tolerated"],
+        "Suggested protocol rule": rules["rule_text"]}), "text"))
+    note = ("The suggestion is only as fine as the deviations tested, and rests on simulated subjects; a "
+            "model biased at the protocol can look tolerant in the direction that offsets its bias, so read the "
+            "curve as well as the number. A physicist reviews a suggested rule before it enters a locked protocol.")
+    if criterion:
+        note += f" Criterion: {criterion}."
+    parts.append(_p(note))
+    return "".join(parts)
+
+
+
+def _tolerances(c: ReportContent) -> str:
+    """Tolerances derived from the biomarker: each acquisition sweep's error curve and suggested rule."""
+    if not c.sweeps:
+        return ""
+    body = _p("How far an acquisition parameter may deviate from the locked protocol before the biomarker's error "
+              "leaves the equivalence margin, from seeded simulations with known truth (sitebench simulate sweep). "
+              "Each suggested rule is written in the locked protocol's syntax, for the gate's tolerances to rest on "
+              "evidence about the biomarker. Every row is in tables/sweep_table.csv and "
+              "tables/sweep_tolerances.csv.")
+    units = {m.get("unit") for m in c.biomarker_entries() if m.get("name") == "gm_volume_ml"}
+    unit = next(iter(units - {None}), c.unit)
+    for table, tolerances in c.sweeps:
+        body += sweep_section_html(table, tolerances, unit)
+    return _section("tolerances", "Acquisition tolerances", body)
 
 
 def _methods(c: ReportContent) -> str:
@@ -588,8 +759,24 @@ def _upgrade_body(c: ReportContent) -> str:
     if len(upgrade):
         upgrade["before_after"] = [f"{fmt_value(b, 'int')} / {fmt_value(a, 'int')}"
                                    for b, a in zip(upgrade["n_before"], upgrade["n_after"])]
-        body += _table(upgrade, ["model_key", "site", "before_after", "mean_before", "mean_after", "difference",
-                                 CI("ci_low", "ci_high"), "p"], c.unit, {"before_after": "Scans before / after"})
+        margin = c.evaluation.plan.equivalence_margin
+        alpha = c.evaluation.plan.alpha
+        if c.qc is not None and c.qc.from_gate:
+            gate_sites = sorted(set(c.qc.drift.loc[c.qc.drift["kind"].isin(["software", "scanner"]), "site"]))
+            body += _p("The QC gate recorded a software or scanner change at "
+                       f"{', '.join(gate_sites) if gate_sites else 'no site'}; each such site is re-validated here "
+                       "for every model version, and stays re-validation pending (section 3) until a signed report "
+                       "covers its new software version.")
+        if margin is not None and "p_tost" in upgrade:
+            body += _p(f"Re-validation decision: the upgrade is shown not to move the error by more than "
+                       f"±{margin:g} {c.unit} when the {100 * (1 - 2 * alpha):g}% CI of the difference lies inside "
+                       "the margin (two one-sided Welch tests, TOST); a site with too few scans on either side "
+                       "cannot be decided.")
+        body += _table(upgrade, ["model_key", "site", "before_after", "difference", CI("ci_low", "ci_high"),
+                                 CI("tost_ci_low", "tost_ci_high", f"{100 * (1 - 2 * alpha):g}% CI"), "p",
+                                 "equivalent"], c.unit,
+                       {"before_after": "Scans before / after",
+                        "equivalent": f"Within ±{margin:g} {c.unit}?" if margin is not None else "Within margin?"})
         notes = upgrade["note"].dropna().unique() if "note" in upgrade else []
         for note in notes:
             body += f"<p class='meta'>n.e.: {html.escape(str(note))}.</p>"
@@ -1100,6 +1287,17 @@ TABLE_FILES: dict[str, str] = {
     "comparison.csv": "paired comparison of two versions' absolute error per site and overall (section 12)",
     "discrimination.csv": "paired DeLong test of the endpoint AUC (section 12)",
     "qc_by_site.csv": "upload-time QC gate counts per site (section 3)",
+    "sweep_table.csv": "simulated acquisition sweep: error per model version and deviation (Acquisition "
+                       "tolerances section)",
+    "sweep_tolerances.csv": "largest tolerated deviation and the suggested protocol rule per model version "
+                            "(Acquisition tolerances section)",
+    "gate_effect.csv": "error with and without the series the QC gate failed, overall and per site (section 3)",
+    "qc_verdicts.csv": "export of the QC gate's verdict records this report used, one per series (section 3)",
+    "qc_deviations.csv": "every protocol deviation the QC gate recorded, with expected and observed values "
+                         "(section 3)",
+    "qc_drift_events.csv": "every drift event the QC gate raised (section 3)",
+    "qc_rescans.csv": "every re-scan with the series it repeats and the time to re-scan (section 3)",
+    "qc_revalidation.csv": "sites whose software or scanner changed, pending re-validation (section 3)",
     "mixed_models.json": "every mixed-model fit in full: formula, optimizer, convergence, boundary check",
     "classification_by_stratum.csv": "per classification biomarker and version: AUC (DeLong 95% CI), sensitivity "
                                      "and specificity at the pre-specified threshold, calibration, overall and per "
@@ -1125,8 +1323,13 @@ def _locked_tables(c: ReportContent) -> list[tuple[str, str, str, list[str]]]:
         **{f"{stem}.csv": frame for stem, frame in ev.result_tables().items()}}
     if isinstance(c.overlap_scores, pd.DataFrame) and len(c.overlap_scores.columns):
         frames["overlap_scores.csv"] = c.overlap_scores
-    if c.qc is not None and c.qc.available:
-        frames["qc_by_site.csv"] = c.qc.table
+    if c.gate_effect is not None:
+        frames["gate_effect.csv"] = c.gate_effect
+    if c.sweeps:
+        frames["sweep_table.csv"] = pd.concat([pair[0] for pair in c.sweeps], ignore_index=True)
+        frames["sweep_tolerances.csv"] = pd.concat([pair[1] for pair in c.sweeps], ignore_index=True)
+    if c.qc is not None:
+        frames.update({f"{stem}.csv": table for stem, table in c.qc.tables().items()})
     out = [(name, TABLE_FILES.get(name, UNDESCRIBED_TABLE), str(len(table)), [str(col) for col in table.columns])
            for name, table in frames.items()]
     out.append(("mixed_models.json", TABLE_FILES["mixed_models.json"], f"{len(ev.mixed)} fits", []))
@@ -1189,6 +1392,7 @@ SECTIONS: tuple[tuple[str, str, Callable[[ReportContent], str]], ...] = (
     ("models", "2. Model versions and lineage", _models),
     ("data", "3. Data provenance", _data),
     ("qc", "3. Data provenance: QC gate", lambda c: ""),
+    ("gate-effect", "3a. What the QC gate changed", _gate_effect),
     ("methods", "4. Methods", _methods),
     ("results-strata", "5. Performance per stratum", _strata),
     ("results-agreement", "6. Agreement", _agreement),
@@ -1201,6 +1405,7 @@ SECTIONS: tuple[tuple[str, str, Callable[[ReportContent], str]], ...] = (
     ("results-classification", "Classification", _classification),
     ("results-overlap", "Segmentation overlap", _overlap),
     ("simulation-truth", "Simulation truth", _truth),
+    ("tolerances", "Acquisition tolerances", _tolerances),
     ("limitations", "13. Limitations", _limitations),
     ("checklist", "14. Reporting checklist", _checklist),
     ("provenance", "15. Provenance", _provenance),

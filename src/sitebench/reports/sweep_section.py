@@ -14,10 +14,8 @@ import numpy as np
 import pandas as pd
 
 from sitebench.reports.figures import COLOURS, _axes
-from sitebench.reports.sections import _figure, _html_table, _p, _table
-from sitebench.reports.tables import CI
 
-__all__ = ["plot_error_vs_deviation", "sweep_section_html", "tolerance_sentence"]
+__all__ = ["TITLES", "number_text", "plot_error_vs_deviation", "sweep_margin", "tolerance_sentence"]
 
 #: How a tolerated deviation of each parameter reads in a sentence ({d}: the deviation).
 PHRASES: dict[str, str] = {
@@ -33,15 +31,15 @@ TITLES: dict[str, str] = {
 }
 
 
-def _num(value: float) -> str:
+def number_text(value: float) -> str:
     return f"{float(value):g}"
 
 
 def _deviation_words(parameter: str, deviation: float, label: str = "") -> str:
     template = PHRASES.get(parameter)
     if template is None:
-        return f"{_num(deviation)} ({label or 'deviation'})"
-    return template.format(d=_num(deviation), snr=_num(1.0 + float(deviation)))
+        return f"{number_text(deviation)} ({label or 'deviation'})"
+    return template.format(d=number_text(deviation), snr=number_text(1.0 + float(deviation)))
 
 
 def plot_error_vs_deviation(table: pd.DataFrame, margin: float, ax: Any = None, unit: str = "ml") -> Any:
@@ -89,13 +87,13 @@ def tolerance_sentence(row: pd.Series | dict[str, Any], margin: float, unit: str
     model, parameter = row["model"], row["parameter"]
     tolerated = row.get("largest_within_margin")
     if tolerated is None or pd.isna(tolerated):
-        return (f"{model} is not within ±{_num(margin)} {unit} even at the protocol setting; no tolerance can "
+        return (f"{model} is not within ±{number_text(margin)} {unit} even at the protocol setting; no tolerance can "
                 "be suggested for it.")
     words = _deviation_words(parameter, tolerated, row.get("deviation_label", ""))
     if float(tolerated) == 0:
-        reach = f"{model} stays within ±{_num(margin)} {unit} only at the protocol setting"
+        reach = f"{model} stays within ±{number_text(margin)} {unit} only at the protocol setting"
     else:
-        reach = f"{model} stays within ±{_num(margin)} {unit} up to {words}"
+        reach = f"{model} stays within ±{number_text(margin)} {unit} up to {words}"
     first = row.get("first_outside")
     if first is not None and not pd.isna(first):
         reach += f" (not at {_deviation_words(parameter, first, row.get('deviation_label', ''))})"
@@ -105,56 +103,7 @@ def tolerance_sentence(row: pd.Series | dict[str, Any], margin: float, unit: str
     return reach + (f"; suggested rule: {rule}" if rule else "; no rule value could be computed")
 
 
-def sweep_section_html(table: pd.DataFrame, tolerances: pd.DataFrame, unit: str) -> str:
-    """The sweep as a report section body: what was varied, one sentence per model version, the figure
-    and the table of mean error and MAE per level, all under human headers."""
-    if table.empty:
-        return _p("No acquisition sweep was run.")
-    parameter = str(table["parameter"].iloc[0])
-    label = str(table["deviation_label"].iloc[0]) if "deviation_label" in table else "deviation"
-    margin = _margin(table, tolerances)
-    n = int(table["n"].max())
-    levels = ", ".join(_num(d) for d in sorted(table["deviation"].astype(float).unique()))
-    title = TITLES.get(parameter, parameter.replace("_", " "))
-    criterion = str(tolerances["criterion"].iloc[0]) if "criterion" in tolerances and len(tolerances) else ""
-    parts = [
-        f"<h3>{html.escape('Tolerance of ' + title)}</h3>",
-        _p(f"The same {n} simulated subjects were imaged at each deviation of {label}: {levels} (0 is the "
-           f"locked protocol), and every model version measured each scan. A deviation is tolerated when the "
-           f"90% confidence interval of the mean error against the simulated truth lies inside "
-           f"±{_num(margin)} {unit}, at that deviation and every smaller one tested."),
-    ]
-    parts += [f"<p class='finding'>{html.escape(tolerance_sentence(row, margin, unit))}</p>"
-              for row in tolerances.to_dict("records")]
-    fig = plot_error_vs_deviation(table, margin, unit=unit)
-    parts.append(_figure(fig, f"Error against {label}",
-                         f"Mean error (model − truth) per model version with its 90% bootstrap CI; the shaded "
-                         f"band is the ±{_num(margin)} {unit} margin. A curve leaving the band marks the "
-                         "deviation the biomarker no longer tolerates."))
-    shown = table.assign(within=lambda f: f["within_margin"].map({True: "yes", False: "no"}))
-    parts.append(_table(shown, ["model", "deviation", "n", "mean_error", CI("mean_error_lo", "mean_error_hi",
-                                                                             "90% CI of mean error"),
-                                "mae", CI("mae_lo", "mae_hi", "90% CI of MAE"), "within"], unit=unit,
-                        headers={"model": "Model version", "deviation": label[:1].upper() + label[1:],
-                                 "n": "Scans", "mean_error": f"Mean error ({unit})", "mae": f"MAE ({unit})",
-                                 "within": f"Within ±{_num(margin)} {unit}?"},
-                        kinds={"deviation": "ratio", "within": "text"}))
-    rules = tolerances.assign(
-        tolerated=[("none" if pd.isna(v) else _num(v)) for v in tolerances["largest_within_margin"]],
-        rule_text=[r or "-" for r in tolerances["rule"].fillna("")])
-    parts.append(_html_table(pd.DataFrame({
-        "Model version": rules["model"], f"Largest tolerated ({label})": rules["tolerated"],
-        "Suggested protocol rule": rules["rule_text"]}), "text"))
-    note = ("The suggestion is only as fine as the deviations tested, and rests on simulated subjects; a "
-            "model biased at the protocol can look tolerant in the direction that offsets its bias, so read the "
-            "curve as well as the number. A physicist reviews a suggested rule before it enters a locked protocol.")
-    if criterion:
-        note += f" Criterion: {criterion}."
-    parts.append(_p(note))
-    return "".join(parts)
-
-
-def _margin(table: pd.DataFrame, tolerances: pd.DataFrame) -> float:
+def sweep_margin(table: pd.DataFrame, tolerances: pd.DataFrame) -> float:
     """The equivalence margin the tables were judged against (their ``margin`` column)."""
     for frame in (table, tolerances):
         if "margin" in frame and len(frame):

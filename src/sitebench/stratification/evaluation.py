@@ -319,7 +319,7 @@ def _evaluate_single(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[s
         for response in (ERROR, PREDICTION):
             mixed.append({MODEL_KEY: key, **_scanner_effects(part, response, plan, f"{key} ({response})", notes)})
         complete = part.dropna(subset=[REFERENCE, PREDICTION]).reset_index(drop=True)  # as the metrics do
-        up = upgrade_effect(complete, ERROR).to_frame()
+        up = upgrade_effect(complete, ERROR, alpha=plan.alpha, margin=plan.equivalence_margin).to_frame()
         up.insert(0, MODEL_KEY, key)
         upgrades.append(up)
         calibrations.append(continuous_calibration(complete, key, plan.alpha))

@@ -38,7 +38,7 @@ DEFAULT_FIXED: tuple[str, ...] = ("C(vendor)", SOFTWARE_UPGRADED, "age", "C(sex)
 FIXED_COLUMNS: tuple[str, ...] = ("term", "estimate", "se", "df", "ci_low", "ci_high", "p")
 UPGRADE_COLUMNS: tuple[str, ...] = (
     "site", "n_before", "n_after", "mean_before", "mean_after", "difference",
-    "se", "df", "ci_low", "ci_high", "p", "note",
+    "se", "df", "ci_low", "ci_high", "p", "tost_ci_low", "tost_ci_high", "p_tost", "equivalent", "note",
 )
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -156,8 +156,9 @@ class UpgradeEffect:
     def to_frame(self) -> pd.DataFrame:
         """One row per site with scans both before and after its upgrade."""
         frame = pd.DataFrame(self.rows, columns=list(UPGRADE_COLUMNS))
-        for column in UPGRADE_COLUMNS[3:-1]:
+        for column in UPGRADE_COLUMNS[3:-2]:
             frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+        frame["equivalent"] = frame["equivalent"].astype("boolean")
         return frame
 
     def to_dict(self) -> dict[str, Any]:
@@ -339,12 +340,17 @@ def fit_scanner_effects(table: pd.DataFrame, response: str, *,
 
 
 def upgrade_effect(table: pd.DataFrame, response: str, site_column: str = SITE, alpha: float = 0.05, *,
-                   confidence: float | None = None) -> UpgradeEffect:
+                   confidence: float | None = None, margin: float | None = None) -> UpgradeEffect:
     """Within each site, compare scans after a software upgrade with those before (Welch).
 
     A within-site before/after difference is free of the between-site variation
     that dominates the mixed model, so it is the direct check of an upgrade. Welch CIs are
     ``1 - alpha``; ``confidence`` (the old name, = 1 - alpha) is still accepted.
+
+    With an equivalence ``margin`` each site also gets Schuirmann's two one-sided Welch tests
+    (TOST; Schuirmann 1987, J Pharmacokinet Biopharm 15:657): the upgrade is shown harmless
+    when the ``1 - 2 alpha`` CI of the difference lies inside ±margin (``equivalent``), which
+    is what re-validating a site after its upgrade asks. A non-significant Welch p is not that.
     """
     if confidence is not None:
         if not 0 < confidence < 1:
@@ -381,7 +387,8 @@ def upgrade_effect(table: pd.DataFrame, response: str, site_column: str = SITE, 
             "site": str(site_name), "n_before": len(before), "n_after": len(after),
             "mean_before": float(before.mean()), "mean_after": float(after.mean()),
             "difference": float(after.mean() - before.mean()),
-            "se": None, "df": None, "ci_low": None, "ci_high": None, "p": None, "note": None,
+            "se": None, "df": None, "ci_low": None, "ci_high": None, "p": None,
+            "tost_ci_low": None, "tost_ci_high": None, "p_tost": None, "equivalent": None, "note": None,
         }
         if len(before) < 2 or len(after) < 2:
             row["note"] = "Welch CI needs at least 2 scans before and after"
@@ -396,6 +403,11 @@ def upgrade_effect(table: pd.DataFrame, response: str, site_column: str = SITE, 
                 row.update(se=se, df=float(df), ci_low=row["difference"] - half,
                            ci_high=row["difference"] + half,
                            p=float(2.0 * stats.t.sf(abs(row["difference"]) / se, df)))
+                if margin is not None:
+                    d, tost_half = row["difference"], float(stats.t.ppf(1.0 - alpha, df)) * se
+                    p_tost = max(float(stats.t.sf((d + margin) / se, df)), float(stats.t.cdf((d - margin) / se, df)))
+                    row.update(tost_ci_low=d - tost_half, tost_ci_high=d + tost_half, p_tost=p_tost,
+                               equivalent=bool(p_tost < alpha))
         rows.append(row)
     if not rows:
         notes.append("no site has scans both before and after a software upgrade")
