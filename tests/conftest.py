@@ -30,11 +30,14 @@ def run_cli(*args, cwd: str | Path | None = None, env: dict[str, str] | None = N
             timeout: float = 900) -> subprocess.CompletedProcess:
     """The ``sitebench`` command as a user runs it: a fresh process, text output, exit code kept.
 
-    ``env`` adds to (never replaces) the environment; MLflow telemetry stays off.
+    ``env`` adds to (never replaces) the environment; MLflow telemetry stays off. The test
+    process's ``MLFLOW_TRACKING_URI`` is not passed on (``mlflow.set_tracking_uri`` in an earlier
+    test sets it, and the command would log into that test's store); give it in ``env`` to test it.
     """
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run([sys.executable, "-m", "sitebench.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, timeout=timeout,
-                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})})
+                          env={**inherited, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})})
 
 
 @pytest.fixture(scope="session")

@@ -324,6 +324,19 @@ def test_gated_manifest_holds_exactly_the_passing_and_warning_series(story):
     assert not strangers, f"gated manifest rows that are no series the sites sent: {sorted(strangers)}"
 
 
+def test_the_manifest_marks_upgraded_scans_from_the_gates_software_event(story):
+    """``software_upgraded`` in the gated manifest (what the upgrade analysis compares) is 1 exactly on the
+    scans truth.json says were acquired after the upgrade: keyed by the gate's drift event, not re-derived."""
+    upgraded = {s["scan_id"] for s in story.truth["scans"] if s["upgraded"]}
+    gated = story.manifest.set_index(mf.SCAN_ID)
+    key_of = dict(zip(story.series["scan_id"], story.series["series_key"]))
+    marked = {scan for scan, key in key_of.items() if key in gated.index and gated.loc[key, "software_upgraded"] == 1}
+    passed = {scan for scan, key in key_of.items() if key in gated.index}
+    assert upgraded & passed, "no upgraded scan passed the gate: nothing to check"
+    assert marked == upgraded & passed, (f"software_upgraded marks {sorted(marked)}; truth's upgraded scans in the "
+                                         f"manifest are {sorted(upgraded & passed)}")
+
+
 def test_per_site_counts_add_up_to_the_series_sent(story):
     loaded = GateRun.load(story.gate.root)  # what a later `demo` re-reads from the finished run
     table = loaded.per_site().set_index("site")

@@ -351,11 +351,12 @@ def run_demo(out: str | Path, *, sites: int = 20, scans_per_site: int = DEMO_SCA
     manifest, failed = out / "gated" / "manifest.csv", out / "gated" / "failed.csv"
     if not manifest.exists():
         gated_manifest(gate, out / "trial", manifest)
-    if not failed.exists():
+    if not failed.exists() and gate.per_site()["fail"].sum() > 0:
         gated_manifest(gate, out / "trial", failed, statuses=("fail",))
     spec_path = out / "benchmark.yaml"
     text = yaml.safe_dump(demo_spec(bootstrap, seed, manifest="gated/manifest.csv", qc_store=str(gate.store),
-                                    failed_manifest="gated/failed.csv"), sort_keys=False)
+                                    failed_manifest="gated/failed.csv" if failed.exists() else None),
+                          sort_keys=False)
     if not spec_path.exists() or spec_path.read_text() != text:
         spec_path.write_text(text)
     truth = json.loads((out / "trial" / "truth.json").read_text())

@@ -177,9 +177,16 @@ def add_software_upgraded(table: pd.DataFrame) -> pd.DataFrame:
 
     Software versions are nested in vendors, so a plain ``C(software_version)`` term is
     collinear with vendor; the within-scanner change is what an upgrade analysis needs.
-    The scanner is ``scanner_id`` where present, else the site.
+    The scanner is ``scanner_id`` where present, else the site. A manifest that already has the
+    column with 0/1 values keeps it: ``sitebench qc manifest`` writes it from the QC gate's own
+    software drift events, which are what the upgrade analysis is keyed by.
     """
     table = table.copy()
+    if SOFTWARE_UPGRADED in table:
+        given = pd.to_numeric(table[SOFTWARE_UPGRADED], errors="coerce")
+        if given.notna().all() and given.isin([0, 1]).all():
+            table[SOFTWARE_UPGRADED] = given.astype(int)
+            return table
     scanner = table[SCANNER_ID] if SCANNER_ID in table else table[SITE]
     order = table.assign(_scanner=scanner).sort_values([ACQUISITION_DATE, SCAN_ID], kind="stable")
     baseline = order.groupby("_scanner")[SOFTWARE_VERSION].first()

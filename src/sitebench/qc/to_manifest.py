@@ -3,13 +3,14 @@
 Only series whose latest verdict is in ``statuses`` (default pass and warn) enter; each
 row carries its QC verdict (``qc_status``, ``qc_protocol``, ``qc_protocol_version``,
 ``qc_deviations``) and image-quality metrics (``qc_<metric>``), so a benchmark can
-stratify or filter by them. Identifiers stay pseudonyms: ``scan_id`` is the series key,
+stratify or filter by them, and ``software_upgraded`` from the gate's software drift events. Identifiers stay pseudonyms: ``scan_id`` is the series key,
 ``subject_id`` the study key (join clinical covariates on it), ``acquisition_date`` the
 day the gate checked the series (the scan date is a PS3.15 attribute and is never read).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +22,7 @@ from sitebench.provenance import sha256_file
 from sitebench.qc.dicom_files import series_nifti
 from sitebench.qc.records import QCRecords
 
-__all__ = ["verdicts_to_manifest"]
+__all__ = ["upgraded_by_drift", "verdicts_to_manifest"]
 
 
 def verdicts_to_manifest(records: QCRecords, store: str | Path, out: str | Path,
@@ -54,5 +55,31 @@ def verdicts_to_manifest(records: QCRecords, store: str | Path, out: str | Path,
     if not rows:
         raise SitebenchError(f"no checked series with status {' or '.join(statuses)} to put in a manifest")
     table = pd.DataFrame(rows)
+    table[mf.SOFTWARE_UPGRADED] = upgraded_by_drift(table, records.drift_events())
     mf.write_manifest(table, out)
     return mf.read_manifest(out)
+
+
+def upgraded_by_drift(table: pd.DataFrame, drift_events: list[dict]) -> list[int]:
+    """``software_upgraded`` keyed by the gate's own software drift events: 1 for a series on a scanner
+    the gate saw change software, running other software than the event's baseline; else 0.
+
+    The upgrade analysis then compares before and after exactly where the gate raised the event,
+    rather than re-deriving upgrades from the manifest's software versions.
+    """
+    flag = pd.Series(0, index=table.index)
+    for event in drift_events:
+        if event.get("kind") != "software" or event.get("parameter") != "SoftwareVersions":
+            continue
+        key = str(event.get("scanner") or "")
+        scanner = key.split("|")[1] if key.count("|") >= 1 else key  # Manufacturer|pseudonym[|protocol]
+        baseline = event.get("baseline")
+        try:
+            baseline = json.loads(baseline) if isinstance(baseline, str) else baseline
+        except ValueError:
+            pass
+        if isinstance(baseline, list):
+            baseline = "\\".join(map(str, baseline))
+        on = (table[mf.SCANNER_ID].astype(str) == scanner) & (table[mf.SITE].astype(str) == str(event["site"]))
+        flag[on & (table[mf.SOFTWARE_VERSION].astype(str) != str(baseline))] = 1
+    return flag.astype(int).tolist()
