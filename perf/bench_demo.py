@@ -1,7 +1,7 @@
 """Total wall time of the demo at its default size, per stage, against the 10-minute goal; and the QC gate's intake
 against a bare receiver of the same files.
 
-    .venv/bin/python perf/bench_demo.py [--sites 20 --scans-per-site 6 --workers 2]
+    .venv/bin/python perf/bench_demo.py [--sites 20 --scans-per-site 5 --workers 2]
     .venv/bin/python perf/bench_demo.py --gate-only [--sites 6 --scans-per-site 4]
 
 Full mode runs the demo (``run_demo``) and prints each stage's wall time from its log marks,
@@ -165,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, default=20)
     parser.add_argument("--scans-per-site", type=int, default=None,
-                        help="default: the demo's (6), or 4 with --gate-only")
+                        help="default: the demo's (5), or 4 with --gate-only")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="the simulated trial's seed (--gate-only)")
     parser.add_argument("--gate-only", action="store_true",

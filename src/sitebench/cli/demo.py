@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", default="sitebench-demo", help="output folder (default: ./sitebench-demo)")
     demo.add_argument("--sites", type=int, default=20, help="number of sites (default 20)")
     demo.add_argument("--scans-per-site", type=int, default=None,
-                      help="scans per site (default 6: pipeline.DEMO_SCANS_PER_SITE)")
+                      help="scans per site (default 5: pipeline.DEMO_SCANS_PER_SITE)")
     demo.add_argument("--seed", type=int, default=0, help="simulation and bootstrap seed (default 0)")
     demo.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default 1000)")
     add_execution(demo)

@@ -502,25 +502,45 @@ def _plan(config: TrialConfig) -> tuple[dict[str, list[Scanner]], list[tuple[str
                                                   session=plan.session, day=day, scanner=scanner,
                                                   minute=plan.minute + 25, drifted=plan.drifted,
                                                   rescan_of=plan.scan_id))
+    # the story's mid-study events happen between each site's own scan days (see _event_day)
+    up = config.upgrade
+    if up is not None and up.site in sites:
+        scanner = next((sc for sc in sites[up.site] if sc.upgrade_day is not None), None)
+        day = _event_day([p for p in scans if p.scanner is scanner], up.at_fraction)
+        if scanner is not None and day is not None:
+            scanner.upgrade_day = day
+    if drift is not None and drift.site in sites:
+        site_scans = [p for p in scans if p.scanner.site == drift.site]
+        day = _event_day(site_scans, drift.at_fraction)
+        for plan in site_scans if day is not None else []:
+            plan.drifted = plan.day >= day
     swap = config.scanner_swap
     if swap is not None and swap.site in sites:
         _place_swap(sites[swap.site], [p for p in scans if p.scanner.site == swap.site], swap.at_fraction)
     return sites, subjects, scans
 
 
-def _place_swap(scanners: list[Scanner], site_scans: list[ScanPlan], at_fraction: float) -> None:
-    """Put the scanner swap between the site's own scan days, at ``at_fraction`` of them.
+def _event_day(site_scans: list[ScanPlan], at_fraction: float) -> int | None:
+    """The study day of a site's mid-study event: the site's scan day at ``at_fraction`` of its scan days,
+    with at least one scan day before it and one on or after it.
 
-    A swap on a fixed study day can fall before the site's first scan or after its last (a
+    An event on a fixed study day can fall before a site's first scan or after its last (a
     small trial scans each site on a few days only), and then no scan shows it: the gate
-    cannot see a swap unless the old scanner sent something first. With fewer than two scan
-    days the configured day stands.
+    cannot see an upgrade, a drift or a swap without a series from before it. None (the
+    configured day stands) with fewer than two scan days.
     """
-    old, new = scanners[0], scanners[-1]
     days = sorted({p.day for p in site_scans})
-    if new is old or len(days) < 2:
+    if len(days) < 2:
+        return None
+    return days[min(max(1, int(round(at_fraction * len(days)))), len(days) - 1)]
+
+
+def _place_swap(scanners: list[Scanner], site_scans: list[ScanPlan], at_fraction: float) -> None:
+    """Put the scanner swap between the site's own scan days (:func:`_event_day`)."""
+    old, new = scanners[0], scanners[-1]
+    day = _event_day(site_scans, at_fraction)
+    if new is old or day is None:
         return
-    day = days[min(max(1, int(round(at_fraction * len(days)))), len(days) - 1)]
     old.active_until_day, new.active_from_day = day, day
     if old.upgrade_day is not None and old.upgrade_day >= day:
         old.upgrade_day = None
@@ -793,8 +813,9 @@ def _truth_document(config: TrialConfig, sites: dict[str, list[Scanner]],
         "upgrade": None if config.upgrade is None else {
             "site": config.upgrade.site, "gm_wm_ratio_shift": config.upgrade.gm_shift,
             "noise_factor": config.upgrade.noise_factor,
-            "date": (config.start_date + timedelta(days=int(round(config.upgrade.at_fraction *
-                                                                  config.study_days)))).isoformat()},
+            "date": (config.start_date + timedelta(days=next(
+                (sc.upgrade_day for sc in sites.get(config.upgrade.site, []) if sc.upgrade_day is not None),
+                int(round(config.upgrade.at_fraction * config.study_days))))).isoformat()},
         "coverage": None if config.coverage is None else config.coverage.model_dump(),
         "events": _events_truth(config, sites, per_scan),
         "subject_effects": config.effects.model_dump(),
