@@ -156,8 +156,11 @@ def full_demo(args: argparse.Namespace, scratch: Path) -> None:
     if gate is None or not gate.seconds.get("intake"):
         print("(the demo ran no QC gate: no intake to compare)")
         return
-    print(f"gate: {int(gate.sent['sent'].sum())} series, {gate.files} files, intake {gate.seconds['intake']:.1f} s "
-          f"= {gate.files / gate.seconds['intake']:.1f} files/s")
+    n_series = int(gate.sent["sent"].sum())
+    print(f"gate: {n_series} series, {gate.files} files, intake {gate.seconds['intake']:.1f} s "
+          f"= {60 * n_series / gate.seconds['intake']:.1f} series/min, {gate.files / gate.seconds['intake']:.1f} files/s"
+          + (f"; last verdict {gate.seconds['verdicts']:.1f} s after the first send"
+             if gate.seconds.get("verdicts") else ""))
     compare_with_bare(gate, Path(out) / "trial", scratch)
 
 

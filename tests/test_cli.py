@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from html import escape as html_escape
 from pathlib import Path
 
 import mlflow
@@ -169,8 +170,13 @@ def test_demo_end_to_end(tmp_path):
     effect = pd.read_csv(tables / "gate_effect.csv")
     assert effect["n_failed"].max() > 0 and (effect["n_all"] >= effect["n_kept"]).all()
     html_text = (report_dir / "report.html").read_text()
-    for heading in ("What the QC gate changed", "Drift events", "Protocol deviations", "Re-validation pending"):
+    for heading in ("What the QC gate changed", "Drift events", "Protocol deviations", "Re-validation pending",
+                    "Acquisition tolerances", "Tolerance of superior coverage", "Tolerance of image noise"):
         assert heading in html_text, heading
+    tolerances = pd.read_csv(tables / "sweep_tolerances.csv")
+    assert set(tolerances["parameter"]) == {"coverage_loss", "noise"}
+    for rule in tolerances["rule"].dropna():  # every suggested rule is stated in the report
+        assert html_escape(rule) in html_text, rule
 
     # no synthetic patient identifier the scanners wrote reaches anything but the stored DICOM themselves
     assert_no_patient_identifiers(out)
