@@ -93,6 +93,9 @@ class AnalysisPlan:
     #: single-biomarker plan. ``equivalence_margin``, ``comparison_margin`` and ``endpoint`` above are
     #: the primary (first continuous) biomarker's; an entry's own ``equivalence_margin`` wins for it.
     biomarkers: list[dict[str, Any]] = field(default_factory=list)
+    #: Test each site's software upgrade for equivalence within ``equivalence_margin`` (TOST); plans locked
+    #: before it existed did not, so their recompute gives the same bytes.
+    upgrade_equivalence: bool = True
 
     def biomarker(self, name: str) -> dict[str, Any]:
         """The plan entry of biomarker ``name``."""
@@ -114,6 +117,7 @@ class AnalysisPlan:
         if data.get("endpoint"):
             data["endpoint"] = Endpoint(**data["endpoint"])
         data["biomarkers"] = [dict(entry) for entry in data.get("biomarkers") or []]
+        data.setdefault("upgrade_equivalence", False)  # locked before upgrades were tested for equivalence
         return cls(**data)
 
 
@@ -319,7 +323,8 @@ def _evaluate_single(table: pd.DataFrame, plan: AnalysisPlan, model_keys: list[s
         for response in (ERROR, PREDICTION):
             mixed.append({MODEL_KEY: key, **_scanner_effects(part, response, plan, f"{key} ({response})", notes)})
         complete = part.dropna(subset=[REFERENCE, PREDICTION]).reset_index(drop=True)  # as the metrics do
-        up = upgrade_effect(complete, ERROR, alpha=plan.alpha, margin=plan.equivalence_margin).to_frame()
+        up = upgrade_effect(complete, ERROR, alpha=plan.alpha,
+                            margin=plan.equivalence_margin if plan.upgrade_equivalence else None).to_frame()
         up.insert(0, MODEL_KEY, key)
         upgrades.append(up)
         calibrations.append(continuous_calibration(complete, key, plan.alpha))

@@ -40,6 +40,8 @@ UPGRADE_COLUMNS: tuple[str, ...] = (
     "site", "n_before", "n_after", "mean_before", "mean_after", "difference",
     "se", "df", "ci_low", "ci_high", "p", "tost_ci_low", "tost_ci_high", "p_tost", "equivalent", "note",
 )
+#: The equivalence columns, present only when a margin was tested (older plans: none).
+TOST_COLUMNS: tuple[str, ...] = ("tost_ci_low", "tost_ci_high", "p_tost", "equivalent")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -147,6 +149,7 @@ class UpgradeEffect:
     alpha: float
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    margin: float | None = None  # the equivalence margin tested (TOST columns only with one)
 
     @property
     def confidence(self) -> float:
@@ -155,10 +158,13 @@ class UpgradeEffect:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per site with scans both before and after its upgrade."""
-        frame = pd.DataFrame(self.rows, columns=list(UPGRADE_COLUMNS))
-        for column in UPGRADE_COLUMNS[3:-2]:
-            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
-        frame["equivalent"] = frame["equivalent"].astype("boolean")
+        columns = [c for c in UPGRADE_COLUMNS if self.margin is not None or c not in TOST_COLUMNS]
+        frame = pd.DataFrame(self.rows, columns=columns)
+        for column in columns[3:-1]:
+            if column != "equivalent":
+                frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+        if "equivalent" in frame:
+            frame["equivalent"] = frame["equivalent"].astype("boolean")
         return frame
 
     def to_dict(self) -> dict[str, Any]:
@@ -412,7 +418,7 @@ def upgrade_effect(table: pd.DataFrame, response: str, site_column: str = SITE, 
     if not rows:
         notes.append("no site has scans both before and after a software upgrade")
     return UpgradeEffect(response=response, site_column=site_column, alpha=alpha,
-                         rows=rows, notes=notes)
+                         rows=rows, notes=notes, margin=margin)
 
 
 # --------------------------------------------------------------------------- helpers
