@@ -133,7 +133,7 @@ def run_pipeline(spec: BenchmarkSpec | str | Path, *, workers: int = 2, schedule
 
 
 def score_gate_failures(run: BenchmarkRun, evaluation: Evaluation, *, workers: int = 2, scheduler: str | None = None,
-                        tracking_uri: str | None = None, progress: bool = True) -> tuple[pd.DataFrame, Path] | None:
+                        tracking_uri: str | None = None, progress: bool = True) -> tuple[pd.DataFrame, Path]:
     """Score the series the gate failed (``report.failed_manifest``) and compare the error with and without them.
 
     Only the model versions that score every scan take part (a subsampled model's failed-scan

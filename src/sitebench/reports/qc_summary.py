@@ -16,7 +16,6 @@ covers the change (:func:`~sitebench.reports.coverage.revalidation_pending`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime
@@ -28,6 +27,7 @@ import pandas as pd
 from sitebench.datasets import manifest as mf
 from sitebench.qc.records import rescan_groups, resolved_by_rescan
 from sitebench.reports.coverage import GateRows, ReportCoverage, manifest_scans, revalidation_pending
+from sitebench.reports.coverage import _key_ident, _shown  # how coverage reads drift events
 
 COLUMNS = ("site", "series", "passed", "warned", "failed", "undetermined", "unmatched", "open_deviations",
            "drift_events", "rescans", "rescan_rate", "median_minutes_to_rescan", "rejected_files", "revalidation")
@@ -134,10 +134,10 @@ def gate_frames(gate: GateRows, manifest: pd.DataFrame) -> dict[str, pd.DataFram
                                 "expected": d["expected"], "observed": _text(d["observed"]), "rule": d["rule"],
                                 "severity": d["severity"], "resolved_by_rescan": d["verdict_id"] in resolved}
                                for d in gate.deviations if d["verdict_id"] in by_id], columns=list(DEVIATION_COLUMNS))
-    def shown(event: dict[str, Any], key: str) -> str:
-        value = _text(_json_or(event.get(key)))
-        if event["kind"] == "scanner":  # scanner keys (vendor|serial pseudonym|protocol): the pseudonym says it
-            value = ", ".join(k.split("|")[1] if k.count("|") >= 1 else k for k in value.split(",") if k.strip())
+    def shown(event: dict[str, Any], key: str) -> str | None:
+        value = _shown(event.get(key))
+        if event["kind"] == "scanner" and value:  # scanner keys (vendor|pseudonym|protocol): the pseudonym says it
+            value = ", ".join(_key_ident(k) or k for k in value.split(",") if k.strip())
         return value
 
     drift = pd.DataFrame([{"site": e["site"], "kind": e["kind"], "parameter": e["parameter"],
@@ -154,16 +154,6 @@ def gate_frames(gate: GateRows, manifest: pd.DataFrame) -> dict[str, pd.DataFram
         columns=list(REVALIDATION_COLUMNS))
     return {"verdicts": export, "deviations": deviations, "drift": drift, "rescans": rescan_frame(verdicts),
             "revalidation": revalidation}
-
-
-def _json_or(value: Any) -> Any:
-    """Drift events store baseline/observed as JSON text; decode it when it is."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
 
 
 def qc_summary(manifest: pd.DataFrame, gate: GateRows | None = None) -> QCSummary:
