@@ -252,9 +252,10 @@ def test_inspect_agrees_with_header_and_dcm2niix(written, converted):
     assert p["SliceCoverageMM"] == pytest.approx(SHAPE[2] * 3.0)
     assert p["ImageOrientationPatientDICOM"] == pytest.approx(sidecar["ImageOrientationPatientDICOM"], abs=1e-5)
     if header.enhanced:
-        assert p["PulseSequenceName"] == header.sequence_name == sidecar.get("SequenceName",
-                                                                            sidecar.get("PulseSequenceName"))
-        assert "ScanningSequence" not in p and "SequenceVariant" not in p and "SequenceName" not in p
+        # (0018,9005) is the BIDS SequenceName, as dcm2niix writes it since 2024 (and as classic files give it)
+        assert p["SequenceName"] == header.sequence_name == sidecar.get("SequenceName",
+                                                                       sidecar.get("PulseSequenceName"))
+        assert "ScanningSequence" not in p and "SequenceVariant" not in p and "PulseSequenceName" not in p
     else:
         for key in ("ScanningSequence", "SequenceVariant", "SequenceName"):
             assert p[key] == sidecar[key], key

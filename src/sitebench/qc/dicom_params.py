@@ -53,7 +53,7 @@ __all__ = ["SeriesParameters", "read_series", "series_from_summaries", "file_sum
 
 #: Every key read_series looks for (``missing`` lists those not found).
 PARAMETER_KEYS: tuple[str, ...] = (
-    "Manufacturer", "ManufacturersModelName", "SoftwareVersions",
+    "Manufacturer", "Vendor", "ManufacturersModelName", "SoftwareVersions",
     "MagneticFieldStrength", "ReceiveCoilName", "MRAcquisitionType",
     "ScanningSequence", "SequenceVariant", "SequenceName", "PulseSequenceName",
     "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle",
@@ -81,9 +81,18 @@ PHI_KEYWORDS: tuple[str, ...] = (
     "RegionOfResidence", "CountryOfResidence", "AdditionalPatientHistory",
 )
 
+#: DICOM Manufacturer prefix -> the name dcm2niix writes in the BIDS sidecar. It keeps what the
+#: scanner wrote: a TOSHIBA file says "Toshiba", never "Canon" (dcm2niix nii_dicom_batch.cpp).
 _MANUFACTURERS = (("SIEMENS", "Siemens"), ("GE", "GE"), ("PHILIPS", "Philips"),
-                  ("TOSHIBA", "Canon"), ("CANON", "Canon"), ("UIH", "UIH"),
-                  ("UNITED IMAGING", "UIH"), ("HITACHI", "Hitachi"))
+                  ("TOSHIBA", "Toshiba"), ("CANON", "Canon"), ("UIH", "UIH"),
+                  ("UNITED IMAGING", "UIH"), ("HITACHI", "Hitachi"), ("FUJIFILM", "Fujifilm"),
+                  ("BRUKER", "Bruker"), ("MEDISO", "Mediso"), ("MRSOLUTIONS", "MRSolutions"))
+#: Manufacturer -> the vendor statistics group by: Canon Medical Systems is Toshiba Medical renamed
+#: (2018), the same scanner lines; Fujifilm bought Hitachi's MR business (2021).
+_VENDOR_GROUPS = {"Toshiba": "Canon", "Hitachi": "Fujifilm"}
+#: Vendor -> the module that reads what only that vendor's private tags hold (see each module).
+_VENDOR_MODULES = {"GE": "vendor_ge", "Siemens": "vendor_siemens", "Philips": "vendor_philips",
+                   "UIH": "vendor_uih", "Canon": "vendor_canon"}
 
 
 @dataclass
@@ -434,8 +443,43 @@ def _present(ds, keyword: str) -> bool:
 
 
 def _vendor(manufacturer: Any) -> str | None:
+    """The BIDS ``Manufacturer``: dcm2niix's spelling of what the scanner wrote."""
     manu = _text(manufacturer) or ""
     return next((name for k, name in _MANUFACTURERS if manu.upper().startswith(k)), manu or None)
+
+
+def vendor_group(manufacturer: Any) -> str | None:
+    """The vendor a scanner's statistics are grouped under (``Vendor``): Toshiba with Canon,
+    Hitachi with Fujifilm; every other manufacturer is its own group."""
+    name = _vendor(manufacturer)
+    return _VENDOR_GROUPS.get(name, name) if name else None
+
+
+_MODULE_CACHE: dict[str, Any] = {}
+
+
+def _vendor_module(vendor: str | None) -> Any:
+    """The vendor module (``file_fields``, ``series_fields``, ``PER_FILE_TAGS``) for a vendor group, or None."""
+    name = _VENDOR_MODULES.get(_VENDOR_GROUPS.get(vendor, vendor) if vendor else "")
+    if name is None:
+        return None
+    if name not in _MODULE_CACHE:
+        import importlib
+
+        try:
+            _MODULE_CACHE[name] = importlib.import_module(f"sitebench.qc.{name}")
+        except ImportError:
+            _MODULE_CACHE[name] = None
+    return _MODULE_CACHE[name]
+
+
+def vendor_per_file_tags() -> tuple:
+    """Every tag any vendor module reads from each file (read_series adds them to its partial reads)."""
+    tags: list = []
+    for vendor in _VENDOR_MODULES:
+        module = _vendor_module(vendor)
+        tags += list(getattr(module, "PER_FILE_TAGS", ()) or ())
+    return tuple(dict.fromkeys(tags))
 
 
 def _image_type(raw: Any) -> list[str]:
@@ -475,10 +519,13 @@ def _instance_parameters(ds, enh: bool, te: Any, invalid: list[str]) -> dict[str
     put("MRAcquisitionType", text("MRAcquisitionType"))
     put("ScanningSequence", _text(_safe(_raw_value, ds, "ScanningSequence")) or text("ScanningSequence"))
     put("SequenceVariant", _text(_safe(_raw_value, ds, "SequenceVariant")) or text("SequenceVariant"))
-    put("SequenceName", _text(_safe(_raw_value, ds, "SequenceName")))
+    sequence_name = _text(_safe(_raw_value, ds, "SequenceName"))
     psn = _text(_safe(_raw_value, ds, "PulseSequenceName")) or (_text(_safe(_fg_find, ds, "PulseSequenceName")) if enh else None)
     if vendor == "GE":
         psn = _text(_safe(_private_fast, ds, 0x0019, "GEMS_ACQU_01", 0x9C)) or psn
+    elif sequence_name is None or sequence_name == psn:  # as the series does (see _series_parameters)
+        sequence_name, psn = sequence_name or psn, None
+    put("SequenceName", sequence_name)
     put("PulseSequenceName", psn)
     tr = _numeric(ds, "RepetitionTime", enh, invalid)
     put("RepetitionTime", None if tr is None else _num(round(tr / 1000.0, 9)))
@@ -571,7 +618,8 @@ def file_summary(ds) -> dict[str, Any]:
     * ``instance``: InstanceNumber, AcquisitionNumber, EchoNumbers, ImagesInAcquisition,
       NumberOfSeriesRelatedInstances (:func:`series_completeness` works from these alone);
     * ``geometry``: "Keyword (gggg,eeee) why" per damaged geometry attribute;
-    * ``invalid``: keywords whose DS/IS value is present but not a finite number.
+    * ``invalid``: keywords whose DS/IS value is present but not a finite number;
+    * ``vendor``: what the vendor module needs from every file (slice timing, diffusion), when any.
     """
     enh = bool(_safe(_is_enhanced, ds))
     invalid: list[str] = []
@@ -598,12 +646,17 @@ def file_summary(ds) -> dict[str, Any]:
     for keyword, n in _GEOMETRY[2:]:
         valid(_safe(_fast_get, ds, keyword, enh), keyword, n)
     acq = _instance_parameters(ds, enh, raw_frames[0][0], invalid)
+    module = _vendor_module(acq.get("Manufacturer"))
+    vendor_fields = (_safe(module.file_fields, ds) or {}) if module is not None else {}
     for line in geometry:  # damaged geometry is a file problem, not also a parameter one
         keyword = line.split(" ", 1)[0]
         if keyword in invalid:
             invalid.remove(keyword)
-    return {"frames": frames, "phi": _phi_present([ds]), "acq": acq,
-            "instance": _instance_fields(ds, invalid), "geometry": geometry, "invalid": invalid}
+    summary = {"frames": frames, "phi": _phi_present([ds]), "acq": acq,
+               "instance": _instance_fields(ds, invalid), "geometry": geometry, "invalid": invalid}
+    if vendor_fields:
+        summary["vendor"] = vendor_fields
+    return summary
 
 
 #: Parameter key -> the DICOM keyword its value is read from, where they differ (and back).
@@ -717,6 +770,7 @@ def _series_parameters(datasets: list, summaries: list[dict[str, Any]] | None = 
 
     vendor = _vendor(ds.get("Manufacturer"))
     put("Manufacturer", vendor)
+    put("Vendor", vendor_group(vendor))
     put("ManufacturersModelName", _text(ds.get("ManufacturerModelName")))
     put("SoftwareVersions", _text(ds.get("SoftwareVersions")))
     put("MagneticFieldStrength", _num(ds.get("MagneticFieldStrength")))
@@ -754,10 +808,17 @@ def _series_parameters(datasets: list, summaries: list[dict[str, Any]] | None = 
                     variant = variant or _private(el.value[0], 0x0021, "SIEMENS MR SDS 01", 0x5B)
     put("ScanningSequence", _text(scan_seq))
     put("SequenceVariant", _text(variant))
-    put("SequenceName", _text(ds.get("SequenceName")))
+    # SequenceName (0018,0024) of classic files is PulseSequenceName (0018,9005) in enhanced ones
+    # (PS3.3 C.8.13.1): one BIDS SequenceName either way, as dcm2niix writes since 2024, so one
+    # acquisition keeps one key whatever its format. GE's PulseSequenceName is its own thing: the
+    # pulse-sequence (psd) name in private (0019,109C).
+    sequence_name = _text(ds.get("SequenceName"))
     psn = _text(ds.get("PulseSequenceName")) or (_text(_fg_find(ds, "PulseSequenceName")) if enh else None)
     if vendor == "GE":
         psn = _text(_private(ds, 0x0019, "GEMS_ACQU_01", 0x9C)) or psn
+    elif sequence_name is None or sequence_name == psn:
+        sequence_name, psn = sequence_name or psn, None
+    put("SequenceName", sequence_name)
     put("PulseSequenceName", psn)
 
     tr = _num(_get(ds, "RepetitionTime", enh))
@@ -889,7 +950,29 @@ def _series_parameters(datasets: list, summaries: list[dict[str, Any]] | None = 
     put("NumberOfSlices", n_slices)
     put("SliceCoverageMM", None if coverage is None else _num(round(coverage, 4)))
     put("MaxSliceStepMM", None if max_step is None else _num(round(max_step, 4)))
+
+    # what only the vendor's private tags hold (slice timing, multiband, polarity, diffusion, ...)
+    module = _vendor_module(vendor)
+    if module is not None:
+        extra = _safe(module.series_fields, ds, [s.get("vendor") or {} for s in summaries]) or {}
+        for key, value in extra.items():
+            if value is None or value == [] or value == "":
+                p.pop(key, None)
+            else:
+                p[key] = value
+    _derived(p)
     return p
+
+
+def _derived(p: dict[str, Any]) -> None:
+    """Keys protocols compare that follow from others: slice order, diffusion shells and directions."""
+    try:
+        from sitebench.qc.acquisition_scheme import derived_keys
+    except ImportError:
+        return
+    for key, value in (_safe(derived_keys, p) or {}).items():
+        if value is not None:
+            p[key] = value
 
 
 # --------------------------------------------------------------------------- public entry points
@@ -955,7 +1038,7 @@ def read_series(path: str | Path | Iterable[str | Path]) -> list[SeriesParameter
     from pydicom.tag import Tag
 
     files = dicom_files(path)
-    per_file_tags = [Tag(k) for k in PER_FILE_TAGS]
+    per_file_tags = [Tag(k) for k in PER_FILE_TAGS + vendor_per_file_tags()]
     groups: dict[str, list] = defaultdict(list)
     for f in files:
         try:

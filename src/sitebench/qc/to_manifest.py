@@ -20,6 +20,7 @@ from sitebench.datasets import manifest as mf
 from sitebench.errors import SitebenchError
 from sitebench.provenance import sha256_file
 from sitebench.qc.dicom_files import series_nifti
+from sitebench.qc.dicom_params import vendor_group
 from sitebench.qc.records import QCRecords
 
 __all__ = ["upgraded_by_drift", "verdicts_to_manifest"]
@@ -42,7 +43,7 @@ def verdicts_to_manifest(records: QCRecords, store: str | Path, out: str | Path,
         row = {
             mf.SCAN_ID: verdict["series_key"], mf.SUBJECT_ID: verdict["study_key"] or verdict["series_key"],
             mf.SESSION: "1", mf.SITE: verdict["site"], mf.SCANNER_ID: verdict["scanner"],
-            mf.VENDOR: verdict["manufacturer"] or "unknown", mf.SCANNER_MODEL: verdict["model"] or "unknown",
+            mf.VENDOR: vendor_group(verdict["manufacturer"]) or "unknown", mf.SCANNER_MODEL: verdict["model"] or "unknown",
             mf.SOFTWARE_VERSION: verdict["software_version"] or "unknown",
             mf.FIELD_STRENGTH: verdict["field_strength"], mf.ACQUISITION_DATE: verdict["checked_utc"][:10],
             mf.IMAGE_PATH: str(image_path.relative_to(out.parent)), mf.IMAGE_SHA256: sha256_file(image_path),
