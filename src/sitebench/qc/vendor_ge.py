@@ -23,17 +23,16 @@ from sitebench.qc.dicom_params import _ge_protocol_block, _num, _private, _raw_v
 __all__ = ["PER_FILE_TAGS", "file_fields", "series_fields"]
 
 # Private creators of the GE blocks read per file, and the elements read from each.
-_ACQU, _RELA, _PARM = "GEMS_ACQU_01", "GEMS_RELA_01", "GEMS_PARM_01"
+_ACQU, _PARM = "GEMS_ACQU_01", "GEMS_PARM_01"
 _PER_FILE_PRIVATE = ((0x0019, _ACQU, (0xBB, 0xBC, 0xBD)),  # diffusion direction (phase, freq, slice)
-                     (0x0021, _RELA, (0x5E,)),  # RTIA timer
                      (0x0043, _PARM, (0x39,)))  # slop_int_6..9: b-value first
 #: Creator slots looked at for the per-file private blocks: GE writes its blocks at 0x10..0x1F.
 _BLOCKS = range(0x10, 0x20)
 
 
 def _per_file_tags() -> tuple:
-    tags: list[Any] = ["InstanceNumber", "AcquisitionNumber", "ImagePositionPatient", "ImageOrientationPatient",
-                       "TriggerTime", "Manufacturer", "SpecificCharacterSet"]
+    tags: list[Any] = ["InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient", "Manufacturer",
+                       "SpecificCharacterSet"]
     for group, _creator, elems in _PER_FILE_PRIVATE:
         for block in _BLOCKS:
             tags.append((group << 16) | block)
@@ -42,7 +41,7 @@ def _per_file_tags() -> tuple:
 
 
 #: Tags :func:`file_fields` reads (keywords and int tags, for ``pydicom.dcmread(specific_tags=...)``): the
-#: creators of the GE private groups 0019/0021/0043 at slots 0x10..0x1F and their diffusion/RTIA elements.
+#: creators of the GE private groups 0019/0043 at slots 0x10..0x1F and their diffusion elements.
 PER_FILE_TAGS: tuple = _per_file_tags()
 
 
@@ -126,34 +125,29 @@ def _is_ge(ds) -> bool:
 
 # --------------------------------------------------------------------------- per file
 def file_fields(ds) -> dict[str, Any]:
-    """Per-file values :func:`series_fields` needs (JSON-able): InstanceNumber, AcquisitionNumber, the slice
-    position along the normal (``pos``), RTIA timer (0021,105E), TriggerTime (0018,1060), b-value (0043,1039
-    first item) and the diffusion direction (0019,10BB/10BC/10BD).
+    """Per-file values :func:`series_fields` needs (JSON-able): InstanceNumber, the slice position along the
+    normal (``pos``) and orientation (``iop``), the b-value (``b``, 0043,1039 first item) and the diffusion
+    direction (``g``, 0019,10BB/10BC/10BD).
 
-    Why these: dcm2niix (Li et al. 2016, J Neurosci Methods 264:47-56), nii_dicom.cpp, reads exactly these per
-    file (kRTIA_timer, kTriggerTime, kDiffusion_bValueGE, kDiffusionDirectionGEX/Y/Z) and orders slices and
-    volumes by InstanceNumber and position. Only direct tag reads; {} for a non-GE file or on odd input."""
+    Why these: dcm2niix (Li et al. 2016, J Neurosci Methods 264:47-56), nii_dicom.cpp reads b and direction per
+    file (kDiffusion_bValueGE, kDiffusionDirectionGEX/Y/Z) and nii_dicom_batch.cpp orders slices and volumes by
+    InstanceNumber and position. The RTIA timer (0021,105E) and TriggerTime (0018,1060) are not kept: for GE
+    dcm2niix computes slice times from the protocol data block instead (sliceTimingGE). Only direct tag reads;
+    {} for a non-GE file or on odd input."""
     try:
         if not _is_ge(ds):
             return {}
         out: dict[str, Any] = {}
-        for key in ("InstanceNumber", "AcquisitionNumber"):
-            v = _first(_safe(_raw_value, ds, key))
-            if v is not None and float(v).is_integer():
-                out[key] = int(v)
+        number = _first(_safe(_raw_value, ds, "InstanceNumber"))
+        if number is not None and float(number).is_integer():
+            out["InstanceNumber"] = int(number)
         ipp = _floats(_safe(_raw_value, ds, "ImagePositionPatient"))
         iop = _floats(_safe(_raw_value, ds, "ImageOrientationPatient"))
         if ipp and iop and len(ipp) == 3 and len(iop) == 6:
             r, c = iop[:3], iop[3:]
             n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
             out["pos"] = round(sum(a * b for a, b in zip(ipp, n)), 4)
-            out["iop"] = [round(x, 4) for x in iop]
-        tt = _first(_safe(_raw_value, ds, "TriggerTime"))
-        if tt is not None:
-            out["trigger"] = tt
-        rtia = _first(_private_cheap(ds, 0x0021, _RELA, 0x5E))
-        if rtia is not None:
-            out["rtia"] = rtia
+            out["iop"] = [round(x, 6) for x in iop]
         b = _first(_private_cheap(ds, 0x0043, _PARM, 0x39))
         if b is not None:
             out["b"] = b
@@ -166,24 +160,45 @@ def file_fields(ds) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- series-level pieces
-def _repetition_time(first) -> float | None:
-    """TR in s including the epiRT "delay after slice group" (0043,107C, FL seconds).
+def _protocol(first) -> dict[str, str]:
+    """The gzip protocol data block (0025,101B) as key -> text; {} when absent or undecodable."""
+    return _safe(_ge_protocol_block, first) or {}
 
-    dcm2niix (Li et al. 2016, J Neurosci Methods 264:47-56), nii_dicom.cpp kEpiRTGroupDelayGE: the group
-    delay is read in s, kept in ms, and the sidecar's RepetitionTime is (0018,0080) + delay: a GE epiRT
-    series with TR 2 s and a 3 s group delay samples every 5 s."""
-    tr = _num(first.get("RepetitionTime"))
-    if tr is None or tr <= 0:
-        return None
+
+def _epi_version(first) -> int:
+    """dcm2niix's ``epiVersionGE``: -1 not EPI, 0 epi (multi-phase), 1 epiRT, 2 epi2 (spin echo), 3 pepolar.
+
+    dcm2niix (Li et al. 2016, J Neurosci Methods 264:47-56), nii_dicom.cpp, in tag order: the pulse-sequence
+    name (0019,109C: "epi_pepolar" > "epi2" > "epiRT" > "epi"), then the internal name (0019,109E) "EPI" making
+    a non-epiRT series 0, then the mere presence of the epiRT group delay (0043,107C) making it 1."""
+    psn = _text(_private(first, 0x0019, _ACQU, 0x9C)) or ""
+    version = -1
+    if "epi_pepolar" in psn:
+        version = 3
+    elif "epi2" in psn:
+        version = 2
+    elif "epiRT" in psn:
+        version = 1
+    elif "epi" in psn:
+        version = 0
+    internal = _text(_private(first, 0x0019, _ACQU, 0x9E)) or ""
+    if version < 3 and internal == "EPI" and version != 1:
+        version = 0
+    if _private(first, 0x0043, _PARM, 0x7C) is not None:
+        version = 1
+    return version
+
+
+def _group_delay_ms(first) -> float:
+    """The epiRT "delay after slice group" (0043,107C, FL in s) in ms; 0 when absent."""
     gd = _first(_private(first, 0x0043, _PARM, 0x7C))
-    delay_ms = gd * 1000.0 if gd and gd > 0 else 0.0
-    return _g((tr + delay_ms) / 1000.0)
+    return gd * 1000.0 if gd and gd > 0 else 0.0
 
 
-def _multiband(first) -> int | None:
-    """HyperBand factor: first value of (0043,10B6) "multiband parameters" when > 1, else the protocol data
-    block's MBACCEL. dcm2niix (Li et al. 2016, J Neurosci Methods 264:47-56), nii_dicom.cpp kMultiBandGE
-    (value 1 = factor, 2 = slice FOV shift, 3 = calibration), reported only when > 1."""
+def _multiband_tag(first) -> int | None:
+    """HyperBand factor: first value of (0043,10B6) "multiband parameters" when > 1. dcm2niix (Li et al. 2016,
+    J Neurosci Methods 264:47-56), nii_dicom.cpp kMultiBandGE (value 1 = factor, 2 = slice FOV shift,
+    3 = calibration method)."""
     mb = _first(_private(first, 0x0043, _PARM, 0xB6))
     if mb is not None and mb > 1 and float(mb).is_integer():
         return int(mb)
@@ -263,31 +278,32 @@ def _accel_in_plane(first) -> float | None:
     return _g(prf) if prf > 1.0 else None
 
 
-def _software_27r3(first) -> bool:
-    """Software release 27.0 R03 or later (major version in (0018,1020), release in its text): GE changed
-    the HyperBand excitation order then. dcm2niix (Li et al. 2016), nii_dicom_batch.cpp / dcm_qa_ge
-    slicetime.cpp ``is27r3``."""
+def _software_version(first) -> tuple[float, bool]:
+    """(major version, is27r3) from SoftwareVersions (0018,1020) as dcm2niix reads them: the text after ':' (or
+    the last backslash), e.g. ``DV28.0_R02_1947.a`` -> 28.0, release 2; ``MR29.1_EA_2039.g`` -> 29.1, release 0
+    (EA). is27r3 = 27.1 or later, or 27.x with release >= 3: GE changed the HyperBand excitation order then.
+    dcm2niix (Li et al. 2016, J Neurosci Methods 264:47-56), nii_dicom_batch.cpp readSoftwareVersionsGE."""
     import re
 
     text = _text(first.get("SoftwareVersions")) or ""
-    major = _first(text.split("\\")[0]) if text else None
-    if major is None:
-        return True
-    if major >= 28:
-        return True
-    if major < 27:
-        return False
-    m = re.search(r"_R(\d+)", text)
-    return bool(m and int(m.group(1)) >= 3)
+    tail = text.split(":", 1)[1] if ":" in text else text.rsplit("\\", 1)[-1]
+    m = re.match(r"..(\d+)\.(\d+)_(..)(\d*)", tail[:10])
+    if not m:
+        return 0.0, False
+    major, minor = int(m.group(1)), int(m.group(2))
+    release = 0 if m.group(3) == "EA" or not m.group(4) else int(m.group(4))
+    version = major + 0.1 * minor
+    return version, version >= 27.1 or (major == 27 and release >= 3)
 
 
-def _slice_order(files: list[dict[str, Any]]) -> tuple[list[float], list[float]] | None:
-    """(positions of the first volume in InstanceNumber order, their distinct values ascending).
+def _slice_order(files: list[dict[str, Any]]) -> tuple[list[float], list[float], int] | None:
+    """(positions of the first volume in InstanceNumber order, the same ascending, number of volumes).
 
-    dcm2niix (Li et al. 2016), nii_dicom_batch.cpp sorts GE files by InstanceNumber; the volume's slices are
-    the files until the first position repeats. The NIfTI slice order is ascending along the slice normal
-    (dcm2niix flips a descending stack, and its slice times with it)."""
-    ordered = sorted((f for f in files if "pos" in f), key=lambda f: (f.get("InstanceNumber", 0)))
+    dcm2niix (Li et al. 2016), nii_dicom_batch.cpp sorts GE files by InstanceNumber; a volume's slices are the
+    files until the first position repeats. The NIfTI slice order is ascending along the slice normal
+    (dcm2niix flips a descending stack, and its slice times with it: reverseSliceTiming)."""
+    ordered = sorted((f for f in files if isinstance(f.get("pos"), (int, float))),
+                     key=lambda f: f.get("InstanceNumber", 0))
     if not ordered:
         return None
     first_volume: list[float] = []
@@ -295,17 +311,19 @@ def _slice_order(files: list[dict[str, Any]]) -> tuple[list[float], list[float]]
         if any(abs(f["pos"] - p) < 1e-3 for p in first_volume):
             break
         first_volume.append(f["pos"])
-    return first_volume, sorted(first_volume)
+    return first_volume, sorted(first_volume), len(ordered) // max(1, len(first_volume))
 
 
 def _ge_slice_pattern(mb: int, n_slices: int, tr_s: float, interleaved: bool, is27r3: bool) -> list[float]:
-    """Slice onset times (s) in acquisition-location order for GE EPI with HyperBand factor ``mb``.
+    """Slice onset times (s), in InstanceNumber (acquisition-location) order, for GE EPI with HyperBand ``mb``.
 
-    dcm2niix (Li et al. 2016, J Neurosci Methods 264:47-56) sliceTimeGE (nii_dicom_batch.cpp; dcm_qa_ge
-    slicetime.cpp): ceil(slices / mb) excitations share the TR without the group delay; interleaved order
-    excites even locations first; from 27.0 R03 an even number (> 2) of interleaved HyperBand excitations swaps
-    the last and third-from-last; each band repeats the pattern."""
+    dcm2niix (Li et al. 2016, J Neurosci Methods 264:47-56), nii_dicom_batch.cpp sliceTimeGE (and dcm_qa_ge
+    slicetime.cpp): ceil(slices / mb) excitations share the TR less the group delay; before 27.0 R03 an even
+    count gains one (empty) excitation; interleaved order excites even locations first; from 27.0 R03 an even
+    number (> 2) of interleaved HyperBand excitations swaps the last and third-from-last; every band repeats it."""
     n_exc = max(1, math.ceil(n_slices / max(1, mb)))
+    if mb > 1 and not is27r3 and n_exc % 2 == 0:
+        n_exc += 1
     step = tr_s / n_exc
     if not interleaved:
         base = [i * step for i in range(n_exc)]
@@ -317,50 +335,75 @@ def _ge_slice_pattern(mb: int, n_slices: int, tr_s: float, interleaved: bool, is
     return [base[i % n_exc] for i in range(n_slices)]
 
 
-def _slice_timing(first, files: list[dict[str, Any]], mb: int | None) -> list[float] | None:
-    """SliceTiming (s, NIfTI slice order) for 2D GE gradient-echo EPI (epi / epiRT; not the spin-echo DWI
-    "EPI2", whose pattern differs and which dcm2niix leaves without slice times).
+def _slice_timing_ge(first, files: list[dict[str, Any]]) -> dict[str, Any]:
+    """dcm2niix's GE slice-timing step: {"SliceTiming": [...], "MultibandAccelerationFactor": n,
+    "RepetitionTime": s} for what it decides, {} where it reports no slice times.
 
-    dcm2niix (Li et al. 2016, J Neurosci Methods 264:47-56), nii_dicom_batch.cpp: from the protocol data block
-    (0025,101B: SLICEORDER 1 = interleaved, HyperBand factor, slice count) with TR (0018,0080), see
-    :func:`_ge_slice_pattern`; otherwise from per-file TriggerTime (0018,1060, ms) or the RTIA timer (0021,105E,
-    s from R27, 0.1 ms before), relative to the earliest slice of the first volume."""
+    dcm2niix (Li et al. 2016, J Neurosci Methods 264:47-56), nii_dicom_batch.cpp sliceTimingGE: GE slice times
+    are computed, never read from the per-file RTIA timer (0021,105E) or TriggerTime (0018,1060) (those are
+    unreliable, e.g. zero in some files of dcm_qa_ge epiRT), and only for 2D series with >= 2 slices and >= 2
+    volumes, not localizers (0019,1017 == 256), with a decodable protocol data block (0025,101B). Its MBACCEL
+    raises the HyperBand factor; SLICEORDER 0 = sequential, anything else interleaved. Only epiRT (pulse
+    sequence or IOPT "FMRI") and multi-phase epi (IOPT "MPh", whose DELACQNOAV group delay is added to the TR;
+    variable delays unsupported) get times; diffusion (epi2 / IOPT "DIFF") and others none. HyperBand before
+    release 26 has none. Times are in InstanceNumber order, then reordered to ascending slice position."""
+    out: dict[str, Any] = {}
     if (_text(first.get("MRAcquisitionType")) or "").upper() == "3D":
-        return None
-    internal = (_text(_private(first, 0x0019, _ACQU, 0x9E)) or "").upper()
-    psn = (_text(_private(first, 0x0019, _ACQU, 0x9C)) or "").lower()
-    if internal:
-        if internal != "EPI":
-            return None
-    elif "epi" not in psn or "epi2" in psn:
-        return None
+        return out
+    if _first(_private(first, 0x0019, _ACQU, 0x17)) == 256:
+        return out  # localizer (SeriesPlane 3-plane)
     order = _slice_order(files)
     if not order:
-        return None
-    acq_positions, nifti_positions = order
+        return out
+    acq_positions, nifti_positions, n_volumes = order
     n = len(acq_positions)
-    if n < 2:
-        return None
+    if n < 2 or n_volumes < 2:
+        return out
+    block = _protocol(first)
+    if not block:
+        return out
+    mb_accel = int(_first(block.get("MBACCEL")) or 0)
+    mb = max(_multiband_tag(first) or 1, mb_accel, 1)
+    if mb > 1:
+        out["MultibandAccelerationFactor"] = mb
+    so = block.get("SLICEORDER")
+    so_num = _first(so) if so is not None else -1
+    interleaved = so_num != 0
+    iopt = block.get("IOPT", "")
+    delay_ms = (_first(block.get("DELACQNOAV")) or 0.0) * 1000.0
+    if "MPh" in iopt:
+        if block.get("DELACQ") == "Minimum":
+            delay_ms = 0.0
+        if "MPhVar" in iopt:
+            delay_ms = -1.0
+    version = _epi_version(first)
     tr = _num(first.get("RepetitionTime"))
-    block = _safe(_ge_protocol_block, first) or {}
-    times_acq: list[float] | None = None
-    if tr and tr > 0 and block.get("SLICEORDER") in ("0", "1"):
-        times_acq = _ge_slice_pattern(mb or 1, n, tr / 1000.0, block["SLICEORDER"] == "1", _software_27r3(first))
-    else:  # per-file timers of the first volume
-        ordered = sorted((f for f in files if "pos" in f), key=lambda f: f.get("InstanceNumber", 0))[:n]
-        for key, scale in (("trigger", 1000.0), ("rtia", None)):
-            vals = [f.get(key) for f in ordered]
-            if any(v is None for v in vals) or len(set(vals)) < 2:
-                continue
-            if scale is None:  # RTIA: seconds in newer releases, 0.1 ms in older ones
-                scale = 10000.0 if max(vals) > (tr or 1e9) / 100.0 else 1.0
-            t0 = min(vals)
-            times_acq = [(v - t0) / scale for v in vals]
-            break
-    if times_acq is None:
-        return None
-    by_pos = dict(zip(acq_positions, times_acq))
-    return [_g(by_pos[p]) for p in nifti_positions]
+    if tr is None or tr <= 0:
+        return out
+    tr = float(tr)
+    group_delay = _group_delay_ms(first)
+    if version >= 3:
+        pass  # ABCD pepolar research sequence: dcm2niix warns and computes
+    elif version == 1 or "FMRI" in iopt:
+        tr += group_delay  # epiRT: 0043,107C already part of the reported TR
+    elif version == 0 or "MPh" in iopt:
+        if delay_ms > 0:
+            tr += delay_ms
+            group_delay = delay_ms
+            out["RepetitionTime"] = _g(tr / 1000.0)
+        if delay_ms < -0.5:
+            return out
+    else:  # diffusion (epi2, IOPT DIFF) and anything else: no slice times
+        return out
+    major, is27r3 = _software_version(first)
+    if mb > 1 and major < 26.0:
+        return out
+    times = _ge_slice_pattern(mb, n, (tr - group_delay) / 1000.0, interleaved, is27r3)
+    if len({round(t, 9) for t in times}) < 2:
+        return out
+    by_pos = dict(zip(acq_positions, times))
+    out["SliceTiming"] = [_g(by_pos[p]) for p in nifti_positions]
+    return out
 
 
 def _slice_dir(first, files: list[dict[str, Any]]) -> int:
@@ -403,17 +446,18 @@ def _diffusion(first, files: list[dict[str, Any]]) -> tuple[list[float], list[li
 
     dcm2niix (Li et al. 2016, J Neurosci Methods 264:47-56): nii_dicom.cpp reads the b-value as the first item
     of (0043,1039), an integer less any 10^9 bias (set_bValGE), and the direction from (0019,10BB/10BC/10BD),
-    GE's phase/frequency/slice frame; nii_dicom_batch.cpp nii_saveDTI takes one value per volume (the files at the first file's position, in
-    InstanceNumber order), treats b > 0 without a gradient as b = 0, or as a trace/ADC volume it leaves out when
-    (0019,10E0) NumberOfDiffusionDirection is 0, writes nothing when neither b nor direction varies, and
-    geCorrectBvecs (:func:`_ge_bvec`) zeroes b = 0 vectors, rescales b by |g|^2 (to a multiple of 5) for a
-    non-unit gradient and reorients the rest. Matches the dcm_qa_ge .bval/.bvec files exactly."""
+    GE's phase/frequency/slice frame. nii_dicom_batch.cpp nii_saveDTI needs >= 3 files, takes one value per
+    volume (the files at the first file's position, in InstanceNumber order), writes nothing when neither b nor
+    direction varies, treats b > 0 without a gradient as b = 0, or as a trace/ADC volume it leaves out when
+    (0019,10E0) NumberOfDiffusionDirection is 0; geCorrectBvecs (:func:`_ge_bvec`, head-first supine only)
+    zeroes b = 0 vectors, rescales b by |g|^2 (to a multiple of 5) for a non-unit gradient and reorients the
+    rest. Matches the dcm_qa_ge .bval/.bvec files exactly."""
     ordered = sorted((f for f in files if "b" in f), key=lambda f: f.get("InstanceNumber", 0))
     if not ordered:
         return None
     pos0 = ordered[0].get("pos")
     vols = [f for f in ordered if pos0 is None or f.get("pos") is None or abs(f["pos"] - pos0) < 1e-3]
-    if len(vols) < 3:
+    if len(ordered) < 3 or len(vols) < 2:
         return None
     n_dirs = _first(_private(first, 0x0019, _ACQU, 0xE0))
     trace_is_adc = n_dirs is not None and n_dirs == 0
@@ -423,8 +467,10 @@ def _diffusion(first, files: list[dict[str, Any]]) -> tuple[list[float], list[li
         g = [float(x) for x in (f.get("g") or [0.0, 0.0, 0.0])]
         raw.append((b, g))
     b_varies = len({b for b, _ in raw}) > 1 or min(b for b, _ in raw) > 50 or any(raw[0][1])
-    if not b_varies and len({tuple(g) for _, g in raw}) < 2:
-        return None  # one b-value and one direction: dcm2niix writes no .bval/.bvec
+    if not b_varies:
+        if len({tuple(g) for _, g in raw}) < 2 or all(any(g) for _, g in raw):
+            return None  # one b-value for every volume: dcm2niix writes no .bval/.bvec
+        raw = [(b if any(g) else 0.0, g) for b, g in raw]  # volumes without a gradient are b = 0
     keep: list[tuple[float, list[float]]] = []
     adc = 0
     for b, g in raw:
@@ -440,9 +486,13 @@ def _diffusion(first, files: list[dict[str, Any]]) -> tuple[list[float], list[li
     else:
         keep = [(b if b >= 0 else raw[i][0], g) for i, (b, g) in enumerate(keep)]
     col = (_text(first.get("InPlanePhaseEncodingDirection")) or "").upper().startswith("COL")
+    row = (_text(first.get("InPlanePhaseEncodingDirection")) or "").upper().startswith("ROW")
     slice_dir = _slice_dir(first, files)
     bvals: list[float] = []
     bvecs: list[list[float]] = []
+    if not (col or row) or (_text(first.get("PatientPosition")) or "").upper() != "HFS":
+        # geCorrectBvecs leaves them as stored (dcm2niix warns): not head-first supine, or no PE axis
+        return [_g(b) for b, _ in keep], [[_g(x) + 0.0 for x in g] for _, g in keep]
     for b, g in keep:
         length = math.sqrt(sum(x * x for x in g))
         if b <= 1.1920929e-07 or length <= 1.1920929e-07:
@@ -460,29 +510,37 @@ def _diffusion(first, files: list[dict[str, Any]]) -> tuple[list[float], list[li
 
 
 # --------------------------------------------------------------------------- series
+def _repetition_time(first) -> float | None:
+    """TR in s including the epiRT "delay after slice group" (0043,107C, FL seconds).
+
+    dcm2niix (Li et al. 2016, J Neurosci Methods 264:47-56), nii_dicom.cpp kEpiRTGroupDelayGE: the delay is
+    read in s and kept in ms, and the sidecar's RepetitionTime is (0018,0080) + delay: a GE epiRT series with
+    TR 2 s and a 3 s group delay samples every 5 s (dcm_qa_ge epiRT_IntAsc_GD3s). Printed with ``%g``."""
+    tr = _num(first.get("RepetitionTime"))
+    if tr is None or tr <= 0:
+        return None
+    return _g((tr + _group_delay_ms(first)) / 1000.0)
+
+
 def series_fields(first, files: list[dict[str, Any]]) -> dict[str, Any]:
-    """BIDS keys for a GE MR series that replace dicom_params' values (see the module docstring for the
-    reference): RepetitionTime, MultibandAccelerationFactor, PhaseEncodingDirection,
-    ParallelReductionFactorInPlane, SliceTiming, DiffusionBValues, DiffusionGradientDirections. A key that
-    cannot be determined is left out; never raises."""
+    """BIDS keys for a GE MR series that replace dicom_params' values, as dcm2niix (Li et al. 2016, J Neurosci
+    Methods 264:47-56) writes them: RepetitionTime (s, with the slice-group delay), MultibandAccelerationFactor,
+    PhaseEncodingDirection, ParallelReductionFactorInPlane, SliceTiming (s, NIfTI slice order),
+    DiffusionBValues and DiffusionGradientDirections (per volume, .bval/.bvec order and frame). ``first`` is the
+    first file's full header, ``files`` every file's :func:`file_fields` in file order. A key that cannot be
+    determined is left out (SequenceName never: dcm2niix writes only (0018,0024), absent on GE); never raises."""
     out: dict[str, Any] = {}
     try:
         if first is None or not _is_ge(first):
             return out
         files = [f for f in (files or []) if isinstance(f, dict)]
-        steps: Iterable[tuple[str, Any]] = (
-            ("RepetitionTime", lambda: _repetition_time(first)),
-            ("MultibandAccelerationFactor", lambda: _multiband(first)),
-            ("PhaseEncodingDirection", lambda: _phase_encoding_direction(first)),
-            ("ParallelReductionFactorInPlane", lambda: _accel_in_plane(first)),
-        )
-        for key, fn in steps:
-            v = _safe(fn)
+        for key, fn in (("RepetitionTime", _repetition_time), ("MultibandAccelerationFactor", _multiband_tag),
+                        ("PhaseEncodingDirection", _phase_encoding_direction),
+                        ("ParallelReductionFactorInPlane", _accel_in_plane)):
+            v = _safe(fn, first)
             if v is not None:
                 out[key] = v
-        st = _safe(_slice_timing, first, files, out.get("MultibandAccelerationFactor"))
-        if st:
-            out["SliceTiming"] = st
+        out.update(_safe(_slice_timing_ge, first, files) or {})
         dwi = _safe(_diffusion, first, files)
         if dwi:
             out["DiffusionBValues"], out["DiffusionGradientDirections"] = dwi
