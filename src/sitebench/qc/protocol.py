@@ -87,18 +87,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import ValidationError, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (ValidationError, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      field_validator)
 
 from sitebench.config import StrictModel, load_yaml
 from sitebench.errors import SitebenchError
 from sitebench.provenance import sha256_json, utc_now
+from sitebench.qc.acquisition_scheme import SAME_DIRECTION_DEG, B0_THRESHOLD, angle_deg, derived_keys, distinct_directions
 
 __all__ = [
     "Protocol", "MatchRules", "Override", "Coverage", "SliceGap", "LockInfo",
-    "ExactRule", "AbsRule", "RelRule", "RangeRule", "OneOfRule", "RegexRule", "RecordRule",
+    "ExactRule", "AbsRule", "RelRule", "RangeRule", "OneOfRule", "RegexRule", "RecordRule", "DirectionsRule",
     "Deviation", "Verdict", "LockedProtocol",
     "draft_protocol", "load_protocol", "lock_protocol", "locked_file_name",
-    "check_series", "match_protocol", "DRAFT_RULES",
+    "check_series", "match_protocol", "with_derived", "DRAFT_RULES", "comparable", "same_comparable", "FORMAT_DEPENDENT_KEYS",
 ]
 
 Severity = Literal["fail", "warn"]
@@ -174,11 +176,108 @@ def _compile(pattern: str) -> str:
     return pattern
 
 
+# --------------------------------------------------------------------------- format-independent view
+
+#: Keys whose value depends on how the acquisition was saved (classic or enhanced MR DICOM), not on
+#: the acquisition; :func:`comparable` is their one format-independent view (see the module doc).
+FORMAT_DEPENDENT_KEYS: frozenset[str] = frozenset({"ScanningSequence", "ImageType", "AcquisitionMatrix"})
+#: PS3.3 C.8.3.1.1.1 Scanning Sequence (0018,0020) enumerated values, in the standard's order.
+_SCANNING_CODES = ("SE", "IR", "GR", "EP", "RM")
+_COMPLEX_WORDS = ("MAGNITUDE", "PHASE", "REAL", "IMAGINARY")
+#: Value 3 of a classic MR ImageType as Siemens and Philips write the complex component.
+_COMPLEX_LETTERS = {"M": "MAGNITUDE", "P": "PHASE", "R": "REAL", "I": "IMAGINARY"}
+_NOT_IN_ENHANCED = {"AcquisitionMatrix": "AcquisitionMatrix (0018,1310) is not in enhanced MR images "
+                                         "(PS3.3 C.8.13); lock AcquisitionMatrixPE / ReconMatrixPE instead"}
+
+
+def _items(value: Any) -> list[str]:
+    raw = value if isinstance(value, (list, tuple)) else str(value).split("\\")
+    return [str(v).strip().upper() for v in raw if str(v).strip()]
+
+
+def comparable(key: str, value: Any) -> Any:
+    """The format-independent view of one parameter value; other keys' values come back unchanged.
+
+    * ``ScanningSequence``: the codes as a set, in PS3.3 order, backslash-joined; GR and SE are
+      folded into EP. Classic MR writes (0018,0020) (C.8.3.1, e.g. "GR\\EP"); the enhanced MR
+      image (C.8.13) has no such attribute, and dcm2niix derives the codes from EchoPulseSequence
+      and friends, writing "EP" for the same acquisition. The echo type of an EPI is still checked
+      through SequenceName / PulseSequenceName and EchoTime.
+    * ``ImageType``: only what both formats mean alike: value 1 (ORIGINAL / DERIVED), value 2
+      (PRIMARY / SECONDARY) and the complex component (MAGNITUDE, PHASE, REAL, IMAGINARY: a word
+      anywhere after value 2, as dcm2niix appends it, or Siemens/Philips' M/P/R/I in value 3).
+      Values 3 and 4 are implementation-specific in classic MR (C.8.3.1.1.1: "M\\ND\\MFSPLIT") and
+      Image Flavor / Derived Pixel Contrast in enhanced MR (C.8.16.1: "FMRI\\NONE"), so they differ
+      between the two files of one acquisition.
+    * ``AcquisitionMatrix``: unchanged, but absent from enhanced images (C.8.13 has no (0018,1310)):
+      drafts leave it out and lock AcquisitionMatrixPE / ReconMatrixPE, which both formats give.
+    """
+    if value is None or key not in FORMAT_DEPENDENT_KEYS:
+        return value
+    if key == "ScanningSequence":
+        codes = set(_items(value))
+        if "EP" in codes:
+            codes -= {"GR", "SE"}
+        rank = {c: i for i, c in enumerate(_SCANNING_CODES)}
+        return "\\".join(sorted(codes, key=lambda c: (rank.get(c, len(rank)), c)))
+    if key == "ImageType":
+        items = _items(value)
+        out = [v for v, allowed in zip(items[:2], (("ORIGINAL", "DERIVED"), ("PRIMARY", "SECONDARY")))
+               if v in allowed]
+        component = next((v for v in items[2:] if v in _COMPLEX_WORDS), None)
+        if component is None and len(items) > 2:
+            component = _COMPLEX_LETTERS.get(items[2])
+        return out + ([component] if component else [])
+    return value
+
+
+def _pair(key: str, expected: Any, observed: Any) -> tuple[Any, Any]:
+    """Both values in the comparable view; an ImageType complex component one side does not state is
+    left out of both (an enhanced file states it per frame, which read_series may not give)."""
+    a, b = comparable(key, expected), comparable(key, observed)
+    if key == "ImageType" and isinstance(a, list) and isinstance(b, list):
+        has_a = bool(a) and a[-1] in _COMPLEX_WORDS
+        has_b = bool(b) and b[-1] in _COMPLEX_WORDS
+        if has_a != has_b:
+            a, b = (a[:-1] if has_a else a), (b[:-1] if has_b else b)
+    return a, b
+
+
+def same_comparable(key: str, expected: Any, observed: Any) -> bool:
+    """``expected`` and ``observed`` are the same value once the DICOM format is folded out (exact rule)."""
+    return _same(*_pair(key, expected, observed))
+
+
+def _regex_holds(key: str | None, pattern: str, observed: Any) -> bool:
+    """A full match of the raw text, or, for a format-dependent key, of its comparable view; a pattern
+    that is a literal code list ("GR\\\\EP") is compared as a value in the comparable view."""
+    if re.fullmatch(pattern, _regex_text(observed)) is not None:
+        return True
+    if key not in FORMAT_DEPENDENT_KEYS:
+        return False
+    if re.fullmatch(pattern, _regex_text(comparable(key, observed))) is not None:
+        return True
+    if re.fullmatch(r"[A-Za-z0-9]+(\\\\[A-Za-z0-9]+)*", pattern):
+        return same_comparable(key, pattern.replace("\\\\", "\\"), observed)
+    return False
+
+
 # --------------------------------------------------------------------------- rules
 
 
 class _Rule(StrictModel):
     severity: Severity = "fail"
+    #: the parameter this rule judges, set by :meth:`Protocol.rules_for` (not content: never hashed
+    #: or saved); a format-dependent key is compared in its :func:`comparable` view
+    _key: str | None = PrivateAttr(default=None)
+
+    def bound(self, key: str) -> "_Rule":
+        """This rule, judging ``key`` (a copy when the key's value depends on the DICOM format)."""
+        if key not in FORMAT_DEPENDENT_KEYS or self._key == key:
+            return self
+        copy = self.model_copy()
+        copy._key = key
+        return copy
 
     def describe(self) -> str:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -195,7 +294,7 @@ class ExactRule(_Rule):
         return f"exactly {format_value(self.value)}"
 
     def holds(self, observed: Any) -> bool:
-        return _same(self.value, observed)
+        return same_comparable(self._key, self.value, observed) if self._key else _same(self.value, observed)
 
 
 class AbsRule(_Rule):
@@ -256,6 +355,8 @@ class OneOfRule(_Rule):
         return "one of " + ", ".join(format_value(v) for v in self.values)
 
     def holds(self, observed: Any) -> bool:
+        if self._key:
+            return any(same_comparable(self._key, v, observed) for v in self.values)
         return any(_same(v, observed) for v in self.values)
 
 
@@ -272,7 +373,51 @@ class RegexRule(_Rule):
         return f"matches /{self.pattern}/"
 
     def holds(self, observed: Any) -> bool:
-        return re.fullmatch(self.pattern, _regex_text(observed)) is not None
+        return _regex_holds(self._key, self.pattern, observed)
+
+
+def _vector(value: list[float]) -> list[float]:
+    if math.sqrt(sum(float(v) ** 2 for v in value)) < 1e-6:
+        raise ValueError("a direction must be a non-zero [x, y, z]")
+    return value
+
+
+Direction = Annotated[list[Number], Field(min_length=3, max_length=3)]
+
+
+class DirectionsRule(_Rule):
+    """The diffusion directions as a set: the same count, each within ``tol_deg`` of one of the other's.
+
+    Sign-invariant (g and -g encode the same diffusion) and order-free; zero vectors (b=0 volumes)
+    are skipped, directions within 2 degrees of each other count once. Two schemes with the same
+    number of directions but other directions fail. Compared in the frame of the observed value:
+    dcm2niix's .bvec frame for ``DiffusionGradientDirections`` (image axes), so a scanner that
+    applies its table in the magnet frame turns an angulated prescription into other directions.
+    """
+
+    kind: Literal["directions"]
+    values: Annotated[list[Direction], Field(min_length=1)]
+    tol_deg: Annotated[float, Field(gt=0, le=45)] = 5.0
+
+    @field_validator("values")
+    @classmethod
+    def _non_zero(cls, values: list[list[float]]) -> list[list[float]]:
+        return [_vector(v) for v in values]
+
+    def describe(self) -> str:
+        n = len(distinct_directions(self.values))
+        return f"the reference's {n} diffusion directions, each within {self.tol_deg:g} deg (sign-invariant)"
+
+    def holds(self, observed: Any) -> bool:
+        if not isinstance(observed, (list, tuple)) or not observed:
+            return False
+        if not all(isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) for x in v) for v in observed):
+            return False
+        want, got = distinct_directions(self.values), distinct_directions(observed)
+        if len(want) != len(got):
+            return False
+        near = lambda a, rest: any(angle_deg(a, b) <= self.tol_deg + 1e-9 for b in rest)  # noqa: E731
+        return all(near(w, got) for w in want) and all(near(g, want) for g in got)
 
 
 class RecordRule(StrictModel):
@@ -281,8 +426,11 @@ class RecordRule(StrictModel):
     def describe(self) -> str:
         return "recorded only"
 
+    def bound(self, key: str) -> "RecordRule":
+        return self
 
-Rule = Annotated[Union[ExactRule, AbsRule, RelRule, RangeRule, OneOfRule, RegexRule, RecordRule],
+
+Rule = Annotated[Union[ExactRule, AbsRule, RelRule, RangeRule, OneOfRule, RegexRule, DirectionsRule, RecordRule],
                  Field(discriminator="kind")]
 
 
@@ -312,7 +460,7 @@ class MatchRules(StrictModel):
             pattern = getattr(self, key)
             if pattern is not None:
                 value = parameters.get(key)
-                if value is None or re.fullmatch(pattern, _regex_text(value)) is None:
+                if value is None or not _regex_holds(key, pattern, value):
                     return False
         if self.SequenceName is not None:
             value = parameters.get("SequenceName")
@@ -326,7 +474,12 @@ class MatchRules(StrictModel):
             observed = parameters.get("ImageType")
             if isinstance(observed, str):
                 observed = observed.split("\\")
-            if not isinstance(observed, (list, tuple)) or not set(self.ImageType) <= {str(v) for v in observed}:
+            if not isinstance(observed, (list, tuple)):
+                return False
+            # an item matches as written, or in the comparable view (M = MAGNITUDE): items that only
+            # one DICOM format writes (ND, MFSPLIT, FMRI) match only that format's files
+            have = {str(v) for v in observed} | set(comparable("ImageType", observed))
+            if not all(item in have or _COMPLEX_LETTERS.get(item.upper()) in have for item in self.ImageType):
                 return False
         return True
 
@@ -417,13 +570,13 @@ class Protocol(StrictModel):
 
     def rules_for(self, parameters: dict[str, Any]) -> tuple[dict[str, Any], list[int], dict[str, str]]:
         """Rules after overrides: (rules, indexes of applied overrides, key -> why undecidable)."""
-        rules: dict[str, Any] = dict(self.parameters)
+        rules: dict[str, Any] = {key: rule.bound(key) for key, rule in self.parameters.items()}
         applied: list[int] = []
         undecided: dict[str, str] = {}
         for index, override in enumerate(self.overrides):
             decision = override.when.decide(parameters)
             if decision is True:
-                rules.update(override.parameters)
+                rules.update({key: rule.bound(key) for key, rule in override.parameters.items()})
                 applied.append(index)
                 for key in override.parameters:
                     undecided.pop(key, None)
@@ -432,7 +585,7 @@ class Protocol(StrictModel):
                 for key in override.parameters:
                     undecided[key] = (f"rule depends on {', '.join(needed)} (override {index}: "
                                       f"{override.when.describe()}), which the series lacks")
-                    rules.setdefault(key, override.parameters[key])
+                    rules.setdefault(key, override.parameters[key].bound(key))
         return rules, applied, undecided
 
     def to_yaml(self) -> str:
@@ -472,10 +625,18 @@ DRAFT_RULES: dict[str, dict[str, Any]] = {
     "PixelSpacing": {"kind": "abs", "tol": 0.05},
     "SliceThickness": {"kind": "abs", "tol": 0.05},
     "NumberOfSlices": {"kind": "exact"},
+    "AcquisitionMatrixPE": {"kind": "exact"},
+    "ReconMatrixPE": {"kind": "exact"},
     "ParallelReductionFactorInPlane": {"kind": "exact", "severity": "warn"},
-    "MultibandAccelerationFactor": {"kind": "exact", "severity": "warn"},
+    "MultibandAccelerationFactor": {"kind": "exact"},
     "PixelBandwidth": {"kind": "rel", "tol": 0.05, "severity": "warn"},
-    "PhaseEncodingDirection": {"kind": "exact", "severity": "warn"},
+    "PhaseEncodingDirection": {"kind": "exact"},
+    "SliceOrder": {"kind": "exact"},
+    "DiffusionBValueShells": {"kind": "rel", "tol": 0.05},
+    "NumberOfDiffusionDirections": {"kind": "exact"},
+    "NumberOfDiffusionVolumes": {"kind": "exact"},
+    "NumberOfB0Volumes": {"kind": "exact", "severity": "warn"},
+    "DiffusionGradientDirections": {"kind": "directions", "tol_deg": 5.0},
     "SoftwareVersions": {"kind": "record"},
     "ManufacturersModelName": {"kind": "record"},
     "ReceiveCoilName": {"kind": "record"},
@@ -487,13 +648,30 @@ DRAFT_GAP_SLACK_MM = 0.05
 
 
 def draft_protocol(parameters: dict[str, Any], name: str, description: str = "") -> Protocol:
-    """A version-1 protocol drafted from one reference series, for a physicist to review and lock."""
+    """A version-1 protocol drafted from one reference series, for a physicist to review and lock.
+
+    Format-dependent values are drafted in their :func:`comparable` view, so a classic and an
+    enhanced file of one acquisition draft the same rules; AcquisitionMatrix is never drafted
+    (enhanced MR has none: AcquisitionMatrixPE / ReconMatrixPE are). The diffusion directions are
+    drafted as the distinct directions of the diffusion-weighted volumes.
+    """
+    parameters = with_derived(parameters)
     rules: dict[str, Any] = {}
     for key, template in DRAFT_RULES.items():
         value = parameters.get(key)
         if value is None:
             continue
         rule = dict(template)
+        if rule["kind"] == "directions":
+            bvalues = parameters.get("DiffusionBValues")
+            weighted = value
+            if isinstance(bvalues, (list, tuple)) and len(bvalues) == len(value):
+                weighted = [v for b, v in zip(bvalues, value) if not (_is_number(b) and b <= B0_THRESHOLD)]
+            directions = distinct_directions(weighted, SAME_DIRECTION_DEG)
+            if directions:
+                rules[key] = {**rule, "values": directions}
+            continue
+        value = comparable(key, value)
         if rule["kind"] != "record":
             if rule["kind"] in ("abs", "rel") and _numbers(value) is None:
                 rule = {"kind": "exact", **({"severity": rule["severity"]} if "severity" in rule else {})}
@@ -525,7 +703,7 @@ def locked_file_name(name: str, version: int) -> str:
     return f"{name}.v{version}.locked.yaml"
 
 
-_RULE_KINDS = {"exact", "abs", "rel", "range", "one_of", "regex", "record"}
+_RULE_KINDS = {"exact", "abs", "rel", "range", "one_of", "regex", "directions", "record"}
 
 
 def _parse_protocol(data: dict[str, Any], source: str | Path) -> Protocol:
@@ -682,8 +860,20 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def with_derived(parameters: dict[str, Any]) -> dict[str, Any]:
+    """``parameters`` with the keys :func:`~sitebench.qc.acquisition_scheme.derived_keys` derives, where
+    they are absent (read_series adds them itself; a dcm2niix sidecar has only their inputs)."""
+    try:
+        derived = derived_keys(parameters)
+    except Exception:  # noqa: BLE001 - malformed inputs derive nothing, never stop a verdict
+        derived = {}
+    missing = {k: v for k, v in derived.items() if v is not None and parameters.get(k) is None}
+    return {**parameters, **missing} if missing else parameters
+
+
 def check_series(parameters: dict[str, Any], protocol: Protocol) -> Verdict:
     """Check one series' parameters against a protocol (matching is :func:`match_protocol`'s job)."""
+    parameters = with_derived(parameters)
     rules, applied, undecided = protocol.rules_for(parameters)
     recorded = {key: None if _missing(parameters.get(key)) else parameters.get(key)
                 for key, rule in rules.items() if isinstance(rule, RecordRule)}
@@ -738,11 +928,12 @@ def check_values(values: dict[str, Any], rules: dict[str, Any], undecided: dict[
     for key, rule in rules.items():
         if isinstance(rule, RecordRule):
             continue
+        rule = rule.bound(key)
         observed = values.get(key)
         if key in undecided:
             status, note = "undetermined", undecided[key]
         elif _missing(observed):
-            status, note = "undetermined", "parameter missing from the series"
+            status, note = "undetermined", _NOT_IN_ENHANCED.get(key, "parameter missing from the series")
         elif rule.holds(observed):
             status, note = "pass", ""
         else:
