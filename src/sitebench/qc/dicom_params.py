@@ -304,11 +304,28 @@ def _frame_values(ds, enhanced: bool) -> Iterable[tuple[Any, Any, Any]]:
                find("PlaneOrientationSequence", "ImageOrientationPatient"))
 
 
+def _tag(keyword: Any) -> int:
+    """The tag of a keyword (or a tag already), from our own dictionary when it is there, so a
+    header read without pydicom (:mod:`sitebench.qc.dicom_header`) never imports it."""
+    if not isinstance(keyword, str):
+        return int(keyword) if not isinstance(keyword, tuple) else (keyword[0] << 16) | keyword[1]
+    tag = _TAG_CACHE.get(keyword)
+    if tag is None:
+        try:
+            from sitebench.qc._dicom_dictionary import KEYWORDS
+
+            tag = KEYWORDS[keyword][0]
+        except (ImportError, KeyError):
+            from pydicom.tag import Tag
+
+            tag = int(Tag(keyword))
+        _TAG_CACHE[keyword] = tag
+    return tag
+
+
 def _phi_present(datasets: list) -> list[str]:
     """Names of the PHI attributes with a non-empty value in any file (values never leave here)."""
-    from pydicom.tag import Tag
-
-    tags = [(kw, Tag(kw)) for kw in PHI_KEYWORDS]
+    tags = [(kw, _tag(kw)) for kw in PHI_KEYWORDS]
     found = set()
     for ds in datasets:
         for kw, tag in tags:
@@ -349,13 +366,11 @@ _GEOMETRY = (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6), ("Pixe
 
 def tag_label(keyword: str) -> str:
     """``Keyword (gggg,eeee)`` for problem lines: names the attribute, never its value."""
-    from pydicom.tag import Tag
-
     try:
-        tag = Tag(_SOURCE_KEYWORD.get(keyword, keyword))
-    except (ValueError, TypeError, OverflowError):
+        tag = _tag(_SOURCE_KEYWORD.get(keyword, keyword))
+    except (ValueError, TypeError, OverflowError, KeyError):
         return keyword
-    return f"{keyword} ({tag.group:04X},{tag.element:04X})"
+    return f"{keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
 def _safe(fn, *args) -> Any:
@@ -366,9 +381,9 @@ def _safe(fn, *args) -> Any:
         return None
 
 
+_TAG_CACHE: dict[str, int] = {}
 _TEXT_VRS = frozenset({"CS", "LO", "SH", "ST", "LT", "UT", "UC"})
 _CODECS = {None: "latin1", "": "latin1", "ISO_IR 6": "latin1", "ISO_IR 100": "latin1", "ISO_IR 192": "utf-8"}
-_TAG_CACHE: dict[str, Any] = {}
 
 
 def _raw_value(ds, keyword: Any) -> Any:
@@ -376,18 +391,14 @@ def _raw_value(ds, keyword: Any) -> Any:
     skipping pydicom's conversion: intake summarises every received file, and converting the
     few dozen values per file through pydicom costs more than the rest of the parse. Falls back
     to pydicom for anything unusual (other VRs, other character sets, already converted)."""
-    from pydicom.dataelem import RawDataElement
-    from pydicom.datadict import dictionary_VR
-    from pydicom.tag import Tag
-
-    tag = _TAG_CACHE.get(keyword) if isinstance(keyword, str) else keyword
-    if tag is None:
-        tag = _TAG_CACHE[keyword] = Tag(keyword)
+    tag = _tag(keyword)
     element = ds.get_item(tag)
     if element is None:
         return None
-    if not isinstance(element, RawDataElement):
+    if not getattr(element, "is_raw", False):  # converted already (pydicom's, or dicom_header's)
         return element.value
+    from pydicom.datadict import dictionary_VR
+
     raw = element.value
     if raw is None:
         return None
@@ -412,16 +423,14 @@ def _raw_value(ds, keyword: Any) -> Any:
 def _private_fast(ds, group: int, creator: str, elem: int) -> Any:
     """:func:`_private` by direct lookup of the creator's block (pydicom's private_block slices the
     whole dataset, which costs more than the rest of a file's summary)."""
-    from pydicom.tag import Tag
-
     wanted = creator.encode()
     for block in range(0x10, 0x100):
-        found = _raw_value(ds, Tag(group, block))
+        found = _raw_value(ds, (group << 16) | block)
         if found is None:
             continue
         name = found if isinstance(found, str) else found[0] if isinstance(found, list) else str(found)
         if name.encode("latin1", "replace").strip(b" \x00") == wanted:
-            return _raw_value(ds, Tag(group, (block << 8) | elem))
+            return _raw_value(ds, (group << 16) | (block << 8) | elem)
     return None
 
 
@@ -1022,7 +1031,31 @@ def dicom_files(path: str | Path | Iterable[str | Path]) -> list[Path]:
     return [Path(f) for f in path]
 
 
-def read_series(path: str | Path | Iterable[str | Path]) -> list[SeriesParameters]:
+def _pydicom_reader():
+    """(read(path, tags or None), errors) through pydicom: tags None reads the whole header."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    def read(f, tags):
+        if tags is None:
+            return pydicom.dcmread(f, stop_before_pixels=True, force=False)
+        return pydicom.dcmread(f, specific_tags=tags, force=False)
+    return read, (InvalidDicomError, *_READ_ERRORS)
+
+
+def _header_reader():
+    """The same through :mod:`sitebench.qc.dicom_header` (no pydicom, no numpy), or None if absent."""
+    try:
+        from sitebench.qc.dicom_header import HeaderError, read_header
+    except ImportError:
+        return None
+
+    def read(f, tags):
+        return read_header(f, specific_tags=tags, stop_before_pixels=True)
+    return read, (HeaderError, *_READ_ERRORS)
+
+
+def read_series(path: str | Path | Iterable[str | Path], reader: str = "auto") -> list[SeriesParameters]:
     """Read every DICOM file under ``path`` (a file, a folder read recursively, or a list of files).
 
     Files that are not DICOM are skipped quietly. Returns one
@@ -1030,20 +1063,24 @@ def read_series(path: str | Path | Iterable[str | Path]) -> list[SeriesParameter
     Raises :class:`SitebenchError` if ``path`` is missing or holds no DICOM.
 
     Only the tags the parameters need are parsed from every file (echo time, slice position,
-    PHI-attribute presence); the first file of a series is read whole, and every file of an
-    enhanced multi-frame series is, since its geometry lives in the functional groups.
+    PHI-attribute presence, the vendor module's tags); the first file of a series is read whole,
+    and every file of an enhanced multi-frame series is, since its geometry lives in the
+    functional groups. ``reader``: "header" (our own deferred reader, :mod:`sitebench.qc.dicom_header`,
+    which keeps pydicom and numpy out of the process), "pydicom", or "auto" (the first when present).
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.tag import Tag
-
+    chosen = _header_reader() if reader in ("auto", "header") else None
+    if chosen is None:
+        if reader == "header":
+            raise SitebenchError("the header reader (sitebench.qc.dicom_header) is not installed", Path(str(path)))
+        chosen = _pydicom_reader()
+    read, errors = chosen
     files = dicom_files(path)
-    per_file_tags = [Tag(k) for k in PER_FILE_TAGS + vendor_per_file_tags()]
+    per_file_tags = sorted({_tag(k) for k in PER_FILE_TAGS + vendor_per_file_tags()})
     groups: dict[str, list] = defaultdict(list)
     for f in files:
         try:
-            ds = pydicom.dcmread(f, specific_tags=per_file_tags, force=False)
-        except (InvalidDicomError, *_READ_ERRORS):
+            ds = read(f, per_file_tags)
+        except errors:
             continue
         uid = str(ds.get("SeriesInstanceUID") or "")
         if not uid:
@@ -1058,8 +1095,8 @@ def read_series(path: str | Path | Iterable[str | Path]) -> list[SeriesParameter
         for index, (f, ds) in enumerate(members):
             if index == 0 or _is_enhanced(whole[0]):
                 try:
-                    ds = pydicom.dcmread(f, stop_before_pixels=True, force=False)
-                except (InvalidDicomError, *_READ_ERRORS):
+                    ds = read(f, None)
+                except errors:
                     pass  # keep the partial read: the integrity check names the file
             whole.append(ds)
         summaries = [file_summary(d) for d in whole]
