@@ -11,10 +11,14 @@ Measured, same machine, same series, same run:
   fsync'd, recorded in SQLite before each ack) against a bare pynetdicom receiver that only
   writes the bytes; both fed by dcmtk's /usr/bin/storescu (pynetdicom's SCU if dcmtk is missing);
 * dcm2niix converting the series and mrQA auditing it (perf/peers.py; install with the command
-  at the top of perf/requirements-peers.txt, or pass --skip-peers).
+  at the top of perf/requirements-peers.txt, or pass --skip-peers);
+* ``sitebench qc inspect`` against dcm2niix on the largest shared series (the 680-file Philips DTI
+  of dcm_qa_philips, and the 240-file GE HyperBand fMRI), each a fresh process as a user runs it:
+  wall time and peak resident memory (``--inspect-only`` runs just this).
 
 Goals (issue 3): header verdict no slower than the pydicom floor, >= 10x faster than mrQA,
-full verdict under 2 s, intake within 1.5x of the bare receiver.
+full verdict under 2 s, intake within 1.5x of the bare receiver. Goals (issue 14): qc inspect
+within 1.0x dcm2niix's time and 1.5x its peak memory.
 """
 
 from __future__ import annotations
@@ -102,11 +106,69 @@ def intake_receiver(tmp: Path, protocols: Path):
     return service, port
 
 
+INSPECT_SERIES = (ROOT.parent / "shared" / "data" / "dicom-more" / "dcm_qa_philips" / "In" / "Vanderbilt_2018" / "601_WIP_dti_ax",
+                  ROOT.parent / "shared" / "data" / "dicom-more" / "dcm_qa_ge" / "In" / "SliceTiming" / "4_Ax_fMRI_HB8_80sl_int_asc")
+_MEASURE = ("import resource, subprocess, sys, time\n"
+            "t = time.perf_counter(); r = subprocess.run(sys.argv[1:], capture_output=True)\n"
+            "dt = time.perf_counter() - t\n"
+            "if r.returncode: sys.exit(r.stderr.decode()[-300:])\n"
+            "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def process_cost(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one fresh process running ``cmd`` (measured from a parent
+    that runs nothing else, so RUSAGE_CHILDREN's maximum is that process's own)."""
+    out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, check=True)
+    seconds, kib = out.stdout.split()
+    return float(seconds), int(kib) / 1024.0
+
+
+def inspect_vs_dcm2niix(repeats: int) -> list[dict]:
+    """``sitebench qc inspect`` and dcm2niix on each large series, alternating, median of repeats."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from peers import _exe
+
+    sitebench = str(Path(sys.executable).parent / "sitebench")
+    dcm2niix = _exe("dcm2niix")
+    rows = []
+    for series in INSPECT_SERIES:
+        if not series.is_dir():
+            continue
+        ours, theirs = [], []
+        for _ in range(repeats):
+            ours.append(process_cost([sitebench, "qc", "inspect", str(series), "--json"]))
+            with tempfile.TemporaryDirectory(prefix="bench_d2n_") as tmp:
+                theirs.append(process_cost([dcm2niix, "-z", "n", "-b", "y", "-f", "out", "-o", tmp, str(series)]))
+        row = {"series": series.name, "files": sum(1 for f in series.iterdir() if f.is_file()),
+               "inspect_s": statistics.median(t for t, _ in ours), "inspect_mib": max(m for _, m in ours),
+               "dcm2niix_s": statistics.median(t for t, _ in theirs), "dcm2niix_mib": max(m for _, m in theirs)}
+        row["time_ratio"] = row["inspect_s"] / row["dcm2niix_s"]
+        row["memory_ratio"] = row["inspect_mib"] / row["dcm2niix_mib"]
+        rows.append(row)
+    return rows
+
+
+def print_inspect(rows: list[dict]) -> None:
+    print("qc inspect vs dcm2niix (fresh processes; goals 1.0x time, 1.5x peak memory):")
+    for r in rows:
+        print(f"  {r['series']:<34} {r['files']:>4} files  inspect {r['inspect_s']:.3f} s {r['inspect_mib']:.1f} MiB"
+              f"  dcm2niix {r['dcm2niix_s']:.3f} s {r['dcm2niix_mib']:.1f} MiB"
+              f"  -> {r['time_ratio']:.2f}x time, {r['memory_ratio']:.2f}x memory")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--inspect-only", action="store_true", help="only qc inspect against dcm2niix")
     args = parser.parse_args()
+    if args.inspect_only:
+        from sitebench.provenance import code_version
+
+        rows = inspect_vs_dcm2niix(max(3, args.repeats // 2))
+        print_inspect(rows)
+        print(json.dumps({"inspect": rows, "code_version": code_version()}, default=str))
+        return
     if not SERIES.exists():
         sys.exit(f"{SERIES}: not found (the shared data folder must sit beside the repository)")
 
@@ -207,7 +269,10 @@ def main() -> None:
     print(f"  series per minute: header {60 / header:.0f}, full {60 / full:.1f}; intake stored {stored} files")
     print("  (header/full verdict: after intake, whose receipt already parsed and checked every file;"
           " qc check: the same from files on disk, every header parsed)")
-    print(json.dumps({"results": results, "peers": peers, "code_version": code_version(),
+    inspect_rows = inspect_vs_dcm2niix(3) if not args.skip_peers else []
+    if inspect_rows:
+        print_inspect(inspect_rows)
+    print(json.dumps({"results": results, "peers": peers, "inspect": inspect_rows, "code_version": code_version(),
                       "packages": package_versions()}, default=str))
 
 
