@@ -47,7 +47,26 @@ Rule kinds (each has ``severity: fail | warn``, default ``fail``; ``record`` has
   list, its items joined with a backslash, the way DICOM writes multi-valued
   fields and dcm2niix writes ``ScanningSequence`` ("GR\IR"): pattern
   ``ORIGINAL\\PRIMARY\\.*`` matches ImageType ["ORIGINAL", "PRIMARY", "M", "ND"].
+* ``directions`` – ``values: [[x, y, z], ...]`` and ``tol_deg`` (default 5): the observed list of
+  vectors (``DiffusionGradientDirections``, one per volume, zero for b=0) as a SET of distinct
+  non-zero directions must have as many directions as ``values`` and each must lie within
+  ``tol_deg`` of one of the other side's, sign-invariant (g and -g encode alike) and in any
+  order: two DTI schemes with the same count but other directions fail.
 * ``record`` – never fails; the observed value goes into ``Verdict.recorded``.
+
+Derived keys (:mod:`sitebench.qc.acquisition_scheme`, added by read_series and, where a
+sidecar lacks them, by :func:`check_series` / :func:`draft_protocol`): ``SliceOrder``
+(sequential-/interleaved-ascending/-descending, single-slice, other; within one multiband
+band), ``DiffusionBValueShells`` (s/mm^2, b=0 as 0, shells clustered as MRtrix3 does),
+``NumberOfDiffusionDirections``, ``NumberOfDiffusionVolumes``, ``NumberOfB0Volumes``.
+
+One acquisition, one verdict, whatever its DICOM format: the same acquisition saved as classic
+MR images (PS3.3 C.8.3.1) and as an enhanced MR image (C.8.13) gives some keys differently
+(dcm2niix writes them as the files say, and so does read_series). :func:`comparable` is the one
+place that folds the format out; rules (exact, one_of, regex), match rules and drafts compare
+``ScanningSequence`` as a code set with GR/SE folded into EP, ``ImageType`` as value 1, value 2
+and the complex component only, and drafts leave ``AcquisitionMatrix`` (absent from enhanced
+images) out for ``AcquisitionMatrixPE`` / ``ReconMatrixPE``.
 
 A parameter the series lacks (absent or null) makes its rule *undetermined*,
 never a silent pass. A present value of the wrong type (text where a number is
@@ -71,10 +90,18 @@ Manufacturer, MRAcquisitionType and the sequence identifiers; TR and TI within
 2 % and TE within 1 ms, all failing (a 2 % TR/TI change already shifts T1
 contrast enough to matter for volumetry, and vendor rounding stays well inside
 it); flip angle within 1 degree; pixel spacing and slice thickness within
-0.05 mm; field strength within 0.2 T; acceleration, multiband factor, pixel
-bandwidth (5 %) and phase-encoding direction as warnings; software version,
-model, coil recorded only; coverage at least 95 % of the reference;
-slice gap at most the reference gap + 0.05 mm.
+0.05 mm; field strength within 0.2 T; AcquisitionMatrixPE and ReconMatrixPE
+exact; in-plane acceleration and pixel bandwidth (5 %) as warnings; failing and
+exact: multiband factor (it changes the slice timing, the g-factor noise and
+the leakage between slices), phase-encoding direction (an AP/PA reversal flips
+the susceptibility distortion, and a fieldmap or reversed-PE correction
+assumes the locked one) and slice order (slice-timing correction assumes it);
+the diffusion scheme failing: b-value shells within 5 %, number of
+directions and of volumes exact, the directions set within 5 degrees
+(``directions``), b=0 volume count as a warning; software version, model,
+coil recorded only; coverage at least 95 % of the reference; slice gap at
+most the reference gap + 0.05 mm. Every rule is drafted only when the
+reference has its key.
 """
 
 from __future__ import annotations
