@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pydicom
+import yaml
 import pytest
 from conftest import run_cli
 
@@ -77,3 +78,101 @@ def test_iqm_on_a_simulated_scan(small_trial):
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)["metrics"]
     assert metrics["snr_wm"] > 1 and 0 < metrics["efc"] < 1 and metrics["cjv"] > 0
+
+
+# --------------------------------------------------------------------------- qc check --baseline, default names
+
+STC = DICOM / "dcm_qa_stc" / "In"
+D13_ASC = STC / "Siemens" / "D13" / "ep2d_Asc_2"  # syngo MR D13D
+D13_ASC_HF = STC / "Siemens" / "D13" / "ep2d_Asc_HF_10"  # the same scanner and software
+E11_REST = STC / "Siemens" / "E11" / "7_Rest_fMRI_AP"  # the same scanner (serial) after the E11 upgrade
+GE_DV24 = STC / "GE" / "RTIA" / "2_epiRT_ascending"
+GE_DV24_SAME = STC / "GE" / "TriggerTime" / "4_epi_ascending"  # same scanner, same DV24 software
+GE_DV26 = STC / "GE" / "ProtocolDataBlock" / "mr_0004"  # DV26, another scanner
+needs_stc = pytest.mark.skipif(not D13_ASC.exists(), reason="needs dcm_qa_stc")
+
+
+def _drift(result) -> list[dict]:
+    assert result.returncode in (0, 1), result.stderr
+    (outcome,) = json.loads(result.stdout)
+    return outcome["drift"]
+
+
+@needs_stc
+def test_check_with_a_dicom_baseline_reports_a_software_upgrade_and_not_the_same_software(tmp_path):
+    protocol = tmp_path / "bold.yaml"
+    assert run_cli("qc", "protocol", "init", D13_ASC, "--out", protocol).returncode == 0
+    upgraded = _drift(run_cli("qc", "check", E11_REST, "--protocol", protocol, "--baseline", D13_ASC, "--json"))
+    software = [e for e in upgraded if e["parameter"] == "SoftwareVersions"]
+    assert software and software[0]["kind"] == "software" and software[0]["change"] == "changed"
+    assert (software[0]["baseline"], software[0]["observed"]) == ("syngo MR D13D", "syngo MR E11")
+    # the other differences follow the upgrade; the coil keeps its own kind (hardware)
+    assert {e["kind"] for e in upgraded} <= {"software", "coil"}
+    same = _drift(run_cli("qc", "check", D13_ASC_HF, "--protocol", protocol, "--baseline", D13_ASC, "--json"))
+    assert not [e for e in same if e["kind"] == "software"]
+    itself = _drift(run_cli("qc", "check", D13_ASC, "--protocol", protocol, "--baseline", D13_ASC, "--json"))
+    assert itself == []
+    text = run_cli("qc", "check", E11_REST, "--protocol", protocol, "--baseline", D13_ASC)
+    assert text.returncode == 1 and "DRIFT[software] SoftwareVersions changed: 'syngo MR D13D' -> 'syngo MR E11'" \
+        in text.stdout
+    quiet = run_cli("qc", "check", D13_ASC, "--protocol", protocol, "--baseline", D13_ASC)
+    assert "no drift against the baseline" in quiet.stdout
+
+
+@needs_stc
+def test_check_with_a_json_baseline_from_inspect(tmp_path):
+    protocol = tmp_path / "bold.yaml"
+    assert run_cli("qc", "protocol", "init", GE_DV24, "--out", protocol).returncode == 0
+    inspect = run_cli("qc", "inspect", GE_DV24, "--json")
+    assert inspect.returncode == 0, inspect.stderr
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(inspect.stdout)
+    same = _drift(run_cli("qc", "check", GE_DV24_SAME, "--protocol", protocol, "--baseline", baseline, "--json"))
+    assert not [e for e in same if e["kind"] in ("software", "scanner")]
+    # DV26 on another scanner: a new scanner, raised as such (its own baseline comes later)
+    other = _drift(run_cli("qc", "check", GE_DV26, "--protocol", protocol, "--baseline", baseline, "--json"))
+    assert [e["kind"] for e in other] == ["scanner"]
+    # a JSON baseline without the scanner pseudonym stands for the checked series' scanner
+    (record,) = json.loads(inspect.stdout)
+    record.pop("_scanner_id")
+    anonymous = tmp_path / "anonymous.json"
+    anonymous.write_text(json.dumps(record))
+    upgraded = _drift(run_cli("qc", "check", GE_DV26, "--protocol", protocol, "--baseline", anonymous, "--json"))
+    software = [e for e in upgraded if e["parameter"] == "SoftwareVersions"]
+    assert software and software[0]["kind"] == "software"
+
+
+@needs_stc
+def test_bad_baselines_are_one_line_errors(tmp_path):
+    protocol = tmp_path / "bold.yaml"
+    assert run_cli("qc", "protocol", "init", GE_DV24, "--out", protocol).returncode == 0
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps([{"Manufacturer": "GE"}, {"Manufacturer": "GE"}]))
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"RepetitionTime": 2}))
+    for path, words in ((tmp_path / "absent", "does not exist"), (broken, "not readable JSON"),
+                        (two, "2 series records"), (empty, "Manufacturer"), (STC / "GE", "series")):
+        result = run_cli("qc", "check", GE_DV24, "--protocol", protocol, "--baseline", path)
+        assert result.returncode == 2, (path, result.stdout, result.stderr)
+        assert words in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_protocol_init_names_the_protocol_after_the_series(tmp_path):
+    cases = {T1: "t1w-3d",
+             DICOM / "dcm_qa_xa30" / "In" / "7_func-bold_task-fa_run-1": "bold",
+             DICOM.parent / "dicom-more" / "dcm_qa_ge" / "In" / "01_Ax_DWI_TENSOR_R2": "dwi",
+             DICOM.parent / "dicom-more" / "dcm_qa_philips" / "In" / "Vanderbilt_2018" / "601_WIP_dti_ax": "dwi",
+             DICOM / "dcm_qa_xa30" / "In" / "9_gre_field_mapping": "gre_field_mapping"}
+    for index, (series, name) in enumerate(cases.items()):
+        if not series.exists():
+            pytest.skip(f"{series} not present")
+        out = tmp_path / f"{index}.yaml"
+        result = run_cli("qc", "protocol", "init", series, "--out", out)
+        assert result.returncode == 0, result.stderr
+        assert f"draft protocol '{name}'" in result.stdout
+        assert yaml.safe_load(out.read_text())["name"] == name
+    named = run_cli("qc", "protocol", "init", T1, "--out", tmp_path / "named.yaml", "--name", "my-t1")
+    assert "'my-t1'" in named.stdout

@@ -337,3 +337,22 @@ def test_match_rules_all_must_hold_and_ambiguity_raises(t1w):
     with pytest.raises(SitebenchError, match="more than one protocol"):
         match_protocol(t1w, [broad, narrow])
     assert match_protocol(t1w, [Protocol(name="empty", version=1)]) is None
+
+
+@needs_data
+def test_suggested_names_follow_what_the_series_is():
+    from sitebench.qc.protocol import suggest_name
+
+    assert suggest_name(_sidecar(T1W)) == "t1w-3d"
+    assert suggest_name(_sidecar(BOLD)) == "bold"
+    assert suggest_name(_sidecar(PHILIPS_T1)) == "t1w-3d"
+    t2 = {"ScanningSequence": "SE", "MRAcquisitionType": "2D", "RepetitionTime": 4.0, "EchoTime": 0.09}
+    assert suggest_name(t2) == "t2w"
+    assert suggest_name({**t2, "InversionTime": 2.5}) == "flair"
+    assert suggest_name({**t2, "MRAcquisitionType": "3D", "InversionTime": 1.8}) == "flair-3d"
+    assert suggest_name({"SeriesDescription": "Ax DWI 64 dir", "ScanningSequence": "EP"}) == "dwi"
+    assert suggest_name({"ScanningSequence": "EP", "ImageType": ["ORIGINAL", "PRIMARY", "DIFFUSION"]}) == "dwi"
+    assert suggest_name({"ProtocolName": "  Localizer (3-plane) "}) == "localizer-3-plane"
+    assert suggest_name({"SeriesDescription": "***"}) == "protocol"
+    for params in ({}, {"ProtocolName": "é"}, {"SeriesDescription": "-x-"}):
+        Protocol(name=suggest_name(params), version=1)  # always a valid protocol name

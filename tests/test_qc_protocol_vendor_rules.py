@@ -324,3 +324,18 @@ def test_drafted_match_rules_select_the_acquisition_in_either_format():
     protocol = draft_protocol(classic, "bold-sag")
     assert match_protocol(enhanced, [protocol]) is protocol
     assert match_protocol(_read(HB3_ASC), [protocol]) is None
+
+
+@needs_data
+def test_drift_sees_no_change_between_the_classic_and_enhanced_files():
+    from sitebench.qc.drift import DriftMonitor
+
+    monitor = DriftMonitor()
+    classic, enhanced = _read(CLASSIC), _read(ENHANCED)
+    monitor.qualify("S1", classic, "classic", series_type="bold")
+    events = monitor.observe("S1", enhanced, "pass", "enhanced", series_type="bold")
+    changed = {e.parameter for e in events}
+    assert not changed & {"ScanningSequence", "ImageType", "AcquisitionMatrix"}, changed
+    # a real change of a format-dependent key is still drift
+    events = monitor.observe("S1", {**enhanced, "ScanningSequence": "SE"}, "pass", "other", series_type="bold")
+    assert [e.parameter for e in events if e.parameter == "ScanningSequence"] == ["ScanningSequence"]

@@ -23,7 +23,9 @@ def _one_series(path: str, series_uid: str | None):
 def cmd_qc_inspect(args: argparse.Namespace) -> int:
     from sitebench.qc.dicom_params import read_series
 
-    records = [series.to_dict() for series in read_series(args.path)]
+    # the scanner pseudonym (never the serial number) lets a record serve as a `qc check --baseline`
+    records = [{**series.to_dict(), **({"_scanner_id": series.scanner_id} if series.scanner_id else {})}
+               for series in read_series(args.path)]
     if args.json:
         print_json(records)
         return 0
@@ -36,10 +38,11 @@ def cmd_qc_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_qc_protocol_init(args: argparse.Namespace) -> int:
-    from sitebench.qc.protocol import draft_protocol
+    from sitebench.qc.protocol import draft_protocol, suggest_name
 
     series = _one_series(args.series, args.series_uid)
-    protocol = draft_protocol(series.parameters, args.name, args.description or "")
+    name = args.name if args.name is not None else suggest_name(series.parameters)
+    protocol = draft_protocol(series.parameters, name, args.description or "")
     out = Path(args.out)
     if out.exists():
         raise SitebenchError("exists already; a protocol is never overwritten", out)
@@ -69,18 +72,57 @@ def cmd_qc_protocol_lock(args: argparse.Namespace) -> int:
     return 0
 
 
+def _baseline(path: str) -> dict:
+    """The qualified baseline's parameters: a reference DICOM series (file or folder, one series) or a
+    JSON file of its parameters (a dict, or `qc inspect --json`'s list holding one record)."""
+    import json
+
+    source = Path(path)
+    if not source.exists():
+        raise SitebenchError("baseline does not exist", source)
+    if source.is_file() and source.suffix.lower() == ".json":
+        try:
+            data = json.loads(source.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SitebenchError(f"baseline is not readable JSON ({exc})", source) from None
+        if isinstance(data, list):
+            if len(data) != 1:
+                raise SitebenchError(f"baseline holds {len(data)} series records; give one", source)
+            data = data[0]
+        if not isinstance(data, dict) or not data.get("Manufacturer"):
+            raise SitebenchError("baseline is not a series' parameters (a JSON object with Manufacturer, "
+                                 "e.g. from `sitebench qc inspect --json`)", source)
+        params = dict(data)
+        if params.get("_scanner_id") and not params.get("DeviceSerialNumber"):
+            params["DeviceSerialNumber"] = params["_scanner_id"]  # the same pseudonym the gate keys on
+        return params
+    from sitebench.qc.dicom_params import read_series
+
+    series = read_series(source)
+    if len(series) != 1:
+        raise SitebenchError(f"baseline holds {len(series)} series; a baseline is one reference series", source)
+    params = {**series[0].parameters, "SeriesInstanceUID": series[0].series_uid}
+    if series[0].scanner_id:
+        params["DeviceSerialNumber"] = series[0].scanner_id  # a pseudonym, as the gate keys scanners
+    return params
+
+
 def cmd_qc_check(args: argparse.Namespace) -> int:
     from sitebench.qc.dicom_params import dicom_files
     from sitebench.qc.gate import Gate
     from sitebench.qc.protocol import load_protocol
 
-    gate = Gate([load_protocol(args.protocol)], image_quality=args.iqm, require_locked=False, match=False)
+    baseline = _baseline(args.baseline) if args.baseline else None
+    gate = Gate([load_protocol(args.protocol)], image_quality=args.iqm, require_locked=False, match=False,
+                baseline=baseline)
     outcomes = gate.check_files(dicom_files(args.path), site=args.site)
     if args.json:
         print_json([o.to_dict() for o in outcomes])
     else:
         for outcome in outcomes:
             print(outcome.summary())
+            if baseline is not None and not outcome.drift and outcome.protocol:
+                print("  no drift against the baseline")
     return EXIT_VERIFY_FAILED if any(o.status == "fail" for o in outcomes) else 0
 
 
@@ -182,11 +224,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     inspect.set_defaults(func=cmd_qc_inspect)
     check = qc.add_parser("check", help="check series offline against a protocol",
                           description="Verdict per series: pass, warn, fail or undetermined, with every "
-                                      "deviation. Exit 1 if any series fails.")
+                                      "deviation, and with --baseline its drift against a reference series. "
+                                      "Exit 1 if any series fails.")
     check.add_argument("path", help="DICOM file or folder")
     check.add_argument("--protocol", required=True, help="protocol YAML (locked or draft)")
     check.add_argument("--site", default="offline", help="site name for drift and image-quality history")
     check.add_argument("--iqm", action="store_true", help="also compute image-quality metrics and thresholds")
+    check.add_argument("--baseline", metavar="PATH",
+                       help="qualified baseline for drift: a reference DICOM series (folder or file) or a JSON "
+                            "file of its parameters (from `qc inspect --json`); each series' drift events "
+                            "(software, model, coil, parameter, scanner) against it are listed")
     add_json(check, "a list with one verdict per series")
     check.set_defaults(func=cmd_qc_check)
     serve_cmd = qc.add_parser("serve", help="run the upload-time gate: DICOM C-STORE, STOW-RS, watched folder",
@@ -257,7 +304,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     init = proto.add_parser("init", help="draft a protocol from a reference series")
     init.add_argument("series", help="DICOM folder of the reference series")
     init.add_argument("--out", required=True, help="protocol YAML to write (never overwritten)")
-    init.add_argument("--name", default="t1w-3d", help="protocol name (default t1w-3d)")
+    init.add_argument("--name", help="protocol name (default: from the series: dwi, bold, t1w, t2w, flair, "
+                                     "'-3d' for 3D anatomy, else its ProtocolName / SeriesDescription)")
     init.add_argument("--description")
     init.add_argument("--series-uid", help="which series, when the folder holds several")
     init.set_defaults(func=cmd_qc_protocol_init)

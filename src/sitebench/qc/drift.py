@@ -40,6 +40,18 @@ slice-gap rules judge those on every series, so a technologist's short coverage
 is a deviation of that series, not scanner drift). ``SeriesDescription`` and
 ``ProtocolName`` ARE compared (``parameter`` events).
 
+*One acquisition, whatever its DICOM format*: keys whose value depends on
+whether the series was saved as classic or enhanced MR DICOM
+(:data:`sitebench.qc.protocol.FORMAT_DEPENDENT_KEYS`) are compared in their
+:func:`sitebench.qc.protocol.comparable` view, as the protocol rules compare
+them (ScanningSequence "GR\\EP" and "EP" are one value), and AcquisitionMatrix
+appearing or disappearing is no event (enhanced MR images have none, PS3.3
+C.8.13): a site that switches its export to enhanced DICOM changes no protocol.
+
+*Reference baseline*: :meth:`DriftMonitor.qualify` makes a reference series
+qualified outside the gate (``sitebench qc check --baseline``) the baseline of
+its scanner, whatever any verdict says; an existing baseline is never replaced.
+
 *Kinds*: ``SoftwareVersions`` -> ``software``; ``ManufacturersModelName`` ->
 ``model``; ``ReceiveCoilName`` / ``CoilString`` / ``ReceiveCoilActiveElements``
 -> ``coil``; anything else -> ``parameter``, EXCEPT that when the series'
@@ -77,6 +89,7 @@ from typing import Any, Mapping, Sequence
 from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable, utc_now
 from sitebench.qc.dicom_params import PHI_KEYWORDS
+from sitebench.qc.protocol import FORMAT_DEPENDENT_KEYS, same_comparable
 
 __all__ = ["DriftEvent", "DriftMonitor", "SiteHistory", "robust_z", "scanner_key",
            "IGNORED_KEYS", "MIN_HISTORY", "MAD_SCALE", "REL_TOL"]
@@ -223,6 +236,11 @@ class DriftMonitor:
             in_base, in_new = key in base, key in params
             if in_base and in_new and _same(base[key], params[key]):
                 continue
+            if key in FORMAT_DEPENDENT_KEYS:
+                if in_base and in_new and same_comparable(key, base[key], params[key]):
+                    continue  # the same value once the DICOM format is folded out
+                if key == "AcquisitionMatrix" and in_base != in_new:
+                    continue  # absent from enhanced MR images: a change of format, not of acquisition
             b, o = base.get(key), params.get(key)
             change = "changed" if in_base and in_new else ("appeared" if in_new else "disappeared")
             kind = _KIND_OF.get(key, "parameter")
@@ -238,6 +256,26 @@ class DriftMonitor:
                                      baseline_series_uid=entry["series_uid"]))
         return events
 
+
+    def qualify(self, site: str, parameters: dict, series_uid: str, when: str | None = None,
+                series_type: str | None = None) -> str:
+        """Make a reference series the qualified baseline of its scanner at ``site``; returns the scanner key.
+
+        For a baseline qualified outside the gate (a reference series a physicist names, e.g.
+        ``sitebench qc check --baseline``). An existing baseline for that scanner is kept: a
+        baseline is never replaced.
+        """
+        if not isinstance(site, str) or not site.strip():
+            raise SitebenchError("drift: site must be a non-empty string")
+        if not isinstance(parameters, Mapping):
+            raise SitebenchError("drift: baseline parameters must be a dict")
+        scanner = scanner_key(parameters) + (f"|{series_type}" if series_type else "")
+        per_site = self._state["baselines"].setdefault(site, {})
+        if scanner not in per_site:
+            params = {k: v for k, v in jsonable(dict(parameters)).items() if not _ignored(k)}
+            per_site[scanner] = {"series_uid": str(series_uid), "parameters": params,
+                                 "qualified": when or utc_now()}
+        return scanner
 
     def _new_scanner(self, site: str, scanner: str, per_site: dict, series_type: str | None, series_uid: str,
                      when: str | None) -> list[DriftEvent]:

@@ -101,7 +101,7 @@ class Gate:
 
     def __init__(self, protocols: Sequence[Protocol], *, image_quality: bool = True, outlier_z: float = 3.5,
                  drift_state: dict | None = None, history_state: dict | None = None,
-                 require_locked: bool = True, match: bool = True) -> None:
+                 require_locked: bool = True, match: bool = True, baseline: dict | None = None) -> None:
         unlocked = [f"{p.name} v{p.version}" for p in protocols if not p.locked]
         if require_locked and unlocked:
             raise SitebenchError(f"the gate only checks against locked protocols; not locked: {', '.join(unlocked)}")
@@ -113,6 +113,9 @@ class Gate:
         self.outlier_z = float(outlier_z)
         self.drift = DriftMonitor(drift_state)
         self.history = SiteHistory(history_state)
+        #: parameters of a reference series qualified outside the gate (``qc check --baseline``): the
+        #: baseline drift compares every series with, instead of the first passing one
+        self.baseline = dict(baseline) if baseline is not None else None
 
     def check_files(self, files: Sequence[str | Path], site: str,
                     file_checks: dict[Path, FileCheck] | None = None) -> list[SeriesOutcome]:
@@ -227,10 +230,23 @@ class Gate:
         drift_params = dict(params)
         if series.scanner_id:
             drift_params["DeviceSerialNumber"] = series.scanner_id  # a pseudonym: keys the physical scanner
+        if self.baseline is not None:
+            self._qualify_baseline(site, drift_params, protocol.name)
         outcome.drift = self.drift.observe(site, drift_params, outcome.status, outcome.series_key,
                                            when=outcome.checked_utc, series_type=protocol.name)
         outcome.seconds["total"] = time.perf_counter() - started
         return outcome
+
+    def _qualify_baseline(self, site: str, series_params: dict[str, Any], series_type: str) -> None:
+        """The reference series becomes its scanner's baseline; one without a scanner identity
+        (DeviceSerialNumber / StationName, e.g. a JSON file) stands for the checked series' scanner."""
+        reference = dict(self.baseline or {})
+        if not (reference.get("DeviceSerialNumber") or reference.get("StationName")):
+            for key in ("DeviceSerialNumber", "StationName"):
+                if series_params.get(key):
+                    reference[key] = series_params[key]
+        uid = reference.get("SeriesInstanceUID")
+        self.drift.qualify(site, reference, uid_key(uid) if uid else "baseline", series_type=series_type)
 
     def _image_quality(self, series: SeriesParameters, site: str, protocol: Protocol,
                        outcome: SeriesOutcome, file_problems: list[str]) -> list[Deviation]:

@@ -127,7 +127,7 @@ __all__ = [
     "ExactRule", "AbsRule", "RelRule", "RangeRule", "OneOfRule", "RegexRule", "RecordRule", "DirectionsRule",
     "Deviation", "Verdict", "LockedProtocol",
     "draft_protocol", "load_protocol", "lock_protocol", "locked_file_name",
-    "check_series", "match_protocol", "with_derived", "DRAFT_RULES", "comparable", "same_comparable", "FORMAT_DEPENDENT_KEYS",
+    "check_series", "match_protocol", "with_derived", "suggest_name", "DRAFT_RULES", "comparable", "same_comparable", "FORMAT_DEPENDENT_KEYS",
 ]
 
 Severity = Literal["fail", "warn"]
@@ -994,3 +994,67 @@ def match_protocol(parameters: dict[str, Any], protocols: list[Protocol]) -> Pro
         raise SitebenchError(f"series '{what}' matches more than one protocol ({names}); "
                              "make their match rules exclusive")
     return hits[0] if hits else None
+
+
+# --------------------------------------------------------------------------- default names
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_DIFFUSION_WORDS = re.compile(r"(?i)(^|[^a-z])(dwi|dti|diff|tensor|hardi)")
+NAME_MAX = 64
+
+
+def _seconds(value: Any) -> float | None:
+    values = _numbers(value) if value is not None else None
+    return min(values) if values else None
+
+
+def _sanitised(text: Any) -> str:
+    name = re.sub(r"[^a-z0-9._-]+", "-", str(text or "").strip().lower())
+    name = re.sub(r"-{2,}", "-", name).strip("-._")[:NAME_MAX].rstrip("-._")
+    return name if _NAME_PATTERN.fullmatch(name) else ""
+
+
+def suggest_name(parameters: dict[str, Any]) -> str:
+    """A protocol name from what the series is: ``dwi``, ``bold``, ``t1w``/``t2w``/``flair`` (``-3d`` for 3D),
+    else the sanitised ProtocolName / SeriesDescription, else ``protocol``; always a valid name.
+
+    * dwi: a diffusion-weighted shell (b above the b=0 threshold), DIFFUSION in ImageType, or
+      dwi/dti/diff/tensor in the series' names (Philips writes no diffusion ImageType).
+    * bold: an echo-planar series (EP in ScanningSequence, an "ep..." sequence name, or ImageType
+      FMRI) that is not spin echo (an "epse" name, or SE in ScanningSequence without a gradient-echo
+      "fid" name): a gradient-echo EPI time series.
+    * flair: TI >= 1.5 s (fluid nulled: T1 of CSF ~4 s at 3 T gives a null at ~2.5 s).
+    * t1w: inversion-prepared with TI 0.1-1.5 s and TE < 15 ms (MPRAGE, IR-SPGR), or a short-TR
+      (< 0.8 s) short-TE (< 30 ms) spin echo, or a 3D gradient echo with TR < 50 ms and TE < 10 ms.
+    * t2w: TE >= 60 ms and TR >= 1.5 s without inversion.
+    """
+    p = with_derived(parameters)
+    image_type = [str(v).upper() for v in (p.get("ImageType") or [])] if isinstance(p.get("ImageType"), list) else \
+        _items(p.get("ImageType") or "")
+    codes = set(_items(p.get("ScanningSequence") or ""))
+    seq = " ".join(str(p.get(k) or "") for k in ("SequenceName", "PulseSequenceName")).lower()
+    names = " ".join(str(p.get(k) or "") for k in ("SeriesDescription", "ProtocolName"))
+    shells = p.get("DiffusionBValueShells")
+    three_d = "-3d" if str(p.get("MRAcquisitionType") or "").upper() == "3D" else ""
+    tr, te, ti = _seconds(p.get("RepetitionTime")), _seconds(p.get("EchoTime")), _seconds(p.get("InversionTime"))
+    if (isinstance(shells, list) and any(_is_number(b) and b > B0_THRESHOLD for b in shells)) \
+            or "DIFFUSION" in image_type or _DIFFUSION_WORDS.search(names):
+        return "dwi"
+    epi = "EP" in codes or re.search(r"(^|[^a-z])\*?ep", seq) is not None or "FMRI" in image_type
+    if epi:
+        spin_echo = "epse" in seq or ("SE" in codes and "fid" not in seq)  # Siemens VB12 writes SE\EP
+        if not spin_echo:  # for its gradient-echo *epfid: the sequence name says the echo
+            return "bold"
+    elif ti is not None and ti >= 1.5:
+        return "flair" + three_d
+    elif te is not None and ((ti is not None and 0.1 <= ti < 1.5 and te < 0.015)
+                             or (tr is not None and "SE" in codes and tr < 0.8 and te < 0.03)
+                             or (tr is not None and three_d and "GR" in codes and tr < 0.05 and te < 0.01)):
+        return "t1w" + three_d
+    elif te is not None and tr is not None and te >= 0.06 and tr >= 1.5 and not (ti and ti > 0):
+        return "t2w" + three_d
+    for key in ("ProtocolName", "SeriesDescription"):
+        name = _sanitised(p.get(key))
+        if name:
+            return name
+    return "protocol"
