@@ -208,8 +208,6 @@ def _compile(pattern: str) -> str:
 #: Keys whose value depends on how the acquisition was saved (classic or enhanced MR DICOM), not on
 #: the acquisition; :func:`comparable` is their one format-independent view (see the module doc).
 FORMAT_DEPENDENT_KEYS: frozenset[str] = frozenset({"ScanningSequence", "ImageType", "AcquisitionMatrix"})
-#: PS3.3 C.8.3.1.1.1 Scanning Sequence (0018,0020) enumerated values, in the standard's order.
-_SCANNING_CODES = ("SE", "IR", "GR", "EP", "RM")
 _COMPLEX_WORDS = ("MAGNITUDE", "PHASE", "REAL", "IMAGINARY")
 #: Value 3 of a classic MR ImageType as Siemens and Philips write the complex component.
 _COMPLEX_LETTERS = {"M": "MAGNITUDE", "P": "PHASE", "R": "REAL", "I": "IMAGINARY"}
@@ -225,8 +223,8 @@ def _items(value: Any) -> list[str]:
 def comparable(key: str, value: Any) -> Any:
     """The format-independent view of one parameter value; other keys' values come back unchanged.
 
-    * ``ScanningSequence``: the codes as a set, in PS3.3 order, backslash-joined; GR and SE are
-      folded into EP. Classic MR writes (0018,0020) (C.8.3.1, e.g. "GR\\EP"); the enhanced MR
+    * ``ScanningSequence``: the codes once each, as written, backslash-joined, and compared as a set;
+      GR and SE are folded into EP. Classic MR writes (0018,0020) (C.8.3.1, e.g. "GR\\EP"); the enhanced MR
       image (C.8.13) has no such attribute, and dcm2niix derives the codes from EchoPulseSequence
       and friends, writing "EP" for the same acquisition. The echo type of an EPI is still checked
       through SequenceName / PulseSequenceName and EchoTime.
@@ -242,11 +240,10 @@ def comparable(key: str, value: Any) -> Any:
     if value is None or key not in FORMAT_DEPENDENT_KEYS:
         return value
     if key == "ScanningSequence":
-        codes = set(_items(value))
+        codes = list(dict.fromkeys(_items(value)))  # as written, once each; compared as a set
         if "EP" in codes:
-            codes -= {"GR", "SE"}
-        rank = {c: i for i, c in enumerate(_SCANNING_CODES)}
-        return "\\".join(sorted(codes, key=lambda c: (rank.get(c, len(rank)), c)))
+            codes = [c for c in codes if c not in ("GR", "SE")]
+        return "\\".join(codes)
     if key == "ImageType":
         items = _items(value)
         out = [v for v, allowed in zip(items[:2], (("ORIGINAL", "DERIVED"), ("PRIMARY", "SECONDARY")))
@@ -262,6 +259,8 @@ def _pair(key: str, expected: Any, observed: Any) -> tuple[Any, Any]:
     """Both values in the comparable view; an ImageType complex component one side does not state is
     left out of both (an enhanced file states it per frame, which read_series may not give)."""
     a, b = comparable(key, expected), comparable(key, observed)
+    if key == "ScanningSequence" and isinstance(a, str) and isinstance(b, str):
+        a, b = sorted(a.split("\\")), sorted(b.split("\\"))  # a code set: "GR\\IR" is "IR\\GR"
     if key == "ImageType" and isinstance(a, list) and isinstance(b, list):
         has_a = bool(a) and a[-1] in _COMPLEX_WORDS
         has_b = bool(b) and b[-1] in _COMPLEX_WORDS
