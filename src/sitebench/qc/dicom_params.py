@@ -312,10 +312,12 @@ def _tag(keyword: Any) -> int:
     tag = _TAG_CACHE.get(keyword)
     if tag is None:
         try:
-            from sitebench.qc._dicom_dictionary import KEYWORDS
+            from sitebench.qc.dicom_header import tag_for_keyword
 
-            tag = KEYWORDS[keyword][0]
-        except (ImportError, KeyError):
+            tag = tag_for_keyword(keyword)
+        except ImportError:
+            tag = None
+        if tag is None:
             from pydicom.tag import Tag
 
             tag = int(Tag(keyword))
