@@ -37,17 +37,23 @@ def clean(x: float, ndigits: int = 6) -> float:
     return 0.0 if y == 0 else y
 
 
+def _direction(bval: float, vec: Sequence[float] | None) -> list[float] | None:
+    """The first three components of a diffusion direction as floats; None for a b=0 volume
+    (dcm2niix writes 0 0 0 there) or an unusable vector."""
+    if vec is None or bval is None or float(bval) <= 1e-6:
+        return None
+    try:
+        return [float(x) for x in vec[:3]]
+    except (TypeError, ValueError):
+        return None
+
+
 def to_bvec_frame(bval: float, vec: Sequence[float] | None, iop: Sequence[float], negate_z: bool = False) -> list[float]:
     """One scanner-frame gradient direction -> dcm2niix .bvec frame (see module docstring).
 
     ``negate_z``: the slices were written in reverse order (dcm2niix flips the third axis)."""
-    if vec is None or bval is None or float(bval) <= 1e-6:
-        return [0.0, 0.0, 0.0]
-    try:
-        v = [float(x) for x in vec[:3]]
-    except (TypeError, ValueError):
-        return [0.0, 0.0, 0.0]
-    if math.sqrt(sum(x * x for x in v)) <= 1e-6:
+    v = _direction(bval, vec)
+    if v is None or math.sqrt(sum(x * x for x in v)) <= 1e-6:
         return [0.0, 0.0, 0.0]
     read = _norm([float(x) for x in iop[:3]])
     phase = _norm([float(x) for x in iop[3:6]])
@@ -61,11 +67,8 @@ def to_bvec_frame(bval: float, vec: Sequence[float] | None, iop: Sequence[float]
 
 def uih_bvec(bval: float, vec: Sequence[float] | None) -> list[float]:
     """UIH (0065,1037) is already in the image frame: dcm2niix only negates y."""
-    if vec is None or bval is None or float(bval) <= 1e-6:
-        return [0.0, 0.0, 0.0]
-    try:
-        v = [float(x) for x in vec[:3]]
-    except (TypeError, ValueError):
+    v = _direction(bval, vec)
+    if v is None:
         return [0.0, 0.0, 0.0]
     return [clean(v[0]), clean(-v[1]), clean(v[2])]
 
