@@ -31,7 +31,6 @@ def result():
 #: is a strict xfail, so it fails the day the vendor reaches 99 % and the mark must go.
 NOT_YET = {
     "Siemens": "SliceTiming of V-series non-mosaic (B12, B13, B17) and XA classic files",
-    "Philips": "classic ParallelReductionFactorInPlane (2005,140F), enhanced field-map ScanningSequence RM, DTI bval/bvec",
     "UIH": "private-tag ParallelReductionFactorInPlane, SliceTiming and bval/bvec",
 }
 

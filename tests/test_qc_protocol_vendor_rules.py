@@ -6,9 +6,8 @@ sequential vs interleaved), phase encoding (dcm_qa_nih EPI PE=AP vs PA), the dif
 (GE DWI vs Philips DTI, GE R2 vs R2MB2), and one acquisition saved as classic and as enhanced
 DICOM (dcm_qa_sag XA30) getting one verdict.
 
-Where read_series does not give a rule's input key yet (the parser's owner is adding SliceTiming,
-PhaseEncodingDirection and diffusion for every vendor), the real-series test stops with an
-``xfail`` naming the missing key, and the rule's logic is tested on the reference sidecar values.
+A real series that lacks a rule's input key fails naming the key: a rule never passes because
+the parser gave it nothing to compare.
 """
 
 from __future__ import annotations
@@ -65,11 +64,11 @@ def _read(folder: Path) -> dict:
 
 
 def _series(folder: Path, *needed: str) -> dict:
-    """The series' parameters; xfail (waiting for the parser) when read_series lacks a needed key."""
+    """The series' parameters; fails, naming them, when read_series lacks a needed key."""
     params = dict(_read(folder))
     lacking = [k for k in needed if params.get(k) is None]
     if lacking:
-        pytest.xfail(f"waits for the parser: read_series gives no {', '.join(lacking)} for {folder.name}")
+        pytest.fail(f"read_series gives no {', '.join(lacking)} for {folder.name}")
     return params
 
 
@@ -282,8 +281,7 @@ def test_classic_and_enhanced_files_of_one_acquisition_get_one_verdict():
     on_enhanced = check_series(enhanced, from_classic)
     assert on_enhanced.status == "pass", on_enhanced.summary()
     lacking = [k for k in from_enhanced.parameters if classic.get(k) is None and enhanced.get(k) is not None]
-    if lacking:
-        pytest.xfail(f"waits for the parser: read_series gives no {', '.join(lacking)} for the classic files")
+    assert not lacking, f"read_series gives no {', '.join(lacking)} for the classic files"
     on_classic = check_series(classic, from_enhanced)
     assert on_classic.status == "pass", on_classic.summary()
     assert from_classic.content() == {**from_enhanced.content(), "name": from_classic.name}
@@ -299,9 +297,6 @@ def test_classic_and_enhanced_get_one_verdict_through_the_gate():
         protocol = draft_protocol(_read(reference), "bold-sag")
         gate = Gate([protocol], image_quality=False, require_locked=False, match=False)
         (outcome,) = gate.check_files(dicom_files(other), site="S1")
-        if outcome.status == "undetermined":
-            lacking = sorted({d.parameter for d in outcome.deviations if d.note.startswith("parameter missing")})
-            pytest.xfail(f"waits for the parser: read_series gives no {', '.join(lacking)} for {other.name}")
         assert outcome.status == "pass", outcome.summary()
         assert not [e for e in outcome.drift if e.parameter in ("ScanningSequence", "ImageType")]
 

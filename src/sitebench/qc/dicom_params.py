@@ -857,6 +857,8 @@ def _series_parameters(datasets: list, summaries: list[dict[str, Any]] | None = 
         te = _num(ds.get("EchoTime"))
         if te is not None and te >= 0:
             echoes.add(round(te / 1000.0, 9))
+    if len(echoes) > 1:  # TE 0 marks a computed frame (a field map in Hz), not an echo: dcm2niix
+        echoes.discard(0.0)  # writes no EchoTime for it
     if echoes:
         ets = sorted(echoes)
         put("EchoTime", _num(ets[0]) if len(ets) == 1 else [_num(e) for e in ets])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sitebench.qc.diffusion_frame import as_floats, clean, slice_normal, to_bvec_frame
+from sitebench.qc.per_image import enhanced_frames, frame_item, position_along_normal, seconds, slice_times, volumes
 from sitebench.qc.dicom_params import _csa_tags, _items, _num, _private, _private_fast, _raw_value, _text
 
 __all__ = ["PER_FILE_TAGS", "file_fields", "series_fields"]
@@ -32,61 +33,6 @@ PER_FILE_TAGS: tuple = (
 )
 
 
-def _seconds(value: Any) -> float | None:
-    """DICOM TM ``HHMMSS.frac`` or DT ``YYYYMMDDHHMMSS.frac`` -> seconds since midnight."""
-    text = _text(value)
-    if not text:
-        return None
-    text = text.split("+")[0].split("-")[0]
-    if len(text.split(".")[0]) >= 14:
-        text = text[8:]
-    try:
-        hh, mm, ss = int(text[0:2]), int(text[2:4] or 0), float(text[4:] or 0)
-    except ValueError:
-        return None
-    return hh * 3600 + mm * 60 + ss
-
-
-def _proj(ipp: Any, iop: Any) -> float | None:
-    n = slice_normal(iop) if iop is not None else None
-    p = as_floats(ipp)
-    if n is None or p is None or len(p) != 3:
-        return None
-    return round(sum(a * b for a, b in zip(p, n)), 3)
-
-
-def _frame_item(frame, seq_kw: str):
-    return next(iter(_items(frame, seq_kw)), None) if frame is not None else None
-
-
-def _enhanced_frames(ds) -> list[list]:
-    """[time s, position along the normal, b-value, gradient] per frame of an enhanced file.
-
-    Frame time: FrameContentSequence (0020,9111) FrameAcquisitionDateTime (0018,9074), as dcm2niix
-    uses for XA enhanced slice timing; diffusion: MRDiffusionSequence (0018,9117)."""
-    shared = next(iter(_items(ds, "SharedFunctionalGroupsSequence")), None)
-    out = []
-    for fr in _items(ds, "PerFrameFunctionalGroupsSequence"):
-        def get(seq_kw, kw):
-            for g in (fr, shared):
-                it = _frame_item(g, seq_kw)
-                if it is not None and kw in it:
-                    return it[kw].value
-            return None
-        content = _frame_item(fr, "FrameContentSequence")
-        t = _seconds(content.get("FrameAcquisitionDateTime")) if content is not None else None
-        proj = _proj(get("PlanePositionSequence", "ImagePositionPatient"), get("PlaneOrientationSequence", "ImageOrientationPatient"))
-        b = _num(get("MRDiffusionSequence", "DiffusionBValue"))
-        g = None
-        dif = _frame_item(fr, "MRDiffusionSequence") or _frame_item(shared, "MRDiffusionSequence")
-        if dif is not None:
-            d = _frame_item(dif, "DiffusionGradientDirectionSequence")
-            if d is not None:
-                g = as_floats(d.get("DiffusionGradientOrientation"))
-        out.append([t, proj, b, g])
-    return out
-
-
 def file_fields(ds) -> dict[str, Any]:
     """Per-file timing, position along the normal, diffusion and XA classic polarity.
 
@@ -96,12 +42,12 @@ def file_fields(ds) -> dict[str, Any]:
     try:
         out: dict[str, Any] = {}
         if "PerFrameFunctionalGroupsSequence" in ds:
-            out["frames"] = _enhanced_frames(ds)
+            out["frames"] = enhanced_frames(ds)
             return out
         out["n"] = _num(_raw_value(ds, "InstanceNumber"))
         out["acq"] = _num(_raw_value(ds, "AcquisitionNumber"))
-        out["t"] = _seconds(_raw_value(ds, "AcquisitionDateTime")) or _seconds(_raw_value(ds, "AcquisitionTime"))
-        out["z"] = _proj(_raw_value(ds, "ImagePositionPatient"), _raw_value(ds, "ImageOrientationPatient"))
+        out["t"] = seconds(_raw_value(ds, "AcquisitionDateTime")) or seconds(_raw_value(ds, "AcquisitionTime"))
+        out["z"] = position_along_normal(_raw_value(ds, "ImagePositionPatient"), _raw_value(ds, "ImageOrientationPatient"))
         b = _private_fast(ds, 0x0019, "SIEMENS MR HEADER", 0x0C)
         if b is None:
             b = _raw_value(ds, "DiffusionBValue")
@@ -141,43 +87,6 @@ def _mosaic_times(first) -> list[float] | None:
     return [clean(t / 1000.0, 6) for t in times]
 
 
-def _slice_times(slices: list[tuple[float, float]]) -> list[float] | None:
-    """(position along the normal, time) of every slice image -> dcm2niix SliceTiming.
-
-    The first volume is the earliest time at each position; dcm2niix writes slices in ascending
-    position along row x column, times relative to the first slice acquired."""
-    first: dict[float, float] = {}
-    for z, t in slices:
-        if z is None or t is None:
-            continue
-        first[z] = min(t, first.get(z, t))
-    if len(first) < 2:
-        return None
-    zs = sorted(first)
-    t0 = min(first.values())
-    times = [first[z] - t0 for z in zs]
-    if max(times) <= 0:
-        return None
-    return [clean(t, 6) for t in times]
-
-
-def _volumes(images: list[tuple[Any, Any, Any, Any]]) -> list[tuple[Any, Any]]:
-    """(b, gradient) per volume from per-image (z, t, b, g): volumes in acquisition order, one entry
-    per repeat of the first slice position."""
-    zs = [z for z, _, _, _ in images if z is not None]
-    if not zs:
-        return [(b, g) for _, _, b, g in images]
-    ordered = sorted(images, key=lambda x: (x[1] if x[1] is not None else 0.0))
-    n_pos = len(set(zs))
-    per_z: dict[Any, list] = {}
-    for z, _t, b, g in ordered:
-        per_z.setdefault(z, []).append((b, g))
-    z0 = sorted(per_z)[0]
-    if n_pos and len(images) % n_pos == 0:
-        return per_z[z0]
-    return [(b, g) for _, _, b, g in ordered]
-
-
 def series_fields(first, files: list[dict[str, Any]]) -> dict[str, Any]:
     """SliceTiming, XA classic PhaseEncodingDirection and diffusion for one Siemens series."""
     out: dict[str, Any] = {}
@@ -187,7 +96,7 @@ def series_fields(first, files: list[dict[str, Any]]) -> dict[str, Any]:
         enhanced = "PerFrameFunctionalGroupsSequence" in first
         if enhanced:
             for fr in _items(first, "SharedFunctionalGroupsSequence")[:1] + _items(first, "PerFrameFunctionalGroupsSequence")[:1]:
-                it = _frame_item(fr, "PlaneOrientationSequence")
+                it = frame_item(fr, "PlaneOrientationSequence")
                 if it is not None and "ImageOrientationPatient" in it:
                     iop = as_floats(it.ImageOrientationPatient)
                     break
@@ -198,9 +107,9 @@ def series_fields(first, files: list[dict[str, Any]]) -> dict[str, Any]:
             times = _mosaic_times(first)
         elif enhanced:
             frames = [fr for f in files[:1] for fr in f.get("frames") or []]
-            times = _slice_times([(fr[1], fr[0]) for fr in frames])
+            times = slice_times([(fr[1], fr[0]) for fr in frames])
         else:
-            times = _slice_times([(f.get("z"), f.get("t")) for f in files])
+            times = slice_times([(f.get("z"), f.get("t")) for f in files])
         if times and not three_d:
             out["SliceTiming"] = times
         # XA classic polarity (0021,111C): no CSA header to carry PhaseEncodingDirectionPositive
@@ -216,7 +125,7 @@ def series_fields(first, files: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             images = [(f.get("z"), f.get("t"), f.get("b"), f.get("g")) for f in files]
         if iop and any(b is not None for _, _, b, _ in images):
-            vols = [(b, g) for _, _, b, g in images] if mosaic else _volumes(images)
+            vols = [(b, g) for _, _, b, g in images] if mosaic else volumes(images)
             out["DiffusionBValues"] = [float(b or 0) for b, _ in vols]
             out["DiffusionGradientDirections"] = [to_bvec_frame(b or 0, g, iop) for b, g in vols]
     except Exception:  # noqa: BLE001 - odd input: report what was found so far
