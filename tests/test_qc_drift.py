@@ -203,3 +203,34 @@ def test_site_history_flags_outlier_and_keeps_sites_separate():
     reloaded = SiteHistory(json.loads(json.dumps(sh.state)))
     assert reloaded.history("A", "snr") == sh.history("A", "snr")
     assert [h["metric"] for h in reloaded.flag("A", {"snr": 10.0})] == ["snr"]
+
+
+def test_a_baseline_from_an_older_parser_adopts_the_keys_it_could_not_read(prisma):
+    """A sitebench upgrade that learns to read SliceTiming must not report it as having appeared;
+    a key the old parser did read and the baseline lacked still appears; adopted keys are compared."""
+    from sitebench.qc.dicom_params import KEYS_ADDED_IN
+
+    new_keys = set(KEYS_ADDED_IN[2])
+    assert "SliceTiming" in prisma and "SliceTiming" in new_keys
+    old_read = {k: v for k, v in prisma.items() if k not in new_keys and k != "InversionTime"}
+    mon = DriftMonitor()
+    assert mon.observe(SITE, old_read, "pass", "1.2.3.base", when=WHEN) == []
+    state = mon.state  # as an earlier sitebench wrote it: no parser_version
+    for entry in state["baselines"][SITE].values():
+        entry.pop("parser_version")
+    mon = DriftMonitor(state)
+    events = mon.observe(SITE, {**prisma, "InversionTime": 0.9}, "pass", "1.2.3.next", when=WHEN)
+    assert [(e.parameter, e.change) for e in events] == [("InversionTime", "appeared")]
+    (entry,) = mon.state["baselines"][SITE].values()
+    adopted = set(entry["adopted"])
+    assert "SliceTiming" in adopted and adopted <= new_keys and entry["parser_version"] >= 2
+    shifted = {**prisma, "InversionTime": 0.9, "SliceTiming": [t + 0.01 for t in prisma["SliceTiming"]]}
+    events = mon.observe(SITE, shifted, "pass", "1.2.3.later", when=WHEN)
+    assert [(e.parameter, e.change) for e in events] == [("SliceTiming", "changed")]
+
+
+def test_a_baseline_of_the_current_parser_adopts_nothing(prisma):
+    without = {k: v for k, v in prisma.items() if k != "SliceTiming"}
+    mon, _ = qualified(without)
+    events = mon.observe(SITE, prisma, "pass", "1.2.3.next", when=WHEN)
+    assert [(e.parameter, e.change) for e in events] == [("SliceTiming", "appeared")]

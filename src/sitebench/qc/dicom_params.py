@@ -90,6 +90,24 @@ _MANUFACTURERS = (("SIEMENS", "Siemens"), ("GE", "GE"), ("PHILIPS", "Philips"),
 #: Manufacturer -> the vendor statistics group by: Canon Medical Systems is Toshiba Medical renamed
 #: (2018), the same scanner lines; Fujifilm bought Hitachi's MR business (2021).
 _VENDOR_GROUPS = {"Toshiba": "Canon", "Hitachi": "Fujifilm"}
+#: Version of what :func:`read_series` extracts. A drift baseline records the version it was read
+#: with, and a key first extracted by a later version is adopted into an older baseline instead of
+#: being reported as having appeared (the scanner did not change; the parser learnt to read it).
+PARSER_VERSION = 2
+#: Version -> the keys that version started to extract (1: everything before it).
+KEYS_ADDED_IN: dict[int, tuple[str, ...]] = {
+    2: ("Vendor", "SliceTiming", "SliceOrder", "DiffusionBValues", "DiffusionGradientDirections",
+        "DiffusionBValueShells", "NumberOfDiffusionVolumes", "NumberOfB0Volumes", "NumberOfDiffusionDirections",
+        "MultibandAccelerationFactor", "PhaseEncodingDirection", "ParallelReductionFactorInPlane",
+        "SequenceName"),
+}
+
+
+def keys_added_since(version: int) -> frozenset[str]:
+    """Keys :func:`read_series` extracts now that a reader of ``version`` never did."""
+    return frozenset(k for v, keys in KEYS_ADDED_IN.items() if v > version for k in keys)
+
+
 #: Vendor -> the module that reads what only that vendor's private tags hold (see each module).
 _VENDOR_MODULES = {"GE": "vendor_ge", "Siemens": "vendor_siemens", "Philips": "vendor_philips",
                    "UIH": "vendor_uih", "Canon": "vendor_canon"}
@@ -111,7 +129,7 @@ class SeriesParameters:
     def to_dict(self) -> dict:
         return {"SeriesInstanceUID": self.series_uid, "n_files": len(self.files),
                 **self.parameters, "_missing": list(self.missing),
-                "_phi_attributes_present": list(self.phi_present)}
+                "_phi_attributes_present": list(self.phi_present), "_parser_version": PARSER_VERSION}
 
 
 # --------------------------------------------------------------------------- small helpers

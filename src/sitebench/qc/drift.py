@@ -88,7 +88,7 @@ from typing import Any, Mapping, Sequence
 
 from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable, utc_now
-from sitebench.qc.dicom_params import PHI_KEYWORDS
+from sitebench.qc.dicom_params import PARSER_VERSION, PHI_KEYWORDS, keys_added_since
 from sitebench.qc.protocol import FORMAT_DEPENDENT_KEYS, same_comparable
 
 __all__ = ["DriftEvent", "DriftMonitor", "SiteHistory", "robust_z", "scanner_key",
@@ -223,12 +223,13 @@ class DriftMonitor:
             events = self._new_scanner(site, scanner, per_site, series_type, str(series_uid), when)
             if verdict_status == "pass":
                 per_site[scanner] = {"series_uid": str(series_uid), "parameters": params,
-                                     "qualified": when or utc_now()}
+                                     "qualified": when or utc_now(), "parser_version": PARSER_VERSION}
             elif not per_site:
                 del self._state["baselines"][site]
             return events
 
         base = entry["parameters"]
+        self._adopt_new_keys(entry, params)
         software_changed = not _same(base.get("SoftwareVersions"), params.get("SoftwareVersions"))
         stamp = when or utc_now()
         events: list[DriftEvent] = []
@@ -257,6 +258,22 @@ class DriftMonitor:
         return events
 
 
+    @staticmethod
+    def _adopt_new_keys(entry: dict, params: dict) -> None:
+        """A baseline read by an older parser lacks the keys later versions extract: the first
+        series compared with it fills them in (listed under ``adopted``), so a sitebench upgrade
+        reports no parameter as having appeared. Keys the old parser did read stay compared."""
+        version = int(entry.get("parser_version", 1))
+        if version >= PARSER_VERSION:
+            return
+        new_keys = keys_added_since(version)
+        adopted = sorted(k for k in params if k in new_keys and k not in entry["parameters"])
+        for key in adopted:
+            entry["parameters"][key] = params[key]
+        if adopted:
+            entry["adopted"] = sorted(set(entry.get("adopted", [])) | set(adopted))
+        entry["parser_version"] = PARSER_VERSION
+
     def qualify(self, site: str, parameters: dict, series_uid: str, when: str | None = None,
                 series_type: str | None = None) -> str:
         """Make a reference series the qualified baseline of its scanner at ``site``; returns the scanner key.
@@ -273,8 +290,10 @@ class DriftMonitor:
         per_site = self._state["baselines"].setdefault(site, {})
         if scanner not in per_site:
             params = {k: v for k, v in jsonable(dict(parameters)).items() if not _ignored(k)}
+            # a `qc inspect --json` record says which parser read it; one without the field is older
             per_site[scanner] = {"series_uid": str(series_uid), "parameters": params,
-                                 "qualified": when or utc_now()}
+                                 "qualified": when or utc_now(),
+                                 "parser_version": int(parameters.get("_parser_version") or 1)}
         return scanner
 
     def _new_scanner(self, site: str, scanner: str, per_site: dict, series_type: str | None, series_uid: str,
