@@ -562,7 +562,7 @@ def _element_vr(tag: int, vr: str | None, ds: HeaderDataset, length: int) -> str
 
 
 def _parse(buf: _Buffer, pos: int, end: int, implicit: bool, ds: HeaderDataset, depth: int,
-           in_item: bool, stop_pixels: bool, wanted: set[int] | None, last_wanted: int,
+           in_item: bool, stop_pixels: bool, wanted: "frozenset[int] | None", last_wanted: int,
            size: int) -> int:
     """Read the elements of one data set from ``pos`` to ``end`` (PS3.5 7.1) into ``ds``; return the
     position after it (after its item delimiter when ``in_item`` and undefined length)."""
@@ -660,12 +660,55 @@ def _skip_sequence(buf: _Buffer, pos: int, end: int, implicit: bool, depth: int,
         pos += 8
         if group == 0xFFFE and elem == 0xE0DD:
             return pos
-        item_implicit = implicit or _is_implicit(data, pos, implicit)
-        scratch = HeaderDataset()
         if length == _UNDEFINED:
-            pos = _parse(buf, pos, end, item_implicit, scratch, depth, True, False, None, 0, size)
+            item_implicit = implicit or _is_implicit(data, pos, implicit)
+            pos = _skip_item(buf, pos, end, item_implicit, depth, size)
         else:
             pos += length
+
+
+def _skip_item(buf: _Buffer, pos: int, end: int, implicit: bool, depth: int, size: int) -> int:
+    """Position after an undefined-length item's delimiter, walking its elements without keeping
+    any: a sequence nobody asked for (a vendor's private per-frame groups, say) costs no objects."""
+    data = buf.data
+    little = buf.little
+    unpack_from = struct.unpack_from
+    hdr = "<HHL" if little else ">HHL"
+    ushort = "<H" if little else ">H"
+    ulong = "<L" if little else ">L"
+    item_hdr = (0xFFFE, 0xE000)
+    limit = min(end, size)
+    while pos + 8 <= limit:
+        group, elem, implicit_length = unpack_from(hdr, data, pos)
+        if group == 0xFFFE and elem == 0xE00D:
+            return pos + 8
+        if implicit:
+            length, start = implicit_length, pos + 8
+        else:
+            raw_vr = data[pos + 4:pos + 6]
+            if raw_vr in _LONG_VRS:
+                if pos + 12 > limit:
+                    break
+                length, start = unpack_from(ulong, data, pos + 8)[0], pos + 12
+            elif raw_vr in _SHORT_VRS or b"AA" <= raw_vr <= b"ZZ":
+                length, start = unpack_from(ushort, data, pos + 6)[0], pos + 8
+            else:  # implicit VR inside an explicit item (pydicom assume_implicit_vr_switch)
+                length, start = implicit_length, pos + 8
+        if length != _UNDEFINED:
+            pos = start + length
+            continue
+        if depth >= MAX_DEPTH:
+            raise HeaderError(f"sequences nested deeper than {MAX_DEPTH}")
+        if start + 4 <= size and unpack_from("<HH" if little else ">HH", data, start) == item_hdr:
+            pos = _skip_sequence(buf, start, end, implicit, depth + 1, size)  # a sequence (or fragments)
+            continue
+        found = data.find(b"\xfe\xff\xdd\xe0" if little else b"\xff\xfe\xe0\xdd", start, end)
+        while found >= 0 and (found - start) % 2:
+            found = data.find(b"\xfe\xff\xdd\xe0" if little else b"\xff\xfe\xe0\xdd", found + 1, end)
+        if found < 0:
+            return end
+        pos = found + 8
+    return end
 
 
 def _read_items(element: HeaderElement) -> list[HeaderDataset]:
@@ -741,7 +784,24 @@ def _parse_meta_element(buf: _Buffer, pos: int, meta: HeaderDataset) -> int:
     return start + length
 
 
-def _wanted_tags(specific_tags: Iterable[Any]) -> set[int]:
+_WANTED_CACHE: dict[tuple, frozenset[int]] = {}
+
+
+def _wanted_tags(specific_tags: Iterable[Any]) -> frozenset[int]:
+    """The tags to keep; the same request (every file of a series asks the same) is resolved once."""
+    key = tuple(specific_tags) if not isinstance(specific_tags, tuple) else specific_tags
+    try:
+        cached = _WANTED_CACHE.get(key)
+    except TypeError:  # an unhashable entry: resolve without the cache
+        return _resolve_wanted(key)
+    if cached is None:
+        cached = _WANTED_CACHE[key] = _resolve_wanted(key)
+        if len(_WANTED_CACHE) > 64:
+            _WANTED_CACHE.pop(next(iter(_WANTED_CACHE)))
+    return cached
+
+
+def _resolve_wanted(specific_tags: Iterable[Any]) -> frozenset[int]:
     wanted = set()
     for key in specific_tags:
         try:
@@ -752,7 +812,7 @@ def _wanted_tags(specific_tags: Iterable[Any]) -> set[int]:
         if (tag >> 16) & 1 and tag & 0xFF00:  # private element: keep its block's creator (PS3.5 7.8.1)
             wanted.add(tag & 0xFFFF0000 | (tag & 0xFFFF) >> 8)
     wanted.add(_CHARSET_TAG)
-    return wanted
+    return frozenset(wanted)
 
 
 def read_header(path: str | os.PathLike, specific_tags: Iterable[Any] | None = None,
@@ -854,7 +914,7 @@ def _read(data: bytes, specific_tags: Iterable[Any] | None, stop_before_pixels: 
 
 
 def _parse_checked(buf: _Buffer, pos: int, implicit: bool, ds: HeaderDataset, stop_pixels: bool,
-                   wanted: set[int] | None, last: int) -> HeaderDataset:
+                   wanted: "frozenset[int] | None", last: int) -> HeaderDataset:
     """Parse a first chunk: if the data set (or any element of it) runs past it, ask for the rest."""
     size = len(buf.data)
     try:

@@ -56,18 +56,16 @@ def _safe(fn, *args) -> Any:
 def _private_cheap(ds, group: int, creator: str, elem: int) -> Any:
     """Private element ``(group, creator, elem)`` found by the creator element at (group,0010..001F), read
     undecoded where possible: cheap enough for every file (no ``private_block`` scan of the dataset)."""
-    from pydicom.tag import Tag
-
     wanted = creator.encode()
     for block in _BLOCKS:
-        name = _safe(_raw_value, ds, Tag(group, block))
+        name = _safe(_raw_value, ds, (group << 16) | block)
         if name is None:
             continue
         name = name[0] if isinstance(name, list) and name else name
         if isinstance(name, bytes):
             name = name.decode("latin1", "replace")
         if str(name).encode("latin1", "replace").strip(b" \x00") == wanted:
-            return _safe(_raw_value, ds, Tag(group, (block << 8) | elem))
+            return _safe(_raw_value, ds, (group << 16) | (block << 8) | elem)
     return None
 
 
