@@ -13,7 +13,7 @@ from typing import Any
 from sitebench.qc.diffusion_frame import as_floats, clean, slice_normal
 from sitebench.qc.dicom_params import _items, _num, _text
 
-__all__ = ["seconds", "position_along_normal", "frame_item", "enhanced_frames", "slice_times", "volumes"]
+__all__ = ["seconds", "position_along_normal", "frame_item", "enhanced_frames", "slice_times", "steadier_volume", "volumes"]
 
 
 def seconds(value: Any) -> float | None:
@@ -72,24 +72,38 @@ def enhanced_frames(ds) -> list[list]:
     return out
 
 
-def slice_times(slices: list[tuple[float, float]]) -> list[float] | None:
-    """(position along the normal, time) of every slice image -> dcm2niix SliceTiming.
+def slice_times(slices: list[tuple[float, float]], volume: int = 0) -> list[float] | None:
+    """(position along the normal, time) of every slice image -> dcm2niix SliceTiming of one volume.
 
-    The first volume is the earliest time at each position; dcm2niix writes slices in ascending
-    position along row x column, times relative to the first slice acquired."""
-    first: dict[float, float] = {}
+    ``volume`` counts repeats of each position in time order (0: the first volume; None where a
+    position has fewer repeats). dcm2niix writes slices in ascending position along row x
+    column, times relative to the first slice acquired."""
+    per_z: dict[float, list[float]] = {}
     for z, t in slices:
         if z is None or t is None:
             continue
-        first[z] = min(t, first.get(z, t))
-    if len(first) < 2:
+        per_z.setdefault(z, []).append(t)
+    if len(per_z) < 2 or any(len(ts) <= volume for ts in per_z.values()):
         return None
-    zs = sorted(first)
-    t0 = min(first.values())
-    times = [first[z] - t0 for z in zs]
+    chosen = {z: sorted(ts)[volume] for z, ts in per_z.items()}
+    zs = sorted(chosen)
+    t0 = min(chosen.values())
+    times = [chosen[z] - t0 for z in zs]
     if max(times) <= 0:
         return None
     return [clean(t, 6) for t in times]
+
+
+def steadier_volume(first: list[float] | None, second: list[float] | None) -> list[float] | None:
+    """The slice times dcm2niix writes when it has two volumes' worth: the second volume's where
+    its acquisition span (TA) differs from the first's, else the first's.
+
+    dcm2niix issues 870/875: the first volume of a Siemens series can carry single-band or
+    start-up timing (XA30 classic TimeAfterStart, VB17 and VE11 mosaics 2.5 ms short), so
+    dcm2niix takes the second volume when the two spans disagree."""
+    if first and second and len(first) == len(second) and abs(max(first) - max(second)) > 1e-6:
+        return second
+    return first or second
 
 
 def volumes(images: list[tuple[Any, Any, Any, Any]]) -> list[tuple[Any, Any]]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from sitebench.qc.diffusion_frame import as_floats, clean, slice_normal, to_bvec_frame
-from sitebench.qc.per_image import enhanced_frames, frame_item, position_along_normal, seconds, slice_times, volumes
-from sitebench.qc.dicom_params import _csa_tags, _items, _num, _private, _private_fast, _raw_value, _text
+from sitebench.qc.per_image import (enhanced_frames, frame_item, position_along_normal, seconds, slice_times,
+                                    steadier_volume, volumes)
+from sitebench.qc.dicom_params import _ascconv, _csa_tags, _items, _num, _private, _private_fast, _raw_value, _text
 
 __all__ = ["PER_FILE_TAGS", "file_fields", "series_fields"]
 
@@ -24,13 +25,17 @@ def _private_tags(group: int, elems: tuple[int, ...], blocks: tuple[int, ...] = 
 
 #: Per-file tags: timing (AcquisitionTime/DateTime, XA (0021,1104)), slice position and
 #: orientation, instance/acquisition numbers, diffusion (0019,100C/100E; 0018,9087/9089; enhanced
-#: groups) and XA classic polarity (0021,111C).
+#: groups), XA classic polarity (0021,111C) and the CSA image header (0029,1010), whose
+#: ``MosaicRefAcqTimes`` are read from the second mosaic only.
 PER_FILE_TAGS: tuple = (
     "InstanceNumber", "AcquisitionNumber", "AcquisitionTime", "AcquisitionDateTime", "ImagePositionPatient",
     "ImageOrientationPatient", "DiffusionBValue", "DiffusionGradientOrientation", "SpecificCharacterSet",
     "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
-    *_private_tags(0x0019, (0x0C, 0x0E)), *_private_tags(0x0021, (0x04, 0x1C)),
+    *_private_tags(0x0019, (0x0C, 0x0E)), *_private_tags(0x0021, (0x04, 0x1C)), *_private_tags(0x0029, (0x10,)),
 )
+
+#: CSA keys the mosaic slice times need (:func:`_mosaic_times`).
+_MOSAIC_KEYS = ("MosaicRefAcqTimes", "NumberOfImagesInMosaic", "SliceNormalVector")
 
 
 def file_fields(ds) -> dict[str, Any]:
@@ -43,6 +48,10 @@ def file_fields(ds) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if "PerFrameFunctionalGroupsSequence" in ds:
             out["frames"] = enhanced_frames(ds)
+            after_start = [_time_after_start(fr) for fr in _items(ds, "PerFrameFunctionalGroupsSequence")]
+            if after_start and len(after_start) == len(out["frames"]) and None not in after_start:
+                for frame, t in zip(out["frames"], after_start):
+                    frame[0] = t
             return out
         out["n"] = _num(_raw_value(ds, "InstanceNumber"))
         out["acq"] = _num(_raw_value(ds, "AcquisitionNumber"))
@@ -57,16 +66,30 @@ def file_fields(ds) -> dict[str, Any]:
         out["b"] = _num(b[0] if isinstance(b, (list, tuple)) else b)
         out["g"] = as_floats(g)
         out["pe+"] = _num(_private_fast(ds, 0x0021, "SIEMENS MR SDI 02", 0x1C))
+        out["tas"] = _num(_private_fast(ds, 0x0021, "SIEMENS MR SDI 02", 0x04))
+        if out["n"] == 2:  # dcm2niix times a mosaic series by its second volume (see series_fields)
+            csa = _csa_tags(_private_fast(ds, 0x0029, "SIEMENS CSA HEADER", 0x10))
+            if csa.get("MosaicRefAcqTimes"):
+                out["csa"] = {k: csa[k] for k in _MOSAIC_KEYS if k in csa}
         return {k: v for k, v in out.items() if v is not None}
     except Exception:  # noqa: BLE001 - a damaged file gives nothing, never an error at intake
         return {}
 
 
-def _mosaic_times(first) -> list[float] | None:
+def _time_after_start(frame) -> float | None:
+    """XA per-frame TimeAfterStart (0021,1104) 'SIEMENS MR SDI 02' (s), in the frame's private
+    (0021,xx) item: the slice clock dcm2niix times XA enhanced files by. FrameAcquisitionDateTime
+    is rounded to 10 ms on the scanner, TimeAfterStart to 2.5 ms."""
+    for el in frame:
+        if el.VR == "SQ" and el.tag.group == 0x0021 and el.value:
+            return _num(_private(el.value[0], 0x0021, "SIEMENS MR SDI 02", 0x04))
+    return None
+
+
+def _mosaic_times(csa: dict[str, list[str]], iop: list[float] | None) -> list[float] | None:
     """CSA image header (0029,1010) ``MosaicRefAcqTimes`` (ms, mosaic tile order): negative times
     shifted to start at 0 (dcm2niix checkSliceTimes, issue 271), reversed when the CSA
     SliceNormalVector points against row x column (dcm2niix writes the slices flipped then)."""
-    csa = _csa_tags(_private(first, 0x0029, "SIEMENS CSA HEADER", 0x10))
     raw = csa.get("MosaicRefAcqTimes") or []
     try:
         times = [float(x) for x in raw]
@@ -80,11 +103,44 @@ def _mosaic_times(first) -> list[float] | None:
     low = min(times)
     if low < 0:
         times = [t - low for t in times]
-    normal = slice_normal(first.get("ImageOrientationPatient") or [])
+    return _in_nifti_order([clean(t / 1000.0, 6) for t in times], csa, iop)
+
+
+def _in_nifti_order(times: list[float], csa: dict[str, list[str]], iop: list[float] | None) -> list[float]:
+    """Mosaic tiles are stored along the CSA SliceNormalVector; dcm2niix writes slices along
+    row x column, so the times reverse where the two point apart."""
+    normal = slice_normal(iop or [])
     csa_normal = as_floats(csa.get("SliceNormalVector")) if csa.get("SliceNormalVector") else None
     if normal and csa_normal and len(csa_normal) == 3 and sum(a * b for a, b in zip(normal, csa_normal)) < 0:
-        times = times[::-1]
-    return [clean(t / 1000.0, 6) for t in times]
+        return times[::-1]
+    return times
+
+
+def _protocol_times(asc: dict[str, str], n_slices: int) -> list[float] | None:
+    """Slice times of an early (VB12/VB13) mosaic that has no ``MosaicRefAcqTimes``: the protocol's
+    slice order ``sSliceArray.ucMode`` (1 ascending, 2 descending, 4 interleaved) spread evenly
+    over TR less ``lDelayTimeInTR`` (both us), as dcm2niix does for these files. Siemens
+    interleaving starts with the first slice for an odd count and the second for an even one."""
+    try:
+        mode = int(asc.get("sSliceArray.ucMode", ""), 0)
+    except ValueError:
+        return None
+    tr = _num(asc.get("alTR[0]"))
+    delay = _num(asc.get("lDelayTimeInTR")) or 0
+    if mode not in (1, 2, 4) or not tr or n_slices < 2 or _num(asc.get("sSliceArray.lSize")) != n_slices:
+        return None
+    step = (tr - delay) / 1e6 / n_slices
+    if mode == 1:
+        order = list(range(n_slices))
+    elif mode == 2:
+        order = list(range(n_slices))[::-1]
+    else:
+        first = 0 if n_slices % 2 else 1
+        order = list(range(first, n_slices, 2)) + list(range(1 - first, n_slices, 2))
+    times = [0.0] * n_slices
+    for k, z in enumerate(order):
+        times[z] = clean(k * step, 6)
+    return times
 
 
 def series_fields(first, files: list[dict[str, Any]]) -> dict[str, Any]:
@@ -104,12 +160,31 @@ def series_fields(first, files: list[dict[str, Any]]) -> dict[str, Any]:
         # slice timing
         times = None
         if mosaic:
-            times = _mosaic_times(first)
-        elif enhanced:
-            frames = [fr for f in files[:1] for fr in f.get("frames") or []]
-            times = slice_times([(fr[1], fr[0]) for fr in frames])
+            csa1 = _csa_tags(_private(first, 0x0029, "SIEMENS CSA HEADER", 0x10))
+            csa2 = next((f["csa"] for f in files if f.get("csa")), None)
+            times = steadier_volume(_mosaic_times(csa1, iop), _mosaic_times(csa2, iop) if csa2 else None)
+            if times is None:
+                n = _num((csa1.get("NumberOfImagesInMosaic") or [None])[0])
+                asc = _ascconv(_private(first, 0x0029, "SIEMENS CSA HEADER", 0x20))
+                times = _protocol_times(asc, n) if isinstance(n, int) else None
+                times = _in_nifti_order(times, csa1, iop) if times else None
         else:
-            times = slice_times([(f.get("z"), f.get("t")) for f in files])
+            if enhanced:
+                slices = [(fr[1], fr[0]) for f in files for fr in f.get("frames") or []]
+                times = steadier_volume(slice_times(slices, 0), slice_times(slices, 1))
+            else:
+                times = None
+                tr = _num(first.get("RepetitionTime"))
+                if files and all(f.get("tas") is not None for f in files):  # XA classic TimeAfterStart
+                    slices = [(f.get("z"), f["tas"]) for f in files]
+                    times = steadier_volume(slice_times(slices, 0), slice_times(slices, 1))
+                    # a first volume alone can carry single-band times spanning more than TR
+                    # (dcm2niix issue 875): then the files' acquisition times are the better clock
+                    if times and tr and max(times) * 1000.0 >= tr:
+                        times = None
+                if times is None:
+                    slices = [(f.get("z"), f.get("t")) for f in files]
+                    times = steadier_volume(slice_times(slices, 0), slice_times(slices, 1))
         if times and not three_d:
             out["SliceTiming"] = times
         # XA classic polarity (0021,111C): no CSA header to carry PhaseEncodingDirectionPositive
