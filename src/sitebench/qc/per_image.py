@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sitebench.qc.diffusion_frame import as_floats, clean, slice_normal
 from sitebench.qc.dicom_params import _items, _num, _text
+from sitebench.qc.diffusion_frame import as_floats, clean, slice_normal
 
-__all__ = ["seconds", "position_along_normal", "frame_item", "enhanced_frames", "slice_times", "steadier_volume", "volumes"]
+__all__ = ["enhanced_frames", "frame_item", "position_along_normal", "seconds", "slice_times", "steadier_volume", "volumes"]
 
 
 def seconds(value: Any) -> float | None:

@@ -9,10 +9,26 @@ from __future__ import annotations
 
 from typing import Any
 
+from sitebench.qc.dicom_params import (
+    _ascconv,
+    _csa_tags,
+    _items,
+    _num,
+    _private,
+    _private_fast,
+    _raw_value,
+    _text,
+)
 from sitebench.qc.diffusion_frame import as_floats, clean, slice_normal, to_bvec_frame
-from sitebench.qc.per_image import (enhanced_frames, frame_item, position_along_normal, seconds, slice_times,
-                                    steadier_volume, volumes)
-from sitebench.qc.dicom_params import _ascconv, _csa_tags, _items, _num, _private, _private_fast, _raw_value, _text
+from sitebench.qc.per_image import (
+    enhanced_frames,
+    frame_item,
+    position_along_normal,
+    seconds,
+    slice_times,
+    steadier_volume,
+    volumes,
+)
 
 __all__ = ["PER_FILE_TAGS", "file_fields", "series_fields"]
 
