@@ -202,3 +202,26 @@ def test_analyses_return_the_one_result_protocol(tmp_path):
         assert isinstance(result, Result), type(result).__name__
         assert isinstance(result.to_frame(), pd.DataFrame) and result.summary()
         json.dumps(result.to_dict())
+
+
+def test_one_group_parser_is_the_whole_parser_for_its_commands():
+    """``main`` builds only the named group's parser (a command imports its own module alone): the
+    commands it knows, and their options, are the full parser's."""
+    import subprocess
+    import sys
+
+    from sitebench.cli import GROUPS
+
+    whole = build_parser()
+    for name in GROUPS:
+        alone = build_parser(name)
+        assert _json_commands(alone) == {c for c in _json_commands(whole) if c.split()[0] == name}
+    for command in CASES:
+        words = command.split()
+        assert (build_parser(words[0])._subparsers._group_actions[0].choices[words[0]].format_help()
+                == whole._subparsers._group_actions[0].choices[words[0]].format_help())
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom sitebench.cli import main\ntry:\n    main(['qc', '--help'])\n"
+         "except SystemExit:\n    pass\nprint(sorted(m for m in sys.modules if m.startswith('sitebench.cli.')))"],
+        capture_output=True, text=True, check=True).stdout
+    assert "sitebench.cli.qc" in loaded and "sitebench.cli.stats" not in loaded, loaded

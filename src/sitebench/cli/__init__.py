@@ -10,21 +10,23 @@ and exit code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Any, Callable, Sequence
 
 from sitebench import __version__
-from sitebench.cli import audit, benchmark, demo, manifest, models, qc, report, simulate, stats
 from sitebench.cli._common import EXIT_USER_ERROR, EXIT_VERIFY_FAILED, quiet_libraries
 from sitebench.errors import SitebenchError
 
-__all__ = ["EXIT_USER_ERROR", "EXIT_VERIFY_FAILED", "build_parser", "main"]
+__all__ = ["EXIT_USER_ERROR", "EXIT_VERIFY_FAILED", "GROUPS", "build_parser", "main"]
 
-#: Command groups in the order ``--help`` lists them.
-GROUPS = (demo, simulate, benchmark, report, manifest, qc, stats, audit, models)
+#: Command groups (module ``sitebench.cli.<name>`` registers command ``<name>``), in ``--help`` order.
+GROUPS = ("demo", "simulate", "benchmark", "report", "manifest", "qc", "stats", "audit", "models")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with ``only`` one group's: a command imports its own module and
+    no other (``sitebench qc inspect`` at upload time should not pay for the statistics CLI)."""
     parser = argparse.ArgumentParser(
         prog="sitebench",
         description="Check an imaging biomarker across the sites, scanner vendors and software versions "
@@ -33,13 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with: sitebench demo --out sitebench-demo")
     parser.add_argument("--version", action="version", version=f"sitebench {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in GROUPS:
-        group.add_parser(sub)
+    for name in GROUPS:
+        if only is None or name == only:
+            importlib.import_module(f"sitebench.cli.{name}").add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    only = words[0] if words and words[0] in GROUPS else None
+    args = build_parser(only).parse_args(words)
     quiet_libraries()
     handler: Callable[[argparse.Namespace], int] = args.func
     try:

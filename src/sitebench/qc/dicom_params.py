@@ -1098,6 +1098,9 @@ def read_series(path: str | Path | Iterable[str | Path], reader: str = "auto") -
     read, errors = chosen
     files = dicom_files(path)
     per_file_tags = sorted({_tag(k) for k in PER_FILE_TAGS + vendor_per_file_tags()})
+    # one pass per file: each header is summarised as it is read and dropped, only a series' first
+    # data set is kept (its parameters come from it), so memory stays flat in the series' length
+    firsts: dict[str, Any] = {}
     groups: dict[str, list] = defaultdict(list)
     for f in files:
         try:
@@ -1107,25 +1110,25 @@ def read_series(path: str | Path | Iterable[str | Path], reader: str = "auto") -
         uid = str(ds.get("SeriesInstanceUID") or "")
         if not uid:
             continue
-        groups[uid].append((f, ds))
+        if uid not in firsts or _is_enhanced(firsts[uid]):
+            try:
+                ds = read(f, None)
+            except errors:
+                pass  # keep the partial read: the integrity check names the file
+            firsts.setdefault(uid, ds)
+        groups[uid].append((f, file_summary(ds)))
+        del ds
     if not groups:
         where = path if isinstance(path, (str, Path)) else (files[0].parent if files else Path("."))
         raise SitebenchError("no DICOM files with a SeriesInstanceUID found", where)
     out = []
     for uid, members in groups.items():
-        whole = []
-        for index, (f, ds) in enumerate(members):
-            if index == 0 or _is_enhanced(whole[0]):
-                try:
-                    ds = read(f, None)
-                except errors:
-                    pass  # keep the partial read: the integrity check names the file
-            whole.append(ds)
-        summaries = [file_summary(d) for d in whole]
-        params = _series_parameters(whole, summaries)
+        first = firsts[uid]
+        summaries = [summary for _, summary in members]
+        params = _series_parameters([first], summaries)
         out.append(SeriesParameters(
             series_uid=uid, files=[f for f, _ in members], parameters=params,
             missing=[k for k in PARAMETER_KEYS if k not in params],
-            phi_present=sorted({n for s in summaries for n in s["phi"]}, key=PHI_KEYWORDS.index), study_uid=str(whole[0].get("StudyInstanceUID") or ""),
-            scanner_id=_scanner_id(whole[0])))
+            phi_present=sorted({n for s in summaries for n in s["phi"]}, key=PHI_KEYWORDS.index), study_uid=str(first.get("StudyInstanceUID") or ""),
+            scanner_id=_scanner_id(first)))
     return out
