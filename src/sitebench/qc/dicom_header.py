@@ -48,6 +48,9 @@ _PIXEL_TAGS = frozenset((0x7FE00010, 0x7FE00009, 0x7FE00008))  # stop_before_pix
 _CHARSET_TAG = 0x00080005
 _PIXREP_TAG = 0x00280103
 _UNDEFINED = 0xFFFFFFFF
+_EXPLICIT_LE, _EXPLICIT_BE = struct.Struct("<HH2sH"), struct.Struct(">HH2sH")  # group, element, VR, short length
+_IMPLICIT_LE, _IMPLICIT_BE = struct.Struct("<HHL"), struct.Struct(">HHL")
+_ULONG_LE, _ULONG_BE = struct.Struct("<L"), struct.Struct(">L")
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 #: PS3.5 6.2 VRs; those of PS3.5 7.1.2 Table 7.1-1 with a 2-byte reserved field and 4-byte length.
@@ -570,39 +573,42 @@ def _parse(buf: _Buffer, pos: int, end: int, implicit: bool, ds: HeaderDataset, 
     little = buf.little
     unpack_from = struct.unpack_from
     hdr = "<HH" if little else ">HH"
-    ulong = "<L" if little else ">L"
-    ushort = "<H" if little else ">H"
+    # one unpack per element header: tag, VR bytes and short length (explicit) or tag and length
+    explicit_header = (_EXPLICIT_LE if little else _EXPLICIT_BE).unpack_from
+    implicit_header = (_IMPLICIT_LE if little else _IMPLICIT_BE).unpack_from
+    ulong = (_ULONG_LE if little else _ULONG_BE).unpack_from
+    short_vrs, long_vrs = _SHORT_VRS, _LONG_VRS
     elements = ds._elements
     while pos + 8 <= end:
-        group, elem = unpack_from(hdr, data, pos)
-        tag = group << 16 | elem
-        if tag == _ITEM_END:
-            return pos + 8
         if implicit:
+            group, elem, length = implicit_header(data, pos)
+            tag = group << 16 | elem
+            if tag == _ITEM_END:
+                return pos + 8
             vr = None
-            length = unpack_from(ulong, data, pos + 4)[0]
             start = pos + 8
         else:
-            raw_vr = data[pos + 4:pos + 6]
-            if raw_vr in _SHORT_VRS:
-                vr = raw_vr.decode()
-                length = unpack_from(ushort, data, pos + 6)[0]
+            group, elem, raw_vr, length = explicit_header(data, pos)
+            tag = group << 16 | elem
+            if tag == _ITEM_END:
+                return pos + 8
+            if raw_vr in short_vrs:
+                vr = raw_vr
                 start = pos + 8
-            elif raw_vr in _LONG_VRS:
+            elif raw_vr in long_vrs:
                 if pos + 12 > size:
                     raise HeaderError(f"truncated element header of {Tag(tag)!r}")
                 if pos + 12 > end:
                     return end
-                vr = raw_vr.decode()
-                length = unpack_from(ulong, data, pos + 8)[0]
+                vr = raw_vr
+                length = ulong(data, pos + 8)[0]
                 start = pos + 12
             elif not (b"AA" <= raw_vr <= b"ZZ"):  # pydicom assume_implicit_vr_switch
                 vr = None
-                length = unpack_from(ulong, data, pos + 4)[0]
+                length = ulong(data, pos + 4)[0]
                 start = pos + 8
             else:  # unknown VR of two letters: 2-byte length, as pydicom
-                vr = raw_vr.decode("latin_1")
-                length = unpack_from(ushort, data, pos + 6)[0]
+                vr = raw_vr
                 start = pos + 8
         if depth == 0:
             if stop_pixels and tag in _PIXEL_TAGS:
@@ -615,11 +621,15 @@ def _parse(buf: _Buffer, pos: int, end: int, implicit: bool, ds: HeaderDataset, 
             if not keep:
                 pos = stop
                 continue
+            if vr is not None:
+                vr = vr.decode("latin_1")
             vr = _element_vr(tag, vr, ds, length)
             elements[tag] = HeaderElement(tag, vr, buf, start, min(stop, end, size), ds, implicit)
             pos = stop
             continue
         # undefined length (PS3.5 7.1.3): a sequence, an encapsulated value, or UN holding a sequence
+        if vr is not None:
+            vr = vr.decode("latin_1")
         if vr == "UN":
             vr = "SQ"
         if vr is None:
@@ -673,27 +683,32 @@ def _skip_item(buf: _Buffer, pos: int, end: int, implicit: bool, depth: int, siz
     data = buf.data
     little = buf.little
     unpack_from = struct.unpack_from
-    hdr = "<HHL" if little else ">HHL"
-    ushort = "<H" if little else ">H"
-    ulong = "<L" if little else ">L"
+    implicit_header = (_IMPLICIT_LE if little else _IMPLICIT_BE).unpack_from
+    explicit_header = (_EXPLICIT_LE if little else _EXPLICIT_BE).unpack_from
+    ulong = (_ULONG_LE if little else _ULONG_BE).unpack_from
+    short_vrs, long_vrs = _SHORT_VRS, _LONG_VRS
     item_hdr = (0xFFFE, 0xE000)
     limit = min(end, size)
     while pos + 8 <= limit:
-        group, elem, implicit_length = unpack_from(hdr, data, pos)
-        if group == 0xFFFE and elem == 0xE00D:
-            return pos + 8
         if implicit:
-            length, start = implicit_length, pos + 8
+            group, elem, length = implicit_header(data, pos)
+            if group == 0xFFFE and elem == 0xE00D:
+                return pos + 8
+            start = pos + 8
         else:
-            raw_vr = data[pos + 4:pos + 6]
-            if raw_vr in _LONG_VRS:
+            group, elem, raw_vr, length = explicit_header(data, pos)
+            if group == 0xFFFE and elem == 0xE00D:
+                return pos + 8
+            if raw_vr in short_vrs:
+                start = pos + 8
+            elif raw_vr in long_vrs:
                 if pos + 12 > limit:
                     break
-                length, start = unpack_from(ulong, data, pos + 8)[0], pos + 12
-            elif raw_vr in _SHORT_VRS or b"AA" <= raw_vr <= b"ZZ":
-                length, start = unpack_from(ushort, data, pos + 6)[0], pos + 8
+                length, start = ulong(data, pos + 8)[0], pos + 12
+            elif b"AA" <= raw_vr <= b"ZZ":
+                start = pos + 8
             else:  # implicit VR inside an explicit item (pydicom assume_implicit_vr_switch)
-                length, start = implicit_length, pos + 8
+                length, start = ulong(data, pos + 4)[0], pos + 8
         if length != _UNDEFINED:
             pos = start + length
             continue
