@@ -96,12 +96,13 @@ def _baseline(path: str) -> dict:
         if params.get("_scanner_id") and not params.get("DeviceSerialNumber"):
             params["DeviceSerialNumber"] = params["_scanner_id"]  # the same pseudonym the gate keys on
         return params
-    from sitebench.qc.dicom_params import read_series
+    from sitebench.qc.dicom_params import PARSER_VERSION, read_series
 
     series = read_series(source)
     if len(series) != 1:
         raise SitebenchError(f"baseline holds {len(series)} series; a baseline is one reference series", source)
-    params = {**series[0].parameters, "SeriesInstanceUID": series[0].series_uid}
+    params = {**series[0].parameters, "SeriesInstanceUID": series[0].series_uid,
+              "_parser_version": PARSER_VERSION}  # read just now: every key this parser knows
     if series[0].scanner_id:
         params["DeviceSerialNumber"] = series[0].scanner_id  # a pseudonym, as the gate keys scanners
     return params
