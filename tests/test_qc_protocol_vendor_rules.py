@@ -171,6 +171,26 @@ def test_phase_encoding_ap_vs_pa_fails():
     assert "PhaseEncodingDirection" in verdict.summary()
 
 
+@needs_data
+def test_phase_encoding_rule_is_undetermined_where_the_vendor_records_no_polarity():
+    """Canon and Philips write the phase-encoding axis but not its sign (dcm2niix vendor notes), so
+    an AP/PA reversal is invisible in their headers: a locked polarity rule is undetermined on their
+    series, saying why, and never passes. Real headers: the Philips DTI files; dcm2niix's sidecar of
+    a Canon DTI series (no Canon DICOM in the shared data)."""
+    ap = _series(PE_AP, "PhaseEncodingDirection")
+    rule = draft_protocol(ap, "epi-ap")
+    philips = _read(PHILIPS_DTI)
+    canon = json.loads((DATA / "dicom" / "dcm_qa_enh" / "Ref" / "Canon_DTI_PA-ortho_9000.json").read_text())
+    assert "PhaseEncodingDirection" not in philips and "PhaseEncodingDirection" not in canon
+    assert philips["InPlanePhaseEncodingDirectionDICOM"] in ("ROW", "COL")
+    for params, vendor in ((philips, "Philips"), ({**canon, "Manufacturer": "Canon"}, "Canon")):
+        (check,) = [d for d in check_series(params, rule).checks if d.parameter == "PhaseEncodingDirection"]
+        assert check.status == "undetermined", vendor
+        assert f"{vendor} does not record phase-encoding polarity" in check.note
+    (other,) = [d for d in check_series({"Manufacturer": "GE"}, rule).checks if d.parameter == "PhaseEncodingDirection"]
+    assert other.status == "undetermined" and other.note == "parameter missing from the series"
+
+
 # --------------------------------------------------------------------------- diffusion scheme
 
 

@@ -214,6 +214,27 @@ _COMPLEX_LETTERS = {"M": "MAGNITUDE", "P": "PHASE", "R": "REAL", "I": "IMAGINARY
 _NOT_IN_ENHANCED = {"AcquisitionMatrix": "AcquisitionMatrix (0018,1310) is not in enhanced MR images "
                                          "(PS3.3 C.8.13); lock AcquisitionMatrixPE / ReconMatrixPE instead"}
 
+#: Parameters some vendors never write to DICOM, so the gate cannot check them on their files: the
+#: rule stays undetermined (never a pass) and says why. Phase-encoding polarity: Canon/Toshiba and
+#: Philips record the axis (0018,1312) but not the sign (dcm2niix Canon and Philips notes).
+_NOT_RECORDED_BY_VENDOR = {
+    "PhaseEncodingDirection": ({"Canon", "Toshiba", "Philips"},
+                               "{vendor} does not record phase-encoding polarity in DICOM (only the axis, "
+                               "InPlanePhaseEncodingDirectionDICOM): an AP/PA reversal cannot be seen in the "
+                               "header; confirm it at the console or with a reverse-polarity reference scan"),
+}
+
+
+def _missing_note(key: str, values: dict[str, Any]) -> str:
+    """Why a parameter is absent: not in enhanced files, not written by this vendor, or just missing."""
+    if key in _NOT_IN_ENHANCED:
+        return _NOT_IN_ENHANCED[key]
+    vendors, note = _NOT_RECORDED_BY_VENDOR.get(key, (set(), ""))
+    vendor = values.get("Manufacturer")
+    if vendor in vendors:
+        return note.format(vendor=vendor)
+    return "parameter missing from the series"
+
 
 def _items(value: Any) -> list[str]:
     raw = value if isinstance(value, (list, tuple)) else str(value).split("\\")
@@ -959,7 +980,7 @@ def check_values(values: dict[str, Any], rules: dict[str, Any], undecided: dict[
         if key in undecided:
             status, note = "undetermined", undecided[key]
         elif _missing(observed):
-            status, note = "undetermined", _NOT_IN_ENHANCED.get(key, "parameter missing from the series")
+            status, note = "undetermined", _missing_note(key, values)
         elif rule.holds(observed):
             status, note = "pass", ""
         else:
