@@ -104,6 +104,14 @@ def _report(folder: Path) -> Path:
     return report
 
 
+def _intake_yaml(folder: Path) -> Path:
+    import yaml
+
+    path = folder / "intake.yaml"
+    path.write_text(yaml.safe_dump({"store": "store", "protocols": ".", "sites": {"S01": {}}}))
+    return path
+
+
 Case = Callable[[Path, pytest.FixtureRequest], list]
 
 #: The command (as typed, without ``--json``) for every command that has ``--json``.
@@ -126,6 +134,7 @@ CASES: dict[str, Case] = {
     "simulate sweep": lambda d, r: ["simulate", "sweep", "--parameter", "coverage_loss", "--levels", "0,10",
                                     "--subjects", "3", "--models", "classical", "--bootstrap", "200",
                                     "--out", d / "sweep", "--no-progress", "--no-plot"],
+    "qc users": lambda d, r: ["qc", "users", "add", "mon", "--role", "central_monitor", "--config", _intake_yaml(d)],
     "qc iqm": lambda d, r: (lambda trial, row: ["qc", "iqm", trial.out_dir / row.image_path, "--labels",
                                                 trial.out_dir / row.label_path])(
         r.getfixturevalue("small_trial"), r.getfixturevalue("small_trial").manifest.iloc[0]),

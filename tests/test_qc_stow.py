@@ -309,17 +309,30 @@ def test_too_many_parts_is_413_and_status_stays_responsive(service, t1_files):
 
 
 # --------------------------------------------------------------------------- access
-def test_unknown_site_wrong_token_and_no_token_get_one_identical_answer(service, t1_files):
+def test_no_or_wrong_token_is_401_and_another_sites_token_403_both_audited(service, t1_files):
+    """No credentials or a wrong token: one identical 401 whatever the site (nothing learnt about
+    which sites exist). A valid token used for another site, known or not: 403, again one answer.
+    Nothing is stored, and every refusal is in the audit trail with the user but never the token."""
     body = multipart([t1_files[9].read_bytes()])
-    replies = [service.post("S99", body, token=TOKENS["S01"]),  # unknown site, a valid token of another
-               service.post("S99", b"malformed", token=None),  # unknown site, bad request: auth first
-               service.post("S01", body, token="wrong"),
-               service.post("S01", body, token=None),
-               service.post("S01", body, token=TOKENS["S02"]),  # another site's token
-               service.post("S01", body, token=None, Authorization="Basic czAxOnMwMS10b2tlbg==")]
-    answers = {(r.status_code, r.content, r.headers.get("www-authenticate")) for r in replies}
+    unauthenticated = [service.post("S99", b"malformed", token=None),  # unknown site, bad request: auth first
+                       service.post("S01", body, token="wrong"),
+                       service.post("S01", body, token=None),
+                       service.post("S01", body, token=None, Authorization="Basic czAxOnMwMS10b2tlbg==")]
+    answers = {(r.status_code, r.content, r.headers.get("www-authenticate")) for r in unauthenticated}
     assert len(answers) == 1 and next(iter(answers))[0] == 401, answers
+    forbidden = [service.post("S01", body, token=TOKENS["S02"]),  # another site's token
+                 service.post("S99", body, token=TOKENS["S01"]),  # unknown site, a valid token
+                 service.post("S01..S02", body, token=TOKENS["S01"])]  # a name that is no site
+    assert {(r.status_code, r.content) for r in forbidden} == {(403, forbidden[0].content)}, \
+        [(r.status_code, r.text) for r in forbidden]
+    # an encoded slash never reaches the handler (no route), so no site name can leave its folder
+    assert service.post("..%2FS01", body, token=TOKENS["S01"]).status_code == 404
     assert sha256(t1_files[9].read_bytes()) not in service.known()
+    refused = [r for r in service.audit() if r["what"] == "access refused"]
+    assert any(r["details"]["user_site"] == "S02" and r["subject"] == "upload to S01" for r in refused), refused[-5:]
+    assert any(r["details"]["user"] is None and r["why"] == "no valid token" for r in refused)
+    assert not any(TOKENS["S01"] in json.dumps(r) or TOKENS["S02"] in json.dumps(r) for r in service.audit())
+    replies = unauthenticated[1:]
     # /status: a site's token, and only that site's row; /healthz open and terse; no schema
     assert service.status(token=None).status_code == 401
     assert service.status(token="wrong").content == replies[0].content

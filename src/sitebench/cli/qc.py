@@ -196,6 +196,25 @@ def cmd_qc_new_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qc_users(args: argparse.Namespace) -> int:
+    from sitebench.qc.intake import load_intake_config, manage_users
+
+    result = manage_users(load_intake_config(args.config), args.action, args.name, role=args.role, site=args.site,
+                          who=args.who)
+    if args.json:
+        print_json(result)
+    elif args.action == "list":
+        for user in result["users"]:
+            print(f"{user['username']:<24} {user['role']:<17} {user['site'] or '(all sites)':<12}"
+                  f"{' disabled' if user['disabled'] else ''}")
+    else:
+        print(f"user {result['user']}: {args.action} done ({result['role']}"
+              f"{' of ' + result['site'] if result['site'] else ''})")
+        if result["token"]:
+            print(f"token (shown once; give it to the user, the gate keeps only its hash): {result['token']}")
+    return 0
+
+
 def cmd_qc_resolve(args: argparse.Namespace) -> int:
     from sitebench.qc.intake import load_intake_config, resolve_conflict
 
@@ -284,6 +303,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                       "http_token_sha256 list in the intake YAML. The gate stores only the hash.")
     token.add_argument("--site", required=True, help="site the token is for")
     token.set_defaults(func=cmd_qc_new_token)
+    users = qc.add_parser("users", help="who may sign in: site uploaders, coordinators, monitors, readers, admins",
+                          description="add a user (prints its token once), rotate its token, disable it, or "
+                                      "list users. A site_uploader or site_coordinator belongs to one --site; "
+                                      "central_monitor, reader and admin see the trial. Audited.")
+    users.add_argument("action", choices=("add", "rotate", "disable", "list"))
+    users.add_argument("name", nargs="?", help="user name (not for list)")
+    users.add_argument("--config", required=True, help="intake YAML of the gate")
+    users.add_argument("--role", choices=("site_uploader", "site_coordinator", "central_monitor", "reader", "admin"),
+                       help="role of a new user")
+    users.add_argument("--site", help="the site of a site_uploader or site_coordinator")
+    users.add_argument("--who", default="sitebench-cli", help="who makes the change (audited)")
+    add_json(users, "the user record (with the new token for add and rotate)")
+    users.set_defaults(func=cmd_qc_users)
     to_manifest = qc.add_parser("manifest", help="checked series into a scan manifest (NIfTI + QC columns)",
                                 description="One NIfTI and one manifest row per series whose latest verdict is "
                                             "pass or warn, with qc_status, qc_protocol, qc_deviations and "

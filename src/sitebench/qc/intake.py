@@ -43,6 +43,7 @@ from sitebench.errors import SitebenchError
 from sitebench.provenance import sha256_bytes, utc_now
 from sitebench.qc import dicom_params  # noqa: F401 - same reason (check_bytes imports it lazily)
 from sitebench.qc.dicom_files import FileCheck, check_bytes, check_path
+from sitebench.qc.access import Principal, UserStore
 from sitebench.qc.gate import Gate, SeriesOutcome, uid_key
 from sitebench.qc.protocol import Protocol, load_protocol
 from sitebench.qc.records import QCRecords, database_url
@@ -304,6 +305,7 @@ class IntakeService:
         self.store = ObjectStore(config.store)
         self.records = QCRecords(database_url(config.store, config.database))
         self.audit = open_audit_trail(config)
+        self.users = UserStore(self.records)
         self.protocols = load_locked_protocols(config.protocols)
         self.gate = Gate(self.protocols, image_quality=config.image_quality,
                          drift_state=self.records.load_state("drift"),
@@ -547,6 +549,12 @@ class IntakeService:
                      "new_files": info.new_files, "duplicate_files": info.files - info.new_files,
                      "bytes": info.bytes, "series": sorted(info.series), "problems": info.problems[:50]})
 
+    def refuse_access(self, who: "Principal | None", attempted: str, address: str, why: str) -> None:
+        """Audit a refused request: who (never the token), what they tried, from where."""
+        self.audit.append(who=self.config.who, what="access refused", why=why, subject=attempted,
+                          details={"user": who.name if who else None, "role": who.role if who else None,
+                                   "user_site": who.site if who else None, "address": address})
+
     def reject_association(self, sender: str, why: str) -> None:
         self.audit.append(who=self.config.who, what="association rejected", why=why,
                           subject=f"calling AE {sender}", details={"calling_ae_title": sender})
@@ -723,6 +731,52 @@ def new_upload_token() -> tuple[str, str]:
     return token, hashlib.sha256(token.encode()).hexdigest()
 
 
+def manage_users(config: IntakeConfig, action: str, username: str | None = None, *, role: str | None = None,
+                 site: str | None = None, who: str) -> dict[str, Any]:
+    """``qc users add|rotate|disable|list``: the users who may sign in (:mod:`sitebench.qc.access`).
+
+    ``add`` and ``rotate`` return the new token, shown once; every change is audited (the user, its
+    role and site; never the token). Users may be made before the gate's first start."""
+    Path(config.store).mkdir(mode=0o700, parents=True, exist_ok=True)
+    records = QCRecords(database_url(config.store, config.database))
+    users = UserStore(records)
+    if action == "list":
+        return {"users": users.list()}
+    if not username:
+        raise SitebenchError(f"qc users {action}: give the user name")
+    if action == "add":
+        token = users.create(username, role or "", site, sites=config.sites)
+    elif action == "rotate":
+        token = users.rotate(username)
+    elif action == "disable":
+        users.disable(username)
+        token = None
+    else:
+        raise SitebenchError(f"qc users: unknown action {action!r} (add, rotate, disable, list)")
+    principal = users.principal(username)
+    details = {"user": username, "role": role if principal is None else principal.role,
+               "site": site if principal is None else principal.site}
+    open_audit_trail(config).append(who=who, what=f"user {action}", why=f"qc users {action}",
+                                    subject=f"user {username}", details=details)
+    return {**details, "token": token}
+
+
+def ensure_first_admin(service: "IntakeService") -> Path | None:
+    """On the first start of a store with no users, make user ``admin`` and write its token, once,
+    to ``<store>/first-admin-token`` (0600): the operator reads it, signs in, makes the real users,
+    and deletes the file. Returns the file's path when it was made."""
+    if service.users.count():
+        return None
+    token = service.users.create("admin", "admin")
+    path = Path(service.config.store) / "first-admin-token"
+    path.unlink(missing_ok=True)  # left by a store whose database was started afresh
+    write_new_file(path, (token + "\n").encode(), mode=0o600)
+    service.audit.append(who=service.config.who, what="user add", why="first start: no users yet",
+                         subject="user admin", details={"user": "admin", "role": "admin", "site": None,
+                                                        "token_file": path.name})
+    return path
+
+
 def resolve_conflict(config: IntakeConfig, keep: str, *, who: str, why: str) -> dict[str, Any]:
     """Keep one copy of an instance in conflict (``qc resolve``); audited, and its series is checked again."""
     records = QCRecords(database_url(config.store, config.database))
@@ -799,6 +853,7 @@ def serve(config: IntakeConfig, ready: threading.Event | None = None) -> None:
 
     service = IntakeService(config)
     service.start()
+    first_admin = ensure_first_admin(service)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
@@ -809,7 +864,10 @@ def serve(config: IntakeConfig, ready: threading.Event | None = None) -> None:
         listening.append(f"STOW-RS http://{config.http.host}:{config.http.port}/dicomweb/{{site}}/studies")
     if config.folder:
         listening.append(f"folder {config.folder}/{{site}}/")
-    print(json.dumps({"event": "listening", "on": listening, "store": str(config.store)}), flush=True)
+    event = {"event": "listening", "on": listening, "store": str(config.store)}
+    if first_admin is not None:
+        event["first_admin_token_file"] = str(first_admin)  # read it, sign in, make users, delete it
+    print(json.dumps(event), flush=True)
     if ready is not None:
         ready.set()
     done.wait()

@@ -136,6 +136,17 @@ drift_events = Table(
     Column("first_seen", String(40), nullable=False),
 )
 
+#: people and systems that may sign in (sitebench.qc.access): the token's SHA-256 only, never the token
+users = Table(
+    "users", metadata,
+    Column("username", String(64), primary_key=True),
+    Column("role", String(32), nullable=False),
+    Column("site", String(64)),  # None for trial-wide roles
+    Column("token_sha256", String(64), nullable=False, unique=True),
+    Column("created_utc", String(40), nullable=False),
+    Column("disabled", Boolean, nullable=False, default=False),
+)
+
 gate_state = Table(
     "gate_state", metadata,
     Column("name", String(32), primary_key=True),

@@ -77,6 +77,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:  # pragma: no cover
+    from sitebench.qc.access import Principal
     from sitebench.qc.intake import HttpListener, IntakeService, Receipt
 
 __all__ = ["make_app", "start_http", "RateLimiter", "StowUpload"]
@@ -391,27 +392,22 @@ def _bearer(authorization: str | None) -> str | None:
 _DUMMY_HASH = "0" * 64
 
 
-def _token_ok(service: "IntakeService", site: str, token: str | None) -> bool:
-    """Whether ``token`` is one of ``site``'s; the same work for an unknown site or a missing token."""
-    presented = hashlib.sha256((token or "").encode()).hexdigest()
-    site_config = service.config.sites.get(site)
-    accepted = list(site_config.http_token_sha256) if site_config is not None else []
-    ok = False
-    for expected in accepted or [_DUMMY_HASH]:
-        ok |= hmac.compare_digest(presented, expected)
-    return ok and token is not None and site_config is not None
+def _principal(service: "IntakeService", token: str | None) -> "Principal | None":
+    """Who holds ``token``: a user of the QC database, or a site's upload token from the intake
+    YAML (a site_uploader of that site). The YAML digests are compared in constant time, all of them."""
+    from sitebench.qc.access import Principal, token_digest
 
-
-def _site_of_token(service: "IntakeService", token: str | None) -> str | None:
-    if token is None:
+    if not token:
         return None
-    presented = hashlib.sha256(token.encode()).hexdigest()
+    presented = token_digest(token)
     found = None
     for site, site_config in service.config.sites.items():
-        for expected in site_config.http_token_sha256:
+        for expected in site_config.http_token_sha256 or [_DUMMY_HASH]:
             if hmac.compare_digest(presented, expected) and found is None:
                 found = site
-    return found
+    if found is not None:
+        return Principal(name=f"upload token of {found}", role="site_uploader", site=found)
+    return service.users.authenticate(token)
 
 
 # --------------------------------------------------------------------------- the app
@@ -422,6 +418,7 @@ def make_app(service: "IntakeService") -> Any:
     from python_multipart.multipart import parse_options_header
     from starlette.requests import ClientDisconnect
 
+    from sitebench.qc.access import allowed, valid_site_name
     from sitebench.qc.records import SiteStatus
 
     http = service.config.http
@@ -450,19 +447,32 @@ def make_app(service: "IntakeService") -> Any:
     async def healthz() -> dict:
         return {"ok": True}
 
+    def address(request: Request) -> str:
+        return request.client.host if request.client else "?"
+
     @app.get("/status")
     async def status(request: Request) -> Any:
-        site = _site_of_token(service, _bearer(request.headers.get("authorization")))
-        if site is None:
+        who = await anyio.to_thread.run_sync(_principal, service, _bearer(request.headers.get("authorization")))
+        if who is None:
+            service.refuse_access(None, "GET /status", address(request), "no valid token")
             return not_authorised(request)
         rows = await anyio.to_thread.run_sync(service.records.site_status)
-        row = next((r for r in rows if r.site == site), SiteStatus(site=site))
-        return [{**asdict(row), "rescan_rate": row.rescan_rate}]
+        seen = {r.site for r in rows}
+        rows = [*rows, *(SiteStatus(site=s) for s in service.config.sites if s not in seen)]  # nothing received yet
+        return [{**asdict(r), "rescan_rate": r.rescan_rate} for r in rows if allowed(who, "view_site", r.site)]
 
     @app.post("/dicomweb/{site}/studies")
     async def stow(site: str, request: Request) -> JSONResponse:
-        if not _token_ok(service, site, _bearer(request.headers.get("authorization"))):
+        who = await anyio.to_thread.run_sync(_principal, service, _bearer(request.headers.get("authorization")))
+        if who is None:
+            service.refuse_access(None, f"upload to {site if valid_site_name(site) else 'an invalid site name'}",
+                                  address(request), "no valid token")
             return not_authorised(request)
+        if not (valid_site_name(site) and site in service.config.sites and allowed(who, "upload", site)):
+            # the same answer whether the site exists or not: a token of S01 learns nothing of S02
+            service.refuse_access(who, f"upload to {site if valid_site_name(site) else 'an invalid site name'}",
+                                  address(request), "not this user's site or role")
+            return JSONResponse({"error": "this token may not upload for that site"}, status_code=403)
         wait = limiter.take(site)
         if wait:
             return JSONResponse({"error": f"more than {http.max_requests_per_minute:g} requests a minute "
@@ -479,7 +489,7 @@ def make_app(service: "IntakeService") -> Any:
             boundary = params.get(b"boundary", b"")
             if not (0 < len(boundary) <= 70) or boundary.endswith(b" "):
                 return JSONResponse({"error": "multipart/related without a valid boundary"}, status_code=400)
-        sender = f"http:{request.client.host if request.client else '?'}"
+        sender = f"http:{address(request)} as {who.name}"
         transfer = service.begin_transfer(site, "http", sender)
         upload = StowUpload(service, transfer, boundary)
         how = "http upload"
