@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import pydicom  # noqa: F401 - imported before the worker threads start: concurrent first imports deadlock
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from sitebench.audit import AuditTrail, SqlAuditHead, create_audit_key, load_audit_key
 from sitebench.config import StrictModel, load_yaml, parse_config
@@ -71,6 +71,30 @@ class SiteConfig(StrictModel):
     #: SHA-256 (hex) of each bearer token this site uploads over STOW-RS with; the tokens themselves
     #: are never stored. A site without tokens cannot upload over HTTP.
     http_token_sha256: list[Sha256Hex] = Field(default_factory=list)
+    #: addresses (IP or CIDR, e.g. 10.2.0.0/16) this site's DICOM associations may come from; empty: any.
+    #: A calling AE title is only a name the sender chooses; the peer address is checked with it.
+    dicom_peers: list[str] = Field(default_factory=list)
+
+    @field_validator("dicom_peers")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for peer in value:
+            try:
+                ipaddress.ip_network(peer, strict=False)
+            except ValueError:
+                raise ValueError(f"{peer!r} is not an IP address or network") from None
+        return value
+
+
+class DicomTls(StrictModel):
+    """TLS for DICOM (PS3.15 B.1, the TLS secure transport connection profile), with client certificates:
+    a site's sender must present a certificate signed by ``client_ca``."""
+    certificate: Path
+    private_key: Path
+    client_ca: Path
+    require_client_certificate: bool = True
 
 
 class DicomListener(StrictModel):
@@ -84,6 +108,7 @@ class DicomListener(StrictModel):
     #: seconds to wait for an association request / release (ACSE) and a DIMSE message
     acse_timeout: float = Field(default=10.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
+    tls: DicomTls | None = None
 
 
 class HttpListener(StrictModel):
@@ -128,6 +153,11 @@ def load_intake_config(path: str | Path) -> IntakeConfig:
         updates["folder"] = base / config.folder
     if config.audit_key_file is not None:
         updates["audit_key_file"] = base / config.audit_key_file
+    if config.dicom is not None and config.dicom.tls is not None:
+        tls = config.dicom.tls
+        updates["dicom"] = config.dicom.model_copy(update={"tls": tls.model_copy(update={
+            "certificate": base / tls.certificate, "private_key": base / tls.private_key,
+            "client_ca": base / tls.client_ca})})
     return config.model_copy(update=updates)
 
 
@@ -548,6 +578,19 @@ class IntakeService:
             details={"site": info.site, "source": info.source, "sender": info.sender, "files": info.files,
                      "new_files": info.new_files, "duplicate_files": info.files - info.new_files,
                      "bytes": info.bytes, "series": sorted(info.series), "problems": info.problems[:50]})
+
+    def peer_allowed(self, site: str, address: str) -> bool:
+        """Whether a DICOM association of ``site`` may come from ``address`` (its ``dicom_peers``)."""
+        import ipaddress
+
+        peers = self.config.sites[site].dicom_peers if site in self.config.sites else []
+        if not peers:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(p, strict=False) for p in peers)
 
     def refuse_access(self, who: "Principal | None", attempted: str, address: str, why: str) -> None:
         """Audit a refused request: who (never the token), what they tried, from where."""
