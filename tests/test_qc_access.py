@@ -13,7 +13,14 @@ import requests
 from test_qc_stow import T1, Service, multipart, sha256
 
 from sitebench.errors import SitebenchError
-from sitebench.qc.access import ACTIONS, ROLES, Principal, UserStore, allowed, valid_site_name
+from sitebench.qc.access import (
+    ACTIONS,
+    ROLES,
+    Principal,
+    UserStore,
+    allowed,
+    valid_site_name,
+)
 from sitebench.qc.records import QCRecords, database_url
 
 pytestmark = pytest.mark.skipif(not T1.exists(), reason="needs ../shared/data/dicom")

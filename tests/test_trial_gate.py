@@ -5,8 +5,8 @@ site in acquisition order, over C-STORE to a real ``sitebench qc serve`` (``run_
 the gate's verdicts, deviations and drift events are then read from its QC database. Every
 expectation comes from ``truth.json`` (its ``events`` block and per-scan truth) and from the
 simulator's ``dicom_series.csv``, never from an earlier run's output. Scans are joined to the gate's
-verdicts through the series pseudonym, ``uid_key(SeriesInstanceUID)``, which the sponsor can compute
-from the UIDs it holds (as ``gated_manifest`` does).
+verdicts through the series pseudonym, the HMAC of the SeriesInstanceUID with the trial's pseudonym
+key, which the sponsor (who holds the key and the UIDs) can compute, and nobody else can confirm.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 
 from sitebench.datasets import manifest as mf
 from sitebench.datasets.simulator import DICOM_INDEX, TrialConfig, simulate_trial
-from sitebench.qc.gate import uid_key
+from sitebench.qc.gate import Pseudonyms, uid_key
 from sitebench.trial_gate import GateRun, gated_manifest, run_trial_through_gate
 
 pytestmark = pytest.mark.dicom_net  # starts `sitebench qc serve` and sends every series over C-STORE
@@ -82,7 +82,9 @@ def story(tmp_path_factory) -> Story:
     manifest_path = gated_manifest(gate, trial.out_dir, root / "gated" / "manifest.csv")
     series = pd.read_csv(trial.out_dir / DICOM_INDEX, dtype=str, keep_default_na=False)
     series = series.sort_values(["acquired", "scan_id"]).reset_index(drop=True)  # acquisition order
-    series["series_key"] = [uid_key(uid) for uid in series["series_uid"]]
+    keyed = Pseudonyms(bytes.fromhex((root / "gate" / "pseudonym.key").read_text()))
+    series["series_key"] = [keyed(uid) for uid in series["series_uid"]]
+    assert not set(series["series_key"]) & {uid_key(uid) for uid in series["series_uid"]}  # not the plain hash
     records = gate.records()
     try:
         latest = records.latest_verdicts()
@@ -119,7 +121,7 @@ def test_every_series_reached_the_gate_under_its_pseudonym(story):
         assert row.scan_id in sent.index, f"{row.scan_id} ({row.site}) is missing from the gate run's sent.csv"
         assert sent.loc[row.scan_id, "series_key"] == row.series_key, (
             f"{row.scan_id}: the gate run keys it {sent.loc[row.scan_id, 'series_key']}, "
-            f"uid_key of its SeriesInstanceUID is {row.series_key}")
+            f"the keyed pseudonym of its SeriesInstanceUID is {row.series_key}")
         if sent.loc[row.scan_id, "sent"]:
             assert row.series_key in story.verdicts, f"{story.describe(row.scan_id)} was sent but has no verdict"
     # held back is only ever a re-scan whose original did not fail

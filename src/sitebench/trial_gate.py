@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -27,8 +28,14 @@ import pandas as pd
 import yaml
 
 from sitebench.datasets import manifest as mf
-from sitebench.datasets.simulator import (BRAIN_VOLUME_COLUMN, DICOM_INDEX, REFERENCE_COLUMN, TrialConfig,
-                                          load_template)
+from sitebench.datasets.simulator import (
+    BRAIN_VOLUME_COLUMN,
+    DICOM_INDEX,
+    REFERENCE_COLUMN,
+    TrialConfig,
+    load_template,
+)
+from sitebench.durable import write_new_file
 from sitebench.errors import SitebenchError
 
 #: The gate's AE title, and the protocol every simulated site is locked to.
@@ -196,10 +203,11 @@ def send_series(folder: Path, port: int, calling_ae: str, called_ae: str = GATE_
     return len(files)
 
 
-def _series_key(series_uid: str) -> str:
-    from sitebench.qc.gate import uid_key
+def _series_key(series_uid: str, key: bytes) -> str:
+    """The gate's keyed pseudonym of a series (the trial's pseudonym key is the simulator's too)."""
+    from sitebench.qc.gate import Pseudonyms
 
-    return uid_key(series_uid)
+    return Pseudonyms(key)(series_uid)
 
 
 def _start_gate(config_path: Path, port: int, log_path: Path) -> subprocess.Popen:
@@ -249,6 +257,7 @@ def run_trial_through_gate(trial_dir: Path, config: TrialConfig, out: Path, *, q
     port = _free_port()
     sites = sorted(series["site"].unique())
     intake = {"store": "store", "protocols": "protocols", "audit_key_file": "audit.key",
+              "pseudonym_key_file": "pseudonym.key",
               "sites": {site: {"ae_titles": [ae_title(site)]} for site in sites},
               "dicom": {"host": "127.0.0.1", "port": port, "ae_title": GATE_AE, "max_associations": 64},
               "http": None, "folder": None, "quiet_seconds": quiet_seconds, "incomplete_wait_seconds": 30,
@@ -258,10 +267,12 @@ def run_trial_through_gate(trial_dir: Path, config: TrialConfig, out: Path, *, q
     from sitebench.audit.trail import create_audit_key
 
     create_audit_key(out / "audit.key")  # the trial's audit key, outside the store
+    pseudonym_key = secrets.token_bytes(32)  # and its pseudonym key
+    write_new_file(out / "pseudonym.key", pseudonym_key.hex().encode() + b"\n", mode=0o600)
     started = time.perf_counter()
     gate = _start_gate(config_path, port, out / "gate.log")
     seconds = {"start": time.perf_counter() - started}
-    series = series.assign(series_key=[_series_key(uid) for uid in series["series_uid"]], sent=False,
+    series = series.assign(series_key=[_series_key(uid, pseudonym_key) for uid in series["series_uid"]], sent=False,
                            held_back="")
     try:
         sent_at = time.perf_counter()

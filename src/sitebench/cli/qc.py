@@ -215,6 +215,23 @@ def cmd_qc_users(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qc_queries(args: argparse.Namespace) -> int:
+    import os
+
+    from sitebench.qc.intake import load_intake_config, work_query
+
+    result = work_query(load_intake_config(args.config), args.token or os.environ.get("SITEBENCH_TOKEN"),
+                        args.action, args.id, kind=args.kind, text=args.text or "", site=args.site)
+    if args.json:
+        print_json(result)
+        return 0
+    for q in result.get("queries", [result]):
+        failed = ", ".join(d["parameter"] for d in q["what_failed"]) or "-"
+        print(f"query {q['id']}  site {q['site']}  series {q['series_key']}  {q['status']}  failed: {failed}"
+              f"{'  due ' + q['due_utc'] if q['due_utc'] and q['status'] in ('open', 'returned') else ''}")
+    return 0
+
+
 def cmd_qc_resolve(args: argparse.Namespace) -> int:
     from sitebench.qc.intake import load_intake_config, resolve_conflict
 
@@ -316,6 +333,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     users.add_argument("--who", default="sitebench-cli", help="who makes the change (audited)")
     add_json(users, "the user record (with the new token for add and rotate)")
     users.set_defaults(func=cmd_qc_users)
+    queries = qc.add_parser("queries", help="deviation queries with the sites: list, open, answer, accept, send back",
+                            description="A failed series drafts a query to its site. A central monitor opens "
+                                        "it; the site coordinator answers (--kind rescan or explanation, "
+                                        "--text); the monitor accepts it (closed) or sends it back. A passing "
+                                        "re-scan closes it by itself. Every step is audited.")
+    queries.add_argument("action", choices=("list", "show", "open", "answer", "accept", "send-back"))
+    queries.add_argument("id", nargs="?", type=int, help="query number (not for list)")
+    queries.add_argument("--config", required=True, help="intake YAML of the gate")
+    queries.add_argument("--token", help="your token (default: $SITEBENCH_TOKEN)")
+    queries.add_argument("--kind", choices=("rescan", "explanation"), help="answer: what the site did")
+    queries.add_argument("--text", help="answer, note or reason")
+    queries.add_argument("--site", help="list: one site's queries")
+    add_json(queries, "the query (or {'queries': [...]} for list)")
+    queries.set_defaults(func=cmd_qc_queries)
     to_manifest = qc.add_parser("manifest", help="checked series into a scan manifest (NIfTI + QC columns)",
                                 description="One NIfTI and one manifest row per series whose latest verdict is "
                                             "pass or warn, with qc_status, qc_protocol, qc_deviations and "

@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sitebench.errors import SitebenchError
 from sitebench.provenance import utc_now
 
-__all__ = ["ACTIONS", "ROLES", "Principal", "UserStore", "allowed", "token_digest", "valid_site_name"]
+__all__ = ["ACTIONS", "ROLES", "AccessDenied", "Principal", "UserStore", "allowed", "token_digest", "valid_site_name"]
 
 ROLES = ("site_uploader", "site_coordinator", "central_monitor", "reader", "admin")
 #: roles bound to one site (the others see the whole trial, or only the reports)
@@ -55,6 +55,10 @@ _GRANTS: dict[str, frozenset[str]] = {
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 TOKEN_PREFIX = "sbk_"
+
+
+class AccessDenied(SitebenchError):
+    """A signed-in user tried what their role or site does not allow (HTTP 403; audited by the caller)."""
 
 
 def valid_site_name(name: str) -> bool:

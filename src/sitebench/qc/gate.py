@@ -23,6 +23,7 @@ SitebenchError, whatever the summaries hold.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -32,21 +33,64 @@ from typing import Any, Sequence
 from sitebench.errors import SitebenchError
 from sitebench.provenance import jsonable, utc_now
 from sitebench.qc.dicom_files import FileCheck, check_file, volume_from_summaries
-from sitebench.qc.dicom_params import (SeriesParameters, Spread, instance_label, instance_spread, is_multi_echo,
-                                       series_from_summaries, tag_label)
+from sitebench.qc.dicom_params import (
+    SeriesParameters,
+    Spread,
+    instance_label,
+    instance_spread,
+    is_multi_echo,
+    series_from_summaries,
+    tag_label,
+)
 from sitebench.qc.drift import DriftEvent, DriftMonitor, SiteHistory
-from sitebench.qc.protocol import (Deviation, ExactRule, Protocol, check_series, check_values, format_value,
-                                   match_protocol, overall_status)
+from sitebench.qc.protocol import (
+    Deviation,
+    ExactRule,
+    Protocol,
+    check_series,
+    check_values,
+    format_value,
+    match_protocol,
+    overall_status,
+)
 
-__all__ = ["Gate", "SeriesOutcome", "Completeness", "series_completeness", "uid_key", "OUTCOME_STATUSES"]
+__all__ = ["Gate", "SeriesOutcome", "Completeness", "series_completeness", "uid_key", "Pseudonyms", "OUTCOME_STATUSES"]
 
 OUTCOME_STATUSES = ("pass", "warn", "fail", "undetermined", "unmatched")
 UID_KEY_CHARS = 20
 
 
 def uid_key(uid: str) -> str:
-    """A stable pseudonym of a DICOM UID: UIDs are PS3.15 attributes and never leave the gate."""
+    """The unkeyed pseudonym of a DICOM UID (SHA-256): for stores made before keyed pseudonyms and
+    for offline tools. Whoever holds a UID can confirm it; the gate uses :class:`Pseudonyms`."""
     return hashlib.sha256(str(uid).encode()).hexdigest()[:UID_KEY_CHARS]
+
+
+class Pseudonyms:
+    """Keyed pseudonyms of UIDs and scanners: HMAC-SHA256 (RFC 2104) with the trial's secret.
+
+    A plain hash of a UID can be confirmed by anyone who holds the UID (a site, a PACS, a
+    re-identification attempt); an HMAC cannot without the key (the keyed-hash pseudonymisation
+    of ENISA's "Pseudonymisation techniques and best practices", 2019, 5.2.2). The HMAC is taken
+    of the unkeyed pseudonym, so a store keyed the old way can be re-keyed from its own records,
+    without the UIDs. ``key=None``: the unkeyed scheme, for stores made before this existed."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self.key = key
+        self.scheme = "hmac-sha256" if key else "sha256"
+
+    def __call__(self, uid: str) -> str:
+        legacy = uid_key(uid)
+        return legacy if self.key is None else self.rekey(legacy)
+
+    def rekey(self, legacy: str) -> str:
+        return hmac.new(self.key or b"", legacy.encode(), hashlib.sha256).hexdigest()[:UID_KEY_CHARS]
+
+    def scanner(self, scanner_id: str | None) -> str | None:
+        """The keyed form of ``dicom_params``' unkeyed ``scanner-<sha256>`` label."""
+        if not scanner_id or self.key is None:
+            return scanner_id
+        return "scanner-" + hmac.new(self.key, scanner_id.encode(), hashlib.sha256).hexdigest()[:12]
 
 
 @dataclass
@@ -101,13 +145,15 @@ class Gate:
 
     def __init__(self, protocols: Sequence[Protocol], *, image_quality: bool = True, outlier_z: float = 3.5,
                  drift_state: dict | None = None, history_state: dict | None = None,
-                 require_locked: bool = True, match: bool = True, baseline: dict | None = None) -> None:
+                 require_locked: bool = True, match: bool = True, baseline: dict | None = None,
+                 pseudonyms: Pseudonyms | None = None) -> None:
         unlocked = [f"{p.name} v{p.version}" for p in protocols if not p.locked]
         if require_locked and unlocked:
             raise SitebenchError(f"the gate only checks against locked protocols; not locked: {', '.join(unlocked)}")
         if not match and len(protocols) != 1:
             raise SitebenchError("checking without match rules needs exactly one protocol")
         self.protocols = list(protocols)
+        self.pseudonyms = pseudonyms or Pseudonyms()
         self.match = match
         self.compute_image_quality = image_quality
         self.outlier_z = float(outlier_z)
@@ -201,9 +247,9 @@ class Gate:
     def _check_series(self, series: SeriesParameters, site: str, file_problems: list[str]) -> SeriesOutcome:
         started = time.perf_counter()
         params = series.parameters
-        outcome = SeriesOutcome(series_key=uid_key(series.series_uid), site=site, status="unmatched",
-                                n_files=len(series.files), study_key=uid_key(series.study_uid) if series.study_uid
-                                else "", scanner=series.scanner_id or _scanner_label(params),
+        outcome = SeriesOutcome(series_key=self.pseudonyms(series.series_uid), site=site, status="unmatched",
+                                n_files=len(series.files), study_key=self.pseudonyms(series.study_uid) if series.study_uid
+                                else "", scanner=self.pseudonyms.scanner(series.scanner_id) or _scanner_label(params),
                                 parameters=dict(params), phi_present=list(series.phi_present),
                                 file_problems=file_problems)
         protocol = match_protocol(params, self.protocols) if self.match else self.protocols[0]
@@ -229,7 +275,7 @@ class Gate:
         outcome.recorded = verdict.recorded
         drift_params = dict(params)
         if series.scanner_id:
-            drift_params["DeviceSerialNumber"] = series.scanner_id  # a pseudonym: keys the physical scanner
+            drift_params["DeviceSerialNumber"] = self.pseudonyms.scanner(series.scanner_id)  # keys the scanner
         if self.baseline is not None:
             self._qualify_baseline(site, drift_params, protocol.name)
         outcome.drift = self.drift.observe(site, drift_params, outcome.status, outcome.series_key,
@@ -246,7 +292,7 @@ class Gate:
                 if series_params.get(key):
                     reference[key] = series_params[key]
         uid = reference.get("SeriesInstanceUID")
-        self.drift.qualify(site, reference, uid_key(uid) if uid else "baseline", series_type=series_type)
+        self.drift.qualify(site, reference, self.pseudonyms(uid) if uid else "baseline", series_type=series_type)
 
     def _image_quality(self, series: SeriesParameters, site: str, protocol: Protocol,
                        outcome: SeriesOutcome, file_problems: list[str]) -> list[Deviation]:

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import socket
 import threading
 import time
@@ -42,10 +43,11 @@ from sitebench.durable import fsync_dir, write_new_file
 from sitebench.errors import SitebenchError
 from sitebench.provenance import sha256_bytes, utc_now
 from sitebench.qc import dicom_params  # noqa: F401 - same reason (check_bytes imports it lazily)
-from sitebench.qc.dicom_files import FileCheck, check_bytes, check_path
 from sitebench.qc.access import Principal, UserStore
-from sitebench.qc.gate import Gate, SeriesOutcome, uid_key
+from sitebench.qc.dicom_files import FileCheck, check_bytes, check_path
+from sitebench.qc.gate import Gate, Pseudonyms, SeriesOutcome
 from sitebench.qc.protocol import Protocol, load_protocol
+from sitebench.qc.queries import QueryBook
 from sitebench.qc.records import QCRecords, database_url
 
 __all__ = ["IntakeConfig", "IntakeService", "ObjectStore", "Receipt", "load_intake_config", "open_audit_trail",
@@ -133,6 +135,9 @@ class IntakeConfig(StrictModel):
     #: the trial's secret that MAC-chains the audit trail (RFC 2104 HMAC-SHA256); keep it outside the store.
     #: Default ``<store>/audit.key``, made on first start. `sitebench audit new-key FILE` makes one.
     audit_key_file: Path | None = None
+    #: the trial's secret for keyed UID and scanner pseudonyms (HMAC-SHA256, 32 random bytes as hex).
+    #: Default ``<store>/pseudonym.key``, made on a new store's first start; keep a copy outside the store.
+    pseudonym_key_file: Path | None = None
     quiet_seconds: float = 5.0
     #: a quiet series known to be incomplete waits this long after its last file before it gets a verdict
     incomplete_wait_seconds: float = Field(default=900.0, ge=0)
@@ -153,6 +158,8 @@ def load_intake_config(path: str | Path) -> IntakeConfig:
         updates["folder"] = base / config.folder
     if config.audit_key_file is not None:
         updates["audit_key_file"] = base / config.audit_key_file
+    if config.pseudonym_key_file is not None:
+        updates["pseudonym_key_file"] = base / config.pseudonym_key_file
     if config.dicom is not None and config.dicom.tls is not None:
         tls = config.dicom.tls
         updates["dicom"] = config.dicom.model_copy(update={"tls": tls.model_copy(update={
@@ -175,6 +182,33 @@ def open_audit_trail(config: IntakeConfig) -> AuditTrail:
         create_audit_key(key_file)
     return AuditTrail(Path(config.store) / "audit.jsonl", key=load_audit_key(key_file),
                       head=SqlAuditHead(database_url(config.store, config.database)))
+
+
+def open_pseudonyms(config: IntakeConfig, records: QCRecords) -> Pseudonyms:
+    """The store's pseudonym scheme: keyed (HMAC-SHA256, :class:`Pseudonyms`) with the trial's
+    secret ``pseudonym_key_file`` (default ``<store>/pseudonym.key``, made 0600 on a new store's first
+    start), or, for a store that already held records under the unkeyed SHA-256 scheme, that scheme
+    still, so its series keep their keys (the scheme is recorded in the database either way)."""
+    state = records.load_state("pseudonyms") or {}
+    key_file = config.pseudonym_key_file or Path(config.store) / "pseudonym.key"
+    scheme = state.get("scheme")
+    if scheme is None:
+        scheme = "sha256" if records.file_count() else "hmac-sha256"
+        records.save_state("pseudonyms", {"scheme": scheme, "since_utc": utc_now()})
+    if scheme == "sha256":
+        return Pseudonyms(None)
+    if not key_file.exists():
+        if config.pseudonym_key_file is not None or records.file_count():
+            raise SitebenchError("the pseudonym key is missing: series keys cannot be made without it", key_file)
+        Path(config.store).mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_new_file(key_file, secrets.token_bytes(32).hex().encode() + b"\n", mode=0o600)
+    try:
+        key = bytes.fromhex(key_file.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise SitebenchError(f"unreadable pseudonym key ({exc})", key_file) from None
+    if len(key) < 16:
+        raise SitebenchError("pseudonym key shorter than 128 bits", key_file)
+    return Pseudonyms(key)
 
 
 def load_locked_protocols(folder: Path) -> list[Protocol]:
@@ -336,8 +370,10 @@ class IntakeService:
         self.records = QCRecords(database_url(config.store, config.database))
         self.audit = open_audit_trail(config)
         self.users = UserStore(self.records)
+        self.pseudonyms = open_pseudonyms(config, self.records)
+        self.queries = QueryBook(self.records, self.audit, config.who)
         self.protocols = load_locked_protocols(config.protocols)
-        self.gate = Gate(self.protocols, image_quality=config.image_quality,
+        self.gate = Gate(self.protocols, image_quality=config.image_quality, pseudonyms=self.pseudonyms,
                          drift_state=self.records.load_state("drift"),
                          history_state=self.records.load_state("image_quality_history"))
         self.ae_sites = {ae.strip(): site for site, cfg in config.sites.items() for ae in cfg.ae_titles}
@@ -419,7 +455,7 @@ class IntakeService:
         """
         try:
             check, size = self._parse(rel, data)
-            fields = _index_fields(sha, site, check)
+            fields = _index_fields(sha, site, check, self.pseudonyms)
             result = self.records.record_index(**fields)
         except Exception as exc:  # noqa: BLE001 - one file's failure is that file's problem, never the service's
             return self._index_failed(sha, rel, site, transfer, exc)
@@ -456,7 +492,7 @@ class IntakeService:
             sha, rel, data, site, transfer = item
             try:
                 check, size = self._parse(rel, data)
-                parsed.append((item, check, size, _index_fields(sha, site, check)))
+                parsed.append((item, check, size, _index_fields(sha, site, check, self.pseudonyms)))
             except Exception:  # noqa: BLE001 - indexed alone below: retried, then quarantined
                 alone.append(item)
         try:
@@ -672,7 +708,7 @@ class IntakeService:
         return None
 
     def _record(self, outcome: SeriesOutcome) -> None:
-        self.records.record_outcome(outcome)
+        verdict_id = self.records.record_outcome(outcome)
         self.records.save_state("drift", self.gate.drift.state)
         self.records.save_state("image_quality_history", self.gate.history.state)
         details = outcome.to_dict()
@@ -683,6 +719,9 @@ class IntakeService:
             self.audit.append(who=self.config.who, what="drift", subject=f"series {outcome.series_key}",
                               why=f"{event.kind} {event.parameter} {event.change} against the qualified baseline",
                               details=event.to_dict())
+        # after the verdict is on record: a failure drafts a query to its site, a passing re-scan closes one
+        self.queries.draft_for_failure(verdict_id, outcome)
+        self.queries.link_rescan(outcome)
         log.info("%s", outcome.summary().splitlines()[0])
 
     def _checker(self, interval: float) -> None:
@@ -804,6 +843,41 @@ def manage_users(config: IntakeConfig, action: str, username: str | None = None,
     return {**details, "token": token}
 
 
+def work_query(config: IntakeConfig, token: str | None, action: str, query_id: int | None = None, *,
+               kind: str | None = None, text: str = "", site: str | None = None) -> dict[str, Any]:
+    """``qc queries list|show|open|answer|accept|send-back`` as the user holding ``token``
+    (:mod:`sitebench.qc.queries`): each step checked against the user's role and site, and audited."""
+    from sitebench.qc.access import AccessDenied, allowed
+
+    records = QCRecords(database_url(config.store, config.database))
+    who = UserStore(records).authenticate(token)
+    if who is None:
+        raise SitebenchError("no valid token: give --token or set SITEBENCH_TOKEN (see `qc users add`)")
+    book = QueryBook(records, open_audit_trail(config), config.who)
+    if action == "list":
+        site = site or who.site
+        if not allowed(who, "view_site", site) if site else who.role not in ("central_monitor", "admin"):
+            raise AccessDenied(f"{who.describe()} may not see {'site ' + site if site else 'every site'}'s queries")
+        return {"queries": [q.to_dict() for q in book.list(site=site)]}
+    if query_id is None:
+        raise SitebenchError(f"qc queries {action}: give the query number")
+    if action == "show":
+        query = book.get(query_id)
+        if not allowed(who, "view_site", query.site):
+            raise AccessDenied(f"{who.describe()} may not see queries of site {query.site}")
+    elif action == "open":
+        query = book.open(query_id, who, text)
+    elif action == "answer":
+        query = book.answer(query_id, who, kind or "", text)
+    elif action == "accept":
+        query = book.accept(query_id, who, text)
+    elif action == "send-back":
+        query = book.send_back(query_id, who, text)
+    else:
+        raise SitebenchError(f"qc queries: unknown action {action!r}")
+    return query.to_dict()
+
+
 def ensure_first_admin(service: "IntakeService") -> Path | None:
     """On the first start of a store with no users, make user ``admin`` and write its token, once,
     to ``<store>/first-admin-token`` (0600): the operator reads it, signs in, makes the real users,
@@ -846,12 +920,12 @@ def _is_file(item: Any) -> bool:
     return item is not None and item[0] != "end"
 
 
-def _index_fields(sha: str, site: str, check: FileCheck) -> dict[str, Any]:
+def _index_fields(sha: str, site: str, check: FileCheck, key: Pseudonyms) -> dict[str, Any]:
     """:meth:`QCRecords.record_index`'s arguments for one parsed file."""
     instance = ((check.summary or {}).get("instance") or {}).get("InstanceNumber")
-    return {"sha256": sha, "site": site, "series_key": uid_key(check.series_uid) if check.series_uid else None,
-            "study_key": uid_key(check.study_uid) if check.study_uid else None,
-            "sop_key": uid_key(check.sop_uid) if check.sop_uid else None, "problems": check.problems,
+    return {"sha256": sha, "site": site, "series_key": key(check.series_uid) if check.series_uid else None,
+            "study_key": key(check.study_uid) if check.study_uid else None,
+            "sop_key": key(check.sop_uid) if check.sop_uid else None, "problems": check.problems,
             "header_summary": check.summary, "instance_number": _instance_number(instance)}
 
 

@@ -147,6 +147,39 @@ users = Table(
     Column("disabled", Boolean, nullable=False, default=False),
 )
 
+#: deviation queries with the sites (sitebench.qc.queries): one per failed series, worked to closure
+queries = Table(
+    "queries", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("site", String(64), nullable=False, index=True),
+    Column("series_key", String(64), nullable=False, index=True),
+    Column("study_key", String(64)),
+    Column("protocol", String(128)),
+    Column("verdict_id", Integer),
+    Column("status", String(16), nullable=False),  # draft | open | answered | returned | closed
+    Column("what_failed", Text, nullable=False),  # JSON list of {parameter, expected, observed, rule}
+    Column("request", Text, nullable=False),  # what the site should do, in plain words
+    Column("created_utc", String(40), nullable=False),
+    Column("opened_utc", String(40)),
+    Column("due_utc", String(40)),
+    Column("answer_kind", String(16)),  # rescan | explanation
+    Column("answer", Text),
+    Column("rescan_series_key", String(64)),  # the passing re-scan this query was closed by, if any
+    Column("closed_utc", String(40)),
+    Column("overdue_alerted", Boolean, nullable=False, default=False),
+)
+
+query_steps = Table(
+    "query_steps", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("query_id", Integer, ForeignKey("queries.id"), nullable=False, index=True),
+    Column("step", String(32), nullable=False),  # drafted | opened | answered | accepted | returned | rescan passed
+    Column("who", String(128), nullable=False),
+    Column("role", String(32)),
+    Column("note", Text),
+    Column("utc", String(40), nullable=False),
+)
+
 gate_state = Table(
     "gate_state", metadata,
     Column("name", String(32), primary_key=True),
