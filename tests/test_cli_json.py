@@ -112,6 +112,12 @@ def _intake_yaml(folder: Path) -> Path:
     return path
 
 
+def _monitor_token(config: Path) -> str:
+    from sitebench.qc.intake import load_intake_config, manage_users
+
+    return manage_users(load_intake_config(config), "add", "mon", role="central_monitor", who="test")["token"]
+
+
 Case = Callable[[Path, pytest.FixtureRequest], list]
 
 #: The command (as typed, without ``--json``) for every command that has ``--json``.
@@ -134,6 +140,8 @@ CASES: dict[str, Case] = {
     "simulate sweep": lambda d, r: ["simulate", "sweep", "--parameter", "coverage_loss", "--levels", "0,10",
                                     "--subjects", "3", "--models", "classical", "--bootstrap", "200",
                                     "--out", d / "sweep", "--no-progress", "--no-plot"],
+    "qc queries": lambda d, r: (lambda config: ["qc", "queries", "list", "--config", config, "--token",
+                                                _monitor_token(config)])(_intake_yaml(d)),
     "qc users": lambda d, r: ["qc", "users", "add", "mon", "--role", "central_monitor", "--config", _intake_yaml(d)],
     "qc iqm": lambda d, r: (lambda trial, row: ["qc", "iqm", trial.out_dir / row.image_path, "--labels",
                                                 trial.out_dir / row.label_path])(

@@ -31,6 +31,8 @@ RULES: dict[str, set[str]] = {
     "stratification": {"datasets", "models", "audit"},
     # top: reads results, hashes files (and re-runs only through benchmarks)
     "reports": {"datasets", "models", "audit", "qc", "benchmarks", "stratification"},
+    # the operations dashboard: pages over the gate's records and the reports; mounted by the cli
+    "dashboard": {"datasets", "models", "audit", "qc", "reports"},
     # promotion joins the registry and the validation report
     "promotion": {"datasets", "models", "audit", "reports"},
     # a simulated trial through the gate: the simulator's DICOM sent to qc, its verdicts into a manifest
@@ -42,7 +44,7 @@ RULES: dict[str, set[str]] = {
     "sweep": {"datasets", "models", "audit", "qc", "benchmarks", "stratification", "reports", "promotion"},
     # on top of everything; nothing imports it
     "cli": {"datasets", "models", "audit", "qc", "benchmarks", "stratification", "reports", "promotion",
-            "pipeline", "trial_gate", "sweep"},
+            "pipeline", "trial_gate", "sweep", "dashboard"},
 }
 #: Inside reports, the verification core is layered too: each may import only those before it.
 REPORTS_CORE = ("lock", "integrity", "signing", "recompute", "verify")
@@ -244,5 +246,5 @@ def test_the_checker_fails_on_a_wrong_import(tmp_path):
 @pytest.mark.parametrize("room_name", sorted(RULES))
 def test_the_rule_table_never_lets_a_lower_room_import_a_higher_one(room_name):
     order = {"datasets": 0, "models": 0, "audit": 0, "qc": 1, "benchmarks": 1, "stratification": 1, "reports": 2,
-             "promotion": 3, "trial_gate": 3, "sweep": 3.5, "pipeline": 4, "cli": 5}
+             "promotion": 3, "trial_gate": 3, "dashboard": 3, "sweep": 3.5, "pipeline": 4, "cli": 5}
     assert all(order[target] < order[room_name] for target in RULES[room_name])

@@ -128,6 +128,7 @@ def cmd_qc_check(args: argparse.Namespace) -> int:
 
 
 def cmd_qc_serve(args: argparse.Namespace) -> int:
+    from sitebench.dashboard import mount
     from sitebench.qc.intake import load_intake_config, serve
 
     config = load_intake_config(args.config)
@@ -136,7 +137,7 @@ def cmd_qc_serve(args: argparse.Namespace) -> int:
         updates["dicom"] = config.dicom.model_copy(update={"port": args.dicom_port})
     if args.http_port is not None and config.http is not None:
         updates["http"] = config.http.model_copy(update={"port": args.http_port})
-    serve(config.model_copy(update=updates))
+    serve(config.model_copy(update=updates), http_extensions=[mount])
     return 0
 
 

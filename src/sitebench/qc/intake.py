@@ -372,6 +372,8 @@ class IntakeService:
         self.users = UserStore(self.records)
         self.pseudonyms = open_pseudonyms(config, self.records)
         self.queries = QueryBook(self.records, self.audit, config.who)
+        #: routes added to the HTTP listener by higher rooms (the dashboard), set before start()
+        self.http_extensions: list[Any] = []
         self.protocols = load_locked_protocols(config.protocols)
         self.gate = Gate(self.protocols, image_quality=config.image_quality, pseudonyms=self.pseudonyms,
                          drift_state=self.records.load_state("drift"),
@@ -708,6 +710,9 @@ class IntakeService:
         return None
 
     def _record(self, outcome: SeriesOutcome) -> None:
+        last = self.records.series_last_received(outcome.series_key)
+        if last is not None:  # the dashboard's "time from upload to verdict": last file in to verdict out
+            outcome.seconds["upload_to_verdict"] = max(0.0, time.time() - last)
         verdict_id = self.records.record_outcome(outcome)
         self.records.save_state("drift", self.gate.drift.state)
         self.records.save_state("image_quality_history", self.gate.history.state)
@@ -783,7 +788,7 @@ class IntakeService:
         if self.config.http is not None:
             from sitebench.qc.stow import start_http
 
-            self._servers.append(start_http(self, self.config.http))
+            self._servers.append(start_http(self, self.config.http, self.http_extensions))
         if self.config.folder is not None:
             from sitebench.qc.watch import FolderWatcher
 
@@ -964,11 +969,12 @@ def _why(outcome: SeriesOutcome) -> str:
     return "; ".join(d.line() for d in outcome.deviations[:10])
 
 
-def serve(config: IntakeConfig, ready: threading.Event | None = None) -> None:
-    """Run the intake service until SIGINT / SIGTERM."""
+def serve(config: IntakeConfig, ready: threading.Event | None = None, http_extensions: list[Any] | None = None) -> None:
+    """Run the intake service until SIGINT / SIGTERM; ``http_extensions`` add routes (the dashboard)."""
     import signal
 
     service = IntakeService(config)
+    service.http_extensions = list(http_extensions or [])
     service.start()
     first_admin = ensure_first_admin(service)
     done = threading.Event()
@@ -979,6 +985,8 @@ def serve(config: IntakeConfig, ready: threading.Event | None = None) -> None:
         listening.append(f"DICOM {config.dicom.ae_title}@{config.dicom.host}:{config.dicom.port}")
     if config.http:
         listening.append(f"STOW-RS http://{config.http.host}:{config.http.port}/dicomweb/{{site}}/studies")
+        if service.http_extensions:
+            listening.append(f"dashboard http://{config.http.host}:{config.http.port}/")
     if config.folder:
         listening.append(f"folder {config.folder}/{{site}}/")
     event = {"event": "listening", "on": listening, "store": str(config.store)}

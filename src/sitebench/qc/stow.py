@@ -74,7 +74,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     from sitebench.qc.access import Principal
@@ -411,7 +411,8 @@ def _principal(service: "IntakeService", token: str | None) -> "Principal | None
 
 
 # --------------------------------------------------------------------------- the app
-def make_app(service: "IntakeService") -> Any:
+def make_app(service: "IntakeService", extensions: Sequence[Callable[[Any, "IntakeService"], None]] = ()) -> Any:
+    """The STOW-RS app; each of ``extensions`` adds its routes (the dashboard, from a higher room)."""
     import anyio
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
@@ -527,6 +528,8 @@ def make_app(service: "IntakeService") -> Any:
         code = 200 if not failed else (202 if stored else 409)
         return JSONResponse({"00081199": stored, "00081198": failed}, status_code=code)
 
+    for extend in extensions:
+        extend(app, service)
     return app
 
 
@@ -540,10 +543,11 @@ class _HttpServer:
         self.thread.join(timeout=10)
 
 
-def start_http(service: "IntakeService", listener: "HttpListener") -> _HttpServer:
+def start_http(service: "IntakeService", listener: "HttpListener",
+               extensions: Sequence[Callable[[Any, "IntakeService"], None]] = ()) -> _HttpServer:
     import uvicorn
 
-    config = uvicorn.Config(make_app(service), host=listener.host, port=listener.port, log_level="warning",
+    config = uvicorn.Config(make_app(service, extensions), host=listener.host, port=listener.port, log_level="warning",
                             access_log=False, http="h11", timeout_keep_alive=5, limit_concurrency=64,
                             h11_max_incomplete_event_size=16 * 1024, timeout_graceful_shutdown=5,
                             server_header=False)

@@ -1,0 +1,294 @@
+"""Routes of the operations dashboard, added to the gate's FastAPI app by :func:`mount`.
+
+Sign-in: the user pastes their token (``qc users add`` printed it once); the page answers with a
+session cookie signed with the store's ``session.key`` (itsdangerous, HMAC-SHA1 over a timestamped
+payload), ``HttpOnly`` and ``SameSite=Strict``, bound to the token's digest so rotating or disabling
+the user ends the session. Failed sign-ins are rate-limited per address. Forms carry a CSRF token
+derived from the session. Every page checks :func:`sitebench.qc.access.allowed`; a refusal is a 403
+page and an audit record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import math
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from sitebench.errors import SitebenchError
+from sitebench.qc.access import AccessDenied, Principal, allowed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sitebench.qc.intake import IntakeService
+
+__all__ = ["mount", "SESSION_COOKIE", "SESSION_HOURS"]
+
+SESSION_COOKIE = "sitebench_session"
+SESSION_HOURS = 8.0
+FAILED_SIGN_INS_PER_MINUTE = 10.0
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+STATUS_COLOURS = {"pass": "#2e7d32", "warn": "#f9a825", "fail": "#c62828", "undetermined": "#6d4c41",
+                  "unmatched": "#757575"}
+
+
+def _session_key(store: Path) -> bytes:
+    """The store's cookie-signing secret (``<store>/session.key``, 0600, made on first use)."""
+    from sitebench.durable import write_new_file
+
+    path = Path(store) / "session.key"
+    if not path.exists():
+        try:
+            write_new_file(path, secrets.token_hex(32).encode(), mode=0o600)
+        except FileExistsError:
+            pass
+    return bytes.fromhex(path.read_text().strip())
+
+
+def mount(app: Any, service: "IntakeService") -> None:
+    """Add the dashboard's pages to ``app`` (the gate's STOW-RS app)."""
+    from itsdangerous import BadSignature, URLSafeTimedSerializer
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    from sitebench.qc.stow import RateLimiter
+
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html"]))
+    env.globals["colours"] = STATUS_COLOURS
+    signer = URLSafeTimedSerializer(_session_key(service.config.store), salt="sitebench-dashboard")
+    failed_sign_ins = RateLimiter(FAILED_SIGN_INS_PER_MINUTE)
+
+    def address(request: Request) -> str:
+        return request.client.host if request.client else "?"
+
+    def current(request: Request) -> Principal | None:
+        raw = request.cookies.get(SESSION_COOKIE)
+        if not raw:
+            return None
+        try:
+            data = signer.loads(raw, max_age=int(SESSION_HOURS * 3600))
+        except BadSignature:
+            return None
+        fingerprint = service.users.session_fingerprint(str(data.get("u")))
+        if fingerprint is None or not hmac.compare_digest(fingerprint, str(data.get("f"))):
+            return None
+        return service.users.principal(str(data["u"]))
+
+    def csrf(request: Request) -> str:
+        return hmac.new(signer.secret_key if isinstance(signer.secret_key, bytes) else signer.secret_key.encode(),
+                        (request.cookies.get(SESSION_COOKIE) or "").encode(), hashlib.sha256).hexdigest()[:32]
+
+    def page(request: Request, template: str, who: Principal | None, status: int = 200, **context: Any) -> HTMLResponse:
+        html = env.get_template(template).render(who=who, csrf=csrf(request) if who else "", **context)
+        return HTMLResponse(html, status_code=status, headers={
+            "Cache-Control": "no-store", "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+                                       "form-action 'self'; frame-ancestors 'none'"})
+
+    def refuse(request: Request, who: Principal, what: str, why: str) -> HTMLResponse:
+        service.refuse_access(who, what, address(request), why)
+        return page(request, "error.html", who, status=403, title="Not allowed",
+                    message="This page belongs to another site or role.")
+
+    def need(request: Request) -> Principal | Response:
+        who = current(request)
+        if who is None:
+            return RedirectResponse("/login", status_code=303)
+        return who
+
+    # ------------------------------------------------------------------ sign-in
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_form(request: Request) -> HTMLResponse:
+        return page(request, "login.html", None, title="Sign in", error=None)
+
+    @app.post("/login", include_in_schema=False)
+    def login(request: Request, token: str = Form("")) -> Response:
+        who = service.users.authenticate(token.strip())
+        if who is None:
+            wait = failed_sign_ins.take(address(request))
+            service.refuse_access(None, "dashboard sign-in", address(request), "no valid token")
+            if wait:
+                return page(request, "login.html", None, status=429, title="Sign in",
+                            error=f"Too many failed sign-ins; try again in {max(1, math.ceil(wait))} s.")
+            return page(request, "login.html", None, status=401, title="Sign in", error="That token is not valid.")
+        service.audit.append(who=who.name, what="sign-in", why="dashboard", subject=f"user {who.name}",
+                             details={"user": who.name, "role": who.role, "site": who.site, "address": address(request)})
+        cookie = signer.dumps({"u": who.name, "f": service.users.session_fingerprint(who.name)})
+        home = f"/sites/{who.site}" if who.site else "/"
+        response = RedirectResponse(home, status_code=303)
+        response.set_cookie(SESSION_COOKIE, cookie, max_age=int(SESSION_HOURS * 3600), httponly=True,
+                            samesite="strict", secure=request.url.scheme == "https", path="/")
+        return response
+
+    @app.post("/logout", include_in_schema=False)
+    def logout(request: Request) -> Response:
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    # ------------------------------------------------------------------ pages
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def overview(request: Request) -> Response:
+        who = need(request)
+        if not isinstance(who, Principal):
+            return who
+        if who.site:
+            return RedirectResponse(f"/sites/{who.site}", status_code=303)
+        if who.role not in ("central_monitor", "admin"):
+            return refuse(request, who, "trial overview", "the overview is for central monitors")
+        return page(request, "overview.html", who, title="Trial overview", rows=_overview(service))
+
+    @app.get("/sites/{site}", response_class=HTMLResponse, include_in_schema=False)
+    def site_page(request: Request, site: str) -> Response:
+        who = need(request)
+        if not isinstance(who, Principal):
+            return who
+        if site not in service.config.sites or not allowed(who, "view_site", site):
+            return refuse(request, who, f"site page {site if site in service.config.sites else '(unknown site)'}",
+                          "not this user's site or role")
+        verdicts = service.records.latest_verdicts(site)
+        return page(request, "site.html", who, title=f"Site {site}", site=site, verdicts=list(reversed(verdicts)),
+                    timeline=_timeline_svg(verdicts, service.records.drift_events(site)),
+                    queries=service.queries.list(site=site))
+
+    @app.get("/series/{series_key}", response_class=HTMLResponse, include_in_schema=False)
+    def series_page(request: Request, series_key: str) -> Response:
+        who = need(request)
+        if not isinstance(who, Principal):
+            return who
+        verdict = next((v for v in service.records.latest_verdicts() if v["series_key"] == series_key), None)
+        if verdict is None or not allowed(who, "view_site", verdict["site"]):
+            return refuse(request, who, "series page", "no such series for this user")
+        queries = [q for q in service.queries.list(site=verdict["site"]) if q.series_key == series_key]
+        return page(request, "series.html", who, title=f"Series {series_key[:12]}", verdict=verdict,
+                    deviations=service.records.deviations_of(verdict["id"]), queries=queries,
+                    history=_metric_history(service, verdict))
+
+    @app.get("/queries/{query_id}", response_class=HTMLResponse, include_in_schema=False)
+    def query_page(request: Request, query_id: int) -> Response:
+        who = need(request)
+        if not isinstance(who, Principal):
+            return who
+        try:
+            query = service.queries.get(query_id)
+        except SitebenchError:
+            return refuse(request, who, f"query {query_id}", "no such query")
+        if not allowed(who, "view_site", query.site):
+            return refuse(request, who, f"query {query_id}", "not this user's site or role")
+        return page(request, "query.html", who, title=f"Query {query_id}", query=query, error=None,
+                    can_manage=allowed(who, "manage_query", query.site),
+                    can_answer=allowed(who, "answer_query", query.site))
+
+    @app.post("/queries/{query_id}/{action}", include_in_schema=False)
+    def query_step(request: Request, query_id: int, action: str, csrf_token: str = Form(""),
+                   text: str = Form(""), kind: str = Form("")) -> Response:
+        who = need(request)
+        if not isinstance(who, Principal):
+            return who
+        if not hmac.compare_digest(csrf_token, csrf(request)):
+            return refuse(request, who, f"query {query_id} {action}", "form without this session's CSRF token")
+        steps = {"open": lambda: service.queries.open(query_id, who, text),
+                 "answer": lambda: service.queries.answer(query_id, who, kind, text),
+                 "accept": lambda: service.queries.accept(query_id, who, text),
+                 "send-back": lambda: service.queries.send_back(query_id, who, text)}
+        if action not in steps:
+            return refuse(request, who, f"query {query_id} {action}", "no such step")
+        try:
+            steps[action]()
+        except AccessDenied:
+            return page(request, "error.html", who, status=403, title="Not allowed",
+                        message="Your role or site may not take this step.")
+        except SitebenchError as exc:
+            query = service.queries.get(query_id)
+            return page(request, "query.html", who, status=409, title=f"Query {query_id}", query=query,
+                        error=str(exc), can_manage=allowed(who, "manage_query", query.site),
+                        can_answer=allowed(who, "answer_query", query.site))
+        return RedirectResponse(f"/queries/{query_id}", status_code=303)
+
+
+# --------------------------------------------------------------------------- page data
+def _overview(service: "IntakeService") -> list[dict[str, Any]]:
+    """One row per configured site: verdict counts, open deviations and queries, re-scan rate,
+    median upload-to-verdict time, last upload, drift events."""
+    import statistics
+
+    rows = {r.site: r for r in service.records.site_status()}
+    open_queries = service.queries.open_counts()
+    verdicts = service.records.latest_verdicts()
+    out = []
+    for site in sorted(service.config.sites):
+        status = rows.get(site)
+        mine = [v for v in verdicts if v["site"] == site]
+        waits = [float(v["seconds"].get("upload_to_verdict")) for v in mine
+                 if isinstance(v.get("seconds"), dict) and v["seconds"].get("upload_to_verdict") is not None]
+        out.append({"site": site, "series": status.series if status else 0, "passed": status.passed if status else 0,
+                    "warned": status.warned if status else 0, "failed": status.failed if status else 0,
+                    "open_deviations": status.open_deviations if status else 0,
+                    "open_queries": open_queries.get(site, 0),
+                    "rescan_rate": status.rescan_rate if status else 0.0,
+                    "median_wait_s": statistics.median(waits) if waits else None,
+                    "last_checked": max((v["checked_utc"] for v in mine), default=None),
+                    "drift_events": status.drift_events if status else 0})
+    return out
+
+
+def _metric_history(service: "IntakeService", verdict: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each image-quality metric of the series against the same site's earlier series: mean, SD, z."""
+    import statistics
+
+    mine = verdict.get("image_quality") or {}
+    others = [v.get("image_quality") or {} for v in service.records.latest_verdicts(verdict["site"])
+              if v["id"] < verdict["id"]]
+    out = []
+    for name, value in sorted(mine.items()):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        past = [o[name] for o in others if isinstance(o.get(name), (int, float))]
+        mean = statistics.fmean(past) if past else None
+        sd = statistics.stdev(past) if len(past) > 1 else None
+        z = (value - mean) / sd if mean is not None and sd else None
+        out.append({"metric": name, "value": value, "mean": mean, "sd": sd, "z": z, "n": len(past)})
+    return out
+
+
+def _timeline_svg(verdicts: list[dict[str, Any]], drift: list[dict[str, Any]], width: int = 720,
+                  height: int = 90) -> str:
+    """The site's series on a time axis, one dot per series in its verdict's colour, with a marker
+    where the software version changes (an upgrade) and one per drift event. Inline SVG: no script."""
+    from html import escape
+
+    points = [(dt.datetime.fromisoformat(v["checked_utc"]), v) for v in verdicts if v.get("checked_utc")]
+    if not points:
+        return ""
+    t0, t1 = min(p[0] for p in points), max(p[0] for p in points)
+    span = max((t1 - t0).total_seconds(), 1.0)
+
+    def x(t: dt.datetime) -> float:
+        return 20 + (width - 40) * (t - t0).total_seconds() / span
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="series over time">', f'<line x1="20" y1="50" x2="{width - 20}" y2="50" stroke="#999"/>']
+    previous = None
+    for t, v in points:
+        software = v.get("software_version")
+        if previous is not None and software != previous:
+            parts.append(f'<line x1="{x(t):.1f}" y1="10" x2="{x(t):.1f}" y2="80" stroke="#1565c0" '
+                         f'stroke-dasharray="4 2"><title>software {escape(str(previous))} to '
+                         f'{escape(str(software))}</title></line>')
+        previous = software
+        parts.append(f'<circle cx="{x(t):.1f}" cy="50" r="5" fill="{STATUS_COLOURS.get(v["status"], "#000")}">'
+                     f'<title>{escape(v["series_key"][:12])}: {escape(v["status"])}</title></circle>')
+    verdict_time = {v["id"]: t for t, v in points}
+    for event in drift:
+        t = verdict_time.get(event.get("verdict_id"))
+        if t is not None:
+            parts.append(f'<path d="M{x(t):.1f},22 l-5,-9 h10 z" fill="#6a1b9a"><title>drift: '
+                         f'{escape(str(event.get("parameter")))}</title></path>')
+    parts.append(f'<text x="20" y="88" font-size="10">{escape(t0.strftime("%Y-%m-%d %H:%M"))}</text>'
+                 f'<text x="{width - 20}" y="88" font-size="10" text-anchor="end">'
+                 f'{escape(t1.strftime("%Y-%m-%d %H:%M"))}</text></svg>')
+    return "".join(parts)
