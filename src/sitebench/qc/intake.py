@@ -47,6 +47,7 @@ from sitebench.qc.access import Principal, UserStore
 from sitebench.qc.dicom_files import FileCheck, check_bytes, check_path
 from sitebench.qc.gate import Gate, Pseudonyms, SeriesOutcome
 from sitebench.qc.protocol import Protocol, load_protocol
+from sitebench.qc.notify import Alert, AlertRoutes, Notifier
 from sitebench.qc.queries import QueryBook
 from sitebench.qc.records import QCRecords, database_url
 
@@ -144,6 +145,8 @@ class IntakeConfig(StrictModel):
     #: failed attempts at indexing a file or checking a series before it is quarantined (retries back off)
     max_attempts: int = Field(default=3, ge=1)
     image_quality: bool = True
+    #: alert routes per site and role (email over SMTP, signed webhooks): sitebench.qc.notify
+    alerts: AlertRoutes | None = None
     max_file_mb: float = 2048.0
     who: str = Field(default_factory=lambda: f"sitebench-gate@{socket.gethostname()}")
 
@@ -372,6 +375,7 @@ class IntakeService:
         self.users = UserStore(self.records)
         self.pseudonyms = open_pseudonyms(config, self.records)
         self.queries = QueryBook(self.records, self.audit, config.who)
+        self.notifier = Notifier(config.alerts)
         #: routes added to the HTTP listener by higher rooms (the dashboard), set before start()
         self.http_extensions: list[Any] = []
         self.protocols = load_locked_protocols(config.protocols)
@@ -727,13 +731,31 @@ class IntakeService:
         # after the verdict is on record: a failure drafts a query to its site, a passing re-scan closes one
         self.queries.draft_for_failure(verdict_id, outcome)
         self.queries.link_rescan(outcome)
+        self._alert(_alerts_for(outcome))
         log.info("%s", outcome.summary().splitlines()[0])
+
+    def _alert(self, alerts: list[Alert]) -> None:
+        """Send alerts off the checking thread: a slow mail server never delays a verdict."""
+        if alerts and self.config.alerts is not None and self.config.alerts.routes:
+            threading.Thread(target=lambda: [self.notifier.send(a) for a in alerts], name="qc-alerts",
+                             daemon=True).start()
+
+    def alert_overdue_queries(self) -> int:
+        """Alert each query waiting on its site past its due time, once."""
+        late = self.queries.overdue_unalerted()
+        self._alert([Alert("query_overdue", q.site, f"query {q.id} on series {q.series_key[:12]} is past its "
+                           f"deadline", {"query": q.id, "series_key": q.series_key, "due_utc": q.due_utc})
+                     for q in late])
+        for q in late:
+            self.queries.mark_alerted(q.id)
+        return len(late)
 
     def _checker(self, interval: float) -> None:
         while not self._stop.wait(interval):
             try:
                 self._requeue_due()
                 self.check_complete()
+                self.alert_overdue_queries()
             except Exception as exc:  # noqa: BLE001 - the service keeps serving (a database outage, say)
                 _log_bug(self.store.root, "checker", exc)
                 log.error("gate check pass failed: %s; will retry", type(exc).__name__)
@@ -918,6 +940,25 @@ def _unreadable_series(series_key: str, site: str, checks: list[FileCheck]) -> S
     return SeriesOutcome(series_key=series_key, site=site, status="undetermined",
                          n_files=sum(c.summary is not None or c.problems != [] for c in checks),
                          deviations=deviations, checks=deviations, file_problems=problems)
+
+
+def _alerts_for(outcome: SeriesOutcome) -> list[Alert]:
+    """The alerts one verdict raises: a failure, and each drift event (a software change is an upgrade)."""
+    out = []
+    key = outcome.series_key
+    if outcome.status == "fail":
+        failed = [d for d in outcome.deviations if d.status == "fail"]
+        out.append(Alert("series_failed", outcome.site, f"series {key[:12]} failed "
+                         f"{', '.join(d.parameter for d in failed) or 'its checks'}",
+                         {"series_key": key, "protocol": outcome.protocol or "none matched",
+                          **{f"deviation {i + 1}": f"{d.parameter}: expected {d.expected}, observed {d.observed} "
+                             f"({d.rule})" for i, d in enumerate(failed[:10])}}))
+    for e in outcome.drift:
+        kind = "software_upgrade" if e.kind == "software" else "drift"
+        out.append(Alert(kind, outcome.site, f"{e.parameter} {e.change} on scanner {e.scanner}",
+                         {"series_key": key, "parameter": e.parameter, "baseline": str(e.baseline),
+                          "observed": str(e.observed), "scanner": e.scanner}))
+    return out
 
 
 def _is_file(item: Any) -> bool:
