@@ -135,8 +135,10 @@ def cmd_qc_serve(args: argparse.Namespace) -> int:
     updates = {}
     if args.dicom_port is not None and config.dicom is not None:
         updates["dicom"] = config.dicom.model_copy(update={"port": args.dicom_port})
-    if args.http_port is not None and config.http is not None:
-        updates["http"] = config.http.model_copy(update={"port": args.http_port})
+    if args.http_port is not None:  # also turns HTTP (STOW-RS and the dashboard) on where the YAML has it off
+        from sitebench.qc.intake import HttpListener
+
+        updates["http"] = (config.http or HttpListener()).model_copy(update={"port": args.http_port})
     serve(config.model_copy(update=updates), http_extensions=[mount])
     return 0
 
