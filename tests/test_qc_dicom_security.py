@@ -8,10 +8,10 @@ import datetime
 import ipaddress
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+from test_qc_queries import wait_for
 from test_qc_stow import T1, Service, free_port
 
 STORESCU = Path("/usr/bin/storescu")
@@ -32,16 +32,6 @@ def _dicom_service(tmp: Path, protocols: Path, sites: dict, tls: dict | None = N
     return svc
 
 
-def _wait_for(predicate, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    return predicate()
-
-
 def test_an_association_from_an_unregistered_address_is_refused_and_audited(tmp_path, protocols):
     files = sorted(T1.iterdir())[:3]
     svc = _dicom_service(tmp_path, protocols, {
@@ -51,13 +41,13 @@ def test_an_association_from_an_unregistered_address_is_refused_and_audited(tmp_
         refused = subprocess.run([str(STORESCU), "-aet", "S01_MR1", "-aec", "SITEBENCH", "127.0.0.1",
                                   str(svc.dicom_port), *map(str, files)], capture_output=True, text=True, timeout=60)
         assert refused.returncode != 0, refused.stdout + refused.stderr
-        rejected = _wait_for(lambda: [r for r in svc.audit() if r["what"] == "association rejected"])
+        rejected = wait_for(lambda: [r for r in svc.audit() if r["what"] == "association rejected"])
         assert rejected and "peer address 127.0.0.1 is not one of site S01's dicom_peers" in rejected[0]["why"]
         assert svc.known() == set()  # nothing stored (C-STORE bytes are kept as received, not as on disk)
         sent = subprocess.run([str(STORESCU), "-aet", "S02_MR1", "-aec", "SITEBENCH", "127.0.0.1",
                                str(svc.dicom_port), *map(str, files)], capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0, sent.stdout + sent.stderr
-        assert _wait_for(lambda: len(svc.known()) == len(files)), svc.known()
+        assert wait_for(lambda: len(svc.known()) == len(files)), svc.known()
     finally:
         svc.stop()
 
@@ -152,6 +142,6 @@ def test_tls_with_client_certificates(tmp_path, protocols):
         assert plain.returncode != 0  # no TLS, no association
         assert svc.known() == set()
         assert _send_over_tls(svc.dicom_port, files, certs, client="site-s01") == [0, 0]
-        assert _wait_for(lambda: len(svc.known()) == len(files)), svc.known()
+        assert wait_for(lambda: len(svc.known()) == len(files)), svc.known()
     finally:
         svc.stop()
