@@ -218,21 +218,23 @@ def _overview(service: "IntakeService") -> list[dict[str, Any]]:
 
     rows = {r.site: r for r in service.records.site_status()}
     open_queries = service.queries.open_counts()
-    verdicts = service.records.latest_verdicts()
+    waits: dict[str, list[float]] = {}
+    last: dict[str, str] = {}
+    for site, checked, wait in service.records.verdict_timing():
+        if wait is not None:
+            waits.setdefault(site, []).append(float(wait))
+        if checked and checked > last.get(site, ""):
+            last[site] = checked
     out = []
     for site in sorted(service.config.sites):
         status = rows.get(site)
-        mine = [v for v in verdicts if v["site"] == site]
-        waits = [float(v["seconds"].get("upload_to_verdict")) for v in mine
-                 if isinstance(v.get("seconds"), dict) and v["seconds"].get("upload_to_verdict") is not None]
         out.append({"site": site, "series": status.series if status else 0, "passed": status.passed if status else 0,
                     "warned": status.warned if status else 0, "failed": status.failed if status else 0,
                     "open_deviations": status.open_deviations if status else 0,
                     "open_queries": open_queries.get(site, 0),
                     "rescan_rate": status.rescan_rate if status else 0.0,
-                    "median_wait_s": statistics.median(waits) if waits else None,
-                    "last_checked": max((v["checked_utc"] for v in mine), default=None),
-                    "drift_events": status.drift_events if status else 0})
+                    "median_wait_s": statistics.median(waits[site]) if waits.get(site) else None,
+                    "last_checked": last.get(site), "drift_events": status.drift_events if status else 0})
     return out
 
 

@@ -571,6 +571,20 @@ class QCRecords:
         return [{**row, **{k: json.loads(row[k]) for k in ("image_quality", "phi_attributes_present",
                                                            "file_problems", "seconds")}} for row in rows]
 
+    def verdict_timing(self) -> list[tuple[str, str, float | None]]:
+        """(site, checked_utc, upload-to-verdict seconds) of every latest verdict: the overview's
+        columns without decoding each verdict's other JSON."""
+        query = select(verdicts.c.site, verdicts.c.checked_utc, verdicts.c.seconds).where(verdicts.c.latest.is_(True))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        out = []
+        for site, checked, seconds in rows:
+            wait = None
+            if seconds and "upload_to_verdict" in seconds:
+                wait = json.loads(seconds).get("upload_to_verdict")
+            out.append((site, checked, wait))
+        return out
+
     def deviations_of(self, verdict_id: int) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(deviations).where(deviations.c.verdict_id == verdict_id)
@@ -625,7 +639,10 @@ class QCRecords:
         a deviation is *open* while it belongs to a latest verdict whose study has no later
         passing series of the same protocol.
         """
-        rows = self.latest_verdicts()
+        with self.engine.connect() as conn:  # only the columns counted: no verdict's JSON is decoded
+            rows = [dict(r) for r in conn.execute(
+                select(verdicts.c.id, verdicts.c.site, verdicts.c.status, verdicts.c.study_key, verdicts.c.protocol)
+                .where(verdicts.c.latest.is_(True)).order_by(verdicts.c.id)).mappings()]
         table: dict[str, SiteStatus] = {}
         for row in rows:
             status = table.setdefault(row["site"], SiteStatus(site=row["site"]))
