@@ -153,7 +153,7 @@ def mount(app: Any, service: "IntakeService") -> None:
         verdicts = service.records.latest_verdicts(site)
         return page(request, "site.html", who, title=f"Site {site}", site=site, verdicts=list(reversed(verdicts)),
                     timeline=_timeline_svg(verdicts, service.records.drift_events(site)),
-                    queries=service.queries.list(site=site))
+                    charts=_control_charts(verdicts), queries=service.queries.list(site=site))
 
     @app.get("/series/{series_key}", response_class=HTMLResponse, include_in_schema=False)
     def series_page(request: Request, series_key: str) -> Response:
@@ -255,6 +255,92 @@ def _metric_history(service: "IntakeService", verdict: dict[str, Any]) -> list[d
         z = (value - mean) / sd if mean is not None and sd else None
         out.append({"metric": name, "value": value, "mean": mean, "sd": sd, "z": z, "n": len(past)})
     return out
+
+
+#: series of a scanner that qualify its control-chart baseline (the first ones checked)
+CHART_BASELINE = 20
+#: rules the dashboard flags on: 1_3s and the EWMA. All five Westgard rules together, with limits
+#: estimated from a 20-series baseline, alarm on a quarter to a third of in-control scanners within
+#: 20 series (Jones, Champ & Rigdon 2001); 1_3s + EWMA keeps the false alarms rare and still sees a
+#: sustained 1.5-sigma shift within a few series (EWMA ARL about 5, Lucas & Saccucci 1990).
+CHART_RULES = ("1_3s", "ewma")
+
+
+def _control_charts(verdicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per scanner and image-quality metric: a Shewhart/EWMA/Westgard chart (qc.control_charts)
+    fitted on the scanner's first :data:`CHART_BASELINE` series and judging the rest; an inline SVG
+    each, with software-version changes marked. Scanners with too few series get no chart."""
+    from sitebench.qc.control_charts import MIN_BASELINE, ControlChart
+
+    by_scanner: dict[str, list[dict[str, Any]]] = {}
+    for v in verdicts:
+        by_scanner.setdefault(v.get("scanner") or "unknown scanner", []).append(v)
+    out = []
+    for scanner, rows in sorted(by_scanner.items()):
+        rows = sorted(rows, key=lambda r: r["id"])
+        baseline_n = min(CHART_BASELINE, len(rows) - 1)
+        if baseline_n < MIN_BASELINE:
+            continue
+        metrics = sorted({k for r in rows for k, x in (r.get("image_quality") or {}).items()
+                          if isinstance(x, (int, float)) and not isinstance(x, bool)})
+        for metric in metrics:
+            values = [float((r.get("image_quality") or {}).get(metric, float("nan"))) for r in rows]
+            try:
+                result = ControlChart(metric=metric, rules=CHART_RULES).fit_chart(values[:baseline_n], values[baseline_n:])
+            except SitebenchError:
+                continue
+            monitored = rows[baseline_n:]
+            flagged = [(monitored[i]["series_key"], result.flags[i]) for i in range(len(monitored))
+                       if result.out_of_control[i]]
+            out.append({"scanner": scanner, "metric": metric, "baseline": baseline_n, "flagged": flagged,
+                        "svg": _chart_svg(values, baseline_n, result, rows)})
+    return out
+
+
+def _chart_svg(values: list[float], baseline_n: int, result: Any, rows: list[dict[str, Any]], width: int = 720,
+               height: int = 150) -> str:
+    """Values in order (baseline grey, monitored blue, out of control red), centre and 3-sigma limits,
+    the EWMA as a line, software-version changes dashed."""
+    from html import escape
+
+    finite = [v for v in values if math.isfinite(v)] + [result.ucl, result.lcl]
+    low, high = min(finite), max(finite)
+    pad = (high - low) * 0.08 or 1.0
+    low, high = low - pad, high + pad
+    n = len(values)
+
+    def x(i: int) -> float:
+        return 30 + (width - 40) * i / max(n - 1, 1)
+
+    def y(v: float) -> float:
+        return 10 + (height - 25) * (high - v) / (high - low)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="control chart">']
+    for level, colour, dash in ((result.center, "#455a64", ""), (result.ucl, "#c62828", ' stroke-dasharray="5 3"'),
+                                (result.lcl, "#c62828", ' stroke-dasharray="5 3"')):
+        parts.append(f'<line x1="30" y1="{y(level):.1f}" x2="{width - 10}" y2="{y(level):.1f}" stroke="{colour}" '
+                     f'stroke-width="0.8"{dash}/>')
+    ewma_points = " ".join(f"{x(baseline_n + i):.1f},{y(e):.1f}" for i, e in enumerate(result.ewma) if math.isfinite(e))
+    if ewma_points:
+        parts.append(f'<polyline points="{ewma_points}" fill="none" stroke="#8e24aa" stroke-width="1"/>')
+    previous = None
+    for i, (v, row) in enumerate(zip(values, rows)):
+        software = row.get("software_version")
+        if previous is not None and software != previous:
+            parts.append(f'<line x1="{x(i):.1f}" y1="5" x2="{x(i):.1f}" y2="{height - 12}" stroke="#1565c0" '
+                         f'stroke-dasharray="4 2"><title>software {escape(str(software))}</title></line>')
+        previous = software
+        if not math.isfinite(v):
+            continue
+        out = i >= baseline_n and bool(result.out_of_control[i - baseline_n])
+        colour = "#c62828" if out else ("#9e9e9e" if i < baseline_n else "#1565c0")
+        label = ", ".join(result.flags[i - baseline_n]) if out else ("baseline" if i < baseline_n else "in control")
+        parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="{colour}"><title>'
+                     f'{escape(row["series_key"][:12])}: {v:.4g} ({escape(label)})</title></circle>')
+    parts.append(f'<text x="2" y="{y(result.ucl) + 3:.1f}" font-size="9">UCL</text>'
+                 f'<text x="2" y="{y(result.lcl) + 3:.1f}" font-size="9">LCL</text></svg>')
+    return "".join(parts)
 
 
 def _timeline_svg(verdicts: list[dict[str, Any]], drift: list[dict[str, Any]], width: int = 720,
