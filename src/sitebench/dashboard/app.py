@@ -155,6 +155,17 @@ def mount(app: Any, service: "IntakeService") -> None:
                     timeline=_timeline_svg(verdicts, service.records.drift_events(site)),
                     charts=_control_charts(verdicts), queries=service.queries.list(site=site))
 
+    @app.get("/sites/{site}/visits", response_class=HTMLResponse, include_in_schema=False)
+    def visits_page(request: Request, site: str) -> Response:
+        who = need(request)
+        if not isinstance(who, Principal):
+            return who
+        if site not in service.config.sites or not allowed(who, "view_site", site):
+            return refuse(request, who, f"visits of {site if site in service.config.sites else '(unknown site)'}",
+                          "not this user's site or role")
+        return page(request, "visits.html", who, title=f"Site {site}: expected against received", site=site,
+                    visits=service.visit_status(site), schedule=service.config.visit_schedule is not None)
+
     @app.get("/series/{series_key}", response_class=HTMLResponse, include_in_schema=False)
     def series_page(request: Request, series_key: str) -> Response:
         who = need(request)
@@ -218,6 +229,9 @@ def _overview(service: "IntakeService") -> list[dict[str, Any]]:
 
     rows = {r.site: r for r in service.records.site_status()}
     open_queries = service.queries.open_counts()
+    overdue: dict[str, int] = {}
+    for visit in service.visit_status():
+        overdue[visit["site"]] = overdue.get(visit["site"], 0) + (visit["status"] == "overdue")
     waits: dict[str, list[float]] = {}
     last: dict[str, str] = {}
     for site, checked, wait in service.records.verdict_timing():
@@ -234,7 +248,8 @@ def _overview(service: "IntakeService") -> list[dict[str, Any]]:
                     "open_queries": open_queries.get(site, 0),
                     "rescan_rate": status.rescan_rate if status else 0.0,
                     "median_wait_s": statistics.median(waits[site]) if waits.get(site) else None,
-                    "last_checked": last.get(site), "drift_events": status.drift_events if status else 0})
+                    "last_checked": last.get(site), "drift_events": status.drift_events if status else 0,
+                    "overdue_visits": overdue.get(site, 0)})
     return out
 
 

@@ -124,6 +124,11 @@ class SeriesParameters:
     phi_present: list[str] = field(default_factory=list)
     study_uid: str = ""  # kept for grouping re-scans; never written out (PHI profile)
     scanner_id: str | None = None  # pseudonym of DeviceSerialNumber / StationName
+    #: Clinical Trial Subject module (PS3.3 C.7.1.3): the trial's subject code and visit, from
+    #: ClinicalTrialSubjectID (0012,0040) and ClinicalTrialTimePointID (0012,0050); the gate keeps a
+    #: keyed pseudonym of the subject only, for expected-against-received reconciliation
+    trial_subject: str = ""
+    trial_timepoint: str = ""
     summaries: list = field(default_factory=list, repr=False)  # per-file file_summary (intake path)
 
     def to_dict(self) -> dict:
@@ -1006,6 +1011,12 @@ def _derived(p: dict[str, Any]) -> None:
             p[key] = value
 
 
+def _trial_coding(ds) -> dict[str, str]:
+    """ClinicalTrialSubjectID and ClinicalTrialTimePointID of a series' first file ('' where absent)."""
+    return {"trial_subject": (_text(ds.get("ClinicalTrialSubjectID")) or "").strip(),
+            "trial_timepoint": (_text(ds.get("ClinicalTrialTimePointID")) or "").strip()}
+
+
 # --------------------------------------------------------------------------- public entry points
 def series_from_summaries(files: list[Path], summaries: list[dict[str, Any]]) -> SeriesParameters:
     """One series from its files' :func:`file_summary` records: only the first file is read again.
@@ -1021,7 +1032,7 @@ def series_from_summaries(files: list[Path], summaries: list[dict[str, Any]]) ->
     return SeriesParameters(series_uid=str(first.get("SeriesInstanceUID") or ""), files=list(files),
                             parameters=params, missing=[k for k in PARAMETER_KEYS if k not in params],
                             phi_present=phi, study_uid=str(first.get("StudyInstanceUID") or ""),
-                            scanner_id=_scanner_id(first), summaries=list(summaries))
+                            scanner_id=_scanner_id(first), summaries=list(summaries), **_trial_coding(first))
 
 
 
@@ -1130,5 +1141,5 @@ def read_series(path: str | Path | Iterable[str | Path], reader: str = "auto") -
             series_uid=uid, files=[f for f, _ in members], parameters=params,
             missing=[k for k in PARAMETER_KEYS if k not in params],
             phi_present=sorted({n for s in summaries for n in s["phi"]}, key=PHI_KEYWORDS.index), study_uid=str(first.get("StudyInstanceUID") or ""),
-            scanner_id=_scanner_id(first)))
+            scanner_id=_scanner_id(first), **_trial_coding(first)))
     return out

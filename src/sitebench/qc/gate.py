@@ -117,6 +117,8 @@ class SeriesOutcome:
     file_problems: list[str] = field(default_factory=list)
     checked_utc: str = field(default_factory=utc_now)
     seconds: dict[str, float] = field(default_factory=dict)
+    subject_key: str = ""  # keyed pseudonym of ClinicalTrialSubjectID, for the visit schedule
+    timepoint: str = ""  # ClinicalTrialTimePointID: the visit
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable({
@@ -251,7 +253,9 @@ class Gate:
                                 n_files=len(series.files), study_key=self.pseudonyms(series.study_uid) if series.study_uid
                                 else "", scanner=self.pseudonyms.scanner(series.scanner_id) or _scanner_label(params),
                                 parameters=dict(params), phi_present=list(series.phi_present),
-                                file_problems=file_problems)
+                                file_problems=file_problems,
+                                subject_key=self.pseudonyms(series.trial_subject) if series.trial_subject else "",
+                                timepoint=series.trial_timepoint)
         protocol = match_protocol(params, self.protocols) if self.match else self.protocols[0]
         if protocol is None:
             outcome.seconds["header"] = time.perf_counter() - started

@@ -46,8 +46,8 @@ from sitebench.qc import dicom_params  # noqa: F401 - same reason (check_bytes i
 from sitebench.qc.access import Principal, UserStore
 from sitebench.qc.dicom_files import FileCheck, check_bytes, check_path
 from sitebench.qc.gate import Gate, Pseudonyms, SeriesOutcome
-from sitebench.qc.protocol import Protocol, load_protocol
 from sitebench.qc.notify import Alert, AlertRoutes, Notifier
+from sitebench.qc.protocol import Protocol, load_protocol
 from sitebench.qc.queries import QueryBook
 from sitebench.qc.records import QCRecords, database_url
 
@@ -147,6 +147,8 @@ class IntakeConfig(StrictModel):
     image_quality: bool = True
     #: alert routes per site and role (email over SMTP, signed webhooks): sitebench.qc.notify
     alerts: AlertRoutes | None = None
+    #: the expected visits, a CSV of site, subject, visit, window_start, window_end (sitebench.qc.visits)
+    visit_schedule: Path | None = None
     max_file_mb: float = 2048.0
     who: str = Field(default_factory=lambda: f"sitebench-gate@{socket.gethostname()}")
 
@@ -163,6 +165,8 @@ def load_intake_config(path: str | Path) -> IntakeConfig:
         updates["audit_key_file"] = base / config.audit_key_file
     if config.pseudonym_key_file is not None:
         updates["pseudonym_key_file"] = base / config.pseudonym_key_file
+    if config.visit_schedule is not None:
+        updates["visit_schedule"] = base / config.visit_schedule
     if config.dicom is not None and config.dicom.tls is not None:
         tls = config.dicom.tls
         updates["dicom"] = config.dicom.model_copy(update={"tls": tls.model_copy(update={
@@ -376,6 +380,11 @@ class IntakeService:
         self.pseudonyms = open_pseudonyms(config, self.records)
         self.queries = QueryBook(self.records, self.audit, config.who)
         self.notifier = Notifier(config.alerts)
+        self._visits_checked = 0.0
+        if config.visit_schedule is not None:  # a bad schedule is one line at start, not a loop of errors
+            from sitebench.qc.visits import load_schedule
+
+            load_schedule(config.visit_schedule)
         #: routes added to the HTTP listener by higher rooms (the dashboard), set before start()
         self.http_extensions: list[Any] = []
         self.protocols = load_locked_protocols(config.protocols)
@@ -740,6 +749,34 @@ class IntakeService:
             threading.Thread(target=lambda: [self.notifier.send(a) for a in alerts], name="qc-alerts",
                              daemon=True).start()
 
+    def visit_status(self, site: str | None = None, today=None) -> list[dict[str, Any]]:
+        """The visit schedule against what arrived (:func:`sitebench.qc.visits.reconcile`); [] without one."""
+        from sitebench.qc.visits import load_schedule, reconcile
+
+        if self.config.visit_schedule is None:
+            return []
+        schedule = [v for v in load_schedule(self.config.visit_schedule) if site is None or v.site == site]
+        return reconcile(schedule, self.records.latest_verdicts(site), self.pseudonyms, today)
+
+    def alert_overdue_visits(self, today=None) -> int:
+        """Alert each visit whose window closed with nothing received, once (remembered in the database)."""
+        if self.config.visit_schedule is None or not (self.config.alerts and self.config.alerts.routes):
+            return 0
+        done = set((self.records.load_state("visits_alerted") or {}).get("keys", []))
+        late = []
+        for row in self.visit_status(today=today):
+            key = f"{row['site']}|{self.pseudonyms(row['subject'])}|{row['visit']}"
+            if row["status"] == "overdue" and key not in done:
+                late.append(Alert("visit_overdue", row["site"], f"visit {row['visit']} of a subject is "
+                                  f"{row['days_overdue']} days past its window", {
+                                      "subject_key": self.pseudonyms(row["subject"]), "visit": row["visit"],
+                                      "window_end": row["window_end"]}))
+                done.add(key)
+        if late:
+            self._alert(late)
+            self.records.save_state("visits_alerted", {"keys": sorted(done)})
+        return len(late)
+
     def alert_overdue_queries(self) -> int:
         """Alert each query waiting on its site past its due time, once."""
         late = self.queries.overdue_unalerted()
@@ -756,6 +793,9 @@ class IntakeService:
                 self._requeue_due()
                 self.check_complete()
                 self.alert_overdue_queries()
+                if time.monotonic() - self._visits_checked > 60:  # the schedule changes by the day
+                    self._visits_checked = time.monotonic()
+                    self.alert_overdue_visits()
             except Exception as exc:  # noqa: BLE001 - the service keeps serving (a database outage, say)
                 _log_bug(self.store.root, "checker", exc)
                 log.error("gate check pass failed: %s; will retry", type(exc).__name__)

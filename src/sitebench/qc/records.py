@@ -106,6 +106,8 @@ verdicts = Table(
     Column("phi_attributes_present", Text, nullable=False, default="[]"),
     Column("file_problems", Text, nullable=False, default="[]"),
     Column("seconds", Text, nullable=False, default="{}"),
+    Column("subject_key", String(32)),  # keyed pseudonym of ClinicalTrialSubjectID
+    Column("timepoint", String(64)),  # ClinicalTrialTimePointID
 )
 
 deviations = Table(
@@ -548,7 +550,8 @@ class QCRecords:
                 protocol_sha256=outcome.protocol_sha256, status=outcome.status, latest=True,
                 checked_utc=outcome.checked_utc, n_files=outcome.n_files,
                 image_quality=_json(outcome.image_quality), phi_attributes_present=_json(outcome.phi_present),
-                file_problems=_json(outcome.file_problems), seconds=_json(outcome.seconds))).inserted_primary_key[0]
+                file_problems=_json(outcome.file_problems), seconds=_json(outcome.seconds),
+                subject_key=outcome.subject_key or None, timepoint=outcome.timepoint or None)).inserted_primary_key[0]
             for d in outcome.deviations:
                 conn.execute(insert(deviations).values(
                     verdict_id=verdict_id, parameter=d.parameter, expected=d.expected, observed=_json(d.observed),
