@@ -68,11 +68,18 @@ def test_the_query_loop_in_a_browser(tmp_path, protocols, browser):
 
     def click(element) -> None:
         """Click and wait for the next page (the clicked element goes stale)."""
-        from selenium.webdriver.support import expected_conditions
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.support.ui import WebDriverWait
 
+        def gone(_driver) -> bool:
+            try:
+                element.is_enabled()
+            except WebDriverException:  # stale, or (chromium) "node does not belong to the document"
+                return True
+            return False
+
         element.click()
-        WebDriverWait(browser, 15).until(expected_conditions.staleness_of(element))
+        WebDriverWait(browser, 15).until(gone)
 
     def sign_in(token: str) -> None:
         browser.get(f"{svc.url}/login")
@@ -105,6 +112,7 @@ def test_the_query_loop_in_a_browser(tmp_path, protocols, browser):
         assert browser.find_element(By.ID, "verdict").text == "fail"
         deviations = browser.find_element(By.ID, "deviations").text
         assert "FlipAngle" in deviations and "25" in deviations
+        assert browser.execute_script("return document.getElementById('montage').naturalWidth") >= 4 * 100  # loaded
         shot("04-series")
         # 2. the monitor opens the query
         click(browser.find_element(By.ID, "query-link"))

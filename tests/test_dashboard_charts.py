@@ -47,3 +47,29 @@ def test_the_chart_flags_the_drifting_scanner_after_its_change_and_rarely_the_st
 
 def test_a_scanner_with_too_few_series_gets_no_chart():
     assert _control_charts(_verdicts(shift_at=100, n=6)) == []
+
+
+def test_the_montage_is_a_png_of_slices_spread_through_the_volume():
+    """Decoded with matplotlib (an independent PNG reader): 12 tiles of the 196-slice GE T1, each
+    the slice's own pixels windowed at the 1st-99th percentiles."""
+    import io
+
+    import numpy as np
+    from matplotlib.image import imread
+    from test_qc_stow import T1
+
+    from sitebench.dashboard.app import montage_png
+    from sitebench.qc.dicom_files import series_volume
+
+    volume, _ = series_volume(sorted(T1.iterdir()))
+    picture = imread(io.BytesIO(montage_png(volume)), format="png")
+    step = int(np.ceil(max(volume.shape[:2]) / 160))
+    h, w = volume[::step, ::step, 0].shape
+    assert picture.shape == (3 * h, 4 * w)
+    tiles = [picture[r * h:(r + 1) * h, c * w:(c + 1) * w] for r in range(3) for c in range(4)]
+    assert sum(t.std() > 0.02 for t in tiles) >= 8  # most slices hold anatomy (the outer ones of a sagittal head are air)
+    picks = np.linspace(0, volume.shape[2] - 1, 12).round().astype(int)
+    nearest = int(np.argmin(abs(picks - volume.shape[2] // 2)))
+    low, high = np.percentile(volume, [1, 99])
+    middle = np.clip((volume[::step, ::step, picks[nearest]] - low) / (high - low), 0, 1)
+    assert np.corrcoef(tiles[nearest].ravel(), middle.ravel())[0, 1] > 0.8

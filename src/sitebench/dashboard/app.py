@@ -86,7 +86,7 @@ def mount(app: Any, service: "IntakeService") -> None:
         html = env.get_template(template).render(who=who, csrf=csrf(request) if who else "", **context)
         return HTMLResponse(html, status_code=status, headers={
             "Cache-Control": "no-store", "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
                                        "form-action 'self'; frame-ancestors 'none'"})
 
     def refuse(request: Request, who: Principal, what: str, why: str) -> HTMLResponse:
@@ -179,6 +179,26 @@ def mount(app: Any, service: "IntakeService") -> None:
                     deviations=service.records.deviations_of(verdict["id"]), queries=queries,
                     history=_metric_history(service, verdict))
 
+    @app.get("/series/{series_key}/montage.png", include_in_schema=False)
+    def montage(request: Request, series_key: str) -> Response:
+        who = need(request)
+        if not isinstance(who, Principal):
+            return who
+        site = service.records.series_site(series_key)
+        if site is None or not allowed(who, "view_site", site):
+            return refuse(request, who, "series montage", "no such series for this user")
+        from sitebench.qc.dicom_files import volume_from_summaries
+
+        rows = service.records.series_files(series_key)
+        root = Path(service.config.store)
+        files = [p if Path(p).is_absolute() else root / p for p, problems, summary in rows if summary and not problems]
+        summaries = [summary for _, problems, summary in rows if summary and not problems]
+        try:
+            volume, _ = volume_from_summaries(files, summaries)
+        except (SitebenchError, ValueError, OSError):
+            return Response(status_code=404)
+        return Response(montage_png(volume), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
     @app.get("/queries/{query_id}", response_class=HTMLResponse, include_in_schema=False)
     def query_page(request: Request, query_id: int) -> Response:
         who = need(request)
@@ -270,6 +290,40 @@ def _metric_history(service: "IntakeService", verdict: dict[str, Any]) -> list[d
         z = (value - mean) / sd if mean is not None and sd else None
         out.append({"metric": name, "value": value, "mean": mean, "sd": sd, "z": z, "n": len(past)})
     return out
+
+
+def montage_png(volume: Any, tiles: int = 12, columns: int = 4, tile_px: int = 160) -> bytes:
+    """A grey-scale PNG of ``tiles`` slices spread evenly through the volume (its third axis, the
+    stacking order), each scaled to ``tile_px`` and windowed at the volume's 1st-99th percentiles.
+    Made from the pixel values alone: no text, no header field is drawn, so nothing identifies the
+    patient beyond what the pixels themselves show."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    data = np.asarray(volume, dtype=np.float32)
+    if data.ndim == 2:
+        data = data[:, :, None]
+    picks = np.unique(np.linspace(0, data.shape[2] - 1, min(tiles, data.shape[2])).round().astype(int))
+    finite = data[np.isfinite(data)]
+    low, high = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
+    scale = 255.0 / (high - low) if high > low else 0.0
+    step = max(1, int(np.ceil(max(data.shape[0], data.shape[1]) / tile_px)))
+    shots = [np.clip((np.nan_to_num(data[::step, ::step, k]) - low) * scale, 0, 255).astype(np.uint8) for k in picks]
+    h, w = shots[0].shape
+    rows = int(np.ceil(len(shots) / columns))
+    sheet = np.zeros((rows * h, min(columns, len(shots)) * w), dtype=np.uint8)
+    for i, shot in enumerate(shots):
+        r, c = divmod(i, columns)
+        sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = shot
+    raw = b"".join(b"\x00" + sheet[y].tobytes() for y in range(sheet.shape[0]))  # PNG filter 0 per row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", sheet.shape[1], sheet.shape[0], 8, 0, 0, 0, 0)  # 8-bit grey (PNG spec 11.2.2)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
 #: series of a scanner that qualify its control-chart baseline (the first ones checked)
