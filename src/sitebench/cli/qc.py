@@ -139,7 +139,10 @@ def cmd_qc_serve(args: argparse.Namespace) -> int:
         from sitebench.qc.intake import HttpListener
 
         updates["http"] = (config.http or HttpListener()).model_copy(update={"port": args.http_port})
-    serve(config.model_copy(update=updates), http_extensions=[mount])
+    from functools import partial
+
+    dashboard = partial(mount, reports_root=args.reports, public_keys=args.public_key or [])
+    serve(config.model_copy(update=updates), http_extensions=[dashboard])
     return 0
 
 
@@ -284,6 +287,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve_cmd.add_argument("--config", required=True, help="intake YAML (see configs/qc_intake.yaml)")
     serve_cmd.add_argument("--dicom-port", type=int, help="override the DICOM port")
     serve_cmd.add_argument("--http-port", type=int, help="override the HTTP port")
+    serve_cmd.add_argument("--reports", help="folder of locked validation reports the dashboard lists and judges "
+                                            "re-validation against")
+    serve_cmd.add_argument("--public-key", action="append", help="signer's public key (PEM) to check report "
+                                                                "sign-offs with; repeatable")
     serve_cmd.set_defaults(func=cmd_qc_serve)
     status = qc.add_parser("status", help="per-site table: verdicts, open deviations, drift, re-scan rate, "
                                           "re-validation",

@@ -50,8 +50,36 @@ def _session_key(store: Path) -> bytes:
     return bytes.fromhex(path.read_text().strip())
 
 
-def mount(app: Any, service: "IntakeService") -> None:
-    """Add the dashboard's pages to ``app`` (the gate's STOW-RS app)."""
+class _Revalidation:
+    """Re-validation state of every site against the locked reports (sitebench.reports.coverage),
+    recomputed at most once a minute: verifying a report hashes its files."""
+
+    def __init__(self, service: "IntakeService", reports_root: Path | None, public_keys: list[Path]) -> None:
+        self.service, self.reports_root, self.public_keys = service, reports_root, public_keys
+        self._at, self._status = 0.0, None
+
+    def status(self) -> Any:
+        import time
+
+        from sitebench.reports.coverage import GateRows, revalidation_status
+
+        if self._status is None or time.monotonic() - self._at > 60:
+            rows = GateRows.from_records(self.service.records, source=str(self.service.config.store))
+            try:
+                self._status = revalidation_status(rows, self.reports_root, self.public_keys or None)
+            except SitebenchError:  # an empty reports folder: no report covers anything yet
+                self._status = revalidation_status(rows, None, None)
+            self._at = time.monotonic()
+        return self._status
+
+
+def mount(app: Any, service: "IntakeService", reports_root: str | Path | None = None,
+          public_keys: list[str | Path] | None = None) -> None:
+    """Add the dashboard's pages to ``app`` (the gate's STOW-RS app). ``reports_root`` holds the
+    locked validation reports (``<name>/vNNN/``) the reports page lists and re-validation is judged
+    against; ``public_keys`` check their sign-offs."""
+    revalidation = _Revalidation(service, Path(reports_root) if reports_root else None,
+                                 [Path(k) for k in public_keys or []])
     from itsdangerous import BadSignature, URLSafeTimedSerializer
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -118,7 +146,7 @@ def mount(app: Any, service: "IntakeService") -> None:
         service.audit.append(who=who.name, what="sign-in", why="dashboard", subject=f"user {who.name}",
                              details={"user": who.name, "role": who.role, "site": who.site, "address": address(request)})
         cookie = signer.dumps({"u": who.name, "f": service.users.session_fingerprint(who.name)})
-        home = f"/sites/{who.site}" if who.site else "/"
+        home = f"/sites/{who.site}" if who.site else "/reports" if who.role == "reader" else "/"
         response = RedirectResponse(home, status_code=303)
         response.set_cookie(SESSION_COOKIE, cookie, max_age=int(SESSION_HOURS * 3600), httponly=True,
                             samesite="strict", secure=request.url.scheme == "https", path="/")
@@ -138,9 +166,26 @@ def mount(app: Any, service: "IntakeService") -> None:
             return who
         if who.site:
             return RedirectResponse(f"/sites/{who.site}", status_code=303)
+        if who.role == "reader":
+            return RedirectResponse("/reports", status_code=303)
         if who.role not in ("central_monitor", "admin"):
             return refuse(request, who, "trial overview", "the overview is for central monitors")
-        return page(request, "overview.html", who, title="Trial overview", rows=_overview(service))
+        pending = {p.site: p for p in revalidation.status().pending}
+        return page(request, "overview.html", who, title="Trial overview", rows=_overview(service), pending=pending)
+
+    @app.get("/reports", response_class=HTMLResponse, include_in_schema=False)
+    def reports_page(request: Request) -> Response:
+        who = need(request)
+        if not isinstance(who, Principal):
+            return who
+        if not allowed(who, "view_reports"):
+            return refuse(request, who, "reports page", "reports are for monitors, readers and admins")
+        from sitebench.reports.signing import read_signoffs
+
+        status = revalidation.status()
+        reports = [{"coverage": r, "signoffs": read_signoffs(r.report_dir)} for r in status.reports]
+        return page(request, "reports.html", who, title="Validation reports", reports=reports,
+                    root=revalidation.reports_root, keys=bool(revalidation.public_keys), pending=status.pending)
 
     @app.get("/sites/{site}", response_class=HTMLResponse, include_in_schema=False)
     def site_page(request: Request, site: str) -> Response:
