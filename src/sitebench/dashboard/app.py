@@ -439,7 +439,7 @@ def _chart_svg(values: list[float], baseline_n: int, result: Any, rows: list[dic
     if ewma_points:
         parts.append(f'<polyline points="{ewma_points}" fill="none" stroke="#8e24aa" stroke-width="1"/>')
     previous = None
-    for i, (v, row) in enumerate(zip(values, rows)):
+    for i, (v, row) in enumerate(zip(values, rows, strict=True)):
         software = row.get("software_version")
         if previous is not None and software != previous:
             parts.append(f'<line x1="{x(i):.1f}" y1="5" x2="{x(i):.1f}" y2="{height - 12}" stroke="#1565c0" '

@@ -66,7 +66,7 @@ def check_no_identifiers(alert: Alert) -> None:
     """Raise ValueError when an alert would carry a patient identifier or a DICOM UID."""
     if alert.kind not in ALERT_KINDS:
         raise ValueError(f"unknown alert kind {alert.kind!r}")
-    for key, value in alert.details.items():
+    for key in alert.details:
         if _PHI_KEYS.search(str(key)):
             raise ValueError(f"alert detail {key!r} is an identifier; alerts name series by pseudonym only")
     for text in [alert.summary, alert.site, *map(str, alert.details.values())]:
