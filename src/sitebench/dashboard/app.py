@@ -187,14 +187,21 @@ def mount(app: Any, service: "IntakeService", reports_root: str | Path | None = 
         return page(request, "reports.html", who, title="Validation reports", reports=reports,
                     root=revalidation.reports_root, keys=bool(revalidation.public_keys), pending=status.pending)
 
-    @app.get("/sites/{site}", response_class=HTMLResponse, include_in_schema=False)
-    def site_page(request: Request, site: str) -> Response:
+    def site_viewer(request: Request, site: str, what: str) -> Principal | Response:
+        """The signed-in user when they may see ``site``; else the sign-in redirect or an audited 403."""
         who = need(request)
         if not isinstance(who, Principal):
             return who
         if site not in service.config.sites or not allowed(who, "view_site", site):
-            return refuse(request, who, f"site page {site if site in service.config.sites else '(unknown site)'}",
+            return refuse(request, who, f"{what} {site if site in service.config.sites else '(unknown site)'}",
                           "not this user's site or role")
+        return who
+
+    @app.get("/sites/{site}", response_class=HTMLResponse, include_in_schema=False)
+    def site_page(request: Request, site: str) -> Response:
+        who = site_viewer(request, site, "site page")
+        if not isinstance(who, Principal):
+            return who
         verdicts = service.records.latest_verdicts(site)
         return page(request, "site.html", who, title=f"Site {site}", site=site, verdicts=list(reversed(verdicts)),
                     timeline=_timeline_svg(verdicts, service.records.drift_events(site)),
@@ -202,12 +209,9 @@ def mount(app: Any, service: "IntakeService", reports_root: str | Path | None = 
 
     @app.get("/sites/{site}/visits", response_class=HTMLResponse, include_in_schema=False)
     def visits_page(request: Request, site: str) -> Response:
-        who = need(request)
+        who = site_viewer(request, site, "visits of")
         if not isinstance(who, Principal):
             return who
-        if site not in service.config.sites or not allowed(who, "view_site", site):
-            return refuse(request, who, f"visits of {site if site in service.config.sites else '(unknown site)'}",
-                          "not this user's site or role")
         return page(request, "visits.html", who, title=f"Site {site}: expected against received", site=site,
                     visits=service.visit_status(site), schedule=service.config.visit_schedule is not None)
 
