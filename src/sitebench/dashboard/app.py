@@ -87,7 +87,8 @@ def mount(app: Any, service: "IntakeService", reports_root: str | Path | None = 
 
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html"]))
     env.globals["colours"] = STATUS_COLOURS
-    signer = URLSafeTimedSerializer(_session_key(service.config.store), salt="sitebench-dashboard")
+    session_key = _session_key(service.config.store)
+    signer = URLSafeTimedSerializer(session_key, salt="sitebench-dashboard")
     failed_sign_ins = RateLimiter(FAILED_SIGN_INS_PER_MINUTE)
 
     def address(request: Request) -> str:
@@ -101,14 +102,10 @@ def mount(app: Any, service: "IntakeService", reports_root: str | Path | None = 
             data = signer.loads(raw, max_age=int(SESSION_HOURS * 3600))
         except BadSignature:
             return None
-        fingerprint = service.users.session_fingerprint(str(data.get("u")))
-        if fingerprint is None or not hmac.compare_digest(fingerprint, str(data.get("f"))):
-            return None
-        return service.users.principal(str(data["u"]))
+        return service.users.session_principal(str(data.get("u")), str(data.get("f")))
 
     def csrf(request: Request) -> str:
-        return hmac.new(signer.secret_key if isinstance(signer.secret_key, bytes) else signer.secret_key.encode(),
-                        (request.cookies.get(SESSION_COOKIE) or "").encode(), hashlib.sha256).hexdigest()[:32]
+        return hmac.new(session_key, (request.cookies.get(SESSION_COOKIE) or "").encode(), hashlib.sha256).hexdigest()[:32]
 
     def page(request: Request, template: str, who: Principal | None, status: int = 200, **context: Any) -> HTMLResponse:
         html = env.get_template(template).render(who=who, csrf=csrf(request) if who else "", **context)
@@ -220,7 +217,7 @@ def mount(app: Any, service: "IntakeService", reports_root: str | Path | None = 
         who = need(request)
         if not isinstance(who, Principal):
             return who
-        verdict = next((v for v in service.records.latest_verdicts() if v["series_key"] == series_key), None)
+        verdict = next(iter(service.records.latest_verdicts(series_key=series_key)), None)
         if verdict is None or not allowed(who, "view_site", verdict["site"]):
             return refuse(request, who, "series page", "no such series for this user")
         queries = [q for q in service.queries.list(site=verdict["site"]) if q.series_key == series_key]

@@ -73,6 +73,11 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def new_token() -> str:
+    """A fresh 256-bit bearer token, shown once; only :func:`token_digest` of it is kept."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
 @dataclass(frozen=True)
 class Principal:
     """An authenticated caller: a user of the database, or a site's upload token from the YAML."""
@@ -111,7 +116,7 @@ class UserStore:
     def create(self, username: str, role: str, site: str | None = None, *, sites: Iterable[str] = ()) -> str:
         """A new user; returns its token, shown once (only its SHA-256 is kept)."""
         self._check(username, role, site, sites)
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        token = new_token()
         try:
             with self._engine.begin() as conn:
                 conn.execute(insert(self._users).values(
@@ -123,7 +128,7 @@ class UserStore:
 
     def rotate(self, username: str) -> str:
         """A new token for ``username``; the old one (and every session signed with it) stops working."""
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        token = new_token()
         with self._engine.begin() as conn:
             done = conn.execute(update(self._users).where(self._users.c.username == username)
                                 .values(token_sha256=token_digest(token), disabled=False)).rowcount
@@ -145,7 +150,10 @@ class UserStore:
         return [dict(r) for r in rows]
 
     def count(self) -> int:
-        return len(self.list())
+        from sqlalchemy import func
+
+        with self._engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(self._users)).scalar_one())
 
     def authenticate(self, token: str | None) -> Principal | None:
         """The enabled user holding ``token``, or None. Looked up by the token's SHA-256: the lookup's
@@ -166,6 +174,15 @@ class UserStore:
             row = conn.execute(select(self._users.c.token_sha256, self._users.c.disabled)
                                .where(self._users.c.username == username)).first()
         return None if row is None or row[1] else row[0][:16]
+
+    def session_principal(self, username: str, fingerprint: str) -> Principal | None:
+        """The enabled user a session cookie names, if the cookie's fingerprint is still theirs
+        (:meth:`session_fingerprint`): one lookup per page."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(self._users).where(self._users.c.username == username)).mappings().first()
+        if row is None or row["disabled"] or not hmac.compare_digest(row["token_sha256"][:16], fingerprint):
+            return None
+        return Principal(row["username"], row["role"], row["site"])
 
     def principal(self, username: str) -> Principal | None:
         with self._engine.connect() as conn:

@@ -92,7 +92,7 @@ def start_storage_scp(service: "IntakeService", listener: "DicomListener") -> An
         return transfers[key]
 
     def on_store(event) -> int:
-        if id(event.assoc) in refused or not service.peer_allowed(site_of(event), str(event.assoc.requestor.address)):
+        if id(event.assoc) in refused:  # judged once, when the association was established
             return STATUS_NOT_AUTHORISED
         transfer = transfer_of(event)
         data = event.encoded_dataset(include_meta=True)

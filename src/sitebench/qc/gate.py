@@ -77,7 +77,6 @@ class Pseudonyms:
 
     def __init__(self, key: bytes | None = None) -> None:
         self.key = key
-        self.scheme = "hmac-sha256" if key else "sha256"
 
     def __call__(self, uid: str) -> str:
         legacy = uid_key(uid)

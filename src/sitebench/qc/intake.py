@@ -765,11 +765,14 @@ class IntakeService:
         done = set((self.records.load_state("visits_alerted") or {}).get("keys", []))
         late = []
         for row in self.visit_status(today=today):
-            key = f"{row['site']}|{self.pseudonyms(row['subject'])}|{row['visit']}"
-            if row["status"] == "overdue" and key not in done:
+            if row["status"] != "overdue":
+                continue
+            subject_key = self.pseudonyms(row["subject"])
+            key = f"{row['site']}|{subject_key}|{row['visit']}"
+            if key not in done:
                 late.append(Alert("visit_overdue", row["site"], f"visit {row['visit']} of a subject is "
                                   f"{row['days_overdue']} days past its window", {
-                                      "subject_key": self.pseudonyms(row["subject"]), "visit": row["visit"],
+                                      "subject_key": subject_key, "visit": row["visit"],
                                       "window_end": row["window_end"]}))
                 done.add(key)
         if late:
@@ -873,11 +876,10 @@ class IntakeService:
 
 def new_upload_token() -> tuple[str, str]:
     """A new STOW-RS bearer token and its SHA-256 (hex): the site keeps the token, the config only the hash."""
-    import hashlib
-    import secrets
+    from sitebench.qc.access import new_token, token_digest
 
-    token = secrets.token_urlsafe(32)
-    return token, hashlib.sha256(token.encode()).hexdigest()
+    token = new_token()
+    return token, token_digest(token)
 
 
 def manage_users(config: IntakeConfig, action: str, username: str | None = None, *, role: str | None = None,
@@ -922,8 +924,9 @@ def work_query(config: IntakeConfig, token: str | None, action: str, query_id: i
         raise SitebenchError("no valid token: give --token or set SITEBENCH_TOKEN (see `qc users add`)")
     book = QueryBook(records, open_audit_trail(config), config.who)
     if action == "list":
-        site = site or who.site
-        if not allowed(who, "view_site", site) if site else who.role not in ("central_monitor", "admin"):
+        site = site or who.site  # a site's user lists their own site's; a monitor every site's
+        may_see = allowed(who, "view_site", site) if site else allowed(who, "manage_query", None)
+        if not may_see:
             raise AccessDenied(f"{who.describe()} may not see {'site ' + site if site else 'every site'}'s queries")
         return {"queries": [q.to_dict() for q in book.list(site=site)]}
     if query_id is None:

@@ -565,10 +565,12 @@ class QCRecords:
                          .values(state="checked", waiting=None, check_attempts=0, next_check_epoch=None))
         return int(verdict_id)
 
-    def latest_verdicts(self, site: str | None = None) -> list[dict[str, Any]]:
+    def latest_verdicts(self, site: str | None = None, series_key: str | None = None) -> list[dict[str, Any]]:
         query = select(verdicts).where(verdicts.c.latest.is_(True)).order_by(verdicts.c.id)
         if site is not None:
             query = query.where(verdicts.c.site == site)
+        if series_key is not None:
+            query = query.where(verdicts.c.series_key == series_key)
         with self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         return [{**row, **{k: json.loads(row[k]) for k in ("image_quality", "phi_attributes_present",
