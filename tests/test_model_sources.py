@@ -147,6 +147,7 @@ def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # an earlier test in this process may have pointed the registry elsewhere
     experiment = mlflow.create_experiment("sources", artifact_location=(root / "artifacts").as_uri())
     client = mlflow.MlflowClient(uri, uri)
     made = {"uri": uri, "root": root}

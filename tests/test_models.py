@@ -76,6 +76,19 @@ def test_unknown_model_reference_is_a_clear_error(tmp_path):
         resolve_model("builtin:nope")
 
 
+def test_registering_into_a_local_store_keeps_its_artifacts_beside_the_database(tmp_path, monkeypatch):
+    work = tmp_path / "working-folder"
+    work.mkdir()
+    monkeypatch.chdir(work)  # MLflow's default would be ./mlruns here
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    v1 = load_model("builtin:gm_unet_v1")
+    assert register_model_version(v1, resolve_model("builtin:gm_unet_v1").location, "gm-unet", None, uri) == "1"
+    assert not list(work.iterdir())
+    assert next((store / "mlartifacts" / "sitebench-registry").rglob("model.pt")).is_file()
+
+
 def test_mlflow_registry_round_trip_and_tamper_detection(tmp_path, siemens_scan):
     import mlflow
 

@@ -318,6 +318,15 @@ def write_classical_spec(directory: str | Path, model: TissueClassGMVolume) -> P
     return directory
 
 
+def _local_artifacts(tracking_uri: str | None, experiment: str) -> str | None:
+    """Artifacts of a local SQLite store go beside its database (``<db folder>/mlartifacts/<experiment>``,
+    as :func:`sitebench.benchmarks.tracking.local_store` lays them out), never into the working folder
+    (MLflow's default ``./mlruns``); a server decides for itself (None)."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / experiment).as_uri()
+
+
 def register_model_version(model: BiomarkerModel, files: str | Path, name: str, alias: str | None,
                            tracking_uri: str | None, experiment: str = "sitebench-registry") -> str:
     """Register ``files`` (a bundle, classical spec or TorchScript model's dir) as a version of ``name``.
@@ -344,7 +353,7 @@ def register_model_version(model: BiomarkerModel, files: str | Path, name: str, 
     else:
         mlflow.set_tracking_uri(tracking_uri)
         exp = mlflow.get_experiment_by_name(experiment) or mlflow.get_experiment(
-            mlflow.create_experiment(experiment))
+            mlflow.create_experiment(experiment, artifact_location=_local_artifacts(tracking_uri, experiment)))
         with mlflow.start_run(experiment_id=exp.experiment_id, run_name=f"register {name} {model.card.version}",
                               nested=mlflow.active_run() is not None) as run:
             _log_model_files(model, files)
