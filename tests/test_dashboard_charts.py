@@ -73,3 +73,25 @@ def test_the_montage_is_a_png_of_slices_spread_through_the_volume():
     low, high = np.percentile(volume, [1, 99])
     middle = np.clip((volume[::step, ::step, picks[nearest]] - low) / (high - low), 0, 1)
     assert np.corrcoef(tiles[nearest].ravel(), middle.ravel())[0, 1] > 0.8
+
+
+def test_a_biomarker_step_is_flagged_on_the_right_series_and_series_without_a_prediction_are_skipped():
+    """Simulated truth: a biomarker (hippocampal volume, ml) steps by 6 sigma on scanner A from series
+    30 on, and 1 series in 3 has no prediction. Every shifted series is flagged, none before, none on B;
+    the baseline is 20 series that have a prediction."""
+    rng = random.Random(11)
+    verdicts = _verdicts(shift_at=100)  # steady image quality: only the biomarker moves
+    biomarkers, truth = {}, set()
+    for i, row in enumerate(v for v in verdicts if v["scanner"] == "scanner-a"):
+        if i % 3 == 2:
+            continue
+        shifted = i >= 30
+        biomarkers[row["series_key"]] = {"hippocampus_ml · seg@1.0": rng.gauss(3.5, 0.05) + (0.3 if shifted else 0)}
+        truth |= {row["series_key"]} if shifted else set()
+    for row in (v for v in verdicts if v["scanner"] == "scanner-b"):
+        biomarkers[row["series_key"]] = {"hippocampus_ml · seg@1.0": rng.gauss(3.5, 0.05)}
+    charts = {(c["scanner"], c["metric"]): c for c in _control_charts(verdicts, biomarkers)}
+    a, b = charts["scanner-a", "hippocampus_ml · seg@1.0"], charts["scanner-b", "hippocampus_ml · seg@1.0"]
+    assert a["kind"] == "biomarker" and charts["scanner-a", "snr"]["kind"] == "image quality"
+    assert a["baseline"] == CHART_BASELINE and {key for key, _ in a["flagged"]} == truth
+    assert not b["flagged"]

@@ -173,3 +173,58 @@ def test_a_failed_upload_alerts_its_site_and_the_monitor(tmp_path, protocols, se
     assert not any(i and i in t for i in identifiers for t in texts)
     headers, body = receiver.received[0]
     assert verify_signature(SECRET.encode(), headers["X-Sitebench-Timestamp"], body, headers["X-Sitebench-Signature"])
+
+
+def series_parts(out, **attrs) -> list[bytes]:
+    """The T1 as a new series of the same study, with some attributes changed (a real upload's bytes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    series_uid, parts = pydicom.uid.generate_uid(), []
+    for i, path in enumerate(sorted(T1.iterdir())):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, pydicom.uid.generate_uid()
+        for key, value in attrs.items():
+            setattr(ds, key, value)
+        ds.save_as(out / f"{i:04d}.dcm", enforce_file_format=True)
+        parts.append((out / f"{i:04d}.dcm").read_bytes())
+    return parts
+
+
+def test_a_software_upgrade_no_report_covers_alerts_revalidation_pending_once(tmp_path, protocols, servers):
+    mailbox, receiver = servers
+    alerts = routes(mailbox, receiver.url).model_dump(mode="json")
+    alerts["routes"].append({"kinds": ["revalidation_pending"], "role": "central_monitor",
+                             "email": ["validation@cro.example"],
+                             "webhook": {"url": receiver.url, "secret_env": "SITEBENCH_WEBHOOK_SECRET"}})
+    svc = Service(tmp_path, protocols, http={"max_requests_per_minute": 100000}, alerts=alerts)
+    token = user(svc, "up-s01", "site_uploader", "S01")
+
+    def revalidation_mail():
+        return [(to, content.decode("utf-8", "replace")) for to, content in mailbox.messages
+                if "validation@cro.example" in to]
+
+    svc.start()
+    try:
+        upload(svc, "S01", series_parts(tmp_path / "baseline"), token)
+        assert wait_for(lambda: svc.records.latest_verdicts(), timeout=60)
+        upload(svc, "S01", series_parts(tmp_path / "upgraded", SoftwareVersions="25\\LX\\MR Software release:RX29.1"),
+               token)
+        assert wait_for(revalidation_mail, timeout=60), svc.stderr
+        time.sleep(1.5)
+    finally:
+        svc.stop()
+    (mail,) = revalidation_mail()
+    assert "re-validation pending at S01" in mail[1] and "RX29.1" in mail[1]
+    hooks = [(h, json.loads(b)) for h, b in receiver.received if json.loads(b)["kind"] == "revalidation_pending"]
+    (headers, body), = [(h, b) for h, b in receiver.received if json.loads(b)["kind"] == "revalidation_pending"]
+    assert verify_signature(SECRET.encode(), headers["X-Sitebench-Timestamp"], body, headers["X-Sitebench-Signature"])
+    assert hooks[0][1]["details"]["change"] == "software" and hooks[0][1]["site"] == "S01"
+    first = pydicom.dcmread(next(T1.iterdir()), stop_before_pixels=True)
+    identifiers = [str(first.get(k, "")).strip() for k in ("PatientName", "PatientID", "StudyInstanceUID",
+                                                            "DeviceSerialNumber")]
+    assert not any(i and i in text for i in identifiers for text in (mail[1], body.decode()))
+    svc.start()  # a restart remembers what was alerted: the same change is not alerted again
+    try:
+        time.sleep(3)
+    finally:
+        svc.stop()
+    assert len(revalidation_mail()) == 1

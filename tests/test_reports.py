@@ -68,7 +68,8 @@ def built(small_trial, tmp_path_factory):
     spec_path = root / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     result = run_pipeline(spec_path, workers=1, progress=False)
-    return {"root": root, "spec": spec_path, "report": result.report.report_dir, "trial": trial, "bundle": bundle}
+    return {"root": root, "spec": spec_path, "report": result.report.report_dir, "trial": trial, "bundle": bundle,
+            "run_id": result.mlflow_run_id}
 
 
 @contextmanager
@@ -127,6 +128,23 @@ def test_lock_is_an_in_toto_statement(built):
     assert sum(r.startswith("image ") for r in roles) == 24
     assert predicate["code_version"]["git_commit"] and "torch" in predicate["packages"]
     assert predicate["analysis"]["plan"]["seed"] == 3 and predicate["analysis"]["reference"] == "gm_volume_ml"
+
+
+def test_the_lock_names_its_mlflow_run_and_that_run_holds_the_locked_report(built, tmp_path):
+    import mlflow
+
+    from sitebench.reports.coverage import report_coverage
+
+    named = read_lock(built["report"])["predicate"]["report"]["mlflow_run"]
+    assert named["run_id"] == built["run_id"]
+    client = mlflow.MlflowClient(named["tracking_uri"])
+    run = client.get_run(named["run_id"])
+    assert run.info.status == "FINISHED" and run.info.experiment_id == named["experiment_id"]
+    assert run.data.tags["sitebench.level"] == "benchmark" and run.data.params["n_scans"] == "24"
+    copy = client.download_artifacts(named["run_id"], f"report/{built['report'].name}/lock.json", str(tmp_path))
+    assert Path(copy).read_bytes() == (built["report"] / "lock.json").read_bytes()
+    assert named["run_id"] in (built["report"] / "report.html").read_text()
+    assert report_coverage(built["report"]).mlflow_run == named
 
 
 @pytest.mark.parametrize("what, needle", [

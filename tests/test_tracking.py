@@ -73,6 +73,21 @@ def test_default_store_is_sqlite_under_the_output_folder(small_trial, tmp_path):
     assert {"spec", "predictions", "environment"} <= artifacts
 
 
+def test_a_benchmark_that_stops_before_logging_leaves_its_run_failed_not_running(small_trial, tmp_path):
+    from sitebench.errors import SitebenchError
+
+    spec_path = _spec(small_trial.out_dir, tmp_path)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["report"] = {"failed_manifest": str(tmp_path / "no-such-manifest.csv")}  # the report step stops
+    spec["models"][0].pop("register_as")
+    spec_path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SitebenchError, match="failed_manifest"):
+        run_pipeline(spec_path, workers=1, progress=False)
+    mlflow.set_tracking_uri(f"sqlite:///{(tmp_path / 'results' / 'mlflow.db').resolve()}")
+    runs = mlflow.search_runs(experiment_names=["tracked"])
+    assert list(runs["status"]) == ["FAILED"] and list(runs["tags.mlflow.runName"]) == ["benchmark tracked"]
+
+
 def test_a_tracking_server_uri_works(small_trial, tmp_path, mlflow_server):
     result = run_pipeline(_spec(small_trial.out_dir, tmp_path), workers=1, progress=False, report=False,
                           tracking_uri=mlflow_server)

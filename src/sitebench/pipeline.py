@@ -17,7 +17,8 @@ import yaml
 
 from sitebench.benchmarks.runner import BenchmarkRun, run_benchmark
 from sitebench.benchmarks.spec import BenchmarkSpec, load_spec
-from sitebench.benchmarks.tracking import TrackingStore, local_store, log_benchmark, register_benchmark_models
+from sitebench.benchmarks.tracking import (TrackingStore, fail_benchmark_run, local_store, log_benchmark, open_benchmark_run,
+                                           register_benchmark_models)
 from sitebench.datasets import manifest as mf
 from sitebench.datasets.simulator import (BRAIN_VOLUME_COLUMN, REFERENCE_COLUMN, SimulatedTrial, TrialConfig, load_trial_config,
                                           simulate_trial)
@@ -103,33 +104,48 @@ def run_pipeline(spec: BenchmarkSpec | str | Path, *, workers: int = 2, schedule
     evaluation = evaluate(run)
     notes = findings(run.models, evaluation)
     registered = register_benchmark_models(run, store) if spec.mlflow.register_models else {}
-    built = None
-    if report:
-        effect = None
-        if spec.report.failed_manifest:
-            log("scoring the series the QC gate failed, to show the error with and without them")
-            effect = score_gate_failures(run, evaluation, workers=workers, scheduler=scheduler,
-                                         tracking_uri=store.tracking_uri, progress=progress)
-        log("writing the locked report")
-        content = report_content(run, evaluation, notes, registered, spec_path=spec_path,
-                                 extra_materials=extra_materials, truth=truth)
-        if effect is not None:
-            content.gate_effect, failed_manifest = effect
-            content.materials["failed-series manifest"] = failed_manifest
-        for sweep in sweeps or []:
-            content.sweeps.append((sweep.table, sweep.tolerances))
-            content.materials[f"sweep {sweep.parameter} manifest"] = sweep.manifest_path
-            content.materials[f"sweep {sweep.parameter} predictions"] = sweep.predictions_path
-        built = build_report(content, results_dir.parent / "reports")
-    log("recording runs in MLflow")
-    artifacts = {}
-    if built:
-        artifacts["report"] = built.report_dir
-    run_id = log_benchmark(run, evaluation.metrics, store, spec_path=spec_path, registered=registered,
-                           extra_artifacts=artifacts, classification=evaluation.classification,
-                           overlap=evaluation.overlap_by_stratum)
+    parent = open_benchmark_run(run, store)
+    try:
+        built = None
+        if report:
+            built = _write_report(run, evaluation, notes, registered, parent, spec_path=spec_path,
+                                  extra_materials=extra_materials, truth=truth, sweeps=sweeps, workers=workers,
+                                  scheduler=scheduler, store=store, progress=progress, log=log)
+        log("recording runs in MLflow")
+        artifacts = {"report": built.report_dir} if built else {}
+        run_id = log_benchmark(run, evaluation.metrics, store, spec_path=spec_path, registered=registered,
+                               extra_artifacts=artifacts, classification=evaluation.classification,
+                               overlap=evaluation.overlap_by_stratum, run_id=parent["run_id"])
+    except BaseException:
+        fail_benchmark_run(store, parent["run_id"])
+        raise
     return PipelineResult(run=run, evaluation=evaluation, findings=notes, store=store, mlflow_run_id=run_id,
                           registered=registered, report=built)
+
+
+def _write_report(run: BenchmarkRun, evaluation: Evaluation, notes: list[str], registered: dict[str, str],
+                  mlflow_run: dict[str, str], *, spec_path: Path | None, extra_materials: dict[str, Path] | None,
+                  truth: dict[str, Any] | None, sweeps: list[SweepResult] | None, workers: int,
+                  scheduler: str | None, store: TrackingStore, progress: bool,
+                  log: Callable[[str], None]) -> Report:
+    """The locked report of this benchmark, naming the MLflow run ``mlflow_run`` that will hold it."""
+    effect = None
+    if run.spec.report.failed_manifest:
+        log("scoring the series the QC gate failed, to show the error with and without them")
+        effect = score_gate_failures(run, evaluation, workers=workers, scheduler=scheduler,
+                                     tracking_uri=store.tracking_uri, progress=progress)
+    log("writing the locked report")
+    content = report_content(run, evaluation, notes, registered, spec_path=spec_path,
+                             extra_materials=extra_materials, truth=truth)
+    content.mlflow_run = mlflow_run
+    if effect is not None:
+        content.gate_effect, failed_manifest = effect
+        content.materials["failed-series manifest"] = failed_manifest
+    for sweep in sweeps or []:
+        content.sweeps.append((sweep.table, sweep.tolerances))
+        content.materials[f"sweep {sweep.parameter} manifest"] = sweep.manifest_path
+        content.materials[f"sweep {sweep.parameter} predictions"] = sweep.predictions_path
+    return build_report(content, run.spec.results_path.parent / "reports")
 
 
 def score_gate_failures(run: BenchmarkRun, evaluation: Evaluation, *, workers: int = 2, scheduler: str | None = None,

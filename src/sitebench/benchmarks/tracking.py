@@ -163,11 +163,38 @@ def _stratified(frame: pd.DataFrame | None, key: str) -> pd.DataFrame:
     return frame[frame["model_key"] == key]
 
 
+def open_benchmark_run(run: BenchmarkRun, store: TrackingStore) -> dict[str, str]:
+    """Create the benchmark's parent run before anything is logged, so its id can be locked into the report.
+
+    The report names its run and the run holds the report: the run is created first (status
+    RUNNING), the report is written with its id, then :func:`log_benchmark` fills the same run.
+    Returns ``tracking_uri``, ``experiment_id`` and ``run_id``.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    _quiet_mlflow()
+    mlflow.set_tracking_uri(store.tracking_uri)
+    experiment_id = _experiment_id(run.spec.mlflow.experiment, store)
+    created = MlflowClient(store.tracking_uri).create_run(experiment_id, run_name=f"benchmark {run.spec.name}")
+    return {"tracking_uri": store.tracking_uri, "experiment_id": experiment_id, "run_id": created.info.run_id}
+
+
+def fail_benchmark_run(store: TrackingStore, run_id: str) -> None:
+    """Mark a parent run opened by :func:`open_benchmark_run` FAILED when the work after it stops."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(store.tracking_uri).set_terminated(run_id, status="FAILED")
+
+
 def log_benchmark(run: BenchmarkRun, metrics: pd.DataFrame, store: TrackingStore, *,
                   spec_path: str | Path | None = None, extra_artifacts: dict[str, Path] | None = None,
                   registered: dict[str, str] | None = None, classification: pd.DataFrame | None = None,
-                  overlap: pd.DataFrame | None = None) -> str:
+                  overlap: pd.DataFrame | None = None, run_id: str | None = None) -> str:
     """Log the benchmark: a parent run, a nested run per model version and per stratum level.
+
+    ``run_id`` fills a parent run made by :func:`open_benchmark_run` (the report locked its id);
+    without it a new parent run is started.
 
     ``metrics`` is the tidy per-stratum table of the continuous biomarkers, ``classification``
     and ``overlap`` those of the class-probability biomarkers and of the segmentation labels.
@@ -183,7 +210,8 @@ def log_benchmark(run: BenchmarkRun, metrics: pd.DataFrame, store: TrackingStore
     spec = run.spec
     experiment_id = _experiment_id(spec.mlflow.experiment, store)
     versions = code_version()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"benchmark {spec.name}") as parent:
+    with (mlflow.start_run(run_id=run_id) if run_id else
+          mlflow.start_run(experiment_id=experiment_id, run_name=f"benchmark {spec.name}")) as parent:
         mlflow.set_tags({"sitebench.level": "benchmark", "sitebench.spec_sha256": spec.fingerprint(),
                          "sitebench.git_commit": str(versions["git_commit"]),
                          "sitebench.git_dirty": str(versions["git_dirty"])})

@@ -128,7 +128,8 @@ def cmd_qc_check(args: argparse.Namespace) -> int:
 
 
 def cmd_qc_serve(args: argparse.Namespace) -> int:
-    from sitebench.dashboard import mount
+    from sitebench.dashboard.app import Revalidation, check_mlflow_ui, mount
+    from sitebench.dashboard.biomarkers import BiomarkerValues
     from sitebench.qc.intake import load_intake_config, serve
 
     config = load_intake_config(args.config)
@@ -141,8 +142,12 @@ def cmd_qc_serve(args: argparse.Namespace) -> int:
         updates["http"] = (config.http or HttpListener()).model_copy(update={"port": args.http_port})
     from functools import partial
 
-    dashboard = partial(mount, reports_root=args.reports, public_keys=args.public_key or [])
-    serve(config.model_copy(update=updates), http_extensions=[dashboard])
+    check_mlflow_ui(args.mlflow_ui)  # before any listener starts
+    revalidation = Revalidation(args.reports, args.public_key or [])  # pages and alert share one
+    biomarkers = BiomarkerValues(args.reports, args.predictions)  # a missing --predictions file: one line now
+    dashboard = partial(mount, revalidation=revalidation, mlflow_ui=args.mlflow_ui, biomarkers=biomarkers)
+    serve(config.model_copy(update=updates), http_extensions=[dashboard],
+          periodic_checks=[revalidation.alert_new_pending])
     return 0
 
 
@@ -291,6 +296,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                             "re-validation against")
     serve_cmd.add_argument("--public-key", action="append", help="signer's public key (PEM) to check report "
                                                                 "sign-offs with; repeatable")
+    serve_cmd.add_argument("--predictions", action="append", metavar="CSV",
+                           help="a benchmark's predictions.csv (scan_id = the gate's series key, as `qc manifest` "
+                                "writes): the site pages chart its biomarkers too, beside those the reports "
+                                "locked; repeatable")
+    serve_cmd.add_argument("--mlflow-ui", metavar="URL", help="address of the MLflow UI (mlflow ui / server) over "
+                                                              "the benchmarks' store: each report links to its run")
     serve_cmd.set_defaults(func=cmd_qc_serve)
     status = qc.add_parser("status", help="per-site table: verdicts, open deviations, drift, re-scan rate, "
                                           "re-validation",

@@ -17,6 +17,7 @@ import math
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from fastapi import Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -24,7 +25,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sitebench.errors import SitebenchError
 from sitebench.qc.access import AccessDenied, Principal, allowed
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:
+    from sitebench.dashboard.biomarkers import BiomarkerValues
     from sitebench.qc.intake import IntakeService
 
 __all__ = ["mount", "SESSION_COOKIE", "SESSION_HOURS"]
@@ -50,36 +52,93 @@ def _session_key(store: Path) -> bytes:
     return bytes.fromhex(path.read_text().strip())
 
 
-class _Revalidation:
+class Revalidation:
     """Re-validation state of every site against the locked reports (sitebench.reports.coverage),
-    recomputed at most once a minute: verifying a report hashes its files."""
+    recomputed at most once a minute: verifying a report hashes its files. One object serves the
+    dashboard's pages and the gate's periodic re-validation alert, so reports are hashed once."""
 
-    def __init__(self, service: "IntakeService", reports_root: Path | None, public_keys: list[Path]) -> None:
-        self.service, self.reports_root, self.public_keys = service, reports_root, public_keys
+    def __init__(self, reports_root: str | Path | None = None, public_keys: list[str | Path] | None = None) -> None:
+        self.reports_root = Path(reports_root) if reports_root else None
+        self.public_keys = [Path(k) for k in public_keys or []]
         self._at, self._status = 0.0, None
 
-    def status(self) -> Any:
+    def status(self, service: "IntakeService", fresh: bool = False) -> Any:
+        """The state; ``fresh`` re-reads the gate's rows now (the reports' checks are still reused)."""
         import time
 
         from sitebench.reports.coverage import GateRows, revalidation_status
 
-        if self._status is None or time.monotonic() - self._at > 60:
-            rows = GateRows.from_records(self.service.records, source=str(self.service.config.store))
+        stale = self._status is None or time.monotonic() - self._at > 60
+        if stale or fresh:
+            rows = GateRows.from_records(service.records, source=str(service.config.store))
             try:
-                self._status = revalidation_status(rows, self.reports_root, self.public_keys or None)
+                self._status = revalidation_status(rows, self.reports_root, self.public_keys or None,
+                                                   reports=None if stale else self._status.reports)
             except SitebenchError:  # an empty reports folder: no report covers anything yet
                 self._status = revalidation_status(rows, None, None)
-            self._at = time.monotonic()
+            if stale:
+                self._at = time.monotonic()
         return self._status
+
+    def alert_new_pending(self, service: "IntakeService") -> int:
+        """Alert (``revalidation_pending``) each site change no signed report covers, once per change.
+
+        The changes alerted are remembered in the gate's database (``revalidation_alerted``), so a
+        restart does not repeat them; a change a report later covers simply stops being pending.
+        """
+        from sitebench.qc.notify import Alert
+
+        done = set((service.records.load_state("revalidation_alerted") or {}).get("keys", []))
+        alerts = []
+        for pending in self.status(service, fresh=True).pending:
+            for change, why in zip(pending.changes, pending.reasons):
+                key = "|".join(str(v) for v in (pending.site, change.kind, change.scanner_id, change.after,
+                                                change.since_series))
+                if key in done:
+                    continue
+                done.add(key)
+                alerts.append(Alert("revalidation_pending", pending.site,
+                                    f"re-validation pending at {pending.site}: {change.describe()}; {why}",
+                                    {"change": change.kind, "before": change.before, "after": change.after,
+                                     "software_version": change.software_version, "scanner_key": change.scanner_id,
+                                     "series_key": change.since_series, "since_utc": change.since_utc}))
+        if alerts:
+            service.send_alerts(alerts)
+            service.records.save_state("revalidation_alerted", {"keys": sorted(done)})
+        return len(alerts)
+
+
+def check_mlflow_ui(mlflow_ui: str | None) -> None:
+    """Only an http(s) MLflow UI address is linked (never a ``javascript:`` or file address)."""
+    if mlflow_ui and not mlflow_ui.startswith(("http://", "https://")):
+        raise SitebenchError(f"--mlflow-ui must be an http:// or https:// address, not {mlflow_ui!r}")
+
+
+def mlflow_run_url(mlflow_ui: str | None, run: dict[str, str] | None) -> str | None:
+    """The MLflow UI's page of a report's run (``<ui>/#/experiments/<id>/runs/<run>``), or None."""
+    check_mlflow_ui(mlflow_ui)
+    if not mlflow_ui or not run:
+        return None
+    return (f"{mlflow_ui.rstrip('/')}/#/experiments/{quote(run['experiment_id'], safe='')}"
+            f"/runs/{quote(run['run_id'], safe='')}")
 
 
 def mount(app: Any, service: "IntakeService", reports_root: str | Path | None = None,
-          public_keys: list[str | Path] | None = None) -> None:
+          public_keys: list[str | Path] | None = None, mlflow_ui: str | None = None,
+          revalidation: Revalidation | None = None, biomarkers: "BiomarkerValues | None" = None) -> None:
     """Add the dashboard's pages to ``app`` (the gate's STOW-RS app). ``reports_root`` holds the
     locked validation reports (``<name>/vNNN/``) the reports page lists and re-validation is judged
-    against; ``public_keys`` check their sign-offs."""
-    revalidation = _Revalidation(service, Path(reports_root) if reports_root else None,
-                                 [Path(k) for k in public_keys or []])
+    against; ``public_keys`` check their sign-offs; ``mlflow_ui`` is the MLflow UI each report's
+    run links to (without it the run id and its store are shown). ``revalidation`` shares one
+    :class:`Revalidation` with the gate's alert (``qc serve``); else one is made of the reports.
+    The site page charts each biomarker in ``biomarkers`` (by default those the reports locked
+    predictions of), for the roles that may read reports (biomarker values can
+    unblind a trial, so site staff see the image-quality charts only)."""
+    check_mlflow_ui(mlflow_ui)
+    revalidation = revalidation or Revalidation(reports_root, public_keys)
+    from sitebench.dashboard.biomarkers import BiomarkerValues
+
+    biomarker_values = biomarkers or BiomarkerValues(revalidation.reports_root)
     from itsdangerous import BadSignature, URLSafeTimedSerializer
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -167,7 +226,7 @@ def mount(app: Any, service: "IntakeService", reports_root: str | Path | None = 
             return RedirectResponse("/reports", status_code=303)
         if who.role not in ("central_monitor", "admin"):
             return refuse(request, who, "trial overview", "the overview is for central monitors")
-        pending = {p.site: p for p in revalidation.status().pending}
+        pending = {p.site: p for p in revalidation.status(service).pending}
         return page(request, "overview.html", who, title="Trial overview", rows=_overview(service), pending=pending)
 
     @app.get("/reports", response_class=HTMLResponse, include_in_schema=False)
@@ -179,8 +238,9 @@ def mount(app: Any, service: "IntakeService", reports_root: str | Path | None = 
             return refuse(request, who, "reports page", "reports are for monitors, readers and admins")
         from sitebench.reports.signing import read_signoffs
 
-        status = revalidation.status()
-        reports = [{"coverage": r, "signoffs": read_signoffs(r.report_dir)} for r in status.reports]
+        status = revalidation.status(service)
+        reports = [{"coverage": r, "signoffs": read_signoffs(r.report_dir),
+                    "mlflow_url": mlflow_run_url(mlflow_ui, r.mlflow_run)} for r in status.reports]
         return page(request, "reports.html", who, title="Validation reports", reports=reports,
                     root=revalidation.reports_root, keys=bool(revalidation.public_keys), pending=status.pending)
 
@@ -202,7 +262,9 @@ def mount(app: Any, service: "IntakeService", reports_root: str | Path | None = 
         verdicts = service.records.latest_verdicts(site)
         return page(request, "site.html", who, title=f"Site {site}", site=site, verdicts=list(reversed(verdicts)),
                     timeline=_timeline_svg(verdicts, service.records.drift_events(site)),
-                    charts=_control_charts(verdicts), queries=service.queries.list(site=site))
+                    charts=_control_charts(verdicts, biomarker_values.for_series([v["series_key"] for v in verdicts])
+                                           if allowed(who, "view_reports") else None),
+                    biomarkers_shown=allowed(who, "view_reports"), queries=service.queries.list(site=site))
 
     @app.get("/sites/{site}/visits", response_class=HTMLResponse, include_in_schema=False)
     def visits_page(request: Request, site: str) -> Response:
@@ -381,10 +443,14 @@ CHART_BASELINE = 20
 CHART_RULES = ("1_3s", "ewma")
 
 
-def _control_charts(verdicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per scanner and image-quality metric: a Shewhart/EWMA/Westgard chart (qc.control_charts)
-    fitted on the scanner's first :data:`CHART_BASELINE` series and judging the rest; an inline SVG
-    each, with software-version changes marked. Scanners with too few series get no chart."""
+def _control_charts(verdicts: list[dict[str, Any]],
+                    biomarkers: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
+    """Per scanner, image-quality metric and validated biomarker (``biomarkers``: series key ->
+    {label: value}, :class:`~sitebench.dashboard.biomarkers.BiomarkerValues`): a Shewhart/EWMA/Westgard
+    chart (qc.control_charts) fitted on the first :data:`CHART_BASELINE` series that have the value
+    and judging the rest; an inline SVG each, with software-version changes marked. Too few series:
+    no chart."""
+    from sitebench.dashboard.biomarkers import measures
     from sitebench.qc.control_charts import MIN_BASELINE, ControlChart
 
     by_scanner: dict[str, list[dict[str, Any]]] = {}
@@ -393,22 +459,24 @@ def _control_charts(verdicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for scanner, rows in sorted(by_scanner.items()):
         rows = sorted(rows, key=lambda r: r["id"])
-        baseline_n = min(CHART_BASELINE, len(rows) - 1)
-        if baseline_n < MIN_BASELINE:
-            continue
-        metrics = sorted({k for r in rows for k, x in (r.get("image_quality") or {}).items()
-                          if isinstance(x, (int, float)) and not isinstance(x, bool)})
-        for metric in metrics:
-            values = [float((r.get("image_quality") or {}).get(metric, float("nan"))) for r in rows]
+        measured = [measures(r, (biomarkers or {}).get(r["series_key"])) for r in rows]
+        names = {name: kind for m in measured for name, (kind, _) in m.items()}
+        for metric, kind in sorted(names.items(), key=lambda item: (item[1] != "image quality", item[0])):
+            having = [(r, m[metric][1]) for r, m in zip(rows, measured, strict=True)
+                      if metric in m and math.isfinite(m[metric][1])]
+            baseline_n = min(CHART_BASELINE, len(having) - 1)
+            if baseline_n < MIN_BASELINE:
+                continue
+            charted, values = [r for r, _ in having], [v for _, v in having]
             try:
                 result = ControlChart(metric=metric, rules=CHART_RULES).fit_chart(values[:baseline_n], values[baseline_n:])
             except SitebenchError:
                 continue
-            monitored = rows[baseline_n:]
+            monitored = charted[baseline_n:]
             flagged = [(monitored[i]["series_key"], result.flags[i]) for i in range(len(monitored))
                        if result.out_of_control[i]]
-            out.append({"scanner": scanner, "metric": metric, "baseline": baseline_n, "flagged": flagged,
-                        "svg": _chart_svg(values, baseline_n, result, rows)})
+            out.append({"scanner": scanner, "metric": metric, "kind": kind, "baseline": baseline_n,
+                        "flagged": flagged, "svg": _chart_svg(values, baseline_n, result, charted)})
     return out
 
 

@@ -32,7 +32,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 import pydicom  # noqa: F401 - imported before the worker threads start: concurrent first imports deadlock
 from pydantic import Field, field_validator
@@ -380,13 +380,16 @@ class IntakeService:
         self.pseudonyms = open_pseudonyms(config, self.records)
         self.queries = QueryBook(self.records, self.audit, config.who)
         self.notifier = Notifier(config.alerts)
-        self._visits_checked = 0.0
+        self._minute_checks_at = 0.0
         if config.visit_schedule is not None:  # a bad schedule is one line at start, not a loop of errors
             from sitebench.qc.visits import load_schedule
 
             load_schedule(config.visit_schedule)
         #: routes added to the HTTP listener by higher rooms (the dashboard), set before start()
         self.http_extensions: list[Any] = []
+        #: checks of higher rooms run by the checker thread once a minute, each given the service (the
+        #: re-validation alert, which needs the reports); one failing never stops the others
+        self.periodic_checks: list[Callable[["IntakeService"], Any]] = []
         self.protocols = load_locked_protocols(config.protocols)
         self.gate = Gate(self.protocols, image_quality=config.image_quality, pseudonyms=self.pseudonyms,
                          drift_state=self.records.load_state("drift"),
@@ -740,10 +743,12 @@ class IntakeService:
         # after the verdict is on record: a failure drafts a query to its site, a passing re-scan closes one
         self.queries.draft_for_failure(verdict_id, outcome)
         self.queries.link_rescan(outcome)
-        self._alert(_alerts_for(outcome))
+        self.send_alerts(_alerts_for(outcome))
+        if outcome.drift:  # a change may need re-validation: run the once-a-minute checks on the next pass
+            self._minute_checks_at = 0.0
         log.info("%s", outcome.summary().splitlines()[0])
 
-    def _alert(self, alerts: list[Alert]) -> None:
+    def send_alerts(self, alerts: list[Alert]) -> None:
         """Send alerts off the checking thread: a slow mail server never delays a verdict."""
         if alerts and self.config.alerts is not None and self.config.alerts.routes:
             threading.Thread(target=lambda: [self.notifier.send(a) for a in alerts], name="qc-alerts",
@@ -776,19 +781,28 @@ class IntakeService:
                                       "window_end": row["window_end"]}))
                 done.add(key)
         if late:
-            self._alert(late)
+            self.send_alerts(late)
             self.records.save_state("visits_alerted", {"keys": sorted(done)})
         return len(late)
 
     def alert_overdue_queries(self) -> int:
         """Alert each query waiting on its site past its due time, once."""
         late = self.queries.overdue_unalerted()
-        self._alert([Alert("query_overdue", q.site, f"query {q.id} on series {q.series_key[:12]} is past its "
+        self.send_alerts([Alert("query_overdue", q.site, f"query {q.id} on series {q.series_key[:12]} is past its "
                            f"deadline", {"query": q.id, "series_key": q.series_key, "due_utc": q.due_utc})
                      for q in late])
         for q in late:
             self.queries.mark_alerted(q.id)
         return len(late)
+
+    def run_periodic_checks(self) -> None:
+        for check in self.periodic_checks:
+            try:
+                check(self)
+            except Exception as exc:  # noqa: BLE001 - one check failing never stops the gate or the others
+                _log_bug(self.store.root, "periodic check", exc)
+                log.error("periodic check %s failed: %s; will retry", getattr(check, "__name__", "?"),
+                          type(exc).__name__)
 
     def _checker(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -796,9 +810,10 @@ class IntakeService:
                 self._requeue_due()
                 self.check_complete()
                 self.alert_overdue_queries()
-                if time.monotonic() - self._visits_checked > 60:  # the schedule changes by the day
-                    self._visits_checked = time.monotonic()
+                if time.monotonic() - self._minute_checks_at > 60:  # the schedule changes by the day
+                    self._minute_checks_at = time.monotonic()
                     self.alert_overdue_visits()
+                    self.run_periodic_checks()
             except Exception as exc:  # noqa: BLE001 - the service keeps serving (a database outage, say)
                 _log_bug(self.store.root, "checker", exc)
                 log.error("gate check pass failed: %s; will retry", type(exc).__name__)
@@ -1053,12 +1068,15 @@ def _why(outcome: SeriesOutcome) -> str:
     return "; ".join(d.line() for d in outcome.deviations[:10])
 
 
-def serve(config: IntakeConfig, ready: threading.Event | None = None, http_extensions: list[Any] | None = None) -> None:
-    """Run the intake service until SIGINT / SIGTERM; ``http_extensions`` add routes (the dashboard)."""
+def serve(config: IntakeConfig, ready: threading.Event | None = None, http_extensions: list[Any] | None = None,
+          periodic_checks: list[Callable[[IntakeService], Any]] | None = None) -> None:
+    """Run the intake service until SIGINT / SIGTERM; ``http_extensions`` add routes (the dashboard),
+    ``periodic_checks`` run once a minute (the re-validation alert)."""
     import signal
 
     service = IntakeService(config)
     service.http_extensions = list(http_extensions or [])
+    service.periodic_checks = list(periodic_checks or [])
     service.start()
     first_admin = ensure_first_admin(service)
     done = threading.Event()

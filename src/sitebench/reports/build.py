@@ -97,7 +97,9 @@ def build_report(content: ReportContent, root: str | Path) -> Report:
                 "unit": content.unit}
     lock_path = write_lock(report_dir, subjects, {k: Path(v) for k, v in content.materials.items()},
                            {"name": content.name, "title": content.title, "version": version,
-                            "supersedes": supersedes, "created_utc": utc_now()}, content.seeds, analysis)
+                            "supersedes": supersedes, "created_utc": utc_now(),
+                            **({"mlflow_run": dict(content.mlflow_run)} if content.mlflow_run else {})},
+                           content.seeds, analysis)
     return Report(path=report_path, report_dir=report_dir, version=version, lock_path=lock_path)
 
 

@@ -56,6 +56,9 @@ class ReportContent:
     gate_effect: pd.DataFrame | None = None
     #: Acquisition sweeps (``sitebench simulate sweep``): per parameter, its table and its suggested rules.
     sweeps: list[tuple[pd.DataFrame, pd.DataFrame]] = field(default_factory=list)
+    #: The MLflow run that holds this benchmark (``tracking_uri``, ``experiment_id``, ``run_id``): locked in the
+    #: report's header so a reader goes from the signed report to its runs, and the run holds the report.
+    mlflow_run: dict[str, str] | None = None
 
     def biomarker_entries(self) -> list[dict[str, Any]]:
         """The declared biomarkers: from the content, else from the locked plan (empty for a legacy report)."""

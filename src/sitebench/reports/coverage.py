@@ -118,6 +118,8 @@ class ReportCoverage:
     scans: list[dict[str, Any]] = field(default_factory=list)  # site, scanner_id, vendor, scanner_model,
     #                                                             software_version, n_scans
     model_versions: list[str] = field(default_factory=list)
+    #: The MLflow run the report names in its lock (``tracking_uri``, ``experiment_id``, ``run_id``), if any.
+    mlflow_run: dict[str, str] | None = None
 
     @property
     def signed(self) -> bool:
@@ -190,6 +192,7 @@ class ReportCoverage:
                 "verified": self.verified, "signoffs_checked": self.signoffs_checked,
                 "valid_signoffs": self.valid_signoffs, "approvals": self.approvals, "problems": list(self.problems),
                 "manifest": self.manifest, "sites": self.sites, "model_versions": list(self.model_versions),
+                "mlflow_run": dict(self.mlflow_run) if self.mlflow_run else None,
                 "scans": [dict(s) for s in self.scans]}
 
     def to_frame(self) -> pd.DataFrame:
@@ -227,6 +230,9 @@ def report_coverage(report_dir: str | Path, public_keys: Sequence[str | Path] | 
     result.version = info.get("version") if isinstance(info.get("version"), int) else None
     result.lock_sha256 = sha256_file(report_dir / LOCK_FILE)
     result.model_versions = _model_versions(predicate)
+    run = info.get("mlflow_run")
+    if isinstance(run, dict) and all(isinstance(run.get(k), str) for k in ("tracking_uri", "experiment_id", "run_id")):
+        result.mlflow_run = {k: run[k] for k in ("tracking_uri", "experiment_id", "run_id")}
 
     if verification is None:
         try:
@@ -655,12 +661,19 @@ class RevalidationStatus:
 
 def revalidation_status(rows: GateRows, reports_root: str | Path | None = None,
                         public_keys: Sequence[str | Path] | None = None, *,
-                        materials_dir: str | Path | None = None) -> RevalidationStatus:
+                        materials_dir: str | Path | None = None,
+                        reports: list[ReportCoverage] | None = None) -> RevalidationStatus:
     """Every report under ``reports_root`` (:func:`find_reports`), checked with ``public_keys``, against the gate.
 
     Without ``reports_root`` no report covers anything, so every site with a change is pending
     (its reason says no reports were given): a change is never shown as settled unchecked.
+    ``reports`` reuses coverages already checked under that root (nothing is hashed again).
     """
+    if reports is not None:
+        pending = revalidation_pending(rows.drift_events, rows.latest_verdicts, reports)
+        return RevalidationStatus(pending=pending, reports=reports,
+                                  reports_root=None if reports_root is None else str(reports_root),
+                                  keys_given=bool(public_keys))
     reports = []
     if reports_root is not None:
         folders = find_reports(reports_root)

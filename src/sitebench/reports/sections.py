@@ -1265,6 +1265,11 @@ def _provenance(c: ReportContent) -> str:
                        "Path": "each hashed in lock.json (materials 'image <scan_id>', 'label <scan_id>')"})
     body = _html_table(pd.DataFrame(listed), "text")
     body += f"<p class='meta'>Seeds: {html.escape(json.dumps(c.seeds))}</p>"
+    if c.mlflow_run:
+        run = c.mlflow_run
+        body += (f"<p class='meta'>MLflow run {html.escape(run['run_id'])} (experiment "
+                 f"{html.escape(run['experiment_id'])}) in {html.escape(run['tracking_uri'])}: the per-site, "
+                 "per-vendor and per-software metrics of every model version, and a copy of this report.</p>")
     packages = ", ".join(f"{name} {version}" for name, version in sorted(package_versions().items()))
     body += f"<p class='meta'>Software: {html.escape(packages)}.</p>"
     return _section("provenance", _numbered(c, 15, "Provenance"), body)
