@@ -95,3 +95,21 @@ def test_a_biomarker_step_is_flagged_on_the_right_series_and_series_without_a_pr
     assert a["kind"] == "biomarker" and charts["scanner-a", "snr"]["kind"] == "image quality"
     assert a["baseline"] == CHART_BASELINE and {key for key, _ in a["flagged"]} == truth
     assert not b["flagged"]
+
+
+def test_the_timeline_marks_a_scanners_upgrade_and_a_new_scanner_not_two_scanners_on_two_versions():
+    from sitebench.dashboard.app import _timeline_svg
+
+    rows = []
+    for i in range(12):  # two scanners on their own versions, alternating: no change at all
+        scanner, version = ("scanner-a", "VE11") if i % 2 == 0 else ("scanner-b", "XA30")
+        if scanner == "scanner-a" and i >= 8:
+            version = "VE12"  # the truth: one upgrade, on A at series 8
+        rows.append({"id": i + 1, "series_key": f"{i:020d}", "status": "pass", "scanner": scanner, "model": "Prisma",
+                     "software_version": version, "checked_utc": f"2026-06-{i + 1:02d}T09:00:00+00:00"})
+    rows.append({**rows[-1], "id": 13, "series_key": "c" * 20, "scanner": "scanner-c",
+                 "checked_utc": "2026-06-20T09:00:00+00:00"})
+    svg = _timeline_svg(rows, [])
+    assert svg.count('class="software-change"') == 1 and "scanner-a: software VE11 to VE12" in svg
+    assert svg.count('class="scanner-change"') == 2  # scanner-b's first series, then scanner-c's
+    assert "new scanner scanner-c" in svg

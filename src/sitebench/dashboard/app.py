@@ -529,7 +529,8 @@ def _chart_svg(values: list[float], baseline_n: int, result: Any, rows: list[dic
 def _timeline_svg(verdicts: list[dict[str, Any]], drift: list[dict[str, Any]], width: int = 720,
                   height: int = 90) -> str:
     """The site's series on a time axis, one dot per series in its verdict's colour, with a marker
-    where the software version changes (an upgrade) and one per drift event. Inline SVG: no script."""
+    where a scanner's software version changes (an upgrade), where a new scanner or scanner model
+    appears, and one per drift event. Inline SVG: no script."""
     from html import escape
 
     points = [(dt.datetime.fromisoformat(v["checked_utc"]), v) for v in verdicts if v.get("checked_utc")]
@@ -543,14 +544,26 @@ def _timeline_svg(verdicts: list[dict[str, Any]], drift: list[dict[str, Any]], w
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
              f'aria-label="series over time">', f'<line x1="20" y1="50" x2="{width - 20}" y2="50" stroke="#999"/>']
-    previous = None
+    software: dict[str, Any] = {}  # per scanner: a site with two scanners on two versions changes nothing
+    models: dict[str, Any] = {}
+
+    def marker(t: dt.datetime, colour: str, title: str, kind: str) -> str:
+        return (f'<line class="{kind}" x1="{x(t):.1f}" y1="10" x2="{x(t):.1f}" y2="80" stroke="{colour}" '
+                f'stroke-dasharray="4 2"><title>{escape(title)}</title></line>')
+
     for t, v in points:
-        software = v.get("software_version")
-        if previous is not None and software != previous:
-            parts.append(f'<line x1="{x(t):.1f}" y1="10" x2="{x(t):.1f}" y2="80" stroke="#1565c0" '
-                         f'stroke-dasharray="4 2"><title>software {escape(str(previous))} to '
-                         f'{escape(str(software))}</title></line>')
-        previous = software
+        scanner = str(v.get("scanner") or "unknown scanner")
+        if scanner not in software:
+            if software:
+                parts.append(marker(t, "#ef6c00", f"new scanner {scanner[:20]}", "scanner-change"))
+        else:
+            if v.get("model") != models[scanner]:
+                parts.append(marker(t, "#ef6c00", f"{scanner[:20]}: model {models[scanner]} to {v.get('model')}",
+                                    "scanner-change"))
+            if v.get("software_version") != software[scanner]:
+                parts.append(marker(t, "#1565c0", f"{scanner[:20]}: software {software[scanner]} to "
+                                                  f"{v.get('software_version')}", "software-change"))
+        software[scanner], models[scanner] = v.get("software_version"), v.get("model")
         parts.append(f'<circle cx="{x(t):.1f}" cy="50" r="5" fill="{STATUS_COLOURS.get(v["status"], "#000")}">'
                      f'<title>{escape(v["series_key"][:12])}: {escape(v["status"])}</title></circle>')
     verdict_time = {v["id"]: t for t, v in points}
