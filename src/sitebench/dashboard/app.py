@@ -88,6 +88,8 @@ class Revalidation:
         """
         from sitebench.qc.notify import Alert
 
+        if not (service.config.alerts and service.config.alerts.routes):
+            return 0  # nothing remembered either: changes are alerted once alerts are configured
         done = set((service.records.load_state("revalidation_alerted") or {}).get("keys", []))
         alerts = []
         for pending in self.status(service, fresh=True).pending:
