@@ -109,3 +109,29 @@ def test_the_site_page_charts_a_biomarker_the_reports_locked_for_monitors_not_fo
     flagged = chart.split('class="chart-flags"')[1].split("</p>")[0]
     assert [key[:12] for key in keys[20:]] == [k for k in (key[:12] for key in keys) if f">{k}</a>" in flagged]
     assert "hippocampus_ml" not in pages["coordinator"] and "Site S01" in pages["coordinator"]
+
+
+def test_predictions_tables_that_cannot_be_read_are_one_line_at_start_or_left_out(tmp_path, t1_protocols):
+    from conftest import run_cli
+
+    from sitebench.dashboard.biomarkers import BiomarkerValues
+
+    good = tmp_path / "reports" / "gm" / "v001"
+    bad = tmp_path / "reports" / "gm" / "v002"
+    for folder, text in ((good, "scan_id,model_key,biomarker,prediction\nabc,m@1,gm_ml,612.5\nabd,m@1,gm_ml,seg.nii.gz\n"),
+                         (bad, "scan_id,weights\nabc,1\n")):
+        (folder / "tables").mkdir(parents=True)
+        (folder / "tables" / "predictions.csv").write_text(text)
+        write_lock(folder, {"table:predictions": folder / "tables" / "predictions.csv"}, {}, {"name": "gm"}, {})
+    values = BiomarkerValues(tmp_path / "reports")
+    assert values.for_series(["abc", "abd", "zzz"]) == {"abc": {"gm_ml · m@1": 612.5}}  # v002 left out
+    with pytest.raises(SitebenchError, match="needs scan_id, model_key and prediction"):
+        BiomarkerValues(None, [bad / "tables" / "predictions.csv"])
+    config = tmp_path / "intake.yaml"
+    config.write_text(f"store: {tmp_path / 'store'}\nprotocols: {t1_protocols}\nsites: {{S01: {{}}}}\n"
+                      f"dicom: null\nhttp: {{host: 127.0.0.1, port: {free_port()}}}\n")
+    done = run_cli("qc", "serve", "--config", config, "--predictions", bad / "tables" / "predictions.csv", timeout=60)
+    assert done.returncode == 2 and "needs scan_id" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    done = run_cli("qc", "serve", "--config", config, "--mlflow-ui", "javascript:alert(1)", timeout=60)
+    assert done.returncode == 2 and "http:// or https://" in done.stderr and "Traceback" not in done.stderr

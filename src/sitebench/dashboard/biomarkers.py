@@ -10,12 +10,15 @@ series' key, which it is for every manifest ``sitebench qc manifest`` writes.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 from sitebench.errors import SitebenchError
+
+log = logging.getLogger("sitebench.dashboard")
 
 #: how often the files are looked at again (a new report version adds predictions)
 RELOAD_SECONDS = 60.0
@@ -34,6 +37,7 @@ class BiomarkerValues:
         for path in self.prediction_files:  # a wrong --predictions is one line at start, not an empty chart
             if not path.is_file():
                 raise SitebenchError("no such predictions file", path)
+            read_predictions(path)
         self._checked_at, self._stamp, self._values = 0.0, None, {}
 
     def _files(self) -> list[Path]:
@@ -67,25 +71,40 @@ class BiomarkerValues:
 
 
 def _read(files: list[Path]) -> dict[str, dict[str, float]]:
-    import pandas as pd
-
+    """Every file's values; one that cannot be read is logged and left out, never a broken page (a
+    ``--predictions`` file was read once at start, so a bad one is a one-line error there)."""
     out: dict[str, dict[str, float]] = {}
     for path in files:
         try:
-            table = pd.read_csv(path, dtype={"scan_id": str, "model_key": str, "biomarker": str})
-        except (OSError, ValueError, pd.errors.ParserError) as exc:
-            raise SitebenchError(f"unreadable predictions table ({type(exc).__name__})", path) from None
-        if not {"scan_id", "model_key", "prediction"} <= set(table.columns):
-            raise SitebenchError("a predictions table needs scan_id, model_key and prediction columns", path)
-        names = table["biomarker"] if "biomarker" in table else ["biomarker"] * len(table)
-        for scan, model, name, value in zip(table["scan_id"], table["model_key"], names, table["prediction"]):
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                continue  # a segmentation's prediction is a file, not a number
-            if math.isfinite(value):
-                out.setdefault(str(scan), {})[f"{name} · {model}"] = value
+            rows = read_predictions(path)
+        except SitebenchError as exc:
+            log.warning("%s", exc)
+            continue
+        for scan, label, value in rows:
+            out.setdefault(scan, {})[label] = value
     return out
+
+
+def read_predictions(path: Path) -> list[tuple[str, str, float]]:
+    """``(scan_id, "<biomarker> · <model version>", value)`` for each numeric prediction of a table."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, dtype={"scan_id": str, "model_key": str, "biomarker": str})
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise SitebenchError(f"unreadable predictions table ({type(exc).__name__})", path) from None
+    if not {"scan_id", "model_key", "prediction"} <= set(table.columns):
+        raise SitebenchError("a predictions table needs scan_id, model_key and prediction columns", path)
+    names = table["biomarker"] if "biomarker" in table else ["biomarker"] * len(table)
+    rows = []
+    for scan, model, name, value in zip(table["scan_id"], table["model_key"], names, table["prediction"], strict=True):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            continue  # a segmentation's prediction is a file, not a number
+        if math.isfinite(value):
+            rows.append((str(scan), f"{name} · {model}", value))
+    return rows
 
 
 def measures(verdict: dict[str, Any], biomarkers: dict[str, float] | None) -> dict[str, tuple[str, float]]:
