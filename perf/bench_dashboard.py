@@ -7,7 +7,9 @@ The gate (``IntakeService``, HTTP only, the dashboard mounted as ``qc serve`` mo
 pages over a real socket; a signed-in central monitor fetches the trial overview and one site's
 page; the median and the 90th percentile of the repeats are printed per database, beside the time
 to fetch ``/healthz`` (the HTTP floor of the same server). Goals (issue 15): overview and site page
-under 200 ms in SQLite and 300 ms in PostgreSQL. Measured, never asserted in tests.
+under 200 ms in SQLite and 300 ms in PostgreSQL. Measured, never asserted in tests. The site page
+carries biomarker control charts too: a benchmark predictions table of two model versions for every
+series is given as ``qc serve --predictions`` gives it.
 """
 
 from __future__ import annotations
@@ -86,8 +88,23 @@ def fill(url: str, sites: int, n_series: int, seed: int = 0) -> None:
             conn.execute(insert(drift_events), drifts)
 
 
-def measure(store: Path, protocols: Path, database: str | None, sites: int, repeats: int) -> dict:
+def predictions_table(path: Path, n_series: int, seed: int = 1) -> Path:
+    """A benchmark's predictions.csv for every series (``scan_id`` = the gate's series key), two model versions."""
+    rng = random.Random(seed)
+    lines = ["scan_id,model_key,biomarker,prediction"]
+    for i in range(n_series):
+        for model in ("gm-unet@1.0.0", "gm-unet@2.0.0"):
+            lines.append(f"{i:020x},{model},gm_volume_ml,{rng.gauss(640, 25):.2f}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def measure(store: Path, protocols: Path, database: str | None, sites: int, repeats: int,
+            predictions: Path) -> dict:
+    from functools import partial
+
     from sitebench.dashboard import mount
+    from sitebench.dashboard.biomarkers import BiomarkerValues
     from sitebench.qc.intake import IntakeConfig, IntakeService
 
     port = free_port()
@@ -96,7 +113,7 @@ def measure(store: Path, protocols: Path, database: str | None, sites: int, repe
         "http": {"host": "127.0.0.1", "port": port, "max_requests_per_minute": 1e6},
         "sites": {f"S{i + 1:02d}": {} for i in range(sites)}})
     service = IntakeService(config)
-    service.http_extensions = [mount]
+    service.http_extensions = [partial(mount, biomarkers=BiomarkerValues(None, [predictions]))]
     token = service.users.create("bench-monitor", "central_monitor")
     service.start()
     try:
@@ -105,7 +122,8 @@ def measure(store: Path, protocols: Path, database: str | None, sites: int, repe
         assert reply.status_code == 303, reply.text
         out = {}
         for name, path in (("healthz", "/healthz"), ("overview", "/"), ("site page", "/sites/S01")):
-            session.get(f"http://127.0.0.1:{port}{path}", timeout=30)  # warm
+            warm = session.get(f"http://127.0.0.1:{port}{path}", timeout=30)
+            assert name != "site page" or 'class="chart-biomarker"' in warm.text, "no biomarker chart"
             times = []
             for _ in range(repeats):
                 started = time.perf_counter()
@@ -159,7 +177,8 @@ def main() -> int:
         from sitebench.qc.records import database_url
 
         fill(database_url(store), args.sites, args.series)
-        results["sqlite"] = measure(store, protocols, None, args.sites, args.repeats)
+        predictions = predictions_table(Path(tmp) / "predictions.csv", args.series)
+        results["sqlite"] = measure(store, protocols, None, args.sites, args.repeats, predictions)
         server = None if args.skip_postgres else postgres()
         if server is not None:
             url, stop = server
@@ -167,7 +186,7 @@ def main() -> int:
                 fill(url, args.sites, args.series)
                 pg_store = Path(tmp) / "pg-store"
                 pg_store.mkdir()
-                results["postgresql"] = measure(pg_store, protocols, url, args.sites, args.repeats)
+                results["postgresql"] = measure(pg_store, protocols, url, args.sites, args.repeats, predictions)
             finally:
                 stop()
     goals = {"sqlite": 200.0, "postgresql": 300.0}

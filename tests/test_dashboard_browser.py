@@ -6,6 +6,7 @@ screenshot and checked not to be blank; site scoping is checked in the browser a
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 from pathlib import Path
 
@@ -104,6 +105,10 @@ def test_the_query_loop_in_a_browser(tmp_path, protocols, browser):
         row = browser.find_element(By.XPATH, "//table[@id='sites']//tr[td/a[text()='S01']]")
         cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
         assert cells[4] == "1" and cells[6] == "0", cells  # one fail; its query is a draft, not open yet
+        header = [c.text for c in browser.find_elements(By.XPATH, "//table[@id='sites']//th")]
+        uploaded = cells[header.index("Last upload (UTC)")]
+        age = dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(uploaded).replace(tzinfo=dt.timezone.utc)
+        assert dt.timedelta(0) <= age < dt.timedelta(minutes=10), cells  # the upload just made
         shot("02-overview")
         click(browser.find_element(By.LINK_TEXT, "S01"))
         assert browser.find_element(By.TAG_NAME, "svg")  # the time axis

@@ -133,3 +133,17 @@ def test_an_older_database_gains_the_new_columns(tmp_path):
     _received(records, "8" * 64)
     index_names = {i["name"] for i in sqlalchemy.inspect(records.engine).get_indexes("received_files")}
     assert any("sop_key" in name for name in index_names)
+    assert "ix_received_files_site_received" in index_names  # an older store gains the per-site index too
+    assert records.last_received_by_site(["S01", "S02"])["S01"] >= "2026-01-01T00:00:00+00:00"
+
+
+def test_each_sites_last_upload_is_its_newest_file(records):
+    import time
+
+    assert records.last_received_by_site(["S01", "S02"]) == {}
+    for i, site in enumerate(["S01", "S02", "S01"]):
+        records.record_received(sha256=f"{i}" * 64, size=1, stored_path=f"x{i}", site=site, source="http",
+                                transfer=f"t{i}")
+        time.sleep(1.1)  # the times are ISO seconds
+    last = records.last_received_by_site(["S01", "S02", "S03"])
+    assert set(last) == {"S01", "S02"} and last["S01"] > last["S02"]

@@ -369,6 +369,7 @@ def _overview(service: "IntakeService") -> list[dict[str, Any]]:
             waits.setdefault(site, []).append(float(wait))
         if checked and checked > last.get(site, ""):
             last[site] = checked
+    uploaded = service.records.last_received_by_site(sorted(service.config.sites))
     out = []
     for site in sorted(service.config.sites):
         status = rows.get(site)
@@ -378,6 +379,7 @@ def _overview(service: "IntakeService") -> list[dict[str, Any]]:
                     "open_queries": open_queries.get(site, 0),
                     "rescan_rate": status.rescan_rate if status else 0.0,
                     "median_wait_s": statistics.median(waits[site]) if waits.get(site) else None,
+                    "last_upload": uploaded.get(site, "")[:19].replace("T", " ") or None,
                     "last_checked": last.get(site), "drift_events": status.drift_events if status else 0,
                     "overdue_visits": overdue.get(site, 0)})
     return out
