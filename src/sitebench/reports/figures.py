@@ -83,7 +83,8 @@ def forest_plot(rows: pd.DataFrame, metric: str = "bias", stratum: str = "site",
     ax.invert_yaxis()
     ax.set_xlabel(f"{metric} ({unit}), 95% CI")
     ax.set_title(f"{metric.replace('_', ' ').capitalize()} by {stratum.replace('_', ' ')}")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)  # off the points
+    if ax.get_legend_handles_labels()[0]:  # every model not estimable here: no points, no legend
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)  # off the points
     return fig
 
 
