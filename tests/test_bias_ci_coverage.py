@@ -44,7 +44,8 @@ def test_stratum_bias_bootstrap_within_site_covers_the_truth():
         prediction = reference + TRUE_BIAS + np.vectorize(offsets.get)(sites) + rng.normal(0, 2, len(sites))
         table = pd.DataFrame({"site": sites, "vendor": "V", "software_version": "1", "prediction": prediction,
                               "reference": reference})
-        frame = stratum_metrics(table, prediction="prediction", reference="reference", strata=("site",),
+        # only the overall row is judged; it resamples within site whatever the strata (no per-site rows: 4x faster)
+        frame = stratum_metrics(table, prediction="prediction", reference="reference", strata=(),
                                 dice=None, n_boot=300, seed=int(rng.integers(1 << 30))).to_frame()
         overall = frame[(frame["metric"] == "bias") & (frame["stratum"] == "overall")].iloc[0]
         truth_here = TRUE_BIAS + float(np.mean(list(offsets.values())))
