@@ -147,3 +147,14 @@ def test_each_sites_last_upload_is_its_newest_file(records):
         time.sleep(1.1)  # the times are ISO seconds
     last = records.last_received_by_site(["S01", "S02", "S03"])
     assert set(last) == {"S01", "S02"} and last["S01"] > last["S02"]
+
+
+def test_upload_to_verdict_times_are_read_out_of_each_latest_verdict(records):
+    """The database reads the one number out of the JSON (SQLite json_extract, PostgreSQL ->>)."""
+    for key, seconds in (("a", {"header": 0.2, "upload_to_verdict": 4.5}), ("b", {"header": 0.1}), ("c", {})):
+        done = outcome(key * 20, key, "pass", site="S02" if key == "c" else "S01")
+        done.seconds = seconds
+        records.record_outcome(done)
+    timing = sorted(records.verdict_timing(), key=lambda t: (t[0], t[2] is None))
+    assert [(site, wait) for site, _, wait in timing] == [("S01", 4.5), ("S01", None), ("S02", None)]
+    assert all(checked for _, checked, _ in timing)

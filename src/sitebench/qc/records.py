@@ -251,11 +251,12 @@ def rescan_groups(verdict_rows: list[dict[str, Any]]) -> dict[tuple[str, str, st
     return groups
 
 
-def resolved_by_rescan(verdict_rows: list[dict[str, Any]]) -> set[int]:
+def resolved_by_rescan(verdict_rows: list[dict[str, Any]],
+                       groups: dict[tuple[str, str, str], list[dict[str, Any]]] | None = None) -> set[int]:
     """Ids of the verdicts a later passing series of the same study and protocol resolved: their
-    deviations are no longer open."""
+    deviations are no longer open. ``groups``: :func:`rescan_groups` of these rows, if made already."""
     resolved: set[int] = set()
-    for members in rescan_groups(verdict_rows).values():
+    for members in (rescan_groups(verdict_rows) if groups is None else groups).values():
         passed_at = [m["id"] for m in members if m["status"] == "pass"]
         if passed_at:
             resolved.update(m["id"] for m in members if m["id"] < max(passed_at))
@@ -594,6 +595,17 @@ class QCRecords:
     def verdict_timing(self) -> list[tuple[str, str, float | None]]:
         """(site, checked_utc, upload-to-verdict seconds) of every latest verdict: the overview's
         columns without decoding each verdict's other JSON."""
+        dialect = self.engine.dialect.name
+        if dialect in ("sqlite", "postgresql"):  # the database reads the one number out of the JSON
+            from sqlalchemy import Float as SqlFloat
+            from sqlalchemy import cast
+            from sqlalchemy.dialects.postgresql import JSONB
+
+            wait = (func.json_extract(verdicts.c.seconds, "$.upload_to_verdict") if dialect == "sqlite" else
+                    cast(cast(verdicts.c.seconds, JSONB).op("->>")("upload_to_verdict"), SqlFloat))
+            query = select(verdicts.c.site, verdicts.c.checked_utc, wait).where(verdicts.c.latest.is_(True))
+            with self.engine.connect() as conn:
+                return [(site, checked, None if w is None else float(w)) for site, checked, w in conn.execute(query).all()]
         query = select(verdicts.c.site, verdicts.c.checked_utc, verdicts.c.seconds).where(verdicts.c.latest.is_(True))
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
@@ -660,18 +672,20 @@ class QCRecords:
         passing series of the same protocol.
         """
         with self.engine.connect() as conn:  # only the columns counted: no verdict's JSON is decoded
-            rows = [dict(r) for r in conn.execute(
-                select(verdicts.c.id, verdicts.c.site, verdicts.c.status, verdicts.c.study_key, verdicts.c.protocol)
-                .where(verdicts.c.latest.is_(True)).order_by(verdicts.c.id)).mappings()]
+            rows = [{"id": i, "site": site, "status": status, "study_key": study, "protocol": protocol}
+                    for i, site, status, study, protocol in conn.execute(
+                        select(verdicts.c.id, verdicts.c.site, verdicts.c.status, verdicts.c.study_key,
+                               verdicts.c.protocol).where(verdicts.c.latest.is_(True)).order_by(verdicts.c.id)).all()]
         table: dict[str, SiteStatus] = {}
         for row in rows:
             status = table.setdefault(row["site"], SiteStatus(site=row["site"]))
             status.series += 1
             field = {"pass": "passed", "warn": "warned", "fail": "failed"}.get(row["status"], row["status"])
             setattr(status, field, getattr(status, field) + 1)
-        for (site, _, _), members in rescan_groups(rows).items():
+        groups = rescan_groups(rows)
+        for (site, _, _), members in groups.items():
             table[site].rescans += len(members) - 1
-        resolved = resolved_by_rescan(rows)
+        resolved = resolved_by_rescan(rows, groups)
         with self.engine.connect() as conn:
             counts = conn.execute(select(verdicts.c.site, verdicts.c.id, func.count(deviations.c.id))
                                   .join(deviations, deviations.c.verdict_id == verdicts.c.id)
