@@ -105,7 +105,7 @@ def measure(store: Path, protocols: Path, database: str | None, sites: int, repe
 
     from sitebench.dashboard import mount
     from sitebench.dashboard.biomarkers import BiomarkerValues
-    from sitebench.qc.intake import IntakeConfig, IntakeService
+    from sitebench.qc.intake import IntakeConfig, IntakeService, freeze_startup_objects
 
     port = free_port()
     config = IntakeConfig.model_validate({
@@ -116,6 +116,7 @@ def measure(store: Path, protocols: Path, database: str | None, sites: int, repe
     service.http_extensions = [partial(mount, biomarkers=BiomarkerValues(None, [predictions]))]
     token = service.users.create("bench-monitor", "central_monitor")
     service.start()
+    freeze_startup_objects()  # as `qc serve` does once started
     try:
         session = requests.Session()
         reply = session.post(f"http://127.0.0.1:{port}/login", data={"token": token}, allow_redirects=False, timeout=30)

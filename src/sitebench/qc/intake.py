@@ -1068,6 +1068,16 @@ def _why(outcome: SeriesOutcome) -> str:
     return "; ".join(d.line() for d in outcome.deviations[:10])
 
 
+def freeze_startup_objects() -> None:
+    """Move what the process holds once started (modules, dictionaries, the app) out of the garbage
+    collector's sight (``gc.freeze``, Python 3.7+): they live as long as the server, and a full
+    collection walking them cost each tenth dashboard request about 100 ms with 5,000 series."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def serve(config: IntakeConfig, ready: threading.Event | None = None, http_extensions: list[Any] | None = None,
           periodic_checks: list[Callable[[IntakeService], Any]] | None = None) -> None:
     """Run the intake service until SIGINT / SIGTERM; ``http_extensions`` add routes (the dashboard),
@@ -1078,6 +1088,7 @@ def serve(config: IntakeConfig, ready: threading.Event | None = None, http_exten
     service.http_extensions = list(http_extensions or [])
     service.periodic_checks = list(periodic_checks or [])
     service.start()
+    freeze_startup_objects()
     first_admin = ensure_first_admin(service)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
