@@ -16,6 +16,8 @@ import hmac
 import logging
 import math
 import secrets
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -63,16 +65,12 @@ class Revalidation:
     background thread refreshes it (with 5,000 series a recompute takes a third of a second)."""
 
     def __init__(self, reports_root: str | Path | None = None, public_keys: list[str | Path] | None = None) -> None:
-        import threading
-
         self.reports_root = Path(reports_root) if reports_root else None
         self.public_keys = [Path(k) for k in public_keys or []]
         self._at, self._status = 0.0, None
         self._lock, self._refreshing = threading.Lock(), False
 
     def _compute(self, service: "IntakeService", reuse_reports: bool) -> Any:
-        import time
-
         from sitebench.reports.coverage import GateRows, revalidation_status
 
         rows = GateRows.from_records(service.records, source=str(service.config.store))
@@ -98,9 +96,6 @@ class Revalidation:
     def status(self, service: "IntakeService", fresh: bool = False) -> Any:
         """The state for a page (stale at most a minute, refreshed behind it); ``fresh`` re-reads the
         gate's rows now, reusing the reports' checks while they are under a minute old (the alert)."""
-        import threading
-        import time
-
         stale = self._status is None or time.monotonic() - self._at > 60
         if self._status is None or fresh:
             return self._compute(service, reuse_reports=not stale)
@@ -293,11 +288,12 @@ def mount(app: Any, service: "IntakeService", reports_root: str | Path | None = 
         if not isinstance(who, Principal):
             return who
         verdicts = service.records.latest_verdicts(site)
+        biomarkers_shown = allowed(who, "view_reports")  # biomarker values can unblind: not for site staff
+        biomarkers = biomarker_values.for_series([v["series_key"] for v in verdicts]) if biomarkers_shown else None
         return page(request, "site.html", who, title=f"Site {site}", site=site, verdicts=list(reversed(verdicts)),
                     timeline=_timeline_svg(verdicts, service.records.drift_events(site)),
-                    charts=_control_charts(verdicts, biomarker_values.for_series([v["series_key"] for v in verdicts])
-                                           if allowed(who, "view_reports") else None),
-                    biomarkers_shown=allowed(who, "view_reports"), queries=service.queries.list(site=site))
+                    charts=_control_charts(verdicts, biomarkers), biomarkers_shown=biomarkers_shown,
+                    queries=service.queries.list(site=site))
 
     @app.get("/sites/{site}/visits", response_class=HTMLResponse, include_in_schema=False)
     def visits_page(request: Request, site: str) -> Response:

@@ -789,8 +789,8 @@ class IntakeService:
         """Alert each query waiting on its site past its due time, once."""
         late = self.queries.overdue_unalerted()
         self.send_alerts([Alert("query_overdue", q.site, f"query {q.id} on series {q.series_key[:12]} is past its "
-                           f"deadline", {"query": q.id, "series_key": q.series_key, "due_utc": q.due_utc})
-                     for q in late])
+                                f"deadline", {"query": q.id, "series_key": q.series_key, "due_utc": q.due_utc})
+                          for q in late])
         for q in late:
             self.queries.mark_alerted(q.id)
         return len(late)

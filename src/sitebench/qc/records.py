@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (BigInteger, Boolean, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text,
-                        bindparam, create_engine, event, func, insert, select, update)
+                        bindparam, cast, create_engine, event, func, insert, select, update)
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -595,27 +596,13 @@ class QCRecords:
     def verdict_timing(self) -> list[tuple[str, str, float | None]]:
         """(site, checked_utc, upload-to-verdict seconds) of every latest verdict: the overview's
         columns without decoding each verdict's other JSON."""
-        dialect = self.engine.dialect.name
-        if dialect in ("sqlite", "postgresql"):  # the database reads the one number out of the JSON
-            from sqlalchemy import Float as SqlFloat
-            from sqlalchemy import cast
-            from sqlalchemy.dialects.postgresql import JSONB
-
-            wait = (func.json_extract(verdicts.c.seconds, "$.upload_to_verdict") if dialect == "sqlite" else
-                    cast(cast(verdicts.c.seconds, JSONB).op("->>")("upload_to_verdict"), SqlFloat))
-            query = select(verdicts.c.site, verdicts.c.checked_utc, wait).where(verdicts.c.latest.is_(True))
-            with self.engine.connect() as conn:
-                return [(site, checked, None if w is None else float(w)) for site, checked, w in conn.execute(query).all()]
-        query = select(verdicts.c.site, verdicts.c.checked_utc, verdicts.c.seconds).where(verdicts.c.latest.is_(True))
+        if self.engine.dialect.name == "postgresql":  # the database reads the one number out of the JSON
+            wait = cast(cast(verdicts.c.seconds, JSONB).op("->>")("upload_to_verdict"), Float)
+        else:  # SQLite (and MySQL) json_extract
+            wait = func.json_extract(verdicts.c.seconds, "$.upload_to_verdict")
+        query = select(verdicts.c.site, verdicts.c.checked_utc, wait).where(verdicts.c.latest.is_(True))
         with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        out = []
-        for site, checked, seconds in rows:
-            wait = None
-            if seconds and "upload_to_verdict" in seconds:
-                wait = json.loads(seconds).get("upload_to_verdict")
-            out.append((site, checked, wait))
-        return out
+            return [(site, checked, None if w is None else float(w)) for site, checked, w in conn.execute(query).all()]
 
     def deviations_of(self, verdict_id: int) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
