@@ -176,3 +176,35 @@ def test_protocol_init_names_the_protocol_after_the_series(tmp_path):
         assert yaml.safe_load(out.read_text())["name"] == name
     named = run_cli("qc", "protocol", "init", T1, "--out", tmp_path / "named.yaml", "--name", "my-t1")
     assert "'my-t1'" in named.stdout
+
+
+def test_inspect_keeps_heavy_modules_out_of_its_process():
+    """`qc inspect` reads headers with our reader and the standard library: no pydicom, numpy,
+    OpenSSL-backed hashlib or logging on any vendor's series (each costs it time and memory that
+    the goal of dcm2niix's time and 1.5x its memory cannot spare; perf/bench_gate.py --inspect-only)."""
+    import subprocess
+    import sys
+
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    trees = [p for tree in ("dicom", "dicom-more") for p in sorted((data / tree).iterdir()) if p.is_dir()]
+    if not trees:
+        pytest.skip("needs ../shared/data/dicom")
+    code = ("import contextlib, io, sys\n"
+            "from sitebench.cli import main\n"
+            "for tree in sys.argv[1:]:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "        assert main(['qc', 'inspect', tree, '--json']) == 0, tree\n"
+            "    assert out.getvalue().startswith('['), tree\n"
+            "print(sorted(m for m in ('pydicom', 'numpy', '_hashlib', 'logging') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code, *map(str, trees)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_scanner_pseudonym_digest_is_sha256():
+    import hashlib
+
+    from sitebench.qc.dicom_params import _sha256_hex
+
+    for data in (b"", b"SN 12345", "Ströme".encode(), bytes(range(256)) * 40):
+        assert _sha256_hex(data) == hashlib.sha256(data).hexdigest()

@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     only = words[0] if words and words[0] in GROUPS else None
     args = build_parser(only).parse_args(words)
-    quiet_libraries()
+    quiet_libraries(loggers=getattr(args, "uses_libraries", True))
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)

@@ -32,14 +32,19 @@ QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
 QUIET_LOGGERS = ("mlflow", "alembic", "distributed", "monai", "monai.data.nvimgcodec_pydicom_plugin")
 
 
-def quiet_libraries() -> None:
-    """Silence named library chatter (telemetry, known warnings, INFO loggers), nothing else."""
-    import logging  # not at the top: --help should not pay for it
+def quiet_libraries(loggers: bool = True) -> None:
+    """Silence named library chatter (telemetry, known warnings, INFO loggers), nothing else.
 
+    ``loggers=False`` for a command that imports no library (``qc inspect``): importing logging
+    alone costs it 14 ms and 1 MiB, a tenth of reading a small series."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     for message, category in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    if not loggers:
+        return
+    import logging  # not at the top: --help should not pay for it
+
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 

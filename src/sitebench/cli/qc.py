@@ -269,7 +269,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                         "reported by attribute name only, never by value.")
     inspect.add_argument("path", help="DICOM file or folder (recursive)")
     add_json(inspect, "a list with one record per series")
-    inspect.set_defaults(func=cmd_qc_inspect)
+    inspect.set_defaults(func=cmd_qc_inspect, uses_libraries=False)  # the standard library and our reader only
     check = qc.add_parser("check", help="check series offline against a protocol",
                           description="Verdict per series: pass, warn, fail or undetermined, with every "
                                       "deviation, and with --baseline its drift against a reference series. "

@@ -109,9 +109,14 @@ class Tag(int):
 
 
 # --------------------------------------------------------------------------- dictionaries
-_STANDARD: dict[int, tuple[str, str]] | None = None   # tag -> (VR, keyword)
-_KEYWORDS: dict[str, int] | None = None
+#: The standard dictionary as text ("\n" + lines "TAG VR Keyword" + "\n"), searched per tag or keyword and
+#: the answers cached: a series asks about the same hundred or so tags in every file, and parsing all
+#: 5,000 entries up front cost more time and memory (14 ms, 4 MiB) than reading a small series.
+_TEXT: str | None = None
 _REPEATERS: list[tuple[int, int, str, str]] | None = None  # (value, mask, VR, keyword)
+_BY_TAG: dict[int, tuple[str, str] | None] = {}
+_BY_KEYWORD: dict[str, int | None] = {}
+_CACHE_LIMIT = 1 << 16  # distinct tags a damaged file can ask about are unbounded; the cache is not
 _PRIVATE: dict[str, dict[str, str]] = {}
 
 
@@ -119,40 +124,48 @@ def _vr_name(token: str) -> str:
     return token.replace("/", " or ")
 
 
-def _load_standard() -> dict[int, tuple[str, str]]:
-    """Parse the generated tables on first use (PS3.6 data dictionary via pydicom)."""
-    global _STANDARD, _KEYWORDS, _REPEATERS
-    if _STANDARD is None:
+def _standard_text() -> str:
+    """The generated tables on first use (PS3.6 data dictionary via pydicom); repeaters parsed (86 lines)."""
+    global _TEXT, _REPEATERS
+    if _TEXT is None:
         from sitebench.qc import _dicom_dictionary as d
 
-        standard: dict[int, tuple[str, str]] = {}
-        keywords: dict[str, int] = {}
-        for line in d.STANDARD.split("\n"):
-            parts = line.split(" ")
-            tag = int(parts[0], 16)
-            keyword = parts[2] if len(parts) > 2 else ""
-            standard[tag] = (_vr_name(parts[1]), keyword)
-            if keyword:
-                keywords[keyword] = tag
         repeaters = []
         for line in d.REPEATERS.split("\n"):
             parts = line.split(" ")
             mask = parts[0]
             repeaters.append((int(mask.replace("x", "0"), 16), int("".join("F0"[c == "x"] for c in mask), 16),
                               _vr_name(parts[1]), parts[2] if len(parts) > 2 else ""))
-        _KEYWORDS, _REPEATERS, _STANDARD = keywords, repeaters, standard
-    return _STANDARD
+        _REPEATERS, _TEXT = repeaters, "\n" + d.STANDARD + "\n"
+    return _TEXT
+
+
+def _remember(cache: dict, key: Any, value: Any) -> Any:
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def _dictionary_entry(tag: int) -> tuple[str, str] | None:
     """(VR, keyword) of a standard or repeating-group tag, None for private/unknown (pydicom get_entry)."""
-    standard = _STANDARD if _STANDARD is not None else _load_standard()
-    entry = standard.get(tag)
-    if entry is None and not (tag >> 16) & 1:
-        for value, mask, vr, keyword in _REPEATERS:  # type: ignore[union-attr]
-            if (tag ^ value) & mask == 0:
-                return vr, keyword
-    return entry
+    try:
+        return _BY_TAG[tag]
+    except KeyError:
+        pass
+    text = _standard_text()
+    entry = None
+    if 0 <= tag <= 0xFFFFFFFF:
+        at = text.rfind(f"\n{tag:08X} ")
+        if at >= 0:
+            parts = text[at + 1:text.index("\n", at + 1)].split(" ")
+            entry = (_vr_name(parts[1]), parts[2] if len(parts) > 2 else "")
+        elif not (tag >> 16) & 1:
+            for value, mask, vr, keyword in _REPEATERS:  # type: ignore[union-attr]
+                if (tag ^ value) & mask == 0:
+                    entry = (vr, keyword)
+                    break
+    return _remember(_BY_TAG, tag, entry)
 
 
 def _private_vr(creator: str, tag: int) -> str | None:
@@ -176,9 +189,18 @@ def _private_vr(creator: str, tag: int) -> str | None:
 
 def tag_for_keyword(keyword: str) -> int | None:
     """The tag of a standard keyword (PS3.6), or None."""
-    if _KEYWORDS is None:
-        _load_standard()
-    return _KEYWORDS.get(keyword)  # type: ignore[union-attr]
+    try:
+        return _BY_KEYWORD[keyword]
+    except KeyError:
+        pass
+    tag = None
+    if keyword.isidentifier():  # a keyword is letters and digits: no search can match across lines
+        text = _standard_text()
+        at = text.rfind(f" {keyword}\n")
+        if at >= 0:
+            line = text.rfind("\n", 0, at) + 1
+            tag = int(text[line:line + 8], 16)
+    return _remember(_BY_KEYWORD, keyword, tag)
 
 
 def keyword_for_tag(tag: int) -> str:
@@ -224,6 +246,7 @@ class HeaderElement:
     """One data element (PS3.5 7.1): tag, VR, value (converted on first access), as pydicom's DataElement."""
 
     __slots__ = ("tag", "VR", "_buf", "_start", "_end", "_value", "_parent", "_implicit", "is_undefined_length")
+    is_raw = False  # pydicom's RawDataElement says True: callers ask before reading the bytes themselves
 
     def __init__(self, tag: int, vr: str, buf: _Buffer, start: int, end: int, parent: "HeaderDataset",
                  implicit: bool, undefined: bool = False) -> None:
@@ -320,7 +343,9 @@ class HeaderDataset:
     def get_item(self, key: Any) -> HeaderElement | None:
         """The element (converted lazily) or None, as pydicom's ``Dataset.get_item``."""
         element = self._find(key)
-        return None if element is None else self[element.tag]
+        if element is not None and element.VR in _AMBIGUOUS:
+            _resolve_ambiguous(element)
+        return element
 
     def get(self, key: Any, default: Any = None) -> Any:
         """Keyword -> value; tag (int or tuple) -> element, as pydicom's ``Dataset.get``."""
@@ -564,6 +589,19 @@ def _element_vr(tag: int, vr: str | None, ds: HeaderDataset, length: int) -> str
     return vr
 
 
+def _dictionary_vr(tag: int) -> str | None:
+    """The standard dictionary's VR of a tag, None if it has none (the compiled walk asks this of an
+    implicit-VR element of undefined length)."""
+    entry = _dictionary_entry(tag)
+    return None if entry is None else entry[0]
+
+
+try:  # the element walk compiled (setup.py builds it where a C compiler is; optional)
+    from sitebench.qc._dicom_scan import scan as _scan
+except ImportError:  # pragma: no cover - an install without a compiler walks in Python
+    _scan = None
+
+
 def _parse(buf: _Buffer, pos: int, end: int, implicit: bool, ds: HeaderDataset, depth: int,
            in_item: bool, stop_pixels: bool, wanted: "frozenset[int] | None", last_wanted: int,
            size: int) -> int:
@@ -571,6 +609,16 @@ def _parse(buf: _Buffer, pos: int, end: int, implicit: bool, ds: HeaderDataset, 
     position after it (after its item delimiter when ``in_item`` and undefined length)."""
     data = buf.data
     little = buf.little
+    elements = ds._elements
+    if _scan is not None:  # the same walk compiled; None where Python must redo it (it raises there)
+        scanned = _scan(data, pos, end, little, implicit, depth, in_item, stop_pixels, wanted, last_wanted, size,
+                        _dictionary_vr)
+        if scanned is not None:
+            for tag, vr, start, stop, undefined, length in scanned[1]:
+                if vr is None or vr == "UN":  # else _element_vr keeps the explicit VR as it is
+                    vr = _element_vr(tag, vr, ds, length)
+                elements[tag] = HeaderElement(tag, vr, buf, start, stop, ds, implicit, undefined)
+            return scanned[0]
     unpack_from = struct.unpack_from
     hdr = "<HH" if little else ">HH"
     # one unpack per element header: tag, VR bytes and short length (explicit) or tag and length
@@ -578,7 +626,6 @@ def _parse(buf: _Buffer, pos: int, end: int, implicit: bool, ds: HeaderDataset, 
     implicit_header = (_IMPLICIT_LE if little else _IMPLICIT_BE).unpack_from
     ulong = (_ULONG_LE if little else _ULONG_BE).unpack_from
     short_vrs, long_vrs = _SHORT_VRS, _LONG_VRS
-    elements = ds._elements
     while pos + 8 <= end:
         if implicit:
             group, elem, length = implicit_header(data, pos)
