@@ -166,3 +166,32 @@ def test_no_dicom_raises(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     with pytest.raises(SitebenchError, match=str(tmp_path)):
         read_series(tmp_path)
+
+
+def test_reading_in_worker_processes_gives_the_one_process_result():
+    """`read_series(workers=)` forks readers over slices of the files; every shared series (and both
+    trees at once, series interleaved across slices) must come out exactly as read in one process."""
+    import marshal
+
+    from sitebench.qc.dicom_params import _FILES_PER_WORKER, file_summary, read_series
+    from sitebench.qc.dicom_header import HeaderError, read_header
+
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    trees = [data / "dicom", data / "dicom-more"]
+    if not all(t.exists() for t in trees):
+        pytest.skip("needs ../shared/data/dicom and dicom-more")
+    files = sorted(f for t in trees for f in t.rglob("*") if f.is_file())
+    assert len(files) >= 4 * _FILES_PER_WORKER
+    one = read_series(files, workers=1)
+    for workers in (2, 3):
+        assert read_series(files, workers=workers) == one
+    # the workers' summaries travel in marshal: every file's must (else a worker falls back to this process)
+    dumped = 0
+    for f in files[::7]:
+        try:
+            ds = read_header(f)
+        except HeaderError:  # the trees' sidecars and notes
+            continue
+        marshal.dumps(file_summary(ds))
+        dumped += 1
+    assert dumped > 300

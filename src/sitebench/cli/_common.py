@@ -49,6 +49,15 @@ def quiet_libraries(loggers: bool = True) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def usable_cpus(at_most: int) -> int:
+    """CPUs this process may run on (its affinity mask, which containers set), at most ``at_most``."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    return max(1, min(count, at_most))
+
+
 def say(message: str) -> None:
     """Progress for the person at the terminal: stderr, so stdout stays the result."""
     print(f"sitebench: {message}", file=sys.stderr, flush=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sitebench.cli._common import EXIT_VERIFY_FAILED, add_json, print_json, print_result
+from sitebench.cli._common import EXIT_VERIFY_FAILED, add_json, print_json, print_result, usable_cpus
 from sitebench.errors import SitebenchError
 
 
@@ -25,7 +25,7 @@ def cmd_qc_inspect(args: argparse.Namespace) -> int:
 
     # the scanner pseudonym (never the serial number) lets a record serve as a `qc check --baseline`
     records = [{**series.to_dict(), **({"_scanner_id": series.scanner_id} if series.scanner_id else {})}
-               for series in read_series(args.path)]
+               for series in read_series(args.path, workers=args.workers or usable_cpus(8))]
     if args.json:
         print_json(records)
         return 0
@@ -268,6 +268,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                         "series with BIDS sidecar key names and units. Patient identifiers are "
                                         "reported by attribute name only, never by value.")
     inspect.add_argument("path", help="DICOM file or folder (recursive)")
+    inspect.add_argument("--workers", type=int, default=0, metavar="N",
+                         help="processes reading the headers (default: one a CPU, at most 8; a large folder "
+                              "only, at least 64 files a process; 1 = this process)")
     add_json(inspect, "a list with one record per series")
     inspect.set_defaults(func=cmd_qc_inspect, uses_libraries=False)  # the standard library and our reader only
     check = qc.add_parser("check", help="check series offline against a protocol",

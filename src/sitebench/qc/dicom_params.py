@@ -38,11 +38,12 @@ damaged geometry is named in its ``geometry``.
 from __future__ import annotations
 
 import math
+import os
 import re
 import struct
+import sys
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -113,23 +114,71 @@ _VENDOR_MODULES = {"GE": "vendor_ge", "Siemens": "vendor_siemens", "Philips": "v
                    "UIH": "vendor_uih", "Canon": "vendor_canon"}
 
 
-@dataclass
-class SeriesParameters:
-    """Acquisition parameters of one series (SeriesInstanceUID)."""
+class _Record:
+    """A plain record: keyword-or-positional ``__init__`` from :attr:`_FIELDS` (name, default factory),
+    value equality and a repr. Not a dataclass because :mod:`dataclasses` imports :mod:`inspect`,
+    which costs ``qc inspect`` 10 ms and 1.4 MiB, more than reading a 200-file series' headers."""
 
+    _FIELDS: tuple[tuple[str, Any], ...] = ()
+    _HIDDEN: frozenset[str] = frozenset()  # left out of the repr
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names = [name for name, _ in self._FIELDS]
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes at most {len(names)} positional arguments")
+        given = dict(zip(names, args))
+        for name, value in kwargs.items():
+            if name not in names or name in given:
+                raise TypeError(f"{type(self).__name__}: unexpected or repeated argument {name!r}")
+            given[name] = value
+        for name, default in self._FIELDS:
+            if name in given:
+                setattr(self, name, given[name])
+            elif default is _REQUIRED:
+                raise TypeError(f"{type(self).__name__} needs {name!r}")
+            else:
+                setattr(self, name, default() if callable(default) else default)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n, _ in self._FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass without frozen=True
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{n}={getattr(self, n)!r}" for n, _ in self._FIELDS if n not in self._HIDDEN)
+        return f"{type(self).__name__}({shown})"
+
+
+_REQUIRED = object()
+
+
+class SeriesParameters(_Record):
+    """Acquisition parameters of one series (SeriesInstanceUID).
+
+    ``series_uid``, ``files``; ``parameters`` (BIDS keys); ``missing``, ``phi_present``; ``study_uid``
+    (kept for grouping re-scans; never written out, PHI profile); ``scanner_id`` (pseudonym of
+    DeviceSerialNumber / StationName); ``trial_subject`` and ``trial_timepoint``, from the Clinical
+    Trial Subject module (PS3.3 C.7.1.3: ClinicalTrialSubjectID (0012,0040) and
+    ClinicalTrialTimePointID (0012,0050); the gate keeps a keyed pseudonym of the subject only, for
+    expected-against-received reconciliation); ``summaries``, the per-file :func:`file_summary` (intake).
+    """
+
+    _FIELDS = (("series_uid", _REQUIRED), ("files", _REQUIRED), ("parameters", dict), ("missing", list),
+               ("phi_present", list), ("study_uid", ""), ("scanner_id", None), ("trial_subject", ""),
+               ("trial_timepoint", ""), ("summaries", list))
+    _HIDDEN = frozenset({"summaries"})
     series_uid: str
     files: list[Path]
-    parameters: dict[str, Any] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)
-    phi_present: list[str] = field(default_factory=list)
-    study_uid: str = ""  # kept for grouping re-scans; never written out (PHI profile)
-    scanner_id: str | None = None  # pseudonym of DeviceSerialNumber / StationName
-    #: Clinical Trial Subject module (PS3.3 C.7.1.3): the trial's subject code and visit, from
-    #: ClinicalTrialSubjectID (0012,0040) and ClinicalTrialTimePointID (0012,0050); the gate keeps a
-    #: keyed pseudonym of the subject only, for expected-against-received reconciliation
-    trial_subject: str = ""
-    trial_timepoint: str = ""
-    summaries: list = field(default_factory=list, repr=False)  # per-file file_summary (intake path)
+    parameters: dict[str, Any]
+    missing: list[str]
+    phi_present: list[str]
+    study_uid: str
+    scanner_id: str | None
+    trial_subject: str
+    trial_timepoint: str
+    summaries: list
 
     def to_dict(self) -> dict:
         return {"SeriesInstanceUID": self.series_uid, "n_files": len(self.files),
@@ -699,20 +748,21 @@ _KEY_OF = {keyword: key for key, keyword in _KEYWORD_OF.items()}
 _NONE = object()
 
 
-@dataclass
-class Spread:
+class Spread(_Record):
     """How one per-instance parameter is spread over a series' instances.
 
     ``groups``: (value, instance labels) largest group first; ``unreadable``: instances whose
-    value is present but not a number; ``missing``: instances without it while others have it.
+    value is present but not a number; ``missing``: instances without it while others have it;
+    ``within``: "echo 2" when compared within one echo of a multi-echo series.
     Labels are InstanceNumbers, or "file k" for an instance without a usable one.
     """
 
+    _FIELDS = (("key", _REQUIRED), ("groups", list), ("unreadable", list), ("missing", list), ("within", ""))
     key: str
-    groups: list[tuple[Any, list]] = field(default_factory=list)
-    unreadable: list = field(default_factory=list)
-    missing: list = field(default_factory=list)
-    within: str = ""  # "echo 2" when compared within one echo of a multi-echo series
+    groups: list[tuple[Any, list]]
+    unreadable: list
+    missing: list
+    within: str
 
     @property
     def n(self) -> int:
@@ -1044,6 +1094,8 @@ PER_FILE_TAGS: tuple[str, ...] = (
 )
 _READ_ERRORS = (OSError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError,
                 struct.error)
+#: Fewest files a worker process is started for (below it, starting one costs more than it saves).
+_FILES_PER_WORKER = 64
 
 
 def _scanner_id(ds) -> str | None:
@@ -1100,7 +1152,102 @@ def _header_reader():
     return read, (HeaderError, *_READ_ERRORS)
 
 
-def read_series(path: str | Path | Iterable[str | Path], reader: str = "auto") -> list[SeriesParameters]:
+def _read_partial(f: Path, read, errors, tags: list[int]) -> tuple[str, Any] | None:
+    """(SeriesInstanceUID, data set of ``tags``) of one file; None where it is not DICOM or has no series."""
+    try:
+        ds = read(f, tags)
+    except errors:
+        return None
+    uid = str(ds.get("SeriesInstanceUID") or "")
+    return (uid, ds) if uid else None
+
+
+def _read_whole(f: Path, read, errors, partial: Any) -> Any:
+    try:
+        return read(f, None)
+    except errors:
+        return partial  # keep the partial read: the integrity check names the file
+
+
+def _summaries_in_workers(files: list[Path], read, errors, tags: list[int], workers: int) -> list | None:
+    """Every file's (SeriesInstanceUID, enhanced, :func:`file_summary`), or None where it is skipped,
+    read in ``workers`` forked processes over contiguous slices (this one reads the first slice).
+
+    Why: reading a series' headers is CPU-bound Python, one file at a time, and a large series on a
+    many-core machine waits on one core. A worker reads each file as :func:`read_series` reads one
+    that is not the first of its series (partially, or whole when the file is enhanced); the caller
+    reads the first of each series itself and any file whose series' first disagrees on being
+    enhanced, so the result is exactly the one-process result. A worker that fails (or a platform
+    without fork, or a process that already runs threads, where forking is unsafe) costs only speed:
+    its slice is read here. Summaries come back through a pipe in :mod:`marshal` (they are plain data).
+    """
+    import marshal
+
+    threading = sys.modules.get("threading")
+    workers = min(workers, len(files) // _FILES_PER_WORKER)
+    if workers < 2 or not hasattr(os, "fork") or (threading is not None and threading.active_count() > 1):
+        return None
+
+    def summarise(chunk: list[Path]) -> list:
+        out: list = []
+        for f in chunk:
+            found = _read_partial(f, read, errors, tags)
+            if found is None:
+                out.append(None)
+                continue
+            uid, ds = found
+            enhanced = _is_enhanced(ds)
+            if enhanced:
+                ds = _read_whole(f, read, errors, ds)
+            out.append((uid, enhanced, file_summary(ds)))
+        return out
+
+    size = -(-len(files) // workers)
+    chunks = [files[i:i + size] for i in range(0, len(files), size)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    children: list[tuple[int, int]] = []
+    try:
+        for chunk in chunks[1:]:
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the worker: never returns into the caller's code
+                status = 1
+                try:
+                    os.close(r)
+                    data = marshal.dumps(summarise(chunk))
+                    with os.fdopen(w, "wb") as pipe:
+                        pipe.write(data)
+                    status = 0
+                finally:
+                    os._exit(status)
+            os.close(w)
+            children.append((pid, r))
+        results = summarise(chunks[0])
+        for chunk, (pid, r) in zip(chunks[1:], children):
+            with os.fdopen(r, "rb") as pipe:
+                data = pipe.read()
+            _, status = os.waitpid(pid, 0)
+            part = None
+            if status == 0:
+                try:
+                    part = marshal.loads(data)
+                except (EOFError, ValueError, TypeError):
+                    part = None
+            results += part if isinstance(part, list) and len(part) == len(chunk) else summarise(chunk)
+        children = []
+        return results
+    finally:
+        for pid, r in children:  # interrupted: no worker outlives the call
+            try:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+
+
+def read_series(path: str | Path | Iterable[str | Path], reader: str = "auto",
+                workers: int = 1) -> list[SeriesParameters]:
     """Read every DICOM file under ``path`` (a file, a folder read recursively, or a list of files).
 
     Files that are not DICOM are skipped quietly. Returns one
@@ -1112,6 +1259,8 @@ def read_series(path: str | Path | Iterable[str | Path], reader: str = "auto") -
     and every file of an enhanced multi-frame series is, since its geometry lives in the
     functional groups. ``reader``: "header" (our own deferred reader, :mod:`sitebench.qc.dicom_header`,
     which keeps pydicom and numpy out of the process), "pydicom", or "auto" (the first when present).
+    ``workers`` > 1 reads the files in that many processes (see :func:`_summaries_in_workers`); the
+    result is the same as with one.
     """
     chosen = _header_reader() if reader in ("auto", "header") else None
     if chosen is None:
@@ -1125,19 +1274,22 @@ def read_series(path: str | Path | Iterable[str | Path], reader: str = "auto") -
     # data set is kept (its parameters come from it), so memory stays flat in the series' length
     firsts: dict[str, Any] = {}
     groups: dict[str, list] = defaultdict(list)
-    for f in files:
-        try:
-            ds = read(f, per_file_tags)
-        except errors:
+    told = _summaries_in_workers(files, read, errors, per_file_tags, workers) if workers > 1 else None
+    for index, f in enumerate(files):
+        if told is not None:
+            result = told[index]
+            if result is None:
+                continue
+            uid, enhanced, summary = result
+            if uid in firsts and enhanced == _is_enhanced(firsts[uid]):  # as this loop would have read it
+                groups[uid].append((f, summary))
+                continue
+        found = _read_partial(f, read, errors, per_file_tags)
+        if found is None:
             continue
-        uid = str(ds.get("SeriesInstanceUID") or "")
-        if not uid:
-            continue
+        uid, ds = found
         if uid not in firsts or _is_enhanced(firsts[uid]):
-            try:
-                ds = read(f, None)
-            except errors:
-                pass  # keep the partial read: the integrity check names the file
+            ds = _read_whole(f, read, errors, ds)
             firsts.setdefault(uid, ds)
         groups[uid].append((f, file_summary(ds)))
         del ds
