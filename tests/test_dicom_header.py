@@ -261,3 +261,28 @@ def test_compiled_walk_is_built_where_a_compiler_is() -> None:
             and headers.exists()):
         pytest.skip("no C compiler or Python headers here: the Python walk is the one installed")
     assert header._scan is not None, "setup.py's extension did not build: run `pip install -e .` to see why"
+
+
+def test_dictionary_lookups_match_pydicoms_dictionary() -> None:
+    """The standard dictionary is searched per tag and keyword (not parsed whole): every entry of
+    pydicom's (the source it was generated from), repeating groups and a private tag, both ways."""
+    import pydicom
+    from pydicom.datadict import DicomDictionary, dictionary_keyword, dictionary_VR
+
+    import sitebench.qc._dicom_dictionary as generated
+    from sitebench.qc.dicom_header import _dictionary_entry, keyword_for_tag, tag_for_keyword
+
+    if pydicom.__version__ != generated.PYDICOM_VERSION:
+        pytest.skip(f"generated from pydicom {generated.PYDICOM_VERSION}, {pydicom.__version__} installed")
+    for tag, entry in DicomDictionary.items():
+        vr, keyword = entry[0], entry[4]
+        assert keyword_for_tag(tag) == keyword, hex(tag)
+        if keyword:
+            assert tag_for_keyword(keyword) == tag, keyword
+        if vr != "NONE":
+            assert _dictionary_entry(tag)[0] == vr, hex(tag)
+    for tag in (0x60020010, 0x50040005, 0x7F020010):  # overlays, curves, variable pixel data (repeaters)
+        assert keyword_for_tag(tag) == dictionary_keyword(tag)
+        assert _dictionary_entry(tag)[0] == dictionary_VR(tag)
+    assert keyword_for_tag(0x00291010) == "" and tag_for_keyword("NoSuchKeyword") is None
+    assert tag_for_keyword("00100010") is None  # a hex string is not a keyword (_to_tag reads it as a tag)

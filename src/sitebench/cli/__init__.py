@@ -24,10 +24,50 @@ __all__ = ["EXIT_USER_ERROR", "EXIT_VERIFY_FAILED", "GROUPS", "build_parser", "m
 GROUPS = ("demo", "simulate", "benchmark", "report", "manifest", "qc", "stats", "audit", "models")
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter with the terminal's width found once, as ``shutil.get_terminal_size``
+    finds it (``$COLUMNS``, then the terminal, then 80): argparse makes a formatter for every option
+    it adds, and each asked the terminal again (importing shutil, 4 ms, for the first)."""
+
+    _columns: int | None = None
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:
+            if _HelpFormatter._columns is None:
+                _HelpFormatter._columns = _terminal_columns()
+            width = _HelpFormatter._columns - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def _terminal_columns() -> int:
+    import os
+
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser of the command line (subparsers are made of the parent's class) with that formatter."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def build_parser(only: str | None = None, action: str | None = None) -> argparse.ArgumentParser:
     """The whole command line, or with ``only`` one group's: a command imports its own module and
-    no other (``sitebench qc inspect`` at upload time should not pay for the statistics CLI)."""
-    parser = argparse.ArgumentParser(
+    no other (``sitebench qc inspect`` at upload time should not pay for the statistics CLI). A
+    group with many actions (``ACTIONS``, as qc) builds only ``action``'s parser when it names one."""
+    parser = _Parser(
         prog="sitebench",
         description="Check an imaging biomarker across the sites, scanner vendors and software versions "
                     "of a multi-site trial: simulate, benchmark model versions, fit scanner effects, "
@@ -37,14 +77,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in GROUPS:
         if only is None or name == only:
-            importlib.import_module(f"sitebench.cli.{name}").add_parser(sub)
+            module = importlib.import_module(f"sitebench.cli.{name}")
+            if action is not None and hasattr(module, "ACTIONS"):
+                module.add_parser(sub, action)
+            else:
+                module.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     only = words[0] if words and words[0] in GROUPS else None
-    args = build_parser(only).parse_args(words)
+    args = build_parser(only, words[1] if only and len(words) > 1 else None).parse_args(words)
     quiet_libraries(loggers=getattr(args, "uses_libraries", True))
     handler: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
 from sitebench.cli._common import EXIT_VERIFY_FAILED, add_json, print_json, print_result, usable_cpus
 from sitebench.errors import SitebenchError
@@ -260,9 +261,7 @@ def cmd_qc_iqm(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    qc = sub.add_parser("qc", help="upload-time QC of DICOM series").add_subparsers(dest="action", metavar="ACTION",
-                                                                                  required=True)
+def _add_inspect(qc: argparse._SubParsersAction) -> None:
     inspect = qc.add_parser("inspect", help="acquisition parameters per series (BIDS keys and units)",
                             description="Read DICOM headers (classic and enhanced MR) and print one record per "
                                         "series with BIDS sidecar key names and units. Patient identifiers are "
@@ -273,6 +272,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                               "only, at least 64 files a process; 1 = this process)")
     add_json(inspect, "a list with one record per series")
     inspect.set_defaults(func=cmd_qc_inspect, uses_libraries=False)  # the standard library and our reader only
+
+
+def _add_check(qc: argparse._SubParsersAction) -> None:
     check = qc.add_parser("check", help="check series offline against a protocol",
                           description="Verdict per series: pass, warn, fail or undetermined, with every "
                                       "deviation, and with --baseline its drift against a reference series. "
@@ -287,6 +289,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             "(software, model, coil, parameter, scanner) against it are listed")
     add_json(check, "a list with one verdict per series")
     check.set_defaults(func=cmd_qc_check)
+
+
+def _add_serve(qc: argparse._SubParsersAction) -> None:
     serve_cmd = qc.add_parser("serve", help="run the upload-time gate: DICOM C-STORE, STOW-RS, watched folder",
                               description="Receive series (DICOM Storage SCP with an AE title per site, "
                                           "DICOMweb STOW-RS upload, a watched folder), store every file "
@@ -306,6 +311,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve_cmd.add_argument("--mlflow-ui", metavar="URL", help="address of the MLflow UI (mlflow ui / server) over "
                                                               "the benchmarks' store: each report links to its run")
     serve_cmd.set_defaults(func=cmd_qc_serve)
+
+
+def _add_status(qc: argparse._SubParsersAction) -> None:
     status = qc.add_parser("status", help="per-site table: verdicts, open deviations, drift, re-scan rate, "
                                           "re-validation",
                            description="Counts of pass/warn/fail/undetermined/unmatched series (latest verdict "
@@ -329,6 +337,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="public key whose sign-offs count (.pub; repeatable)")
     add_json(status, "a list with one row per site (its re-validation state under 'revalidation')")
     status.set_defaults(func=cmd_qc_status)
+
+
+def _add_resolve(qc: argparse._SubParsersAction) -> None:
     resolve = qc.add_parser("resolve", help="keep one copy of an instance received twice with different bytes",
                             description="An instance (SOPInstanceUID) received again with other bytes is a "
                                         "conflict: both copies are kept and the series is undetermined until a "
@@ -339,11 +350,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     resolve.add_argument("--who", required=True, help="who decides")
     resolve.add_argument("--why", required=True, help="why this copy")
     resolve.set_defaults(func=cmd_qc_resolve)
+
+
+def _add_new_token(qc: argparse._SubParsersAction) -> None:
     token = qc.add_parser("new-token", help="a new STOW-RS upload token for a site, and the hash for the config",
                           description="Prints a random bearer token once, and its SHA-256 for the site's "
                                       "http_token_sha256 list in the intake YAML. The gate stores only the hash.")
     token.add_argument("--site", required=True, help="site the token is for")
     token.set_defaults(func=cmd_qc_new_token)
+
+
+def _add_users(qc: argparse._SubParsersAction) -> None:
     users = qc.add_parser("users", help="who may sign in: site uploaders, coordinators, monitors, readers, admins",
                           description="add a user (prints its token once), rotate its token, disable it, or "
                                       "list users. A site_uploader or site_coordinator belongs to one --site; "
@@ -357,6 +374,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     users.add_argument("--who", default="sitebench-cli", help="who makes the change (audited)")
     add_json(users, "the user record (with the new token for add and rotate)")
     users.set_defaults(func=cmd_qc_users)
+
+
+def _add_queries(qc: argparse._SubParsersAction) -> None:
     queries = qc.add_parser("queries", help="deviation queries with the sites: list, open, answer, accept, send back",
                             description="A failed series drafts a query to its site. A central monitor opens "
                                         "it; the site coordinator answers (--kind rescan or explanation, "
@@ -371,6 +391,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     queries.add_argument("--site", help="list: one site's queries")
     add_json(queries, "the query (or {'queries': [...]} for list)")
     queries.set_defaults(func=cmd_qc_queries)
+
+
+def _add_manifest(qc: argparse._SubParsersAction) -> None:
     to_manifest = qc.add_parser("manifest", help="checked series into a scan manifest (NIfTI + QC columns)",
                                 description="One NIfTI and one manifest row per series whose latest verdict is "
                                             "pass or warn, with qc_status, qc_protocol, qc_deviations and "
@@ -380,6 +403,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     to_manifest.add_argument("--out", required=True, help="manifest to write (.csv, .tsv or .parquet)")
     to_manifest.add_argument("--include-failed", action="store_true", help="also fail and undetermined series")
     to_manifest.set_defaults(func=cmd_qc_manifest)
+
+
+def _add_iqm(qc: argparse._SubParsersAction) -> None:
     iqm = qc.add_parser("iqm", help="image-quality metrics of a volume (MRIQC definitions)",
                         description="SNR, CNR, CJV, EFC, FBER, FWHM, a QI1-style artefact fraction and WM2MAX "
                                     "on a NIfTI volume; tissues from --labels or a 3-class mixture.")
@@ -387,6 +413,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     iqm.add_argument("--labels", help="label map (1 CSF, 2 GM, 3 WM)")
     add_json(iqm, "the metrics")
     iqm.set_defaults(func=cmd_qc_iqm)
+
+
+def _add_protocol(qc: argparse._SubParsersAction) -> None:
     proto = qc.add_parser("protocol", help="draft and lock acquisition protocols").add_subparsers(
         dest="protocol_action", metavar="ACTION", required=True)
     init = proto.add_parser("init", help="draft a protocol from a reference series")
@@ -405,3 +434,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_json(lock, "the locked file, its hash and the audit record")
     lock.add_argument("--audit", help="append the lock to this audit trail (JSON lines)")
     lock.set_defaults(func=cmd_qc_protocol_lock)
+
+
+#: qc's actions in --help order, each adding its own parser
+ACTIONS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "inspect": _add_inspect,
+    "check": _add_check,
+    "serve": _add_serve,
+    "status": _add_status,
+    "resolve": _add_resolve,
+    "new-token": _add_new_token,
+    "users": _add_users,
+    "queries": _add_queries,
+    "manifest": _add_manifest,
+    "iqm": _add_iqm,
+    "protocol": _add_protocol,
+}
+
+
+def add_parser(sub: argparse._SubParsersAction, action: str | None = None) -> None:
+    """The ``qc`` group; with ``action`` one of its actions, only that action's parser: argparse builds
+    every parser up front, and ``qc inspect`` at upload time should not pay 20 ms for the sixteen others.
+    Any other word (``--help``, a typo) builds them all, so the usage lists every action."""
+    qc = sub.add_parser("qc", help="upload-time QC of DICOM series").add_subparsers(dest="action", metavar="ACTION",
+                                                                                  required=True)
+    for name, add in ACTIONS.items():
+        if action not in ACTIONS or name == action:
+            add(qc)

@@ -156,7 +156,7 @@ def _dictionary_entry(tag: int) -> tuple[str, str] | None:
     text = _standard_text()
     entry = None
     if 0 <= tag <= 0xFFFFFFFF:
-        at = text.rfind(f"\n{tag:08X} ")
+        at = text.find(f"\n{tag:08X} ")  # tags and keywords are unique in PS3.6: find, faster than rfind
         if at >= 0:
             parts = text[at + 1:text.index("\n", at + 1)].split(" ")
             entry = (_vr_name(parts[1]), parts[2] if len(parts) > 2 else "")
@@ -196,7 +196,7 @@ def tag_for_keyword(keyword: str) -> int | None:
     tag = None
     if keyword.isidentifier():  # a keyword is letters and digits: no search can match across lines
         text = _standard_text()
-        at = text.rfind(f" {keyword}\n")
+        at = text.find(f" {keyword}\n")
         if at >= 0:
             line = text.rfind("\n", 0, at) + 1
             tag = int(text[line:line + 8], 16)
@@ -846,18 +846,21 @@ def _parse_meta_element(buf: _Buffer, pos: int, meta: HeaderDataset) -> int:
     return start + length
 
 
-_WANTED_CACHE: dict[tuple, frozenset[int]] = {}
+_WANTED_CACHE: dict[tuple, tuple[frozenset[int], int]] = {}
 
 
-def _wanted_tags(specific_tags: Iterable[Any]) -> frozenset[int]:
-    """The tags to keep; the same request (every file of a series asks the same) is resolved once."""
+def _wanted_tags(specific_tags: Iterable[Any]) -> tuple[frozenset[int], int]:
+    """The tags to keep and the highest of them; the same request (every file of a series asks the
+    same) is resolved once."""
     key = tuple(specific_tags) if not isinstance(specific_tags, tuple) else specific_tags
     try:
         cached = _WANTED_CACHE.get(key)
     except TypeError:  # an unhashable entry: resolve without the cache
-        return _resolve_wanted(key)
+        wanted = _resolve_wanted(key)
+        return wanted, max(wanted)
     if cached is None:
-        cached = _WANTED_CACHE[key] = _resolve_wanted(key)
+        wanted = _resolve_wanted(key)
+        cached = _WANTED_CACHE[key] = (wanted, max(wanted))
         if len(_WANTED_CACHE) > 64:
             _WANTED_CACHE.pop(next(iter(_WANTED_CACHE)))
     return cached
@@ -887,20 +890,35 @@ def read_header(path: str | os.PathLike, specific_tags: Iterable[Any] | None = N
     where pydicom's ``dcmread(force=False)`` raises, and on damage it cannot read past.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read(CHUNK)
-            if len(data) == CHUNK:
-                size = os.fstat(f.fileno()).st_size
-                rest = b""
-                if size > CHUNK:
-                    try:
-                        return _read_bytes(data, specific_tags, stop_before_pixels, path, complete=False)
-                    except _NeedMore:
-                        rest = f.read(min(size, MAX_FILE) - CHUNK)
-                data += rest
+        # unbuffered, and no more than the file holds: a buffered read of CHUNK allocates (and maps)
+        # the whole megabyte for every file, which cost more than the rest of reading a small header
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            data = _read_exactly(f, min(size, CHUNK)) if size > 0 else f.read(CHUNK)  # 0: a pipe, say
+            if len(data) == CHUNK and size > CHUNK:
+                try:
+                    return _read_bytes(data, specific_tags, stop_before_pixels, path, complete=False)
+                except _NeedMore:
+                    data += _read_exactly(f, min(size, MAX_FILE) - CHUNK)
     except OSError as exc:
         raise HeaderError(f"cannot read {path}: {exc.strerror or exc}") from None
     return _read_bytes(data, specific_tags, stop_before_pixels, path, complete=True)
+
+
+def _read_exactly(f: Any, n: int) -> bytes:
+    """``n`` bytes (fewer only at the end of the file): a raw read may return less than asked."""
+    data = f.read(n)
+    if len(data) < n:
+        parts = [data]
+        got = len(data)
+        while got < n:
+            more = f.read(n - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        data = b"".join(parts)
+    return data
 
 
 class _NeedMore(Exception):
@@ -966,8 +984,7 @@ def _read(data: bytes, specific_tags: Iterable[Any] | None, stop_before_pixels: 
         if not (stop_before_pixels and first in _PIXEL_TAGS):
             implicit = _is_implicit(data, pos, implicit)
     ds.is_little_endian, ds.is_implicit_VR = little, implicit
-    wanted = _wanted_tags(specific_tags) if specific_tags else None
-    last = max(wanted) if wanted else 0
+    wanted, last = _wanted_tags(specific_tags) if specific_tags else (None, 0)
     if not complete:
         buf_end = _parse_checked(buf, pos, implicit, ds, stop_before_pixels, wanted, last)
         return buf_end
