@@ -14,7 +14,8 @@ Measured, same machine, same series, same run:
   at the top of perf/requirements-peers.txt, or pass --skip-peers);
 * ``sitebench qc inspect`` against dcm2niix on the largest shared series (the 680-file Philips DTI
   of dcm_qa_philips, and the 240-file GE HyperBand fMRI), each a fresh process as a user runs it:
-  wall time and peak resident memory (``--inspect-only`` runs just this).
+  wall time and peak resident memory (``--inspect-only`` runs just this); inspect as it runs by
+  default (one reading process a CPU) and with ``--workers 1``.
 
 Goals (issue 3): header verdict no slower than the pydicom floor, >= 10x faster than mrQA,
 full verdict under 2 s, intake within 1.5x of the bare receiver. Goals (issue 14): qc inspect
@@ -136,27 +137,34 @@ def inspect_vs_dcm2niix(repeats: int) -> list[dict]:
     for series in INSPECT_SERIES:
         if not series.is_dir():
             continue
-        ours, theirs = [], []
+        ours, alone, theirs = [], [], []
         process_cost([sitebench, "qc", "inspect", str(series), "--json"])  # untimed: bytecode and file cache
         for _ in range(repeats):
             ours.append(process_cost([sitebench, "qc", "inspect", str(series), "--json"]))
+            alone.append(process_cost([sitebench, "qc", "inspect", str(series), "--json", "--workers", "1"]))
             with tempfile.TemporaryDirectory(prefix="bench_d2n_") as tmp:
                 theirs.append(process_cost([dcm2niix, "-z", "n", "-b", "y", "-f", "out", "-o", tmp, str(series)]))
         row = {"series": series.name, "files": sum(1 for f in series.iterdir() if f.is_file()),
+               "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                "inspect_s": statistics.median(t for t, _ in ours), "inspect_mib": max(m for _, m in ours),
+               "one_process_s": statistics.median(t for t, _ in alone),
+               "one_process_mib": max(m for _, m in alone),
                "dcm2niix_s": statistics.median(t for t, _ in theirs), "dcm2niix_mib": max(m for _, m in theirs)}
         row["time_ratio"] = row["inspect_s"] / row["dcm2niix_s"]
         row["memory_ratio"] = row["inspect_mib"] / row["dcm2niix_mib"]
+        row["one_process_time_ratio"] = row["one_process_s"] / row["dcm2niix_s"]
         rows.append(row)
     return rows
 
 
 def print_inspect(rows: list[dict]) -> None:
-    print("qc inspect vs dcm2niix (fresh processes; goals 1.0x time, 1.5x peak memory):")
+    print("qc inspect vs dcm2niix (fresh processes; goals 1.0x time, 1.5x peak memory; inspect reads with one "
+          "process a CPU, dcm2niix with one):")
     for r in rows:
         print(f"  {r['series']:<34} {r['files']:>4} files  inspect {r['inspect_s']:.3f} s {r['inspect_mib']:.1f} MiB"
               f"  dcm2niix {r['dcm2niix_s']:.3f} s {r['dcm2niix_mib']:.1f} MiB"
-              f"  -> {r['time_ratio']:.2f}x time, {r['memory_ratio']:.2f}x memory")
+              f"  -> {r['time_ratio']:.2f}x time, {r['memory_ratio']:.2f}x memory"
+              f"  ({r['cpus']} CPUs; --workers 1: {r['one_process_s']:.3f} s, {r['one_process_time_ratio']:.2f}x)")
 
 
 def main() -> None:

@@ -53,8 +53,8 @@ def _safe(fn, *args) -> Any:
         return None
 
 
-def _private_cheap(ds, group: int, creator: str, elem: int) -> Any:
-    """Private element ``(group, creator, elem)`` found by the creator element at (group,0010..001F), read
+def _creator_block(ds, group: int, creator: str) -> int | None:
+    """The block (0x10..0x1F) whose creator element (group,00bb) names ``creator`` (PS3.5 7.8.1), read
     undecoded where possible: cheap enough for every file (no ``private_block`` scan of the dataset)."""
     wanted = creator.encode()
     for block in _BLOCKS:
@@ -65,8 +65,16 @@ def _private_cheap(ds, group: int, creator: str, elem: int) -> Any:
         if isinstance(name, bytes):
             name = name.decode("latin1", "replace")
         if str(name).encode("latin1", "replace").strip(b" \x00") == wanted:
-            return _safe(_raw_value, ds, (group << 16) | (block << 8) | elem)
+            return block
     return None
+
+
+def _private_cheap(ds, group: int, creator: str, *elems: int) -> list[Any]:
+    """Private elements ``(group, creator, elem)`` for each of ``elems``, the block found once."""
+    block = _creator_block(ds, group, creator)
+    if block is None:
+        return [None] * len(elems)
+    return [_safe(_raw_value, ds, (group << 16) | (block << 8) | elem) for elem in elems]
 
 
 def _floats(v: Any) -> list[float] | None:
@@ -146,10 +154,10 @@ def file_fields(ds) -> dict[str, Any]:
             n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
             out["pos"] = round(sum(a * b for a, b in zip(ipp, n)), 4)
             out["iop"] = [round(x, 6) for x in iop]
-        b = _first(_private_cheap(ds, 0x0043, _PARM, 0x39))
+        b = _first(_private_cheap(ds, 0x0043, _PARM, 0x39)[0])
         if b is not None:
             out["b"] = b
-        vec = [_first(_private_cheap(ds, 0x0019, _ACQU, e)) for e in (0xBB, 0xBC, 0xBD)]
+        vec = [_first(v) for v in _private_cheap(ds, 0x0019, _ACQU, 0xBB, 0xBC, 0xBD)]
         if all(v is not None for v in vec):
             out["g"] = vec
         return out
