@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import requests
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 T1 = ROOT.parent / "shared" / "data" / "dicom" / "dcm_qa_deident" / "In"

@@ -11,7 +11,6 @@ Training data come from a seed the demo never uses, so test scans are unseen.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path

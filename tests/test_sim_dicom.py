@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 from datetime import datetime
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

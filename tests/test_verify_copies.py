@@ -184,7 +184,7 @@ def test_recompute_names_a_mixed_model_engine_change(logged):
         print("\n" + again.stdout)
         if current != locked:
             assert again.returncode in (EXIT_ENGINE_CHANGED, EXIT_FAILED), again.stdout
-            assert (f"mixed-model tables differ (fixed_effects" in again.stdout
+            assert ("mixed-model tables differ (fixed_effects" in again.stdout
                     and f"locked with {LEGACY_MIXED_MODEL_ENGINE}, recomputed with {current}" in again.stdout)
             assert "fixed_effects differs from the locked table" not in again.stdout
         # a plan naming this very engine: the same difference is a plain mismatch, with its line

@@ -69,7 +69,6 @@ import hashlib
 import hmac
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field

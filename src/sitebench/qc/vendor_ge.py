@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any, Iterable
+from typing import Any
 
 from sitebench.qc.dicom_params import _ge_protocol_block, _num, _private, _raw_value, _text
 

@@ -7,7 +7,6 @@ itself: reports read results, they do not produce them.
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 import numpy as np
