@@ -282,3 +282,32 @@ def test_a_plan_without_comparison_says_so_on_the_summary(evaluation):
                    discrimination=pd.DataFrame())
     found = [d for d in decisions(bare) if d.topic in ("Version comparison", "Endpoint discrimination")]
     assert [d.result for d in found] == ["not assessed"] and "report.compare" in found[0].detail
+
+
+def test_pdf_tables_get_the_automatic_layouts_widths_and_keep_their_text():
+    """render_pdf gives each plain table fixed column widths (WeasyPrint's automatic layout measured
+    every cell at several widths: 16 s of a 17 s report); a column's share follows its text, merged
+    cells and tables with widths of their own are left as written, and no text changes."""
+    import re
+
+    from sitebench.reports.pdf import with_column_widths
+
+    plain = ("<table class='x'><thead><tr><th>Item</th><th>Asks for</th></tr></thead><tbody>"
+             "<tr><td>1</td><td>Explain how the study size was arrived at, and justify it &amp; more</td></tr>"
+             "<tr><td>10b</td><td>Short</td></tr></tbody></table>")
+    merged = "<table><tr><td colspan='2'>a b</td></tr><tr><td>a</td><td>b</td></tr></table>"
+    sized = "<table><colgroup><col style='width:20%'/><col/></colgroup><tr><td>a</td><td>b</td></tr></table>"
+    wide = ("<table><tr>" + "".join(f"<th>Header{i}</th>" for i in range(8)) + "</tr><tr>"
+            + "".join(f"<td>{'word ' * 12}</td>" for _ in range(8)) + "</tr></table>")
+    page = f"<p>before</p>{plain}{merged}{sized}{wide}"
+    out = with_column_widths(page)
+    tags = re.compile(r"<[^>]+>")
+    assert tags.sub("", out) == tags.sub("", page)  # the same text
+    assert merged in out and sized in out
+    tables = re.findall(r"<table[^>]*>.*?</table>", out, re.S)
+    first = [float(w) for w in re.findall(r"width:([\d.]+)%", tables[0])]
+    assert "table-layout:fixed" in tables[0] and len(first) == 2 and abs(sum(first) - 100) < 0.1
+    assert first[1] > 3 * first[0]  # the long text column gets the room
+    assert re.search(r"width:\d+ch", tables[0])  # fits a line unbroken: as narrow as its text
+    assert "width:100%" in tables[3]  # does not: the whole line, shared out
+    assert with_column_widths("<p>no table</p>") == "<p>no table</p>"
