@@ -197,7 +197,7 @@ def test_reading_in_worker_processes_gives_the_one_process_result():
     assert dumped > 300
 
 
-def test_folder_files_come_in_pathlib_order_each_folder_once(tmp_path):
+def test_folder_files_come_in_rglobs_order_and_number(tmp_path):
     from sitebench.qc.dicom_params import dicom_files
 
     for name in ("a-b/x", "a/b", "a/c/d", ".hidden", "z", "A/q", "a b/y"):
@@ -205,7 +205,9 @@ def test_folder_files_come_in_pathlib_order_each_folder_once(tmp_path):
         (tmp_path / name).write_bytes(b"")
     expected = sorted(f for f in tmp_path.rglob("*") if f.is_file())
     assert dicom_files(tmp_path) == expected and len(expected) == 7
-    (tmp_path / "a" / "c" / "up").symlink_to(tmp_path / "a")  # a loop rglob would follow
+    (tmp_path / "a" / "c" / "up").symlink_to(tmp_path / "a")  # a link to a folder: rglob does not descend
+    (tmp_path / "a" / "link").symlink_to(tmp_path / "z")  # a link to a file: rglob lists it
     (tmp_path / "unreadable").mkdir(mode=0)
-    assert dicom_files(tmp_path) == expected
+    expected = sorted(f for f in tmp_path.rglob("*") if f.is_file())
+    assert dicom_files(tmp_path) == expected and tmp_path / "a" / "link" in expected
     assert dicom_files(str(tmp_path / "z")) == [tmp_path / "z"]

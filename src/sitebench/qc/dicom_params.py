@@ -1140,19 +1140,15 @@ def dicom_files(path: str | Path | Iterable[str | Path]) -> list[Path]:
         if root.is_file():
             return [root]
         found: list[str] = []
-        _walk_files(str(root), found, set())
+        _walk_files(str(root), found)
         return [Path(f) for f in sorted(found, key=lambda f: f.split(os.sep))]
     return [Path(f) for f in path]
 
 
-def _walk_files(folder: str, found: list[str], seen: set[tuple[int, int]]) -> None:
-    """Files under ``folder``, following links to folders as rglob does, each folder once (a link
-    back up is not a loop); an unreadable folder is skipped, as rglob skips it."""
+def _walk_files(folder: str, found: list[str]) -> None:
+    """Files under ``folder`` as rglob finds them: links to files are followed, links to folders are
+    not descended into (so no loop), an unreadable folder is skipped."""
     try:
-        info = os.stat(folder)
-        if (info.st_dev, info.st_ino) in seen:
-            return
-        seen.add((info.st_dev, info.st_ino))
         with os.scandir(folder) as entries:
             listed = list(entries)
     except OSError:
@@ -1161,8 +1157,8 @@ def _walk_files(folder: str, found: list[str], seen: set[tuple[int, int]]) -> No
         try:
             if entry.is_file():
                 found.append(entry.path)
-            elif entry.is_dir():
-                _walk_files(entry.path, found, seen)
+            elif entry.is_dir() and not entry.is_symlink():
+                _walk_files(entry.path, found)
         except OSError:
             continue
 
@@ -1277,12 +1273,12 @@ def _summaries_in_workers(files: list[Path], read, errors, tags: list[int], work
         children = []
         return results
     finally:
-        for pid, r in children:  # interrupted: no worker outlives the call
-            try:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-            except OSError:
-                pass
+        for pid, r in children:  # interrupted: no worker outlives the call, no pipe stays open
+            for undo in (lambda: os.kill(pid, 9), lambda: os.waitpid(pid, 0), lambda: os.close(r)):
+                try:
+                    undo()
+                except OSError:
+                    pass
 
 
 def read_series(path: str | Path | Iterable[str | Path], reader: str = "auto",
