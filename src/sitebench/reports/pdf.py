@@ -52,8 +52,10 @@ def render_pdf(html_path: str | Path, pdf_path: str | Path) -> Path:
     return pdf_path
 
 
-#: Width of the page's text block in ``ch`` of a table's font (A4 landscape less the margins, 7.5 pt).
-_LINE_CH = 180
+#: Width of the page's text block in ``ch`` of a table's font: A4 landscape less the margins is 273 mm, and a
+#: DejaVu Sans "0" at 7.5 pt is 1.68 mm (162 ch), less a little for the table's own border and spacing.
+_LINE_CH = 156
+_WORD_CH = 20
 _TABLE = re.compile(r"<table\b([^>]*)>(.*?)</table>", re.S)
 _CELL = re.compile(r"<t([hd])\b([^>]*)>(.*?)</t\1>", re.S)
 _TAG = re.compile(r"<[^>]+>")
@@ -80,10 +82,12 @@ def _fixed_table(match: re.Match) -> str:
     n = max((len(row) for row in cells), default=0)
     if n == 0 or any(len(row) != n for row in cells):
         return match.group(0)
-    # in ch, the width of "0": letters and bold headers run wider (up to a quarter), padding 1px 4px
-    shortest = [2 + 1.25 * max((max((len(w) for w in cell), default=0) for cell in col), default=0)
+    # in ch, the width of "0": letters and bold headers run wider (up to 30%), padding 1px 4px;
+    # a token longer than _WORD_CH (a SHA-256, a path) wraps anywhere rather than squeeze every other column
+    shortest = [2 + 1.3 * max((min(_WORD_CH, max((len(w) for w in cell), default=0)) for cell in col), default=0)
                 for col in zip(*cells)]
-    longest = [2 + 1.1 * max((len(" ".join(cell)) for cell in col), default=0) for col in zip(*cells)]
+    longest = [max(lo, 2 + 1.1 * max((len(" ".join(cell)) for cell in col), default=0))
+               for lo, col in zip(shortest, zip(*cells))]
     if sum(longest) <= _LINE_CH:  # fits unbroken: as narrow as its text
         widths, width = longest, f"{sum(longest):.0f}ch"
     elif sum(shortest) >= _LINE_CH:
